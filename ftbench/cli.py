@@ -64,6 +64,9 @@ def _cli_class():
                                 help="Keep what the method trained under {out}/{run_id}/weights.")
             parser.add_argument("--test_after_fit", type=bool, default=True,
                                 help="After fit, run test (exact match on the held-out set).")
+            parser.add_argument("--validate_before_fit", type=bool, default=False,
+                                help="Validate once before training; the record keeps it as 'initial' "
+                                     "(the before/after change, e.g. forgetting on a general-text set).")
             parser.add_argument("--warmup_batches", type=int, default=2,
                                 help="Training batches left out of the throughput figures.")
 
@@ -92,6 +95,12 @@ def _cli_class():
             for logger in trainer.loggers:
                 logger.log_hyperparams({"config": self.run_config, "run_id": self.run_id})
             return trainer
+
+        def before_fit(self) -> None:
+            if self._cfg().validate_before_fit:
+                self.recorder.initial_phase = True
+                self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+                self.recorder.initial_phase = False
 
         def after_fit(self) -> None:
             cfg = self._cfg()

@@ -135,6 +135,7 @@ class RunRecorder(L.Callback):
             "train_info": {"status": "running", "metrics": [], "final": {}},
             "meta_info": meta_info(),
         }
+        self.initial_phase = False  # set by the CLI around a validation before fit
         self._t_fit: Optional[float] = None
         self._t_test: Optional[float] = None
 
@@ -184,7 +185,8 @@ class RunRecorder(L.Callback):
     def on_validation_end(self, trainer, pl_module):
         # after the module's on_validation_epoch_end has logged (callbacks' epoch-end hooks run first)
         if trainer.state.fn == "validate":
-            self.train_info["final"].update(self._metrics(trainer, "val/"))
+            target = "initial" if self.initial_phase else "final"
+            self.train_info.setdefault(target, {}).update(self._metrics(trainer, "val/"))
             return
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
@@ -231,7 +233,7 @@ class RunRecorder(L.Callback):
     # -- test / validate
     def on_test_start(self, trainer, pl_module):
         self._t_test = time.perf_counter()
-        if "method" not in self.train_info:
+        if "params" not in self.train_info:
             self._describe(trainer, pl_module)
 
     def on_test_end(self, trainer, pl_module):
@@ -245,7 +247,7 @@ class RunRecorder(L.Callback):
             self.write()
 
     def on_validation_start(self, trainer, pl_module):
-        if trainer.state.fn == "validate" and "method" not in self.train_info:
+        if trainer.state.fn == "validate" and "params" not in self.train_info:
             self._describe(trainer, pl_module)
 
     # -- end states

@@ -170,7 +170,6 @@ class FTMethod(L.LightningModule):
             if not name.startswith(stage + "/") or metric.update_count == 0:
                 continue
             results[name] = float(metric.compute())
-            metric.reset()
             parts = name.split("/")
             if len(parts) == 3:
                 tasks.add(parts[1])
@@ -184,6 +183,17 @@ class FTMethod(L.LightningModule):
                     results[f"{stage}/macro_{kind}"] = sum(vals) / len(vals)
         for name, value in results.items():
             self.log(name, value, prog_bar=name in (f"{stage}/loss", f"{stage}/accuracy"), sync_dist=False)
+
+    def _eval_epoch_start(self, stage: str) -> None:
+        # fresh metric states in the grad mode of this loop (validate/test run under inference
+        # mode, validation inside fit under no_grad; a state made in one cannot be updated in the other)
+        self._eval_metrics = {k: v for k, v in self._eval_metrics.items() if not k.startswith(stage + "/")}
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_epoch_start("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_epoch_start("test")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
