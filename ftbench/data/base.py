@@ -244,3 +244,44 @@ class Collator:
         if any(e.task is not None for e in examples):
             batch["tasks"] = [e.task or "default" for e in examples]
         return batch
+
+
+# ---------------------------------------------------------------------------- shared by the other regimes
+class PackedCollator(Collator):
+    """:class:`Collator` that also passes ``position_ids`` when every example carries them in
+    ``meta['position_ids']`` (packed blocks whose positions restart at each document). Padding gets
+    its own positions from 0, so it never continues a document."""
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, Any]:
+        batch = super().__call__(examples)
+        if examples and all("position_ids" in e.meta for e in examples):
+            width = batch["input_ids"].shape[1]
+            rows = []
+            for e in examples:
+                pos = list(e.meta["position_ids"])
+                rows.append(pos + list(range(width - len(pos))))
+            batch["position_ids"] = torch.tensor(rows, dtype=torch.long)
+        return batch
+
+
+def padding_stats(lengths: Sequence[int], batches: Iterable[Sequence[int]], multiple_of: int = 1) -> dict[str, Any]:
+    """Padding of dynamically padded batches: each batch (indices into ``lengths``) is padded to its
+    longest sequence rounded up to ``multiple_of`` (what :func:`pad_batch` does).
+
+    Returns ``{"tokens": real tokens, "padded": padding tokens, "fraction": padded / all positions}``."""
+    real = padded = 0
+    for batch in batches:
+        lens = [lengths[i] for i in batch]
+        if not lens:
+            continue
+        width = -(-max(lens) // multiple_of) * multiple_of
+        real += sum(lens)
+        padded += width * len(lens) - sum(lens)
+    total = real + padded
+    return {"tokens": real, "padded": padded, "fraction": padded / total if total else 0.0}
+
+
+def read_text_file(path: str | Path) -> str:
+    """The text of a file, decoded as UTF-8; a :class:`DataFormatError` names the file and the line
+    of the first byte that is not UTF-8."""
+    return _read_text(Path(path))
