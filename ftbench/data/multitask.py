@@ -1,0 +1,355 @@
+"""Multi-task learning: a mixture of named task datasets, sampled by a chosen strategy.
+
+Each task is any regime's data (``instruction`` rows or ``domain`` text) from any source, with a
+name. Training draws each example's task from the mixture proportions and then the task's next
+example from a seeded per-task permutation (every example is seen once before any is repeated), a
+fresh draw each epoch (``set_epoch``, which Lightning calls). Proportions, from the task sizes
+``n`` (capped at ``cap`` first, T5's examples-proportional mixing with limit K):
+
+- ``proportional``: ``min(n, K)``
+- ``temperature``: ``min(n, K) ** (1 / T)`` (T=1 is proportional, T -> inf uniform)
+- ``uniform``: 1 each
+- ``weights``: the given ``weights`` (one per task, >= 0)
+
+Validation and test examples are tagged with their task, so the method logs ``val/<task>/loss``,
+``val/<task>/accuracy`` (exact match) and the macro averages ``val/macro_loss`` and
+``val/macro_accuracy``. Evaluation batches interleave the tasks round-robin (one batch of
+``eval_batch_size`` covers every task) and never mix examples with a reference answer with examples
+without one, so exact match is computed for every instruction task.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Optional, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ftbench.backbone import Backbone
+from ftbench.data.base import Example, PackedCollator
+
+Sampling = Literal["proportional", "temperature", "uniform", "weights"]
+
+
+@dataclass
+class TaskSpec:
+    """One task of a mixture.
+
+    Args:
+        name: Task name, used in metric names (``val/<name>/accuracy``): unique, no ``/``.
+        source: Its data, as the regime reads it (``builtin:arithmetic``, a file, ``hf:NAME``, ...).
+        regime: ``instruction`` (prompt/response rows, exact match) or ``domain`` (raw text).
+        val_source: Its validation data; when absent a share of ``source`` is held out.
+        test_source: Its test data; when absent a share of ``source`` is held out.
+        options: More init arguments of the regime's data module (e.g. ``builtin_size``, ``text_field``).
+    """
+
+    name: str
+    source: str
+    regime: Literal["instruction", "domain"] = "instruction"
+    val_source: Optional[str] = None
+    test_source: Optional[str] = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def builtin_tasks() -> list[TaskSpec]:
+    """The built-in mixture: three generated tasks of different sizes plus the instruction mixture."""
+    return [
+        TaskSpec("arithmetic", "builtin:arithmetic", options={"builtin_size": 2000}),
+        TaskSpec("last_word", "builtin:last_word", options={"builtin_size": 1000}),
+        TaskSpec("sort_numbers", "builtin:sort_numbers", options={"builtin_size": 500}),
+        TaskSpec("instruction", "builtin:instruction", options={"builtin_size": 2000}),
+    ]
+
+
+def check_task_names(names: Sequence[str]) -> None:
+    """Task names must be unique, non-empty and free of ``/`` (they become metric names)."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not name or "/" in name or name != name.strip():
+            raise ValueError(f"data.tasks[{i}].name: {name!r} is not a task name (non-empty, no '/', no surrounding spaces)")
+        if name in first:
+            raise ValueError(f"data.tasks[{i}].name: task name {name!r} is used twice (also data.tasks[{first[name]}])")
+        first[name] = i
+
+
+def mixture_proportions(
+    sizes: dict[str, int],
+    sampling: str = "proportional",
+    temperature: float = 1.0,
+    weights: Optional[dict[str, float]] = None,
+    cap: Optional[int] = None,
+) -> dict[str, float]:
+    """Sampling probability of each task (summing to 1), in the order of ``sizes``."""
+    names = list(sizes)
+    if weights is not None and sampling != "weights":
+        raise ValueError(f"data.weights: given, but data.sampling is {sampling!r}; set sampling: weights")
+    if sampling == "weights":
+        if weights is None:
+            raise ValueError("data.weights: sampling 'weights' needs a weight for every task")
+        missing = [n for n in names if n not in weights]
+        unknown = [n for n in weights if n not in sizes]
+        if missing or unknown:
+            parts = []
+            if missing:
+                parts.append(f"no weight for {', '.join(map(repr, missing))}")
+            if unknown:
+                parts.append(f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not a task")
+            raise ValueError(f"data.weights: {'; '.join(parts)} (tasks: {', '.join(names)})")
+        for n in names:
+            w = weights[n]
+            if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(f"data.weights: weight of {n!r} is {w!r}; weights must be finite and >= 0")
+        raw = [float(weights[n]) for n in names]
+    else:
+        if cap is not None and cap < 1:
+            raise ValueError(f"data.cap: must be at least 1, got {cap}")
+        capped = [min(sizes[n], cap) if cap is not None else sizes[n] for n in names]
+        if sampling == "proportional":
+            raw = [float(s) for s in capped]
+        elif sampling == "temperature":
+            if not temperature > 0:
+                raise ValueError(f"data.temperature: must be > 0, got {temperature}")
+            raw = [s ** (1.0 / temperature) if s > 0 else 0.0 for s in capped]
+        elif sampling == "uniform":
+            raw = [1.0 if sizes[n] > 0 else 0.0 for n in names]
+        else:
+            raise ValueError(f"data.sampling: {sampling!r} is not proportional, temperature, uniform or weights")
+    for n, r in zip(names, raw):
+        if r > 0 and sizes[n] == 0:
+            raise ValueError(f"data.tasks: task {n!r} has no training examples but a sampling weight of {r}")
+    total = sum(raw)
+    if total <= 0:
+        raise ValueError("data.weights: the weights add up to 0; give at least one task a positive weight")
+    return {n: r / total for n, r in zip(names, raw)}
+
+
+class MixtureSampler(Sampler[int]):
+    """Indices into a concatenation of task datasets: each draw picks a task from ``probs``, then
+    that task's next example in a seeded permutation (a new permutation when one is used up).
+    ``set_epoch`` (called by Lightning) makes each epoch a different, reproducible draw."""
+
+    def __init__(self, sizes: Sequence[int], probs: Sequence[float], num_samples: int, seed: int = 0):
+        self.sizes, self.num_samples, self.seed = list(sizes), num_samples, seed
+        self.probs = torch.tensor(list(probs), dtype=torch.double)
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def task_draws(self) -> torch.Tensor:
+        """The task index of each draw this epoch."""
+        return torch.multinomial(self.probs, self.num_samples, replacement=True, generator=self._generator())
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        g = self._generator()
+        tasks = torch.multinomial(self.probs, self.num_samples, replacement=True, generator=g).tolist()
+        perms: list[list[int]] = [[] for _ in self.sizes]
+        for t in tasks:
+            if not perms[t]:
+                perms[t] = torch.randperm(self.sizes[t], generator=g).tolist()[::-1]
+            yield self.offsets[t] + perms[t].pop()
+
+
+def eval_batches(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
+    """Evaluation batches: tasks interleaved round-robin, examples with a reference answer never in a
+    batch with examples without one (generation needs every row of a batch to have a prompt)."""
+    batches: list[list[int]] = []
+    for answerable in (True, False):
+        by_task: dict[Optional[str], list[int]] = {}
+        for i, e in enumerate(examples):
+            if (e.prompt_ids is not None and e.answer is not None) == answerable:
+                by_task.setdefault(e.task, []).append(i)
+        queues = list(by_task.values())
+        order = [q[k] for k in range(max((len(q) for q in queues), default=0)) for q in queues if k < len(q)]
+        batches += [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return batches
+
+
+class MultiTaskData(L.LightningDataModule):
+    """Several named tasks mixed for training, validated and tested per task."""
+
+    def __init__(
+        self,
+        backbone: Optional[Backbone] = None,
+        tasks: Optional[list[TaskSpec]] = None,
+        sampling: Sampling = "proportional",
+        temperature: float = 2.0,
+        weights: Optional[dict[str, float]] = None,
+        cap: Optional[int] = None,
+        examples_per_epoch: Optional[int] = None,
+        prompt_template: str = "auto",
+        max_length: int = 256,
+        truncation: Literal["truncate", "drop"] = "truncate",
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        max_train_rows: Optional[int] = None,
+        max_eval_rows: Optional[int] = None,
+        batch_size: int = 8,
+        eval_batch_size: Optional[int] = None,
+        pad_to_multiple_of: int = 1,
+        num_workers: int = 0,
+        seed: int = 42,
+    ):
+        """
+        Args:
+            backbone: The shared backbone (linked from the top-level ``backbone`` by the CLI).
+            tasks: The tasks, each a name, a source and a regime (default: the built-in mixture of
+                ``arithmetic``, ``last_word``, ``sort_numbers`` and ``instruction``).
+            sampling: How tasks are mixed: ``proportional`` to their (capped) sizes,
+                ``temperature``-scaled (size ** (1/T)), ``uniform``, or explicit ``weights``.
+            temperature: T of ``temperature`` sampling.
+            weights: Task name -> weight (>= 0, normalised) for ``sampling: weights``.
+            cap: Examples-proportional cap K: a task counts as at most K examples (T5).
+            examples_per_epoch: Training draws per epoch (default: the sum of the capped sizes).
+            prompt_template: Prompt format of instruction tasks (see ``InstructionData``).
+            max_length: Longest instruction example; block size of domain tasks.
+            truncation: Longer instruction rows are ``truncate``d or ``drop``ped.
+            val_fraction: Share of each task held out for validation (no ``val_source``).
+            test_fraction: Share of each task held out for testing (no ``test_source``).
+            max_train_rows: Use at most this many training examples of each task.
+            max_eval_rows: Use at most this many validation and test examples of each task.
+            batch_size: Training micro-batch size.
+            eval_batch_size: Validation/test batch size (default: ``batch_size``).
+            pad_to_multiple_of: Round padded lengths up (8 helps tensor cores on GPU).
+            num_workers: DataLoader workers.
+            seed: Seed of the splits and of the mixture draws.
+        """
+        super().__init__()
+        self.backbone = backbone or Backbone()
+        self.tasks = list(tasks) if tasks is not None else builtin_tasks()
+        if not self.tasks:
+            raise ValueError("data.tasks: give at least one task")
+        check_task_names([t.name for t in self.tasks])
+        self.sampling, self.temperature, self.weights, self.cap = sampling, temperature, weights, cap
+        self.examples_per_epoch = examples_per_epoch
+        self.prompt_template, self.max_length, self.truncation = prompt_template, max_length, truncation
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.max_train_rows, self.max_eval_rows = max_train_rows, max_eval_rows
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
+        # check the weights against the task names now, before any data is read
+        if weights is not None or sampling == "weights":
+            mixture_proportions({t.name: 1 for t in self.tasks}, sampling, temperature, weights, cap)
+        self.task_splits: dict[str, dict[str, list[Example]]] = {}
+        self.modules: dict[str, L.LightningDataModule] = {}
+        self.splits: dict[str, list[Example]] = {}
+        self.proportions: dict[str, float] = {}
+        self.leaked: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ tasks
+    def task_module(self, spec: TaskSpec) -> L.LightningDataModule:
+        """The regime's data module that reads one task."""
+        if spec.regime == "instruction":
+            from ftbench.data.instruction import InstructionData
+
+            kwargs: dict[str, Any] = dict(
+                source=spec.source, val_source=spec.val_source, test_source=spec.test_source,
+                prompt_template=self.prompt_template, max_length=self.max_length, truncation=self.truncation,
+                val_fraction=self.val_fraction, test_fraction=self.test_fraction,
+                max_train_rows=self.max_train_rows, max_eval_rows=self.max_eval_rows, seed=self.seed,
+            )
+            kwargs.update(spec.options)
+            return InstructionData(self.backbone, **kwargs)
+        if spec.regime == "domain":
+            from ftbench.data.domain import DomainData
+
+            kwargs = dict(
+                sources=[spec.source], val_sources=[spec.val_source] if spec.val_source else None,
+                block_size=self.max_length, val_fraction=self.val_fraction, test_fraction=self.test_fraction,
+                max_train_blocks=self.max_train_rows, max_eval_blocks=self.max_eval_rows, seed=self.seed,
+            )
+            kwargs.update(spec.options)
+            return DomainData(self.backbone, **kwargs)
+        raise ValueError(f"data.tasks: task {spec.name!r} has regime {spec.regime!r}; use instruction or domain")
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.splits:
+            return
+        for spec in self.tasks:
+            module = self.task_module(spec)
+            module.setup(stage)
+            self.modules[spec.name] = module
+            splits = {k: module.splits.get(k, []) for k in ("train", "val", "test")}
+            for examples in splits.values():
+                for e in examples:
+                    e.task = spec.name
+            self.task_splits[spec.name] = splits
+        # no example held out in one task may be trained in another
+        held_out = {tuple(e.input_ids) for s in self.task_splits.values() for k in ("val", "test") for e in s[k]}
+        for name, s in self.task_splits.items():
+            before = len(s["train"])
+            s["train"] = [e for e in s["train"] if tuple(e.input_ids) not in held_out]
+            self.leaked[name] = before - len(s["train"])
+        sizes = {name: len(s["train"]) for name, s in self.task_splits.items()}
+        self.proportions = mixture_proportions(sizes, self.sampling, self.temperature, self.weights, self.cap)
+        self.splits = {k: [e for s in self.task_splits.values() for e in s[k]] for k in ("train", "val", "test")}
+
+    def train_sizes(self) -> dict[str, int]:
+        return {name: len(s["train"]) for name, s in self.task_splits.items()}
+
+    def sampler(self) -> MixtureSampler:
+        sizes = self.train_sizes()
+        n = self.examples_per_epoch
+        if n is None:
+            n = sum(min(s, self.cap) if self.cap is not None else s for s in sizes.values())
+        return MixtureSampler(list(sizes.values()), [self.proportions[k] for k in sizes], n, self.seed)
+
+    # ------------------------------------------------------------------ loaders
+    def collator(self) -> PackedCollator:
+        return PackedCollator(self.backbone.tokenizer.pad_token_id, self.pad_to_multiple_of)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.splits["train"], batch_size=self.batch_size, sampler=self.sampler(),
+                          collate_fn=self.collator(), num_workers=self.num_workers)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(self.splits[split], batch_sampler=eval_batches(self.splits[split], self.eval_batch_size),
+                          collate_fn=self.collator(), num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def describe(self) -> dict[str, Any]:
+        """What the record says about the data: the mixture and each task's sizes."""
+        return {
+            "regime": "multitask",
+            "sampling": self.sampling,
+            "temperature": self.temperature if self.sampling == "temperature" else None,
+            "weights": self.weights,
+            "cap": self.cap,
+            "examples_per_epoch": len(self.sampler()) if self.splits else self.examples_per_epoch,
+            "tasks": {
+                spec.name: {
+                    "source": spec.source,
+                    "regime": spec.regime,
+                    "rows": {k: len(v) for k, v in self.task_splits.get(spec.name, {}).items()},
+                    "proportion": self.proportions.get(spec.name),
+                    "removed_as_held_out_elsewhere": self.leaked.get(spec.name, 0),
+                }
+                for spec in self.tasks
+            },
+            "rows": {k: len(v) for k, v in self.splits.items()},
+            "max_length": self.max_length,
+        }
+
+
+def task_counts(sampler: MixtureSampler, names: Sequence[str]) -> dict[str, int]:
+    """How many of the sampler's draws went to each task (for tests and reports)."""
+    counts = Counter(sampler.task_draws().tolist())
+    return {name: counts.get(i, 0) for i, name in enumerate(names)}
