@@ -1,97 +1,406 @@
-"""``ftbench sweep SWEEP.yaml`` and ``ftbench report RESULTS_DIR``."""
+"""``ftbench sweep SWEEP.yaml`` and ``ftbench report RESULTS_DIR``.
+
+The sweep runner starts every run as its own ``python -m ftbench.cli`` process (one run's memory
+never inflates another's peak; a crash stays in its process) and decides from the run's record
+what to do on a second invocation:
+
+==========================  =====================================================
+record status               what ``ftbench sweep`` does
+==========================  =====================================================
+none                        runs it
+``running``                 reruns it (the run or the sweep was killed)
+``completed``               skips it
+``failed``/``nan``/``oom``  skips it; ``--retry-failed`` reruns it
+failed by an interrupt      reruns it (Ctrl-C / SIGTERM is not the run's fault)
+==========================  =====================================================
+
+Nothing here imports torch or lightning: the parent process stays small.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ftbench.fileio import write_text_atomic
-from ftbench.sweep.grid import RunSpec, Sweep, SweepError, load_sweep
-from ftbench.sweep.report import report
+from ftbench.sweep.grid import RunSpec, Sweep, SweepError, load_sweep, parse_overrides, parse_shard, shard
 
 DONE = "completed"
 FAILED = ("failed", "nan", "oom")
+INTERRUPTS = ("KeyboardInterrupt", "SIGTERMException", "Interrupted", "SystemExit")
+MANIFEST = "sweep.json"
 
 
-def record_status(path: Path) -> Optional[str]:
-    try:
-        return json.loads(path.read_text())["train_info"]["status"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _mark_failed(path: Path, spec: RunSpec, returncode: int, log: Path) -> None:
-    """A run that died without saying why (killed, crashed in start-up) is recorded as failed."""
+def read_record(path: Path) -> Optional[dict[str, Any]]:
     try:
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def record_status(path: Path) -> Optional[str]:
+    """The status of the record at ``path``; ``interrupted`` for a run failed by Ctrl-C/SIGTERM."""
+    rec = read_record(path)
+    try:
+        status = rec["train_info"]["status"]
+    except (TypeError, KeyError):
+        return None
+    if status in FAILED and (rec["train_info"].get("error") or {}).get("type") in INTERRUPTS:
+        return "interrupted"
+    return status
+
+
+def decide(status: Optional[str], retry_failed: bool) -> tuple[bool, str]:
+    """(run it?, what to say) for a record status."""
+    if status == DONE:
+        return False, "done"
+    if status in FAILED:
+        return (True, f"rerun ({status})") if retry_failed else (False, f"{status} (skipped; --retry-failed reruns it)")
+    if status is None:
+        return True, "to run"
+    return True, f"rerun ({status})"
+
+
+def _mark_failed(path: Path, spec: RunSpec, returncode: int, log: Path) -> None:
+    """A run that died without saying why (killed, crashed in start-up, a bad config value) is
+    recorded as failed, with the end of its output."""
+    rec = read_record(path)
+    if rec is None or "train_info" not in rec:
         rec = {"schema": 1, "run_info": {"run_id": spec.run_id, "subcommand": spec.subcommand,
-                                         "argv": spec.argv("")}, "train_info": {"final": {}}, "meta_info": {}}
+                                         "argv": spec.argv(str(path.parent)), "point": spec.label},
+               "train_info": {"method": spec.method, "metrics": [], "final": {}}, "meta_info": {}}
     tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-    rec["train_info"]["status"] = "failed"
-    rec["train_info"].setdefault("error", {"type": "ExitCode", "message": f"process exited with {returncode}", "log_tail": tail})
+    info = rec["train_info"]
+    info["status"] = "failed"
+    if not info.get("error"):
+        why = f"killed by signal {-returncode}" if returncode < 0 else f"process exited with {returncode}"
+        info["error"] = {"type": "ExitCode", "message": why, "log_tail": tail}
     write_text_atomic(path, json.dumps(rec, indent=2))
 
 
-def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False) -> int:
-    out = Path(sweep.out)
-    todo = []
-    for spec in sweep.runs:
-        status = record_status(out / f"{spec.run_id}.json")
-        if status == DONE or (status in FAILED and not retry_failed):
-            state = "done" if status == DONE else f"{status} (skip; --retry-failed reruns it)"
+# ---------------------------------------------------------------------------------- progress
+_EPOCH = re.compile(r"Epoch (\d+):\s*(?:\d+%\|[^|]*\|\s*)?(\d+)/(\d+|\?)")
+_EVAL = re.compile(r"(Validation|Testing|Sanity Checking)(?: DataLoader \d+)?:\s*(?:\d+%\|[^|]*\|\s*)?(\d+)/(\d+|\?)")
+_LOSS = re.compile(r"train/loss(?:_step)?=([-+0-9.eE]+|nan|inf)")
+_SUMMARY = re.compile(r"^\[ftbench\] .*$", re.M)
+
+
+@dataclass
+class ChildProgress:
+    """What the child's output (Lightning's progress bar) says about where it is."""
+
+    phase: str = "starting"
+    epoch: Optional[int] = None
+    batch: Optional[int] = None
+    batches: Optional[int] = None
+    loss: Optional[float] = None
+    steps_done: int = 0
+    summary: Optional[str] = None
+    _epoch_base: dict[int, int] = field(default_factory=dict)
+
+    def feed(self, text: str) -> None:
+        for chunk in re.split(r"[\r\n]+", text):
+            m = _EPOCH.search(chunk)
+            if m:
+                self.phase = "train"
+                self.epoch, self.batch = int(m.group(1)), int(m.group(2))
+                self.batches = int(m.group(3)) if m.group(3) != "?" else None
+                self._epoch_base.setdefault(self.epoch, self.steps_done - self.batch if self.epoch else 0)
+                self.steps_done = max(self.steps_done, self._epoch_base[self.epoch] + self.batch)
+            else:
+                e = _EVAL.search(chunk)
+                if e:
+                    self.phase = {"Validation": "validate", "Testing": "test", "Sanity Checking": "sanity"}[e.group(1)]
+            loss = _LOSS.search(chunk)
+            if loss:
+                try:
+                    self.loss = float(loss.group(1))
+                except ValueError:
+                    pass
+        s = _SUMMARY.findall(text)
+        if s:
+            self.summary = s[-1]
+
+
+def parse_progress(text: str) -> ChildProgress:
+    p = ChildProgress()
+    p.feed(text)
+    return p
+
+
+def _fmt_time(s: Optional[float]) -> str:
+    if s is None:
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Progress:
+    """Run i of N, the current run's step and loss, elapsed time and an estimate of what is left.
+    A live rich panel on a terminal; plain lines otherwise (logs, CI, tests)."""
+
+    def __init__(self, total: int, live: Optional[bool] = None):
+        self.total = total
+        self.t0 = time.monotonic()
+        self.durations: list[float] = []
+        self.live = sys.stdout.isatty() if live is None else live
+        self._live = None
+        self._last_plain = 0.0
+
+    def __enter__(self):
+        if self.live:
+            try:
+                from rich.live import Live
+
+                self._live = Live("", refresh_per_second=4, transient=True)
+                self._live.__enter__()
+            except Exception:  # rich missing or no terminal: plain lines
+                self._live = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+    def print(self, text: str) -> None:
+        if self._live is not None:
+            self._live.console.print(text, markup=False, highlight=False)
         else:
-            state = "to run" if status is None else f"rerun ({status})"
-            todo.append(spec)
-        print(f"  {spec.run_id:32s} {spec.subcommand:5s} {state}")
+            print(text, flush=True)
+
+    def eta(self, i: int, elapsed_run: float, fraction: Optional[float]) -> Optional[float]:
+        """Seconds left for the whole sweep: the mean run time so far (or this run's pace) times the runs left."""
+        left_after = self.total - i
+        if self.durations:
+            per_run = sum(self.durations) / len(self.durations)
+        elif fraction and fraction > 0.05:
+            per_run = elapsed_run / fraction
+        else:
+            return None
+        return max(0.0, per_run - elapsed_run) + per_run * left_after
+
+    def update(self, i: int, spec: RunSpec, elapsed_run: float, p: ChildProgress, max_steps: Optional[int]) -> None:
+        fraction = min(1.0, p.steps_done / max_steps) if max_steps and p.steps_done else None
+        step = f"step {p.steps_done}" + (f"/{max_steps}" if max_steps else "") if p.steps_done else p.phase
+        if p.phase in ("validate", "test", "sanity") and p.steps_done:
+            step += f" ({p.phase})"
+        loss = f"loss {p.loss:.4f}" if p.loss is not None else "loss –"
+        line = (f"[{i}/{self.total}] {spec.run_id}  {step}  {loss}  run {_fmt_time(elapsed_run)}  "
+                f"sweep {_fmt_time(time.monotonic() - self.t0)}  left ~{_fmt_time(self.eta(i, elapsed_run, fraction))}")
+        if self._live is not None:
+            self._live.update(line)
+        elif time.monotonic() - self._last_plain > 30:  # plain output: a line every 30 s at most
+            self._last_plain = time.monotonic()
+            print("    " + line, flush=True)
+
+
+# ---------------------------------------------------------------------------------- running
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """SIGKILL the run when the sweep dies (kill -9 included): no orphan keeps writing the record,
+    and the record stays ``running`` so that the next invocation reruns it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def child_env(sweep: Sweep, spec: RunSpec) -> dict[str, str]:
+    """The run's environment: W&B groups every run of a sweep under its name and tags it with the
+    method (honoured by ``wandb.init`` when the run's logger is W&B; inert otherwise). Values the
+    user (or a W&B agent) has already set win."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("WANDB_RUN_GROUP", sweep.name)
+    env.setdefault("WANDB_TAGS", ",".join(dict.fromkeys([spec.method, spec.subcommand, sweep.name]))[:500])
+    env.setdefault("WANDB_JOB_TYPE", spec.subcommand)
+    env.setdefault("WANDB_NAME", spec.run_id)
+    if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        env["WANDB_MODE"] = "offline"  # never prompt, never hang
+    return env
+
+
+def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str = sys.executable) -> str:
+    """Run one point in its own process; its output goes to ``{run_id}.log`` (written as
+    ``.{run_id}.log.part`` while it runs, renamed when it ends). Returns the record's status."""
+    out = Path(sweep.out)
+    path = out / f"{spec.run_id}.json"
+    part, log = out / f".{spec.run_id}.log.part", out / f"{spec.run_id}.log"
+    cmd = [python, "-m", "ftbench.cli", *spec.argv(str(out))]
+    progress.print(f"[{i}/{progress.total}] {spec.run_id}: ftbench {' '.join(cmd[3:])}")
+    t0 = time.monotonic()
+    p = ChildProgress()
+    max_steps = spec.max_steps() if spec.subcommand == "fit" else None
+    with part.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=child_env(sweep, spec), preexec_fn=_die_with_parent if os.name == "posix" else None)
+        try:
+            with part.open("r", errors="replace") as reader:
+                while proc.poll() is None:
+                    time.sleep(0.25)
+                    p.feed(reader.read())
+                    progress.update(i, spec, time.monotonic() - t0, p, max_steps)
+                p.feed(reader.read())
+        except KeyboardInterrupt:
+            # Ctrl-C reached the run too (same process group): give it a moment, then stop it. Its
+            # record says interrupted or running; the next invocation reruns it.
+            try:
+                proc.wait(timeout=20)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                proc.kill()
+                proc.wait()
+            os.replace(part, log)
+            raise
+    os.replace(part, log)
+    dt = time.monotonic() - t0
+    progress.durations.append(dt)
+    if proc.returncode != 0 and record_status(path) not in FAILED + ("interrupted",):
+        _mark_failed(path, spec, proc.returncode, log)
+    status = record_status(path) or "missing"
+    if status == "running":  # exited 0 without finishing its record: not a completed run
+        _mark_failed(path, spec, proc.returncode, log)
+        status = "failed"
+    progress.print(f"      {status} in {dt:.0f} s" + (f"  {p.summary}" if p.summary else "") + f"  (log: {log})")
+    return status
+
+
+def plan(sweep: Sweep, runs: list[RunSpec], retry_failed: bool) -> list[tuple[RunSpec, Optional[str], bool, str]]:
+    out = Path(sweep.out)
+    rows = []
+    for spec in runs:
+        status = record_status(out / f"{spec.run_id}.json")
+        todo, say = decide(status, retry_failed)
+        rows.append((spec, status, todo, say))
+    return rows
+
+
+def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
+              shard_of: Optional[tuple[int, int]] = None, reference: str = "full", live: Optional[bool] = None,
+              run_index: Optional[int] = None) -> int:
+    """Run the sweep's points that are not done (all, one shard, or the point ``run_index``); 0 when
+    every one of them completed, 1 otherwise (the runs that did not are named on stderr)."""
+    out = Path(sweep.out)
+    runs = shard(sweep.runs, *shard_of) if shard_of else sweep.runs
+    if run_index is not None:
+        runs = [sweep.runs[run_index]]
+    part = f" (shard {shard_of[0]}/{shard_of[1]}: {len(runs)} of {len(sweep.runs)} runs)" if shard_of else ""
+    rows = plan(sweep, runs, retry_failed)
+    todo = [spec for spec, _, run, _ in rows if run]
+    print(f"sweep {sweep.name}: {len(sweep.runs)} runs{part} -> {out}")
+    for spec, _, _, say in rows:
+        point = ", ".join(f"{k.replace('.init_args', '')}={_short(v)}" for k, v in spec.label.items())
+        print(f"  {spec.run_id:28s} {spec.subcommand:8s} {say:44s} {point}")
     if dry_run:
-        print(f"{len(todo)} of {len(sweep.runs)} runs to do")
+        print(f"{len(todo)} of {len(runs)} runs to do")
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    t_sweep = time.perf_counter()
-    for i, spec in enumerate(todo, 1):
-        log = out / f"{spec.run_id}.log"
-        cmd = [sys.executable, "-m", "ftbench.cli", *spec.argv(str(out))]
-        print(f"[{i}/{len(todo)}] {spec.run_id}: ftbench {' '.join(cmd[3:])}", flush=True)
-        t0 = time.perf_counter()
-        with log.open("w") as f:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        path = out / f"{spec.run_id}.json"
-        if proc.returncode != 0 and record_status(path) not in FAILED:
-            _mark_failed(path, spec, proc.returncode, log)
-        print(f"      {record_status(path)} in {time.perf_counter() - t0:.0f} s (log: {log})", flush=True)
-    print(f"sweep {sweep.name}: {len(todo)} runs in {time.perf_counter() - t_sweep:.0f} s\n")
-    print(report(out))
-    failed = [s.run_id for s in sweep.runs if record_status(out / f"{s.run_id}.json") != DONE]
-    if failed:
-        print(f"\n{len(failed)} run(s) did not complete: {', '.join(failed)}", file=sys.stderr)
+    write_text_atomic(out / MANIFEST, json.dumps(sweep.manifest(), indent=2, default=str))
+    t_sweep = time.monotonic()
+    try:
+        with Progress(len(todo), live) as progress:
+            for i, spec in enumerate(todo, 1):
+                run_one(sweep, spec, i, progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished records are kept; run the same command again to resume.", file=sys.stderr)
+        return 130
+    print(f"sweep {sweep.name}: {len(todo)} run(s) in {time.monotonic() - t_sweep:.0f} s\n")
+    try:
+        from ftbench.sweep.report import report
+
+        print(report(out, reference=reference))
+    except Exception as err:  # the runs are done; a report problem must not hide their status
+        print(f"report failed: {type(err).__name__}: {err}", file=sys.stderr)
+    bad = [(s.run_id, record_status(out / f"{s.run_id}.json")) for s in runs]
+    bad = [(r, st) for r, st in bad if st != DONE]
+    if bad:
+        print(f"\n{len(bad)} run(s) did not complete: " + ", ".join(f"{r} ({st})" for r, st in bad), file=sys.stderr)
         return 1
     return 0
+
+
+def _short(v: Any) -> str:
+    s = str(v)
+    return Path(s).stem if s.endswith((".yaml", ".yml")) else s
+
+
+def wandb_sweep_config(sweep: Sweep, sweep_file: str, extra_args: list[str]) -> str:
+    """A W&B Sweeps config whose agent calls ``ftbench sweep SWEEP.yaml --run_index=K``: each agent
+    run is one point of this sweep, recorded in the same results directory as a local sweep."""
+    import yaml
+
+    lines = ["# W&B sweep over the points of " + sweep_file + ":",
+             "#   wandb sweep THIS.yaml && wandb agent ENTITY/PROJECT/SWEEP_ID   (one agent per machine)"]
+    for k, spec in enumerate(sweep.runs):
+        lines.append(f"#   run_index {k}: {spec.run_id} ({spec.subcommand}) " +
+                     ", ".join(f"{a}={_short(v)}" for a, v in spec.label.items()))
+    cfg = {
+        "name": sweep.name,
+        "program": "ftbench",
+        "method": "grid",
+        "metric": {"name": "val/loss", "goal": "minimize"},
+        "parameters": {"run_index": {"values": list(range(len(sweep.runs)))}},
+        "command": ["ftbench", "sweep", sweep_file, "--out", sweep.out, *extra_args, "${args}"],
+    }
+    return "\n".join(lines) + "\n" + yaml.safe_dump(cfg, sort_keys=False)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ftbench")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("sweep", help="run every point of a sweep file, each in its own process")
+    p = sub.add_parser("sweep", help="run every point of a sweep file, each in its own process",
+                       description="Run every point of a sweep file, each in its own process. Extra "
+                                   "--dotted.key VALUE arguments apply to every run (and are part of its id).")
     p.add_argument("sweep_file")
     p.add_argument("--out", help="results directory (default: the sweep file's 'out')")
-    p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and which are done")
-    r = sub.add_parser("report", help="tables from the run records in a directory")
+    p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed/nan/oom")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and which are done; run nothing")
+    p.add_argument("--shard", metavar="I/N", help="run only part I of N (0 <= I < N) of the grid; 'auto' from a SLURM job array")
+    p.add_argument("--run_index", "--run-index", type=int, dest="run_index",
+                   help="run only the K-th point of the sweep (what a W&B agent passes)")
+    p.add_argument("--reference", default="full", help="method the report compares memory/speed/accuracy with")
+    p.add_argument("--wandb-sweep-config", action="store_true",
+                   help="print a W&B Sweeps config (program/command) that runs this sweep's points, and exit")
+    r = sub.add_parser("report", help="tables and plots from the run records in a directory")
     r.add_argument("results_dir")
-    args = parser.parse_args(argv)
+    r.add_argument("--out", help="where report.md/report.csv/plots go (default: RESULTS_DIR)")
+    r.add_argument("--reference", default="full", help="method the relative columns compare with (default: full)")
+    r.add_argument("--no-plots", action="store_true", help="tables only")
+    r.add_argument("--wandb", action="store_true", help="also log the table (and plots) to W&B (offline without an API key)")
+    r.add_argument("--wandb-project", default=None, help="W&B project (default: $WANDB_PROJECT or ftbench)")
+    args, rest = parser.parse_known_args(argv[:1] + argv[1:])
     if args.command == "report":
-        print(report(args.results_dir))
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from ftbench.sweep.report import report
+
+        if not Path(args.results_dir).is_dir():
+            print(f"error: {args.results_dir} is not a directory", file=sys.stderr)
+            return 2
+        print(report(args.results_dir, args.out, reference=args.reference, plots=not args.no_plots,
+                     wandb=args.wandb, wandb_project=args.wandb_project))
         return 0
     try:
-        sweep = load_sweep(args.sweep_file, args.out)
+        extra = parse_overrides(rest)
+        sweep = load_sweep(args.sweep_file, args.out, extra)
+        shard_of = parse_shard(args.shard) if args.shard else None
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return run_sweep(sweep, args.retry_failed, args.dry_run)
+    if args.wandb_sweep_config:
+        print(wandb_sweep_config(sweep, args.sweep_file, rest), end="")
+        return 0
+    if args.run_index is not None:
+        if not 0 <= args.run_index < len(sweep.runs):
+            print(f"error: --run_index {args.run_index}: the sweep has {len(sweep.runs)} runs (0..{len(sweep.runs) - 1})", file=sys.stderr)
+            return 2
+    return run_sweep(sweep, args.retry_failed, args.dry_run, shard_of, args.reference, run_index=args.run_index)
