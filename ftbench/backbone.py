@@ -39,6 +39,9 @@ class Backbone:
         tokenizer: Optional[str] = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         quantization: Quantization = "none",
+        double_quant: bool = False,
+        compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+        prepare_kbit: bool = True,
         gradient_checkpointing: bool = False,
         attn_implementation: Optional[str] = "sdpa",
         trust_remote_code: bool = False,
@@ -54,7 +57,15 @@ class Backbone:
             tokenizer: Where to load the tokenizer from when it is not next to the weights.
             dtype: Dtype the weights are stored in (mixed precision is the trainer's ``precision``).
             quantization: Quantized load of the frozen base weights through bitsandbytes:
-                ``none``, ``nf4``, ``fp4`` (4-bit) or ``int8``.
+                ``none``, ``nf4``, ``fp4`` (4-bit) or ``int8``. LoRA on ``nf4`` is QLoRA.
+            double_quant: 4-bit only: also quantize the per-block scaling constants (QLoRA's double
+                quantization, about 0.37 bits per parameter less).
+            compute_dtype: 4-bit only: dtype the 4-bit weights are dequantized to for each matmul
+                (default: ``dtype``).
+            prepare_kbit: With a quantized backbone, apply peft's ``prepare_model_for_kbit_training``
+                (the unquantized weights, i.e. embeddings, norms and head, are upcast to float32 for
+                stable training). Off keeps them in ``dtype``: with a bfloat16/float16 backbone that
+                saves memory; with float32 it changes nothing.
             gradient_checkpointing: Recompute activations in the backward pass to save memory.
             attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``, or null for the default.
             trust_remote_code: Run code shipped with a hub model. Off unless a config turns it on.
@@ -68,6 +79,9 @@ class Backbone:
         self.tokenizer_path = tokenizer
         self.dtype = dtype
         self.quantization = quantization
+        self.double_quant = double_quant
+        self.compute_dtype = compute_dtype
+        self.prepare_kbit = prepare_kbit
         self.gradient_checkpointing = gradient_checkpointing
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
@@ -158,7 +172,15 @@ class Backbone:
             return None
         from ftbench.quantization import bnb_config
 
-        return bnb_config(self.quantization, compute_dtype=self.torch_dtype)
+        compute = _DTYPES[self.compute_dtype] if self.compute_dtype else self.torch_dtype
+        return bnb_config(self.quantization, compute_dtype=compute, double_quant=self.double_quant)
+
+    def memory_footprint(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Bytes the backbone's weights take in memory (quantization constants included, what a
+        method added left out) and their storage format, e.g. ``bnb-nf4`` or ``float32``."""
+        from ftbench.quantization import weight_footprint
+
+        return weight_footprint(model, self.quantization)
 
     def load_model(self) -> torch.nn.Module:
         """Load a fresh copy of the weights (safetensors only)."""
@@ -199,6 +221,9 @@ class Backbone:
             "gguf_file": self.gguf_file,
             "dtype": self.dtype,
             "quantization": self.quantization,
+            "double_quant": self.double_quant if self.quantization in ("nf4", "fp4") else None,
+            "compute_dtype": (self.compute_dtype or self.dtype) if self.quantization in ("nf4", "fp4") else None,
+            "prepare_kbit": self.prepare_kbit if self.quantization != "none" else None,
             "gradient_checkpointing": self.gradient_checkpointing,
             "attn_implementation": self.attn_implementation,
             "trust_remote_code": self.trust_remote_code,
