@@ -43,9 +43,12 @@ def embedded_gguf() -> Path:
 
 
 def _fingerprint(gguf: Path) -> str:
-    """Name + size + a hash of the first and last MiB: cheap, and changes when the file does."""
-    size = gguf.stat().st_size
-    h = hashlib.sha256(f"{gguf.name}:{size}".encode())
+    """Name + size + modification time + a hash of the first and last MiB: cheap, and changes when
+    the file does. The modification time catches a file rewritten in place with the same size whose
+    change lies outside the first and last MiB (a re-export of a fine-tune with the same quantization)."""
+    st = gguf.stat()
+    size = st.st_size
+    h = hashlib.sha256(f"{gguf.name}:{size}:{st.st_mtime_ns}".encode())
     with gguf.open("rb") as f:
         h.update(f.read(1 << 20))
         f.seek(max(0, size - (1 << 20)))
