@@ -115,8 +115,9 @@ class ChildProgress:
                 self.phase = "train"
                 self.epoch, self.batch = int(m.group(1)), int(m.group(2))
                 self.batches = int(m.group(3)) if m.group(3) != "?" else None
-                self._epoch_base.setdefault(self.epoch, self.steps_done - self.batch if self.epoch else 0)
-                self.steps_done = max(self.steps_done, self._epoch_base[self.epoch] + self.batch)
+                # batches so far (= optimizer steps without gradient accumulation)
+                base = self.epoch * self.batches if self.batches else self._epoch_base.setdefault(self.epoch, self.steps_done)
+                self.steps_done = max(self.steps_done, base + self.batch)
             else:
                 e = _EVAL.search(chunk)
                 if e:

@@ -96,14 +96,35 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     d[parts[-1]] = _merge(d.get(parts[-1]), value) if isinstance(d.get(parts[-1]), dict) else value
 
 
-def normalised_config(configs: list[str], overrides: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
+#: keys that do not change what a run computes (as ftbench.cli leaves them out of its ids): turning
+#: W&B on for a finished sweep does not rerun it
+NOT_IN_ID = ("out", "run_id", "save_weights", "print_config", "trainer.logger", "trainer.enable_progress_bar",
+             "trainer.default_root_dir")
+
+
+def _is_file_list(v: Any) -> bool:
+    """Several YAML files for one key (``trainer: [cpu.yaml, wandb.yaml]``): given in order, each
+    applied over the one before (``--trainer cpu.yaml --trainer wandb.yaml``)."""
+    return isinstance(v, list) and len(v) > 0 and all(_is_yaml_path(x) for x in v)
+
+
+def normalised_config(configs: list[str], overrides: dict[str, Any], root: Path = Path("."),
+                      drop: tuple[str, ...] = ()) -> dict[str, Any]:
     """The point's config as one nested mapping, independent of key order (see the module doc)."""
     merged: dict[str, Any] = {}
     for c in configs:
         content = _resolve_files(c, root)
         merged = _merge(merged, content if isinstance(content, dict) else {"config": content})
     for k in sorted(overrides):
-        _set_dotted(merged, k, _resolve_files(overrides[k], root))
+        values = overrides[k] if _is_file_list(overrides[k]) else [overrides[k]]
+        for v in values:
+            _set_dotted(merged, k, _resolve_files(v, root))
+    for key in drop:
+        parts, d = key.split("."), merged
+        for p in parts[:-1]:
+            d = d.get(p) if isinstance(d, dict) else None
+        if isinstance(d, dict):
+            d.pop(parts[-1], None)
     return merged
 
 
@@ -124,7 +145,8 @@ class RunSpec:
     @property
     def run_id(self) -> str:
         """Stable for the same point, whatever the order of keys in the sweep file."""
-        payload = json.dumps({"cmd": self.subcommand, "config": self.config}, sort_keys=True, default=str)
+        config = normalised_config(self.configs, self.overrides, Path(self.root), NOT_IN_ID)
+        payload = json.dumps({"cmd": self.subcommand, "config": config}, sort_keys=True, default=str)
         digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
         return f"{self.method}-{digest}"
 
@@ -132,7 +154,7 @@ class RunSpec:
     def method(self) -> str:
         """A short name for the method: the method file's stem or the class name, lower case."""
         model = self.overrides.get("model")
-        if model is None:
+        if model is None or isinstance(model, list):
             cfg_model = self.config.get("model")
             model = cfg_model.get("class_path") if isinstance(cfg_model, dict) else cfg_model
         if model is None:
@@ -149,7 +171,8 @@ class RunSpec:
             args += ["--config", c]
         for k in sorted(self.overrides):
             v = self.overrides[k]
-            args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+            for x in (v if _is_file_list(v) else [v]):
+                args += [f"--{k}", x if isinstance(x, str) else json.dumps(x)]
         return args + ["--out", out, "--run_id", self.run_id]
 
     def max_steps(self) -> Optional[int]:
@@ -181,13 +204,27 @@ def _canon_key(k: Any, path: Path, where: str) -> str:
     return ALIASES.get(k, k)
 
 
+_EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _coerce(v: Any) -> Any:
+    """PyYAML reads ``1e-3`` (no dot) as a string; it is the number 0.001, as in ``1.0e-3``."""
+    if isinstance(v, str) and _EXP_FLOAT.fullmatch(v.strip()):
+        return float(v)
+    if isinstance(v, list):
+        return [_coerce(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _coerce(x) for k, x in v.items()}
+    return v
+
+
 def _canon(mapping: dict[Any, Any], path: Path, where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in mapping.items():
         key = _canon_key(k, path, where)
         if key in out:
             raise SweepError(f"{path}: {where}: {k!r} and another name both set {key}")
-        out[key] = v
+        out[key] = _coerce(v)
     return out
 
 
@@ -212,7 +249,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        out[ALIASES.get(key, key)] = raw if value is None and raw not in ("null", "~", "") else value
+        out[ALIASES.get(key, key)] = raw if value is None and raw not in ("null", "~", "") else _coerce(value)
     return out
 
 
@@ -282,7 +319,12 @@ def _spec(path: Path, sub: str, configs: list[str], overrides: dict[str, Any], l
     root = path.parent
     fixed = {}
     for k, v in overrides.items():
-        if _is_yaml_path(v) and not Path(v).is_absolute() and (root / v).exists():
+        if _is_file_list(v):
+            v = [os.path.normpath(root / x) if not Path(x).is_absolute() and (root / x).exists() else x for x in v]
+            missing = [x for x in v if not Path(x).exists()]
+            if missing:
+                raise SweepError(f"{path}: {where}: {k}: no such file {missing[0]} (relative paths are from the sweep file's folder)")
+        elif _is_yaml_path(v) and not Path(v).is_absolute() and (root / v).exists():
             v = os.path.normpath(root / v)
         elif _is_yaml_path(v) and not Path(v).exists():
             raise SweepError(f"{path}: {where}: {k}: no such file {v} (relative paths are from the sweep file's folder)")
