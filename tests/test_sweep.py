@@ -413,6 +413,10 @@ def test_wandb_groups_and_tags_runs_and_keeps_the_key_out(tmp_path, tiny_model_d
     assert res.returncode == 0, res.stdout + res.stderr
     files = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
+    for _ in range(100):  # the W&B service may finish the offline file just after the run's process
+        if any(r.WhichOneof("record_type") == "exit" for r in _wandb_records(files[0])):
+            break
+        time.sleep(0.2)
     runs = [r.run for r in _wandb_records(files[0]) if r.WhichOneof("record_type") == "run"]
     config = {u.key: json.loads(u.value_json) for r in _wandb_records(files[0])
               if r.WhichOneof("record_type") == "config" for u in r.config.update}

@@ -446,6 +446,9 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
         d = {k: r.get(k) for k in keys}
         for t in tasks:
             d[f"accuracy_{t}"], d[f"accuracy_{t}_std"] = r["tasks"].get(t, (None, None))
+        for k in ("trainable", "total"):
+            if isinstance(d[k], float) and d[k].is_integer():
+                d[k] = int(d[k])
         d["seeds"] = ";".join(str(s) for s in r["seeds"])
         d["run_ids"] = ";".join(str(s) for s in r["run_ids"])
         w.writerow(d)
@@ -581,7 +584,7 @@ def log_to_wandb(rows: list[dict[str, Any]], columns: list[tuple[str, str]], plo
         group = None
     group = os.environ.get("WANDB_RUN_GROUP") or group or directory.resolve().name
     run = wandb.init(project=project or os.environ.get("WANDB_PROJECT", "ftbench"), group=group, job_type="report",
-                     name=f"report-{group}", dir=str(directory), config={"results_dir": str(directory)}, reinit=True)
+                     name=f"report-{group}", dir=str(directory), config={"results_dir": str(directory)}, reinit="finish_previous")
     table = wandb.Table(columns=[t for _, t in columns], data=[[_cell(r, k) for k, _ in columns] for r in rows])
     raw = [k for k in ("method", "setting", "n", *NUMERIC, "mem_rel", "speed_rel", "p")]
     numbers = wandb.Table(columns=raw, data=[[r.get(k) for k in raw] for r in rows])
