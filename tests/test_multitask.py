@@ -250,3 +250,23 @@ def test_lora_fit_on_multitask_data_writes_per_task_results(tiny_model_dir, tmp_
         assert f"{stage}/macro_accuracy" in final and f"{stage}/macro_loss" in final
     losses = [final[f"val/{t}/loss"] for t in info["data"]["tasks"]]
     assert final["val/macro_loss"] == pytest.approx(sum(losses) / 4, rel=1e-6)
+
+
+def test_a_domain_task_in_the_mixture(backbone, tmp_path):
+    text = tmp_path / "code.txt"
+    text.write_text("\n\n".join(f"def f{i}(x):\n    return x + {i}" for i in range(12)) + "\n")
+    tasks = [TaskSpec("arithmetic", "builtin:arithmetic", options={"builtin_size": 20}),
+             TaskSpec("code", str(text), regime="domain", options={"block_size": 32})]
+    dm = MultiTaskData(backbone, tasks=tasks, sampling="uniform", val_fraction=0.2, test_fraction=0.1, eval_batch_size=8)
+    dm.setup("fit")
+    assert {e.task for e in dm.splits["val"]} == {"arithmetic", "code"}
+    code_train = dm.task_splits["code"]["train"]
+    assert code_train and all(len(e.input_ids) <= 32 and e.labels == e.input_ids for e in code_train)
+    # an evaluation batch holds either instruction rows (with answers) or domain blocks, never both
+    for batch in dm.val_dataloader():
+        assert set(batch["tasks"]) in ({"arithmetic"}, {"code"})
+        assert ("answers" in batch) == (batch["tasks"][0] == "arithmetic")
+    # training batches mix them; position ids only come with batches made only of packed blocks
+    batch = dm.collator()([dm.task_splits["arithmetic"]["train"][0], code_train[0]])
+    assert batch["tasks"] == ["arithmetic", "code"] and "position_ids" not in batch
+    assert "position_ids" in dm.collator()(code_train[:2])
