@@ -190,14 +190,16 @@ def segments_to_example(
         input_ids.extend(ids)
         labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
     stats.seen += 1
+    truncated = False
     if len(input_ids) > max_length:
         if policy == "drop":
             stats.dropped += 1
             return None
         stats.truncated += 1
+        truncated = True
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     if all(x == IGNORE_INDEX for x in labels[1:]):
-        if policy != "drop":
+        if truncated:  # counted as dropped, not truncated (and only if it was truncated)
             stats.truncated -= 1
         stats.dropped += 1
         return None
