@@ -30,6 +30,7 @@ init_args:
     init_args: {lr: 1.0e-3, weight_decay: 0.0}
   lr_scheduler: constant
   warmup_steps: 0
+  generate_in_validation: false
 """
 FULL = """\
 class_path: ftbench.methods.FullFinetune
@@ -42,6 +43,7 @@ init_args:
 # the same LoRA config with its keys in another order
 LORA_REORDERED = """\
 init_args:
+  generate_in_validation: false
   warmup_steps: 0
   lr_scheduler: constant
   optimizer:
@@ -115,7 +117,7 @@ out: results/grid-test
 name: grid-test
 """
 # pinned: a change to the id scheme (or to the normalisation) makes every old record a new run
-GRID_IDS = ["full-e4538b0503", "full-1ee53f6ede", "lora-a1cbf74ba1", "lora-fcb1026474", "lora-783fd0cff8"]
+GRID_IDS = ["full-e4538b0503", "full-1ee53f6ede", "lora-4a0473efd7", "lora-b866fa9229", "lora-1a4ee731e5"]
 
 
 def test_grid_expansion_exact_runs_and_ids(tmp_path):
@@ -136,7 +138,7 @@ def test_grid_expansion_exact_runs_and_ids(tmp_path):
     assert sweep.runs[2].argv("OUT") == [
         "fit", "--backbone.model", "/models/tiny", "--data", str(d / "data.yaml"), "--model", str(d / "lora.yaml"),
         f"--{lr}", "0.0001", "--trainer", str(d / "trainer.yaml"), "--trainer.max_steps", "2",
-        "--out", "OUT", "--run_id", "lora-a1cbf74ba1"]
+        "--out", "OUT", "--run_id", "lora-4a0473efd7"]
     # lr 1e-3 on lora.yaml is lora.yaml itself (its lr is 1e-3): the same resolved config
     assert sweep.runs[3].config["model"] == yaml.safe_load(LORA)
 
