@@ -84,7 +84,7 @@ def after_quantized_load(model: torch.nn.Module) -> torch.nn.Module:
 def cpu_repacks_4bit() -> bool:
     """Whether this machine's bitsandbytes would repack 4-bit weights in eval forwards (the trap)."""
     try:
-        from bitsandbytes.utils import has_avx512bf16
+        from bitsandbytes.functional import has_avx512bf16
     except ImportError:  # other bitsandbytes versions
         return False
     return bool(has_avx512bf16())
@@ -105,8 +105,9 @@ def _added_markers(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(markers)
 
 
-def _storage_of(param: torch.Tensor) -> tuple[str, int]:
-    """Storage format and in-memory bytes of one backbone weight (quantization constants included)."""
+def _storage_of(param: torch.Tensor, owner: Optional[torch.nn.Module] = None) -> tuple[str, int]:
+    """Storage format and in-memory bytes of one backbone weight (quantization constants included);
+    ``owner`` is the module holding it (an int8 layer moves its row scales there at the first forward)."""
     cls = type(param).__name__
     nbytes = param.numel() * param.element_size()
     if cls == "Params4bit":
@@ -117,6 +118,8 @@ def _storage_of(param: torch.Tensor) -> tuple[str, int]:
         return STORAGE.get(kind, f"bnb-{kind}"), nbytes
     if cls == "Int8Params" or param.dtype == torch.int8:
         scb = getattr(param, "SCB", None)
+        if scb is None and owner is not None:
+            scb = getattr(getattr(owner, "state", None), "SCB", None)
         if isinstance(scb, torch.Tensor):
             nbytes += scb.numel() * scb.element_size()
         return STORAGE["int8"], nbytes
@@ -151,11 +154,12 @@ def weight_footprint(model: torch.nn.Module, quantization: str = "none") -> dict
     markers = _added_markers(model)
     seen: set[int] = set()
     by_storage: dict[str, int] = {}
+    owners = {id(p): mod for mod in model.modules() for p in mod.parameters(recurse=False)}
     for name, param in model.named_parameters(remove_duplicate=False):
         if _is_added(name, markers) or id(param) in seen:
             continue
         seen.add(id(param))
-        fmt, nbytes = _storage_of(param)
+        fmt, nbytes = _storage_of(param, owners.get(id(param)))
         by_storage[fmt] = by_storage.get(fmt, 0) + nbytes
     total = sum(by_storage.values())
     if quantization in STORAGE and STORAGE[quantization] in by_storage:

@@ -24,10 +24,12 @@ Two methods need more than a config, and get it here:
   :meth:`PEFT.generate_answers` decodes these methods itself, one row at a time without padding,
   with a KV cache started from exactly what the training forward computes (virtual-token embeddings
   before the prompt, or the prefix key/values). Every other peft method uses the shared generation.
-* AdaLoRA reallocates ranks during training from the gradients: it needs ``total_step`` (taken from
-  the trainer's ``estimated_stepping_batches`` when the config leaves it empty) and a call to
-  ``update_and_allocate`` after every optimizer step (done in :meth:`PEFT.on_train_batch_end`).
-  Its ``tinit``/``tfinal`` must leave a budgeting phase: ``tinit + tfinal < total_step``.
+* AdaLoRA reallocates ranks during training from the gradients: it needs a call to
+  ``update_and_allocate`` after every optimizer step (done in :meth:`PEFT.on_train_batch_end`) and
+  ``total_step`` in its config. peft refuses a config without it when the config is built, i.e. when
+  the CLI parses it, before any trainer exists, so it cannot be taken from the trainer: set it to
+  the run's optimizer steps (``trainer.max_steps``); a mismatch with the trainer is warned about.
+  ``tinit``/``tfinal`` must leave a budgeting phase: ``tinit + tfinal < total_step``.
 """
 
 from __future__ import annotations
@@ -72,17 +74,21 @@ class PEFT(FTMethod):
 
     # ------------------------------------------------------------------ preparation
     def resolved_config(self):
-        """A copy of the config with ``task_type`` and (AdaLoRA) ``total_step`` filled in."""
+        """A copy of the config with ``task_type`` filled in (and AdaLoRA's ``total_step`` checked
+        against the trainer's step count)."""
         from peft import AdaLoraConfig, TaskType
 
         config = copy.deepcopy(self.peft_config)
         if getattr(config, "task_type", None) is None:
             config.task_type = TaskType.CAUSAL_LM
-        if isinstance(config, AdaLoraConfig) and not config.total_step:
-            trainer = self._trainer
-            if trainer is None:
-                raise ValueError("PEFT: AdaLoraConfig needs total_step (or a trainer to take it from)")
-            config.total_step = int(trainer.estimated_stepping_batches)
+        if isinstance(config, AdaLoraConfig) and self._trainer is not None:
+            steps = int(self._trainer.estimated_stepping_batches)
+            if steps != config.total_step:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(f"PEFT: AdaLoraConfig.total_step={config.total_step} but the trainer will take "
+                               f"{steps} optimizer steps: the rank budget schedule (tinit={config.tinit}, "
+                               f"tfinal={config.tfinal}) follows total_step")
         return config
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
