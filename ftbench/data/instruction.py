@@ -22,6 +22,7 @@ from ftbench.data.base import (
 )
 
 BUILTIN = "builtin:"
+ANSWER_SLACK = 4  # tokens allowed past the longest reference answer: EOS and white space
 ROLES = ("system", "user", "assistant")
 
 PROMPT_TEMPLATES = {
@@ -198,6 +199,7 @@ class InstructionData(L.LightningDataModule):
         self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
         self.stats = TruncationStats()
         self.splits: dict[str, list[Example]] = {}
+        self.max_answer_tokens: Optional[int] = None
 
     # ------------------------------------------------------------------ rows
     def _rows(self, source: str) -> list[Row]:
@@ -257,6 +259,11 @@ class InstructionData(L.LightningDataModule):
         rows = self.split_rows()
         self.stats = TruncationStats()
         self.splits = {name: self.encode(r, formatter, for_eval=name != "train") for name, r in rows.items()}
+        # greedy generation never needs more than the longest reference answer (+ EOS and slack)
+        answers = [e.answer for split in ("val", "test") for e in self.splits[split] if e.answer is not None]
+        if answers:
+            tok = self.backbone.tokenizer
+            self.max_answer_tokens = max(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers) + ANSWER_SLACK
         if not self.splits["train"] and stage in (None, "fit"):
             raise DataFormatError(self.source, None, None, "no training rows left after the split and truncation")
 
@@ -289,5 +296,6 @@ class InstructionData(L.LightningDataModule):
             "rows": {k: len(v) for k, v in self.splits.items()},
             "prompt_template": Formatter(self.backbone.tokenizer, self.prompt_template).template,
             "max_length": self.max_length,
+            "max_answer_tokens": self.max_answer_tokens,
             "truncation": {"policy": self.truncation, **self.stats.as_dict()},
         }

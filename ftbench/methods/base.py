@@ -59,7 +59,7 @@ class FTMethod(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup",
         warmup_steps: int = 0,
-        max_new_tokens: int = 32,
+        max_new_tokens: Optional[int] = None,
         generate_in_validation: bool = True,
     ):
         """
@@ -70,7 +70,8 @@ class FTMethod(L.LightningModule):
             lr_scheduler: Learning-rate schedule (``transformers.get_scheduler``), stepped per
                 optimizer step over ``trainer.estimated_stepping_batches``.
             warmup_steps: Linear warm-up steps of the schedule.
-            max_new_tokens: Greedy-generation budget for exact-match evaluation.
+            max_new_tokens: Greedy-generation budget for exact-match evaluation. Default: what the
+                data module says its longest reference answer needs (``max_answer_tokens``), else 32.
             generate_in_validation: Also compute exact match during validation (not only test).
         """
         super().__init__()
@@ -128,12 +129,18 @@ class FTMethod(L.LightningModule):
             self._eval_metrics[name] = MeanMetric(sync_on_compute=True).to(self.device)
         return self._eval_metrics[name]
 
+    def generation_budget(self) -> int:
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return int(getattr(dm, "max_answer_tokens", None) or 32)
+
     @torch.no_grad()
     def generate_answers(self, batch: dict[str, Any]) -> list[str]:
         tok = self.backbone.tokenizer
         ids = batch["gen_input_ids"]
         out = self.model.generate(
-            input_ids=ids, attention_mask=batch["gen_attention_mask"], max_new_tokens=self.max_new_tokens,
+            input_ids=ids, attention_mask=batch["gen_attention_mask"], max_new_tokens=self.generation_budget(),
             do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         )
         return tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
