@@ -92,6 +92,10 @@ def _cli_class():
                 save_weights_to=weights,
             )
             trainer.callbacks.extend([PeakMemory(), Throughput(cfg.warmup_batches), self.recorder])
+            if os.environ.get("FTBENCH_PROGRESS_FILE"):  # set by `ftbench sweep` for its live view
+                from ftbench.sweep.progress import ProgressFile
+
+                trainer.callbacks.append(ProgressFile(os.environ["FTBENCH_PROGRESS_FILE"]))
             for logger in trainer.loggers:
                 logger.log_hyperparams({"config": self.run_config, "run_id": self.run_id})
             return trainer

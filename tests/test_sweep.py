@@ -272,6 +272,8 @@ def test_progress_parses_lightning_output():
     p.feed("[ftbench] lora-x: lora completed trainable params=1\n")
     assert p.summary == "[ftbench] lora-x: lora completed trainable params=1"
     assert ChildProgress().phase == "starting"
+    rich = parse_progress("Epoch 0/-2 ━━━━━━━━━━╺━━━━━━━━━ 3/6 0:00:10 • 0:00:05 0.17it/s train/loss: 6.216")
+    assert (rich.epoch, rich.batch, rich.batches, rich.steps_done, rich.loss) == (0, 3, 6, 3, 6.216)
 
 
 def test_wandb_sweep_config_calls_ftbench(tmp_path):
@@ -441,3 +443,35 @@ def test_sweep_parent_does_not_import_torch(tmp_path):
             "print('heavy:', sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))\n")
     res = subprocess.run([sys.executable, "-c", code], env=_env(), cwd=d, capture_output=True, text=True)
     assert "heavy: []" in res.stdout and "5 of 5 runs to do" in res.stdout, res.stdout + res.stderr
+
+
+def test_progress_file_and_estimate(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from ftbench.sweep.cli import Progress
+    from ftbench.sweep.progress import ProgressFile
+
+    path = tmp_path / "p.json"
+    cb = ProgressFile(path, every_s=0.0)
+    trainer = SimpleNamespace(is_global_zero=True, max_steps=40, global_step=0, sanity_checking=False,
+                              callback_metrics={}, state=SimpleNamespace(fn="fit"))
+    cb.on_fit_start(trainer, None)
+    trainer.global_step, trainer.callback_metrics = 7, {"train/loss": torch.tensor(2.5)}
+    cb.on_train_batch_end(trainer, None, None, None, 6)
+    p = ChildProgress()
+    assert p.read_file(path) == 40 and (p.phase, p.steps_done, p.loss) == ("train", 7, 2.5)
+    cb.on_validation_start(trainer, None)
+    assert json.loads(path.read_text())["phase"] == "validate"
+    trainer.is_global_zero = False  # other ranks never write
+    trainer.global_step = 9
+    cb.on_train_batch_end(trainer, None, None, None, 8)
+    assert json.loads(path.read_text())["step"] == 7
+    # what is left: the mean of the finished runs for this one and each run after it ...
+    prog = Progress(5, live=False)
+    prog.durations = [10.0, 20.0]
+    assert prog.eta(3, 5.0, None) == 10.0 + 2 * 15.0
+    # ... and before any run finished, this run's pace
+    first = Progress(4, live=False)
+    assert first.eta(1, 30.0, 0.25) == 90.0 + 3 * 120.0 and first.eta(1, 1.0, None) is None

@@ -89,9 +89,10 @@ def _mark_failed(path: Path, spec: RunSpec, returncode: int, log: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- progress
-_EPOCH = re.compile(r"Epoch (\d+):\s*(?:\d+%\|[^|]*\|\s*)?(\d+)/(\d+|\?)")
+# tqdm ("Epoch 0:  20%|██  | 2/10 [..., train/loss=5.98]") and rich ("Epoch 0/-2 ━━━ 2/10 0:00:10 • ... train/loss: 5.98")
+_EPOCH = re.compile(r"Epoch (\d+)(?:/-?\d+)?:?\s+(?:\d+%\|[^|]*\|\s*|[━╸╺─]+\s*)?(\d+)/(\d+|\?)")
 _EVAL = re.compile(r"(Validation|Testing|Sanity Checking)(?: DataLoader \d+)?:\s*(?:\d+%\|[^|]*\|\s*)?(\d+)/(\d+|\?)")
-_LOSS = re.compile(r"train/loss(?:_step)?=([-+0-9.eE]+|nan|inf)")
+_LOSS = re.compile(r"train/loss(?:_step)?(?:=|: )([-+0-9.eE]+|nan|inf)")
 _SUMMARY = re.compile(r"^\[ftbench\] .*$", re.M)
 
 
@@ -107,6 +108,18 @@ class ChildProgress:
     steps_done: int = 0
     summary: Optional[str] = None
     _epoch_base: dict[int, int] = field(default_factory=dict)
+
+    def read_file(self, path: Path) -> Optional[int]:
+        """Take the run's own progress file (``ftbench.sweep.progress``) when there is one; returns its max_steps."""
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        self.phase = state.get("phase") or self.phase
+        self.steps_done = max(self.steps_done, int(state.get("step") or 0))
+        if isinstance(state.get("loss"), (int, float)):
+            self.loss = float(state["loss"])
+        return state.get("max_steps") if isinstance(state.get("max_steps"), int) else None
 
     def feed(self, text: str) -> None:
         for chunk in re.split(r"[\r\n]+", text):
@@ -237,6 +250,9 @@ def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str
     out = Path(sweep.out)
     path = out / f"{spec.run_id}.json"
     part, log = out / f".{spec.run_id}.log.part", out / f"{spec.run_id}.log"
+    side = out / f".{spec.run_id}.progress.json"
+    side.unlink(missing_ok=True)
+    env = {**child_env(sweep, spec), "FTBENCH_PROGRESS_FILE": str(side)}
     cmd = [python, "-m", "ftbench.cli", *spec.argv(str(out))]
     progress.print(f"[{i}/{progress.total}] {spec.run_id}: ftbench {' '.join(cmd[3:])}")
     t0 = time.monotonic()
@@ -244,12 +260,13 @@ def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str
     max_steps = spec.max_steps() if spec.subcommand == "fit" else None
     with part.open("w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=child_env(sweep, spec), preexec_fn=_die_with_parent if os.name == "posix" else None)
+                                env=env, preexec_fn=_die_with_parent if os.name == "posix" else None)
         try:
             with part.open("r", errors="replace") as reader:
                 while proc.poll() is None:
                     time.sleep(0.25)
                     p.feed(reader.read())
+                    max_steps = p.read_file(side) or max_steps
                     progress.update(i, spec, time.monotonic() - t0, p, max_steps)
                 p.feed(reader.read())
         except KeyboardInterrupt:
@@ -261,8 +278,10 @@ def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str
                 proc.kill()
                 proc.wait()
             os.replace(part, log)
+            side.unlink(missing_ok=True)
             raise
     os.replace(part, log)
+    side.unlink(missing_ok=True)
     dt = time.monotonic() - t0
     progress.durations.append(dt)
     if proc.returncode != 0 and record_status(path) not in FAILED + ("interrupted",):
