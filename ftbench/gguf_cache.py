@@ -73,8 +73,10 @@ def cached_folder(gguf: Path, cache_dir: Optional[str | Path] = None) -> Path:
     final = root / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
     if _valid(final):
         return final
-    if final.exists():  # interrupted or corrupted: never half-use it
-        shutil.rmtree(final, ignore_errors=True)
+    if final.exists():
+        if _valid(final):  # another process renamed its complete build into place just now
+            return final
+        shutil.rmtree(final, ignore_errors=True)  # interrupted or corrupted: never half-use it
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:

@@ -182,6 +182,23 @@ def test_corrupt_cache_is_rebuilt(tiny_gguf, tmp_path, count_converts, damage):
     Backbone(model=str(tiny_gguf), cache_dir=str(tmp_path)).load_model()  # and it loads
 
 
+def test_a_build_finished_by_another_process_meanwhile_is_kept(tiny_gguf, tmp_path, monkeypatch):
+    """The entry appears (another process's rename) between the first validity check and the
+    clean-up of a broken entry: it must be used, not deleted and rebuilt."""
+    folder = Path(gguf_cache.cached_folder(tiny_gguf, tmp_path))
+    real_valid = gguf_cache._valid
+    calls = []
+
+    def valid(f):  # the first check ran just before the other process's rename
+        calls.append(f)
+        return False if len(calls) == 1 else real_valid(f)
+
+    monkeypatch.setattr(gguf_cache, "_valid", valid)
+    forbid_convert(monkeypatch)
+    assert gguf_cache.cached_folder(tiny_gguf, tmp_path) == folder
+    assert (folder / "model.safetensors").is_file()
+
+
 def test_interrupted_build_leaves_nothing_behind(tiny_gguf, tmp_path, monkeypatch):
     def half(gguf, out):
         (out / "model.safetensors").write_bytes(b"partial")
