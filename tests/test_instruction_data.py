@@ -139,6 +139,27 @@ def test_custom_template_and_system_prompt(tok):
     assert segs[1] == (enc(tok, "CAT") + [tok.eos_token_id], True)
 
 
+def test_custom_template_fields_are_checked(tok):
+    with pytest.raises(ValueError) as e:
+        Formatter(tok, "{instruction} {context}\n")
+    assert str(e.value) == ("data.prompt_template: unknown field(s) {context} in the format string "
+                            "(use {instruction} and {input}; write {{ and }} for literal braces)")
+    with pytest.raises(ValueError) as e:
+        Formatter(tok, "{instruction} {input")
+    assert str(e.value) == "data.prompt_template: not a valid format string: expected '}' before end of string"
+    assert Formatter(tok, "{{json}} {instruction}").template == "{{json}} {instruction}"
+
+
+def test_custom_template_without_input_refuses_rows_with_input(tok):
+    """A template without {input} would silently drop the row's input (the model never sees it)."""
+    fmt = Formatter(tok, "Q: {instruction}\nA: ")
+    segs, prompt_ids, _ = fmt.segments(Row({"instruction": "up", "output": "UP"}, "f.jsonl", 3))
+    assert prompt_ids == enc(tok, "Q: up\nA: ")
+    with pytest.raises(DataFormatError) as e:
+        fmt.segments(Row({"instruction": "up", "input": "cat", "output": "CAT"}, "f.jsonl", 4))
+    assert str(e.value) == "f.jsonl:4: field 'input': the prompt_template has no {input}, so this row's input would be dropped"
+
+
 def test_bad_prompt_template_is_named(tok):
     with pytest.raises(ValueError) as e:
         Formatter(tok, "vicuna")

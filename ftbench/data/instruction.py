@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from typing import Any, Literal, Optional
 
 import lightning as L
@@ -52,6 +53,16 @@ class Formatter:
                 f"data.prompt_template: {prompt_template!r} is not 'auto', 'chat', "
                 f"{', '.join(repr(k) for k in PROMPT_TEMPLATES)} or a format string with {{instruction}}"
             )
+        if prompt_template not in ("chat", *PROMPT_TEMPLATES):
+            try:
+                fields = {f for _, f, _, _ in string.Formatter().parse(prompt_template) if f is not None}
+            except ValueError as err:
+                raise ValueError(f"data.prompt_template: not a valid format string: {err}") from err
+            if fields - {"instruction", "input"}:
+                raise ValueError(
+                    f"data.prompt_template: unknown field(s) {', '.join('{' + f + '}' for f in sorted(fields - {'instruction', 'input'}))} "
+                    "in the format string (use {instruction} and {input}; write {{ and }} for literal braces)"
+                )
         if prompt_template == "chat" and not getattr(tokenizer, "chat_template", None):
             raise ValueError("data.prompt_template: 'chat' needs a tokenizer with a chat template (or backbone.chat_template)")
         self.template = prompt_template
@@ -128,6 +139,8 @@ class Formatter:
             with_input, without = PROMPT_TEMPLATES[self.template]
             prompt = (with_input if inp else without).format(instruction=instruction, input=inp)
         else:
+            if inp and "{input}" not in self.template:
+                raise row.error("input", "the prompt_template has no {input}, so this row's input would be dropped")
             prompt = self.template.format(instruction=instruction, input=inp)
         if msgs[0]["role"] == "system":
             prompt = f"{msgs[0]['content']}\n\n{prompt}"
