@@ -139,6 +139,16 @@ def test_custom_template_and_system_prompt(tok):
     assert segs[1] == (enc(tok, "CAT") + [tok.eos_token_id], True)
 
 
+def test_empty_system_prompt_adds_nothing_to_an_alpaca_prompt(tok):
+    """configs/data/instruction.yaml sets system_prompt: "" (to drop a chat template's default one);
+    with a plain template that must not prefix every prompt with a blank line."""
+    row = Row({"instruction": "up", "input": "cat", "output": "CAT"}, "m", 1)
+    _, with_empty, _ = Formatter(tok, "short", system_prompt="").segments(row)
+    assert with_empty == enc(tok, "### Instruction:\nup\ncat\n### Response:\n")
+    _, with_system, _ = Formatter(tok, "short", system_prompt="Be brief.").segments(row)
+    assert with_system == enc(tok, "Be brief.\n\n### Instruction:\nup\ncat\n### Response:\n")
+
+
 def test_custom_template_fields_are_checked(tok):
     with pytest.raises(ValueError) as e:
         Formatter(tok, "{instruction} {context}\n")

@@ -142,7 +142,7 @@ class Formatter:
             if inp and "{input}" not in self.template:
                 raise row.error("input", "the prompt_template has no {input}, so this row's input would be dropped")
             prompt = self.template.format(instruction=instruction, input=inp)
-        if msgs[0]["role"] == "system":
+        if msgs[0]["role"] == "system" and msgs[0]["content"]:  # an empty one (system_prompt: "") adds nothing
             prompt = f"{msgs[0]['content']}\n\n{prompt}"
         prompt_ids = self._encode(prompt, special=True)
         answer = msgs[-1]["content"]
