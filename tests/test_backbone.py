@@ -115,6 +115,21 @@ def test_folder_without_weights(tiny_model_dir, tmp_path):
     assert "model.safetensors" in msg
 
 
+def test_config_json_that_is_not_json(tiny_model_dir, tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    msg = error_of(lambda: Backbone(model=str(tmp_path), tokenizer=str(tiny_model_dir)).load_model())
+    assert msg.startswith(f"backbone.model: cannot load weights from {str(tmp_path)!r}: ")
+    assert "not a valid JSON file" in msg
+
+
+def test_unknown_architecture_is_a_backbone_error(tiny_model_dir, tmp_path):
+    """transformers raises ValueError (not OSError) for a model type it does not know."""
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    msg = error_of(lambda: Backbone(model=str(tmp_path), tokenizer=str(tiny_model_dir)).load_model())
+    assert msg.startswith(f"backbone.model: cannot load weights from {str(tmp_path)!r}: ")
+    assert "no-such-architecture" in msg
+
+
 def test_missing_gguf_file(tmp_path):
     p = tmp_path / "m.gguf"
     assert error_of(lambda: Backbone(model=str(p)).resolve()) == (
