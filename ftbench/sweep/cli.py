@@ -409,6 +409,12 @@ def main(argv: list[str]) -> int:
         print(report(args.results_dir, args.out, reference=args.reference, plots=not args.no_plots,
                      wandb=args.wandb, wandb_project=args.wandb_project))
         return 0
+    known = {o.lstrip("-").replace("_", "-") for a in p._actions for o in a.option_strings}
+    for tok in rest:
+        name = tok.split("=", 1)[0].lstrip("-").replace("_", "-")
+        if tok.startswith("--") and name in known:
+            print(f"error: {tok.split('=', 1)[0]} is spelled --{name} (extra --key VALUE arguments are config settings)", file=sys.stderr)
+            return 2
     try:
         extra = parse_overrides(rest)
         sweep = load_sweep(args.sweep_file, args.out, extra)
