@@ -151,8 +151,12 @@ def test_run_id_stable_across_key_order(tmp_path):
     ids_a = [r.run_id for r in load_sweep(a / "sweep.yaml").runs]
     ids_b = [r.run_id for r in load_sweep(b / "sweep.yaml").runs]
     assert sorted(ids_a) == sorted(ids_b) == sorted(GRID_IDS)
-    # ...and a change of any value is another run
+    # ...and a change of any value is another run (on the next load: a loaded sweep keeps its ids,
+    # so editing a config while a sweep runs never moves a run's record)
+    loaded = load_sweep(b / "sweep.yaml")
+    frozen = [r.run_id for r in loaded.runs]
     (b / "lora.yaml").write_text(LORA_REORDERED.replace("r: 4", "r: 5"))
+    assert [r.run_id for r in loaded.runs] == frozen
     ids_c = [r.run_id for r in load_sweep(b / "sweep.yaml").runs]
     assert ids_c[:2] == ids_b[2:4] or set(ids_c) & set(ids_b) == {i for i in ids_b if i.startswith("full")}
     assert len(set(ids_c) - set(ids_b)) == 3  # the three LoRA points changed, the full ones did not

@@ -142,7 +142,7 @@ class RunSpec:
     def config(self) -> dict[str, Any]:
         return normalised_config(self.configs, self.overrides, Path(self.root))
 
-    @property
+    @cached_property
     def run_id(self) -> str:
         """Stable for the same point, whatever the order of keys in the sweep file."""
         config = normalised_config(self.configs, self.overrides, Path(self.root), NOT_IN_ID)
@@ -150,7 +150,7 @@ class RunSpec:
         digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
         return f"{self.method}-{digest}"
 
-    @property
+    @cached_property
     def method(self) -> str:
         """A short name for the method: the method file's stem or the class name, lower case."""
         model = self.overrides.get("model")
