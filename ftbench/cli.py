@@ -41,12 +41,31 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def _cli_class():
     import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from ftbench.backbone import Backbone
     from ftbench.bench import PeakMemory, RunRecorder, Throughput
-    from ftbench.bench.record import redact
+    from ftbench.bench.record import jsonable, redact
     from ftbench.methods.base import FTMethod
+
+    class RedactedSaveConfig(SaveConfigCallback):
+        """Lightning's config.yaml in the log folder, with secret-looking values redacted."""
+
+        def setup(self, trainer, pl_module, stage) -> None:
+            if self.already_saved:
+                return
+            if self.save_to_log_dir and trainer.is_global_zero:
+                import yaml
+
+                from ftbench.fileio import write_text_atomic
+
+                log_dir = trainer.log_dir
+                text = yaml.safe_dump(jsonable(redact(self.config.clone().as_dict())), sort_keys=False)
+                write_text_atomic(os.path.join(log_dir, self.config_filename), text)
+            if trainer.is_global_zero:
+                self.save_config(trainer, pl_module, stage)
+                self.already_saved = True
+            self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
     class FTBenchCLI(LightningCLI):
         """LightningCLI with a shared backbone, measurement callbacks and one record per run."""
@@ -126,7 +145,7 @@ def _cli_class():
 
                     print(summary_line(self.recorder.record), flush=True)
 
-    return FTBenchCLI, FTMethod, L.LightningDataModule
+    return FTBenchCLI, FTMethod, L.LightningDataModule, RedactedSaveConfig
 
 
 def _quiet_environment() -> None:
@@ -139,10 +158,11 @@ def _quiet_environment() -> None:
 def cli_main(args: Optional[list[str]] = None, run: bool = True):
     """Run the LightningCLI part (``fit``/``validate``/``test``)."""
     _quiet_environment()
-    FTBenchCLI, FTMethod, DataModule = _cli_class()
+    FTBenchCLI, FTMethod, DataModule, SaveConfig = _cli_class()
     return FTBenchCLI(
         FTMethod,
         DataModule,
+        save_config_callback=SaveConfig,
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=42,

@@ -144,6 +144,23 @@ def test_position_ids_isolate_documents_only_without_attention_mask(backbone):
     assert (masked - alone).abs().max() > 1e-2  # a 2-D mask: the second document sees the first
 
 
+
+def test_method_forward_isolates_packed_documents(backbone):
+    """The shared loop passes a packed batch's position_ids with no 2-D mask: no cross-document attention."""
+    from ftbench.data.base import PackedCollator
+    from ftbench.methods import FullFinetune
+
+    tok = backbone.tokenizer
+    block = pack_documents([APPLE, STONE], 64, EOS)[0]
+    batch = PackedCollator(tok.pad_token_id)([block])
+    method = FullFinetune(backbone=backbone)
+    method.configure_model()
+    method.eval()
+    with torch.no_grad():
+        packed = method(batch["input_ids"], batch["attention_mask"], position_ids=batch["position_ids"]).logits[0, 5:]
+        alone = method(torch.tensor([STONE + [EOS]])).logits[0]
+    assert torch.allclose(packed, alone, atol=1e-5)
+
 def test_builtin_corpus_padding_fraction(backbone):
     dm = DomainData(backbone, sources=["builtin:humaneval"], block_size=256, batch_size=4)
     dm.setup("fit")

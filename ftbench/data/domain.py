@@ -12,9 +12,11 @@ when the model is called with those ``position_ids`` *and* ``attention_mask=None
 (``find_packed_sequence_indices``) and builds a block-diagonal causal mask for ``sdpa``, ``eager``
 and ``flex_attention``; ``flash_attention_2`` reads the same restarts as variable-length sequences.
 With a 2-D ``attention_mask`` the restarts are *not* looked for, and only the rotary positions
-change. :class:`ftbench.methods.base.FTMethod` passes ``attention_mask`` and not ``position_ids``, so
-today every token of a block attends to the earlier documents in it (as in ``run_clm``); the
-EOS between documents is the only boundary. ``tests/test_domain.py`` checks both behaviours on a Llama.
+change. :class:`ftbench.methods.base.FTMethod` therefore passes a batch's ``position_ids`` with
+``attention_mask=None``, so the documents of a block do not attend to each other. With
+``document_position_ids: false`` (or an attention implementation that ignores the restarts) every
+token of a block attends to the earlier documents in it, as in ``run_clm``, and the EOS between
+documents is the only boundary. ``tests/test_domain.py`` checks both behaviours on a Llama.
 
 Forgetting: ``general_sources`` adds general text to *validation only*, tagged with task name
 ``general``, so the method logs ``val/general/loss`` (domain text: ``val/domain/loss``). Run with

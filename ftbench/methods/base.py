@@ -113,11 +113,16 @@ class FTMethod(L.LightningModule):
         return path
 
     # ------------------------------------------------------------------ steps
-    def forward(self, input_ids, attention_mask=None, labels=None):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None):
+        if position_ids is not None:
+            # packed documents: positions restart per document and, with no 2-D mask, transformers
+            # builds a block-diagonal causal mask from them (no attention across documents)
+            attention_mask = None
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                          position_ids=position_ids, use_cache=False)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        out = self(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("position_ids"))
         loss = out.loss
         if not torch.isfinite(loss):
             raise NonFiniteLossError(self.global_step, float(loss))
@@ -146,7 +151,7 @@ class FTMethod(L.LightningModule):
         return tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"]).logits
+        logits = self(batch["input_ids"], batch["attention_mask"], position_ids=batch.get("position_ids")).logits
         loss_sum, n_tok = sequence_losses(logits, batch["labels"])
         tasks = batch.get("tasks") or [None] * len(n_tok)
         groups: dict[Optional[str], list[int]] = defaultdict(list)
