@@ -286,8 +286,8 @@ def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str
     progress.durations.append(dt)
     if proc.returncode != 0 and record_status(path) not in FAILED + ("interrupted",):
         _mark_failed(path, spec, proc.returncode, log)
-    status = record_status(path) or "missing"
-    if status == "running":  # exited 0 without finishing its record: not a completed run
+    status = record_status(path)
+    if status in (None, "running"):  # exited 0 without a finished record: not a completed run
         _mark_failed(path, spec, proc.returncode, log)
         status = "failed"
     progress.print(f"      {status} in {dt:.0f} s" + (f"  {p.summary}" if p.summary else "") + f"  (log: {log})")
