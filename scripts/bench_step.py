@@ -45,7 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--lr", type=float, default=None, help="AdamW lr (default: the method's config, 1e-3 LoRA / 5e-5 full)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads competing with other "
+                        "processes make step times swing 10x and the ratio meaningless; 0 keeps torch's default)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     tiny = args.model == "tiny"
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
     from ftbench.data.instruction import InstructionData
     from ftbench.methods import FullFinetune, LoRA
 
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory(prefix="bench-step-")
     model_path = args.model
