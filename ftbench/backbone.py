@@ -197,7 +197,7 @@ class Backbone:
             kwargs["quantization_config"] = qconfig
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # missing/unreadable files; unknown architecture
             raise BackboneError(f"backbone.model: cannot load weights from {source!r}: {err}") from err
         if qconfig is not None:
             from ftbench.quantization import after_quantized_load

@@ -100,13 +100,22 @@ def _cli_class():
                 cfg.trainer.default_root_dir = os.path.join(cfg.out, self.run_id)
             self.run_config = redact(plain)
 
+        @staticmethod
+        def _seed(cfg):
+            """The seed actually used (Lightning draws one for ``seed_everything: true``)."""
+            seed = cfg.get("seed_everything")
+            if isinstance(seed, bool) or seed is None:
+                drawn = os.environ.get("PL_GLOBAL_SEED")
+                return int(drawn) if drawn is not None else seed
+            return seed
+
         def instantiate_trainer(self, **kwargs):
             cfg = self._cfg()
             trainer = super().instantiate_trainer(**kwargs)
             weights = os.path.join(cfg.out, self.run_id, "weights") if cfg.save_weights else None
             self.recorder = RunRecorder(
                 os.path.join(cfg.out, f"{self.run_id}.json"),
-                {"run_id": self.run_id, "subcommand": self.subcommand, "seed": cfg.get("seed_everything"),
+                {"run_id": self.run_id, "subcommand": self.subcommand, "seed": self._seed(cfg),
                  "config": self.run_config},
                 save_weights_to=weights,
             )

@@ -112,11 +112,13 @@ def meta_info() -> dict[str, Any]:
 
 
 def classify_error(err: BaseException) -> str:
-    """Status for a run that raised: ``oom``, ``nan`` or ``failed``."""
+    """Status for a run that raised: ``oom``, ``nan``, ``interrupted`` (Ctrl-C/SIGTERM; a sweep reruns it) or ``failed``."""
     from ftbench.methods.base import NonFiniteLossError
 
     if isinstance(err, NonFiniteLossError):
         return "nan"
+    if isinstance(err, KeyboardInterrupt) or type(err).__name__ == "SIGTERMException":
+        return "interrupted"
     if isinstance(err, torch.cuda.OutOfMemoryError) or isinstance(err, MemoryError) or "out of memory" in str(err).lower():
         return "oom"
     return "failed"

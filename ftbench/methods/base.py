@@ -22,6 +22,9 @@ from ftbench.backbone import Backbone
 from ftbench.data.base import IGNORE_INDEX
 
 
+FINITE_CHECK_EVERY = 10  # batches between host reads of the non-finite-loss flag on CUDA
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
@@ -83,6 +86,7 @@ class FTMethod(L.LightningModule):
         self.generate_in_validation = generate_in_validation
         self.model: Optional[torch.nn.Module] = None
         self._eval_metrics: dict[str, MeanMetric] = {}
+        self._nonfinite: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ what trains
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -124,10 +128,19 @@ class FTMethod(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("position_ids"))
         loss = out.loss
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(self.global_step, float(loss))
+        self._check_finite(loss, batch_idx)
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def _check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Raise on a NaN/inf loss. On CUDA the flag stays on the device and is read every
+        ``FINITE_CHECK_EVERY`` batches, so the check costs no host sync per step."""
+        bad = ~torch.isfinite(loss.detach())
+        self._nonfinite = bad if self._nonfinite is None else (self._nonfinite | bad)
+        if self.device.type != "cuda" or batch_idx % FINITE_CHECK_EVERY == 0:
+            if bool(self._nonfinite):
+                raise NonFiniteLossError(self.global_step, float(loss))
+            self._nonfinite = None
 
     def _metric(self, name: str) -> MeanMetric:
         if name not in self._eval_metrics:
