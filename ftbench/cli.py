@@ -23,7 +23,8 @@ _ID_EXCLUDE = ("out", "run_id", "config", "save_weights", "print_config", "train
 
 def run_id_for(config: dict[str, Any], subcommand: str) -> str:
     """A short id that is the same for the same resolved config (whatever the key order)."""
-    flat = {k: v for k, v in _flatten(config).items() if not any(k == e or k.startswith(e + ".") for e in _ID_EXCLUDE)}
+    flat = {k: v for k, v in _flatten(config).items()
+            if not k.endswith("__path__") and not any(k == e or k.startswith(e + ".") for e in _ID_EXCLUDE)}
     digest = hashlib.sha256(json.dumps({"cmd": subcommand, **flat}, sort_keys=True, default=str).encode()).hexdigest()[:10]
     model = config.get("model") or {}
     name = str(model.get("class_path", "run")).rsplit(".", 1)[-1].lower() if isinstance(model, dict) else "run"

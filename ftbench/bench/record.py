@@ -59,7 +59,7 @@ def jsonable(obj: Any) -> Any:
         return obj
     if isinstance(obj, torch.Tensor) and obj.numel() == 1:
         return jsonable(obj.item())
-    if isinstance(obj, Path):
+    if isinstance(obj, Path) or type(obj).__name__.startswith("Path_"):  # jsonargparse's Path_fr etc.
         return str(obj)
     return repr(obj)
 
