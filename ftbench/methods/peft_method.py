@@ -124,7 +124,11 @@ class PEFT(FTMethod):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         base = getattr(self.model, "base_model", None)
-        if hasattr(base, "update_and_allocate"):  # AdaLoRA: after the optimizer step, before zero_grad
+        if not hasattr(base, "update_and_allocate"):
+            return
+        # AdaLoRA: once per optimizer step, after it and before zero_grad (the scores use the gradients)
+        accumulate = max(1, int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1))
+        if (batch_idx + 1) % accumulate == 0:
             base.update_and_allocate(self.global_step)
 
     # ------------------------------------------------------------------ generation
