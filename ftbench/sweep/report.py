@@ -271,7 +271,7 @@ def group_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         g["runs"].append(row)
         g["records"].append(rec)
     out = list(groups.values())
-    # what sets a point apart: keys that vary across all points, or across the points of one method
+    # what sets a point apart: keys that vary across the points of one method
     configs = [g["setting"] for g in out if g["setting"] is not None]
     common = set.intersection(*(set(c) for c in configs)) if configs else set()
     vary_all = {k for k in common if len({json.dumps(c[k], sort_keys=True, default=str) for c in configs}) > 1}
@@ -283,7 +283,9 @@ def group_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         same = [h["setting"] for h in out if h["method"] == g["method"] and h["setting"] is not None]
         inner = set.intersection(*(set(c) for c in same))
         vary = {k for k in inner if len({json.dumps(c[k], sort_keys=True, default=str) for c in same}) > 1}
-        chosen[i] = sorted(k for k in (vary_all | vary) if k in g["setting"] and k != "model.class_path")
+        # keys that only differ between methods come with the method (its config file): the method
+        # column says it; a key shows when it differs between points of the same method
+        chosen[i] = sorted(k for k in vary if k in g["setting"] and k != "model.class_path")
     names = _short_keys(sorted({k for ks in chosen.values() for k in ks}))
     for i, g in enumerate(out):
         g["vary_keys"] = chosen[i]
