@@ -115,8 +115,8 @@ class PEFT(FTMethod):
         return kind == "PREFIX_TUNING"
 
     # ------------------------------------------------------------------ steps
-    def forward(self, input_ids, attention_mask=None, labels=None):
-        out = super().forward(input_ids, attention_mask, labels)
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None):
+        out = super().forward(input_ids, attention_mask, labels, position_ids)
         n = self.num_virtual_tokens
         if n and out.logits is not None and out.logits.shape[1] == input_ids.shape[1] + n:
             out.logits = out.logits[:, n:]
