@@ -214,6 +214,28 @@ def test_lora_trainable_count_same_on_every_backbone(tiny_model_dir, pins):
     assert all(pins[q]["trainable"] == 8192 for q in QUANTS)
 
 
+def test_total_counts_parameters_not_packed_bytes(tiny_model_dir):
+    """A 4-bit weight stores two parameters a byte; the total must count parameters."""
+    totals = {}
+    for q in QUANTS:
+        m = lora(backbone_for(tiny_model_dir, q))
+        m.configure_model()
+        totals[q] = m.parameter_counts()["total"]
+    assert len(set(totals.values())) == 1, totals
+
+
+def test_full_finetune_refuses_a_quantized_backbone(tiny_model_dir):
+    from ftbench.methods import FullFinetune
+
+    m = FullFinetune(backbone=backbone_for(tiny_model_dir, "nf4"))
+    with pytest.raises(ValueError) as err:
+        m.configure_model()
+    assert str(err.value) == (
+        "FullFinetune: a nf4 backbone cannot be trained in full (quantized weights take no gradient); "
+        "use backbone.quantization: none, or LoRA on it (QLoRA)"
+    )
+
+
 @pytest.mark.parametrize("q", QUANTS)
 def test_pinned_four_step_losses(tiny_model_dir, pins, q):
     bb = backbone_for(tiny_model_dir, q)

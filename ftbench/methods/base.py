@@ -33,6 +33,14 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(f"training loss is {value} at step {step}")
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Parameters a tensor stands for: a bitsandbytes 4-bit weight packs two into each byte and
+    keeps its real shape in ``quant_state``."""
+    quant_state = getattr(p, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    return int(math.prod(shape)) if shape is not None else p.numel()
+
+
 def normalize_answer(text: str) -> str:
     """Exact match compares answers with surrounding white space removed and inner runs folded."""
     return " ".join(text.split())
@@ -101,8 +109,8 @@ class FTMethod(L.LightningModule):
     def parameter_counts(self) -> dict[str, int]:
         """Trainable and total parameters (shared tensors such as tied embeddings counted once)."""
         assert self.model is not None
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(_numel(p) for p in self.model.parameters() if p.requires_grad)
+        total = sum(_numel(p) for p in self.model.parameters())
         return {"trainable": trainable, "total": total}
 
     def trained_modules(self) -> torch.nn.Module:

@@ -13,5 +13,10 @@ class FullFinetune(FTMethod):
     method_name = "full"
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.backbone.quantization != "none":
+            raise ValueError(
+                f"FullFinetune: a {self.backbone.quantization} backbone cannot be trained in full "
+                "(quantized weights take no gradient); use backbone.quantization: none, or LoRA on it (QLoRA)"
+            )
         model.requires_grad_(True)
         return model
