@@ -160,7 +160,11 @@ class RunRecorder(L.Callback):
 
     def _describe(self, trainer: L.Trainer, pl_module) -> None:
         info = self.train_info
-        info["method"] = getattr(pl_module, "method_name", type(pl_module).__name__)
+        name = getattr(pl_module, "method_name", type(pl_module).__name__)
+        quant = getattr(getattr(pl_module, "backbone", None), "quantization", "none")
+        # LoRA on an nf4 backbone is QLoRA: the table shows it as its own row, "lora+nf4"
+        info["method"] = name if quant in (None, "none") else f"{name}+{quant}"
+        info["method_class"] = name
         if getattr(pl_module, "model", None) is not None and hasattr(pl_module, "parameter_counts"):
             counts = pl_module.parameter_counts()
             info["params"] = {**counts, "trainable_pct": 100.0 * counts["trainable"] / max(1, counts["total"])}
