@@ -55,12 +55,13 @@ def _cli_class():
         def setup(self, trainer, pl_module, stage) -> None:
             if self.already_saved:
                 return
+            # trainer.log_dir broadcasts under DDP: every rank reads it, or the ranks' collectives pair up wrong and hang
+            log_dir = trainer.log_dir if self.save_to_log_dir else None
             if self.save_to_log_dir and trainer.is_global_zero:
                 import yaml
 
                 from ftbench.fileio import write_text_atomic
 
-                log_dir = trainer.log_dir
                 text = yaml.safe_dump(jsonable(redact(self.config.clone().as_dict())), sort_keys=False)
                 write_text_atomic(os.path.join(log_dir, self.config_filename), text)
             if trainer.is_global_zero:
