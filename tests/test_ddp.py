@@ -29,7 +29,7 @@ def test_two_process_ddp_fit_on_cpu(tmp_path, tiny_model_dir):
            "--test_after_fit", "false", "--warmup_batches", "1", "--out", str(out), "--run_id", "ddp-run"]
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT), MASTER_PORT=str(29500 + os.getpid() % 2000))
-    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)  # a collective mismatch hangs
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
     # one record, written by rank 0 only (one summary line; no stray temporary files from rank 1)
