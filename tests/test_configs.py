@@ -34,7 +34,9 @@ DEFAULTS = {"model": "configs/method/lora.yaml", "data": "configs/data/instructi
 
 
 def shipped_yaml() -> list[Path]:
-    files = [p for d in ("configs", "experiments") for ext in ("yaml", "yml") for p in (ROOT / d).rglob(f"*.{ext}")]
+    # run outputs (records, Lightning's log folders) under experiments/*/results/ are not configs
+    files = [p for d in ("configs", "experiments") for ext in ("yaml", "yml") for p in (ROOT / d).rglob(f"*.{ext}")
+             if "results" not in p.relative_to(ROOT).parts]
     return sorted(files)
 
 
