@@ -23,7 +23,7 @@ _ID_EXCLUDE = ("out", "run_id", "config", "save_weights", "print_config", "train
 
 def run_id_for(config: dict[str, Any], subcommand: str) -> str:
     """A short id that is the same for the same resolved config (whatever the key order)."""
-    flat = {k: v for k, v in _flatten(config).items()
+    flat = {k: v for k, v in flatten(config).items()
             if not k.endswith("__path__") and not any(k == e or k.startswith(e + ".") for e in _ID_EXCLUDE)}
     digest = hashlib.sha256(json.dumps({"cmd": subcommand, **flat}, sort_keys=True, default=str).encode()).hexdigest()[:10]
     model = config.get("model") or {}
@@ -31,11 +31,12 @@ def run_id_for(config: dict[str, Any], subcommand: str) -> str:
     return f"{name}-{digest}"
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict of dotted keys."""
     if isinstance(d, dict):
         out: dict[str, Any] = {}
         for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         return out or {prefix[:-1]: {}}
     return {prefix[:-1]: d}
 

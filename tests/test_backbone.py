@@ -4,7 +4,6 @@ cannot be loaded (exact messages)."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

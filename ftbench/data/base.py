@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+import lightning as L
 import torch
+from torch.utils.data import DataLoader
 
 IGNORE_INDEX = -100
 
@@ -287,3 +289,39 @@ def read_text_file(path: str | Path) -> str:
     """The text of a file, decoded as UTF-8; a :class:`DataFormatError` names the file and the line
     of the first byte that is not UTF-8."""
     return _read_text(Path(path))
+
+
+class SplitDataModule(L.LightningDataModule):
+    """Train/val/test DataLoaders over ``self.splits`` (lists of examples), shared by the regimes.
+
+    A subclass fills ``self.splits`` in ``setup`` and provides ``collator()``; it sets ``batch_size``,
+    ``eval_batch_size``, ``num_workers`` and ``seed`` (the training order's seed)."""
+
+    splits: dict[str, list]
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+    seed: int
+
+    def collator(self):
+        raise NotImplementedError
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=self.collator(),
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

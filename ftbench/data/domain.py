@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import lightning as L
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 from ftbench.backbone import Backbone
 from ftbench.data import corpora
 from ftbench.data.base import (
+    SplitDataModule,
     IGNORE_INDEX,
     DataFormatError,
     Example,
@@ -165,7 +165,7 @@ def pack_documents(
     return out
 
 
-class DomainData(L.LightningDataModule):
+class DomainData(SplitDataModule):
     """Raw domain text for continued pre-training: every token trained, packed into blocks."""
 
     def __init__(
@@ -314,25 +314,6 @@ class DomainData(L.LightningDataModule):
     def collator(self) -> PackedCollator:
         return PackedCollator(self.backbone.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            collate_fn=self.collator(),
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
     # ------------------------------------------------------------------ record
     def padding(self, split: str) -> dict[str, Any]:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import string
 from typing import Any, Literal, Optional
 
-import lightning as L
-import torch
-from torch.utils.data import DataLoader
 
 from ftbench.backbone import Backbone
 from ftbench.data import tasks
 from ftbench.data.base import (
+    SplitDataModule,
     Collator,
     DataFormatError,
     Example,
@@ -152,7 +150,7 @@ class Formatter:
         return [(prompt_ids, False), (answer_ids, True)], prompt_ids, answer
 
 
-class InstructionData(L.LightningDataModule):
+class InstructionData(SplitDataModule):
     """Instruction-response pairs (Alpaca rows or chat ``messages``) with prompt tokens masked."""
 
     def __init__(
@@ -281,25 +279,8 @@ class InstructionData(L.LightningDataModule):
             raise DataFormatError(self.source, None, None, "no training rows left after the split and truncation")
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            collate_fn=Collator(self.backbone.tokenizer.pad_token_id, self.pad_to_multiple_of),
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def collator(self) -> Collator:
+        return Collator(self.backbone.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
     def describe(self) -> dict[str, Any]:
         """What the record says about the data."""

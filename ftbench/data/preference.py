@@ -26,13 +26,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 from ftbench.backbone import Backbone
 from ftbench.data import tasks
 from ftbench.data.base import (
+    SplitDataModule,
     IGNORE_INDEX,
     DataFormatError,
     Example,
@@ -223,7 +222,7 @@ class PreferenceCollator:
         return batch
 
 
-class PreferenceData(L.LightningDataModule):
+class PreferenceData(SplitDataModule):
     """Prompt / chosen / rejected pairs, tokenised with the prompt masked, for preference methods."""
 
     def __init__(
@@ -391,21 +390,6 @@ class PreferenceData(L.LightningDataModule):
     def collator(self) -> PreferenceCollator:
         return PreferenceCollator(self.backbone.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.splits[split], batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle, generator=generator, collate_fn=self.collator(), num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
     def describe(self) -> dict[str, Any]:
         """What the record says about the data."""

@@ -331,7 +331,7 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
             for i, spec in enumerate(todo, 1):
                 run_one(sweep, spec, i, progress)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished records are kept; run the same command again to resume.", file=sys.stderr)
+        print("\ninterrupted: finished records are kept; run the same command again to resume.", file=sys.stderr)
         return 130
     print(f"sweep {sweep.name}: {len(todo)} run(s) in {time.monotonic() - t_sweep:.0f} s\n")
     try:

@@ -22,9 +22,11 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
+
+from ftbench.cli import flatten as _flatten
+from ftbench.fileio import write_bytes_atomic, write_text_atomic
 
 COLUMNS = [
     ("method", "method"),
@@ -127,13 +129,6 @@ def _method_from_config(rec: dict[str, Any]) -> Optional[str]:
     return str(cp).rsplit(".", 1)[-1].lower() if cp else None
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out or {prefix[:-1]: {}}
-    return {prefix[:-1]: d}
 
 
 def setting_of(rec: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -467,23 +462,10 @@ def summary_line(rec: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------- plots
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    _write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -601,7 +583,6 @@ def report(directory: str | Path, out: Optional[str | Path] = None, reference: s
            wandb: bool = False, wandb_project: Optional[str] = None) -> str:
     """Write ``report.md``, ``report.csv`` (and the plots) for the records in ``directory``; return
     the markdown table."""
-    from ftbench.fileio import write_text_atomic
 
     directory = Path(directory)
     records = load_records(directory)
