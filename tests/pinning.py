@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, Optional
 
 PIN_DIR = Path(__file__).parent / "pins"
 
@@ -15,3 +16,23 @@ def load_pins(name: str) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run `python scripts/regen_pins.py {name}`")
     return json.loads(path.read_text())
+
+
+def four_step_losses(method, dm, steps: int = 4, seed: int = 0, after_setup: Optional[Callable] = None) -> list[float]:
+    """The shared loss (FTMethod.forward) over ``steps`` optimizer steps on fixed batches, fp32.
+    ``after_setup(method)`` runs once the model is built, before the first step."""
+    import torch
+
+    torch.manual_seed(seed)
+    method.configure_model()
+    if after_setup is not None:
+        after_setup(method)
+    opt = method.optimizer_factory([p for p in method.parameters() if p.requires_grad])
+    losses = []
+    for _, batch in zip(range(steps), dm.train_dataloader()):
+        loss = method(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from pinning import load_pins
+from pinning import four_step_losses, load_pins
 
 PIN_NAME = "adapters"
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,20 +41,6 @@ def tiny_data(backbone):
                          val_fraction=0.1, test_fraction=0.1, seed=0)
     dm.setup("fit")
     return dm
-
-
-def four_step_losses(method, dm, steps: int = 4) -> list[float]:
-    torch.manual_seed(0)
-    method.configure_model()
-    opt = method.optimizer_factory([p for p in method.parameters() if p.requires_grad])
-    losses = []
-    for _, batch in zip(range(steps), dm.train_dataloader()):
-        loss = method(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    return losses
 
 
 def compute_pins(tmp_dir: Path) -> dict:

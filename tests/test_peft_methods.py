@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pinning import load_pins
+from pinning import four_step_losses, load_pins
 
 PIN_NAME = "peft_methods"
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,22 +45,6 @@ def tiny_data(backbone):
                          val_fraction=0.1, test_fraction=0.1, seed=0)
     dm.setup("fit")
     return dm
-
-
-def four_step_losses(method, dm, steps: int = 4, before: dict | None = None) -> list[float]:
-    torch.manual_seed(0)
-    method.configure_model()
-    if before is not None:
-        before.update(trainable(method))
-    opt = method.optimizer_factory([p for p in method.parameters() if p.requires_grad])
-    losses = []
-    for _, batch in zip(range(steps), dm.train_dataloader()):
-        loss = method(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    return losses
 
 
 def trainable(method) -> dict[str, torch.Tensor]:
@@ -96,7 +80,7 @@ def test_shipped_config_count_losses_and_training(tiny_model_dir, tmp_path, pins
     m = method_from_config(name, tiny_model_dir, tmp_path)
     assert type(m).__name__ == "PEFT" and m.method_name == NAMES[name]
     before: dict = {}
-    losses = four_step_losses(m, tiny_data(m.backbone), before=before)
+    losses = four_step_losses(m, tiny_data(m.backbone), after_setup=lambda method: before.update(trainable(method)))
     assert m.parameter_counts()["trainable"] == pins[name]["trainable"]
     assert losses == pytest.approx(pins[name]["losses"], rel=1e-4)
     # every trained tensor moved in 4 steps (tensors initialised to zero move from step 1, the

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pinning import load_pins
+from pinning import four_step_losses, load_pins
 
 PIN_NAME = "quantization"
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,21 +46,6 @@ def lora(backbone, r: int = 4, **kw):
     from ftbench.methods import LoRA
 
     return LoRA(backbone=backbone, r=r, alpha=2 * r, optimizer=kw.pop("optimizer", adamw()), max_new_tokens=4, **kw)
-
-
-def four_step_losses(method, dm, steps: int = 4, seed: int = 0) -> list[float]:
-    """The shared loss (FTMethod.forward) over ``steps`` optimizer steps, fixed batches, fp32."""
-    torch.manual_seed(seed)
-    method.configure_model()
-    opt = method.optimizer_factory([p for p in method.parameters() if p.requires_grad])
-    losses = []
-    for _, batch in zip(range(steps), dm.train_dataloader()):
-        loss = method(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss))
-    return losses
 
 
 def trainable(method) -> dict[str, torch.Tensor]:
