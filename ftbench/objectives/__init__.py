@@ -1,0 +1,1 @@
+"""Objectives: what is optimised (the LightningModules). ``losses`` holds the pure loss functions."""

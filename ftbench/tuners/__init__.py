@@ -1,0 +1,1 @@
+"""Tuners: what trains (full, freeze, any peft config, bottleneck adapters, none)."""
