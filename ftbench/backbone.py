@@ -23,6 +23,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Quantization = Literal["none", "nf4", "fp4", "int8"]
+Head = Literal["causal_lm", "score"]
 
 
 class BackboneError(ValueError):
@@ -182,9 +183,11 @@ class Backbone:
 
         return weight_footprint(model, self.quantization)
 
-    def load_model(self) -> torch.nn.Module:
-        """Load a fresh copy of the weights (safetensors only)."""
-        from transformers import AutoModelForCausalLM
+    def load_model(self, head: Head = "causal_lm") -> torch.nn.Module:
+        """Load a fresh copy of the weights (safetensors only) with the objective's ``head``:
+        ``causal_lm`` (the LM head) or ``score`` (a new scalar head for reward models, read with
+        :func:`last_token_scores`). The model says which in its ``ftbench_head`` attribute."""
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         source = self.resolve()
         kwargs = self._pretrained_kwargs()
@@ -195,8 +198,14 @@ class Backbone:
         qconfig = self.quantization_config()
         if qconfig is not None:
             kwargs["quantization_config"] = qconfig
+        if head == "score":
+            kwargs["num_labels"] = 1
+            # the head is new: transformers reports it as "newly initialized"; it trains under every tuner
+        elif head != "causal_lm":
+            raise BackboneError(f"backbone: unknown head {head!r} (causal_lm or score)")
+        auto = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            model = auto.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as err:  # missing/unreadable files; unknown architecture
             raise BackboneError(f"backbone.model: cannot load weights from {source!r}: {err}") from err
         if qconfig is not None:
@@ -211,6 +220,7 @@ class Backbone:
             model.config.pad_token_id = pad_id
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = pad_id
+        model.ftbench_head = head
         return model
 
     def describe(self) -> dict[str, Any]:
@@ -231,3 +241,33 @@ class Backbone:
 
     def __repr__(self) -> str:
         return f"Backbone(model={self.model!r}, dtype={self.dtype!r}, quantization={self.quantization!r})"
+
+
+def score_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The scalar ``score`` head of a sequence-classification model (peft's wrapper around it when
+    the tuner is a peft method)."""
+    found = sorted((name for name, _ in model.named_modules() if name == "score" or name.endswith(".score")), key=len)
+    if not found:
+        raise BackboneError(f"backbone: {type(model).__name__} has no score head (load it with head='score')")
+    return model.get_submodule(found[0])
+
+
+def last_token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar per row: the score head's output at the row's last real token, found from the
+    attention mask (the rightmost position with mask 1).
+
+    transformers' sequence-classification models pool at the last token that is not the pad id;
+    with pad = EOS (SmolLM2, Llama 3 and most chat models) that skips a real EOS and reads the token
+    before it (transformers #35352). The per-position scores are taken from the head itself with a
+    forward hook, and indexed by the mask here.
+    """
+    captured: list[torch.Tensor] = []
+    handle = score_module(model).register_forward_hook(lambda _m, _a, out: captured.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        handle.remove()
+    per_position = captured[-1]  # (B, T, 1)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask.long() * positions).argmax(dim=1)
+    return per_position[torch.arange(per_position.shape[0], device=per_position.device), last, 0]

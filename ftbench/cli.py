@@ -1,44 +1,60 @@
 """``ftbench fit|validate|test`` (a LightningCLI) and ``ftbench sweep|report``.
 
-The backbone is a top-level config key given once; the CLI links the *same* instantiated
-:class:`~ftbench.backbone.Backbone` into ``model.init_args.backbone`` and ``data.init_args.backbone``.
-Every run gets the measurement callbacks and a :class:`~ftbench.bench.record.RunRecorder`; the
-record goes to ``{out}/{run_id}.json`` where ``run_id`` is derived from the resolved config unless
-given.
+A run is ``--backbone`` x ``--tuner`` (what trains) x ``--model`` (the objective: what is optimised)
+x ``--data`` x ``--trainer``. The backbone and the tuner are top-level keys given once; the CLI links
+the *same* instantiated :class:`~ftbench.backbone.Backbone` into the objective and the data module,
+and the tuner into the objective, so that tuners and objectives cross freely (a sweep's grid names
+them as sibling axes). Every run gets the measurement callbacks and a
+:class:`~ftbench.bench.record.RunRecorder`; the record goes to ``{out}/{run_id}.json`` where
+``run_id`` is :func:`ftbench.naming.run_id` of the command line's configuration unless given.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 from typing import Any, Optional
 
 SWEEP_COMMANDS = ("sweep", "report")
-# keys that do not change what a run computes, left out of the run id
-_ID_EXCLUDE = ("out", "run_id", "config", "save_weights", "print_config", "trainer.logger",
-               "trainer.enable_progress_bar", "trainer.default_root_dir")
 
 
-def run_id_for(config: dict[str, Any], subcommand: str) -> str:
-    """A short id that is the same for the same resolved config (whatever the key order)."""
-    flat = {k: v for k, v in flatten(config).items()
-            if not k.endswith("__path__") and not any(k == e or k.startswith(e + ".") for e in _ID_EXCLUDE)}
-    digest = hashlib.sha256(json.dumps({"cmd": subcommand, **flat}, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    model = config.get("model") or {}
-    name = str(model.get("class_path", "run")).rsplit(".", 1)[-1].lower() if isinstance(model, dict) else "run"
-    return f"{name}-{digest}"
+def given_config(argv: list[str]) -> tuple[str, dict[str, Any]]:
+    """(subcommand, the configuration the command line gives) normalised as a sweep point's is
+    (:func:`ftbench.sweep.grid.normalised_config`), so ``ftbench fit ARGS`` and the sweep point with
+    the same ARGS get the same run id."""
+    import yaml
 
+    from ftbench.sweep.grid import ALIASES, _coerce, normalised_config
 
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one dict of dotted keys."""
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out or {prefix[:-1]: {}}
-    return {prefix[:-1]: d}
+    subcommand = argv[0] if argv and not argv[0].startswith("-") else "run"
+    configs: list[str] = []
+    overrides: dict[str, Any] = {}
+    i = 1 if subcommand != "run" else 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-"):
+            i += 1
+            continue
+        if "=" in arg:
+            key, raw, i = arg.lstrip("-").split("=", 1)[0], arg.split("=", 1)[1], i + 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, raw, i = arg.lstrip("-"), argv[i + 1], i + 2
+        else:
+            key, raw, i = arg.lstrip("-"), "true", i + 1
+        if key in ("c", "config"):
+            configs.append(raw)
+            continue
+        try:
+            value = _coerce(yaml.safe_load(raw))
+        except yaml.YAMLError:
+            value = raw
+        key = ALIASES.get(key, key)
+        if key in overrides and isinstance(raw, str) and raw.endswith((".yaml", ".yml")):
+            prev = overrides[key]
+            overrides[key] = (prev if isinstance(prev, list) else [prev]) + [raw]
+        else:
+            overrides[key] = value
+    return subcommand, normalised_config(configs, overrides)
 
 
 def _cli_class():
@@ -47,8 +63,9 @@ def _cli_class():
 
     from ftbench.backbone import Backbone
     from ftbench.bench import PeakMemory, RunRecorder, Throughput
-    from ftbench.bench.record import jsonable, redact
-    from ftbench.methods.base import FTMethod
+    from ftbench.bench.record import jsonable, portable, redact
+    from ftbench.objectives.base import Objective
+    from ftbench.tuners.base import Tuner
 
     class RedactedSaveConfig(SaveConfigCallback):
         """Lightning's config.yaml in the log folder, with secret-looking values redacted."""
@@ -71,13 +88,17 @@ def _cli_class():
             self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
     class FTBenchCLI(LightningCLI):
-        """LightningCLI with a shared backbone, measurement callbacks and one record per run."""
+        """LightningCLI with a shared backbone and tuner, measurement callbacks and one record per run."""
 
         recorder: Optional[RunRecorder] = None
+        argv: list[str] = []
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_class_arguments(Backbone, "backbone", fail_untyped=True)
+            parser.add_subclass_arguments(Tuner, "tuner", required=True, fail_untyped=True,
+                                          help="What trains: configs/tuner/*.yaml (full, freeze, lora, ..., none).")
             parser.link_arguments("backbone", "model.init_args.backbone", apply_on="instantiate")
+            parser.link_arguments("tuner", "model.init_args.tuner", apply_on="instantiate")
             parser.link_arguments("backbone", "data.init_args.backbone", apply_on="instantiate")
             parser.add_argument("--out", type=str, default="runs", help="Directory of the run records.")
             parser.add_argument("--run_id", type=Optional[str], default=None,
@@ -98,10 +119,15 @@ def _cli_class():
         def before_instantiate_classes(self) -> None:
             cfg = self._cfg()
             plain = cfg.clone().as_dict()
-            self.run_id = cfg.run_id or run_id_for(plain, self.subcommand or "run")
+            if not cfg.run_id:
+                from ftbench.naming import run_id
+
+                self.run_id = run_id(*given_config(self.argv))
+            else:
+                self.run_id = cfg.run_id
             if not cfg.trainer.get("default_root_dir"):
                 cfg.trainer.default_root_dir = os.path.join(cfg.out, self.run_id)
-            self.run_config = redact(plain)
+            self.run_config = redact(portable(plain))
 
         @staticmethod
         def _seed(cfg):
@@ -157,22 +183,23 @@ def _cli_class():
 
                     print(summary_line(self.recorder.record), flush=True)
 
-    return FTBenchCLI, FTMethod, L.LightningDataModule, RedactedSaveConfig
+    return FTBenchCLI, Objective, L.LightningDataModule, RedactedSaveConfig
 
 
 def _quiet_environment() -> None:
-    # W&B never prompts: without an API key it logs offline (sync later with `wandb sync`).
-    if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
-        os.environ["WANDB_MODE"] = "offline"
+    from ftbench.wandb_mode import default_to_offline
+
+    default_to_offline()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def cli_main(args: Optional[list[str]] = None, run: bool = True):
     """Run the LightningCLI part (``fit``/``validate``/``test``)."""
     _quiet_environment()
-    FTBenchCLI, FTMethod, DataModule, SaveConfig = _cli_class()
+    FTBenchCLI, Objective, DataModule, SaveConfig = _cli_class()
+    FTBenchCLI.argv = list(sys.argv[1:] if args is None else args)
     return FTBenchCLI(
-        FTMethod,
+        Objective,
         DataModule,
         save_config_callback=SaveConfig,
         subclass_mode_model=True,

@@ -7,8 +7,9 @@
   figure falls back to ``ru_maxrss`` (the whole process's peak) and says so in ``source``.
 * :class:`Throughput` times each training batch from ``on_train_batch_start`` to
   ``on_train_batch_end`` (forward, backward, optimizer step; data loading and validation
-  excluded), skips ``warmup_steps`` batches, and counts trained tokens (labels != -100 after the
-  shift) and padded tokens (the whole ``input_ids`` tensor).
+  excluded), skips ``warmup_steps`` batches, and counts the tokens the objective's ``training_step``
+  says it trained on (``trained_tokens``: torchtune's tokens/s) and processed (``padded_tokens``,
+  ``real_tokens``): each objective knows its own batch keys.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-
-from ftbench.data.base import IGNORE_INDEX
 
 
 def _vm_hwm_bytes() -> Optional[int]:
@@ -117,15 +116,16 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._sync(pl_module)
         dt = time.perf_counter() - (self._t0 or time.perf_counter())
-        trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        outputs = outputs if isinstance(outputs, dict) else {}
+        trained = int(outputs.get("trained_tokens", 0))
         self.batches += 1
         self.total_trained_tokens += trained
         if self.batches > self.warmup_steps:
             self.timed_batches += 1
             self.time += dt
             self.trained_tokens += trained
-            self.padded_tokens += int(batch["input_ids"].numel())
-            self.real_tokens += int(batch["attention_mask"].sum())
+            self.padded_tokens += int(outputs.get("padded_tokens", 0))
+            self.real_tokens += int(outputs.get("real_tokens", 0))
             self.step_times.append(dt)
 
     def summary(self) -> dict[str, Any]:

@@ -48,6 +48,16 @@ def redact(obj: Any) -> Any:
     return obj
 
 
+def portable(obj: Any) -> Any:
+    """Copy of a config without jsonargparse's ``__path__`` entries (where a file was read from: an
+    absolute path of this machine has no place in a record)."""
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items() if k != "__path__"}
+    if isinstance(obj, (list, tuple)):
+        return [portable(v) for v in obj]
+    return obj
+
+
 def jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
@@ -113,7 +123,7 @@ def meta_info() -> dict[str, Any]:
 
 def classify_error(err: BaseException) -> str:
     """Status for a run that raised: ``oom``, ``nan``, ``interrupted`` (Ctrl-C/SIGTERM; a sweep reruns it) or ``failed``."""
-    from ftbench.methods.base import NonFiniteLossError
+    from ftbench.objectives.base import NonFiniteLossError
 
     if isinstance(err, NonFiniteLossError):
         return "nan"
@@ -160,11 +170,12 @@ class RunRecorder(L.Callback):
 
     def _describe(self, trainer: L.Trainer, pl_module) -> None:
         info = self.train_info
-        name = getattr(pl_module, "method_name", type(pl_module).__name__)
-        quant = getattr(getattr(pl_module, "backbone", None), "quantization", "none")
-        # LoRA on an nf4 backbone is QLoRA: the table shows it as its own row, "lora+nf4"
-        info["method"] = name if quant in (None, "none") else f"{name}+{quant}"
-        info["method_class"] = name
+        # objective+tuner[+quantization] (ftbench.naming): LoRA on an nf4 backbone is QLoRA, its own row
+        info["method"] = getattr(pl_module, "method_label", type(pl_module).__name__.lower())
+        info["objective"] = getattr(pl_module, "name", None)
+        tuner = getattr(pl_module, "tuner", None)
+        if tuner is not None:
+            info["tuner"] = tuner.describe()
         if getattr(pl_module, "model", None) is not None and hasattr(pl_module, "parameter_counts"):
             counts = pl_module.parameter_counts()
             info["params"] = {**counts, "trainable_pct": 100.0 * counts["trainable"] / max(1, counts["total"])}

@@ -1,1 +1,9 @@
-"""Objectives: what is optimised (the LightningModules). ``losses`` holds the pure loss functions."""
+"""Objectives: what is optimised (the LightningModules). ``losses`` holds the pure loss functions.
+
+Crossed freely with the tuners (``ftbench.tuners``): a run is backbone x tuner x objective x data x trainer.
+"""
+
+from ftbench.objectives.base import NonFiniteLossError, Objective
+from ftbench.objectives.sft import SFT
+
+__all__ = ["Objective", "NonFiniteLossError", "SFT"]

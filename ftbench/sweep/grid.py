@@ -10,28 +10,29 @@ A sweep file::
       configs: [../trainer/cpu.yaml]        # whole-config files (``--config``), in order
       backbone: ../backbone/embedded.yaml   # a dotted key with a YAML file ...
       trainer.max_steps: 60                 # ... or a value
+      objective: ../objective/sft.yaml      # what is optimised (the ``model`` key)
     grid:                           # crossed: 2 x 3 x 2 = 12 runs
-      method: [../method/full.yaml, ../method/lora.yaml]
+      tuner: [../tuner/full.yaml, ../tuner/lora.yaml]
       lr: [1.0e-4, 3.0e-4, 1.0e-3]
       seed: [1, 2]
     runs:                           # extra single points (not crossed)
-      - {subcommand: test, method: ../method/baseline.yaml}
+      - {subcommand: test, tuner: ../tuner/none.yaml}
 
 ``grid`` may also be a list of such mappings: each is crossed on its own and the runs are
-concatenated (e.g. LoRA ranks only for LoRA). Short names: ``method`` = ``model``, ``seed`` =
-``seed_everything``, ``lr`` = ``model.init_args.optimizer.init_args.lr``. Relative YAML paths are
-resolved against the sweep file's folder.
+concatenated (e.g. LoRA ranks only for LoRA). Short names: ``objective`` = ``model``, ``seed`` =
+``seed_everything``, ``lr`` = ``tuner.init_args.lr``, ``optim`` = ``model.init_args.optimizer``.
+Relative YAML paths are resolved against the sweep file's folder.
 
-The run id is a hash of the point's *normalised* config: the config files and YAML values are
-parsed, deep-merged and the dotted keys applied in sorted order, then serialised with sorted keys.
-So the same point always maps to the same record whatever the key order in the sweep file (or in a
-referenced YAML), and a change in any referenced file's content makes a new run. It is computed
-without importing torch (``ftbench sweep`` starts in well under a second).
+The run id is :func:`ftbench.naming.run_id` of the point's *normalised* config: the config files and
+YAML values are parsed, deep-merged and the dotted keys applied in sorted order. So the same point
+always maps to the same record whatever the key order in the sweep file (or in a referenced YAML), a
+change in any referenced file's content makes a new run, and ``ftbench fit`` with the same arguments
+gets the same id. It is computed without importing torch (``ftbench sweep`` starts in well under a
+second).
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import json
@@ -43,8 +44,11 @@ from typing import Any, Optional
 
 import yaml
 
+from ftbench import naming
+
 SUBCOMMANDS = ("fit", "validate", "test")
-ALIASES = {"method": "model", "seed": "seed_everything", "lr": "model.init_args.optimizer.init_args.lr"}
+ALIASES = {"objective": "model", "seed": "seed_everything", "lr": "tuner.init_args.lr",
+           "optim": "model.init_args.optimizer"}
 _FIELDS = ("name", "out", "base", "grid", "runs", "subcommand")
 _YAML = (".yaml", ".yml")
 
@@ -96,20 +100,13 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     d[parts[-1]] = _merge(d.get(parts[-1]), value) if isinstance(d.get(parts[-1]), dict) else value
 
 
-#: keys that do not change what a run computes (as ftbench.cli leaves them out of its ids): turning
-#: W&B on for a finished sweep does not rerun it
-NOT_IN_ID = ("out", "run_id", "save_weights", "print_config", "trainer.logger", "trainer.enable_progress_bar",
-             "trainer.default_root_dir")
-
-
 def _is_file_list(v: Any) -> bool:
     """Several YAML files for one key (``trainer: [cpu.yaml, wandb.yaml]``): given in order, each
     applied over the one before (``--trainer cpu.yaml --trainer wandb.yaml``)."""
     return isinstance(v, list) and len(v) > 0 and all(_is_yaml_path(x) for x in v)
 
 
-def normalised_config(configs: list[str], overrides: dict[str, Any], root: Path = Path("."),
-                      drop: tuple[str, ...] = ()) -> dict[str, Any]:
+def normalised_config(configs: list[str], overrides: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
     """The point's config as one nested mapping, independent of key order (see the module doc)."""
     merged: dict[str, Any] = {}
     for c in configs:
@@ -119,12 +116,6 @@ def normalised_config(configs: list[str], overrides: dict[str, Any], root: Path 
         values = overrides[k] if _is_file_list(overrides[k]) else [overrides[k]]
         for v in values:
             _set_dotted(merged, k, _resolve_files(v, root))
-    for key in drop:
-        parts, d = key.split("."), merged
-        for p in parts[:-1]:
-            d = d.get(p) if isinstance(d, dict) else None
-        if isinstance(d, dict):
-            d.pop(parts[-1], None)
     return merged
 
 
@@ -145,23 +136,12 @@ class RunSpec:
     @cached_property
     def run_id(self) -> str:
         """Stable for the same point, whatever the order of keys in the sweep file."""
-        config = normalised_config(self.configs, self.overrides, Path(self.root), NOT_IN_ID)
-        payload = json.dumps({"cmd": self.subcommand, "config": config}, sort_keys=True, default=str)
-        digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
-        return f"{self.method}-{digest}"
+        return naming.run_id(self.subcommand, self.config)
 
     @cached_property
     def method(self) -> str:
-        """A short name for the method: the method file's stem or the class name, lower case."""
-        model = self.overrides.get("model")
-        if model is None or isinstance(model, list):
-            cfg_model = self.config.get("model")
-            model = cfg_model.get("class_path") if isinstance(cfg_model, dict) else cfg_model
-        if model is None:
-            return "run"
-        name = str(model)
-        name = Path(name).stem if _is_yaml_path(name) else name.rsplit(".", 1)[-1]
-        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "run"
+        """The method label (``sft+lora``), as the run's record will say it."""
+        return naming.label_from_config(self.config)
 
     def argv(self, out: str) -> list[str]:
         """The ``ftbench`` command line (without the program name). Dotted keys go in sorted order, so

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from ftbench.cli import flatten as _flatten
+from ftbench.naming import flatten as _flatten
 from ftbench.fileio import write_bytes_atomic, write_text_atomic
 
 COLUMNS = [

@@ -22,14 +22,18 @@ name) and applied with a forward hook on that sublayer (tuple outputs such as at
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Iterator, Literal, Optional
 
 import torch
 from torch import nn
 
-from ftbench.methods.base import FTMethod
+if TYPE_CHECKING:
+    from ftbench.backbone import Backbone
+
+from ftbench.tuners.base import Tuner, freeze_backbone
 
 ADAPTER_ATTR = "bottleneck_adapter"
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -58,8 +62,11 @@ class BottleneckAdapter(nn.Module):
         self.up = nn.Linear(bottleneck, hidden)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.enabled = True  # off inside Adapters.reference(): the sublayer's output passes unchanged
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return h
         x = h.to(self.down.weight.dtype)
         return h + self.up(self.dropout(self.act(self.down(x)))).to(h.dtype)
 
@@ -116,11 +123,12 @@ def hidden_size(model: nn.Module) -> int:
     return int(d)
 
 
-class Adapters(FTMethod):
+class Adapters(Tuner):
     """Bottleneck adapters after the attention and MLP sublayers (Houlsby) or the MLP only
-    (Pfeiffer); the backbone is frozen and only the adapters (and optionally the norms) train."""
+    (Pfeiffer); the backbone is frozen and only the adapters (and optionally the norms) train.
+    The reference is the same model with every adapter switched off (no second copy)."""
 
-    method_name = "adapters"
+    name = "adapters"
 
     def __init__(
         self,
@@ -166,10 +174,8 @@ class Adapters(FTMethod):
             return [mlp]
         return [_child(block, ATTENTION_NAMES, "attention"), mlp]
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        from ftbench.methods.peft_utils import prepare_quantized
-
-        model = prepare_quantized(model, self.backbone)  # freezes the backbone
+    def prepare(self, model: nn.Module, backbone: "Backbone") -> nn.Module:
+        model = freeze_backbone(model, backbone)
         d = hidden_size(model)
         m = self.bottleneck(d)
         targets = [s for block in decoder_blocks(model) for s in self.sublayers(block)]
@@ -184,53 +190,59 @@ class Adapters(FTMethod):
                     mod.requires_grad_(True)
         return model
 
-    # ------------------------------------------------------------------ saving
-    def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        """What this method trained, by parameter name in the model."""
-        assert self.model is not None
-        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+    @contextlib.contextmanager
+    def reference(self, model: nn.Module) -> Iterator[nn.Module]:
+        adapters = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
+        if self.train_norms:
+            raise RuntimeError("tuner adapters: with train_norms the backbone's norms train, so switching the "
+                               "adapters off is not the untouched backbone; use train_norms: false for a reference")
+        for a in adapters:
+            a.enabled = False
+        try:
+            yield model
+        finally:
+            for a in adapters:
+                a.enabled = True
 
-    def trained_modules(self) -> nn.Module:
-        assert self.model is not None
+    # ------------------------------------------------------------------ saving
+    def adapter_modules(self, model: nn.Module) -> nn.Module:
         return nn.ModuleDict({
-            name.replace(".", "__"): mod for name, mod in self.model.named_modules()
+            name.replace(".", "__"): mod for name, mod in model.named_modules()
             if name.endswith("." + ADAPTER_ATTR)
         })
 
-    def adapter_config(self) -> dict:
-        return {"method": self.method_name, "placement": self.placement,
-                "reduction_factor": self.reduction_factor, "bottleneck_size": self.bottleneck(hidden_size(self.model)),
+    def adapter_config(self, model: nn.Module) -> dict:
+        return {"method": self.name, "placement": self.placement,
+                "reduction_factor": self.reduction_factor, "bottleneck_size": self.bottleneck(hidden_size(model)),
                 "nonlinearity": self.nonlinearity, "dropout": self.dropout, "train_norms": self.train_norms}
 
-    def save_trained(self, path: str | Path) -> Path:
+    def save(self, model: nn.Module, path: str | Path) -> Path:
         """Save only the adapter (and trained norm) weights as safetensors, with their config."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {n: t.contiguous().cpu() for n, t in self.trained_state_dict().items()}
+        tensors = {n: t.contiguous().cpu() for n, t in self.trained_state_dict(model).items()}
         save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-        (path / CONFIG_NAME).write_text(json.dumps(self.adapter_config(), indent=2) + "\n")
+        (path / CONFIG_NAME).write_text(json.dumps(self.adapter_config(model), indent=2) + "\n")
         return path
 
-    def load_trained(self, path: str | Path) -> None:
-        """Load adapter weights saved by :meth:`save_trained` into this (prepared) model."""
+    def load(self, model: nn.Module, path: str | Path) -> None:
+        """Load adapter weights saved by :meth:`save` into ``model`` (prepared by this tuner)."""
         from safetensors.torch import load_file
 
-        if self.model is None:
-            self.configure_model()
         path = Path(path)
         saved = json.loads((path / CONFIG_NAME).read_text())
-        mine = self.adapter_config()
+        mine = self.adapter_config(model)
         if any(saved.get(k) != mine[k] for k in ("placement", "bottleneck_size", "train_norms")):
-            raise ValueError(f"adapters: weights in {str(path)!r} were saved with {saved}, this method is {mine}")
+            raise ValueError(f"adapters: weights in {str(path)!r} were saved with {saved}, this tuner is {mine}")
         tensors = load_file(str(path / WEIGHTS_NAME))
-        expected = set(self.trained_state_dict())
+        expected = set(self.trained_state_dict(model))
         if set(tensors) != expected:
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
             raise ValueError(f"adapters: weights in {str(path)!r} do not match the model "
                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
-        params = dict(self.model.named_parameters())
+        params = dict(model.named_parameters())
         with torch.no_grad():
             for name, t in tensors.items():
                 params[name].copy_(t.to(params[name].dtype))

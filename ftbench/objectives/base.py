@@ -1,0 +1,277 @@
+"""The shared loop of every objective: model set-up through the tuner, the optimizer and schedule,
+the non-finite check, evaluation metrics by task, and generation.
+
+An objective (``sft``, ``reward``, ``dpo``, ``grpo``) is a subclass that says only what differs: its
+batch keys, its loss and its metrics. What trains is the tuner's business (``ftbench.tuners``), so a
+difference between two rows of a results table comes from the tuner or the objective and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics import MeanMetric
+
+from ftbench.backbone import Backbone, Head
+from ftbench.naming import method_label
+from ftbench.tuners.base import Tuner
+
+FINITE_CHECK_EVERY = 10  # batches between host reads of the non-finite-loss flag on CUDA
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, value: float):
+        self.step, self.value = step, value
+        super().__init__(f"training loss is {value} at step {step}")
+
+
+def normalize_answer(text: str) -> str:
+    """Exact match compares answers with surrounding white space removed and inner runs folded."""
+    return " ".join(text.split())
+
+
+class Objective(L.LightningModule):
+    """Base of the objectives: what is optimised, on whatever the tuner makes trainable."""
+
+    #: the objective part of the method label (``ftbench.naming``)
+    name = "objective"
+    #: the backbone head this objective trains (``causal_lm`` or ``score``)
+    head: Head = "causal_lm"
+
+    def __init__(
+        self,
+        backbone: Optional[Backbone] = None,
+        tuner: Optional[Tuner] = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup",
+        warmup_steps: int = 0,
+    ):
+        """
+        Args:
+            backbone: The shared backbone (linked from the top-level ``backbone`` by the CLI).
+            tuner: What trains (linked from the top-level ``tuner`` by the CLI).
+            optimizer: Optimizer class and its arguments (``configs/optim/*.yaml``); any importable
+                optimizer works (bitsandbytes' 8-bit and paged ones too). The tuner's ``lr``, when
+                set, replaces the ``lr`` given here.
+            lr_scheduler: Learning-rate schedule (``transformers.get_scheduler``), stepped per
+                optimizer step over ``trainer.estimated_stepping_batches``.
+            warmup_steps: Linear warm-up steps of the schedule.
+        """
+        super().__init__()
+        if warmup_steps < 0:
+            raise ValueError(f"objective: warmup_steps must be >= 0, got {warmup_steps}")
+        self.backbone = backbone or Backbone()
+        self.tuner = tuner
+        self.optimizer_factory = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.warmup_steps = warmup_steps
+        self.model: Optional[torch.nn.Module] = None
+        self._eval_metrics: dict[str, MeanMetric] = {}
+        self._eval_tasks: dict[str, set[str]] = defaultdict(set)  # stage -> tasks seen (for macro averages)
+        self._nonfinite: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def method_label(self) -> str:
+        """``objective+tuner[+quantization]``, as :func:`ftbench.naming.method_label` defines it."""
+        return method_label(self.name, self.tuner.name if self.tuner else "none", self.backbone.quantization)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether this objective reads the untouched backbone (the tuner then keeps what it needs)."""
+        return False
+
+    # ------------------------------------------------------------------ what trains
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        if self.tuner is None:
+            raise ValueError(f"objective {self.name}: no tuner (give --tuner, e.g. configs/tuner/lora.yaml)")
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self.tuner.total_steps = int(self.trainer.estimated_stepping_batches)
+        model = self.tuner.prepare(self.backbone.load_model(head=self.head), self.backbone)
+        if self.head == "score":
+            self.train_new_head(model)
+        self.model = model
+        self.model.train()  # from_pretrained returns eval mode; the trainer switches for evaluation
+        if self.needs_reference:
+            self.tuner.keep_reference(self.model)
+
+    def train_new_head(self, model: torch.nn.Module) -> None:
+        """A score head is new (randomly initialised): it trains under every tuner, and is saved with
+        what the tuner trained (peft: as a ``modules_to_save`` layer; others: it requires grad)."""
+        from ftbench.backbone import score_module
+
+        if not any(p.requires_grad for p in score_module(model).parameters()):
+            score_module(model).requires_grad_(True)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable and total parameters (shared tensors such as tied embeddings counted once)."""
+        assert self.model is not None
+        return self.tuner.parameter_counts(self.model)
+
+    def save_trained(self, path: str | Path) -> Path:
+        """Save what the tuner trained (adapter, trained blocks or full weights) as safetensors."""
+        assert self.model is not None
+        return self.tuner.save(self.model, path)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, model: Optional[torch.nn.Module] = None) -> torch.Tensor:
+        """Logits for exactly the input positions (``model``: e.g. the reference; default the trained one)."""
+        if position_ids is not None:
+            # packed documents: positions restart per document and, with no 2-D mask, transformers
+            # builds a block-diagonal causal mask from them (no attention across documents)
+            attention_mask = None
+        out = (model or self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False)
+        return self.tuner.align_logits(out.logits, input_ids.shape[1])
+
+    @staticmethod
+    def step_output(loss: torch.Tensor, trained_tokens: torch.Tensor | int, input_ids: torch.Tensor,
+                    attention_mask: Optional[torch.Tensor]) -> dict[str, Any]:
+        """What ``training_step`` returns: the loss and the token counts the throughput callback reads
+        (trained tokens: those the loss is computed on, torchtune's tokens/s; padded: the whole batch)."""
+        real = attention_mask.sum() if attention_mask is not None else input_ids.numel()
+        return {"loss": loss, "trained_tokens": trained_tokens, "padded_tokens": input_ids.numel(),
+                "real_tokens": real}
+
+    def check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Raise on a NaN/inf loss. On CUDA the flag stays on the device and is read every
+        ``FINITE_CHECK_EVERY`` batches, so the check costs no host sync per step."""
+        bad = ~torch.isfinite(loss.detach())
+        self._nonfinite = bad if self._nonfinite is None else (self._nonfinite | bad)
+        if self.device.type != "cuda" or batch_idx % FINITE_CHECK_EVERY == 0:
+            if bool(self._nonfinite):
+                raise NonFiniteLossError(self.global_step, float(loss))
+            self._nonfinite = None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        accumulate = max(1, int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1))
+        if (batch_idx + 1) % accumulate == 0:  # once per optimizer step, after it and before zero_grad
+            self.tuner.after_optimizer_step(self.model, self.global_step)
+
+    # ------------------------------------------------------------------ generation
+    def generation_budget(self, max_new_tokens: Optional[int] = None) -> int:
+        """``max_new_tokens`` when given, else what the data module says its longest reference answer
+        needs (``max_answer_tokens``), else 32."""
+        if max_new_tokens is not None:
+            return max_new_tokens
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return int(getattr(dm, "max_answer_tokens", None) or 32)
+
+    @torch.no_grad()
+    def generate_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                       **sampling: Any) -> list[str]:
+        """Continuations of left-padded prompts, decoded without special tokens (greedy by default)."""
+        tok = self.backbone.tokenizer
+        sampling.setdefault("do_sample", False)
+        new = self.tuner.generate(self.model, tok, input_ids, attention_mask, max_new_tokens, **sampling)
+        return tok.batch_decode(new, skip_special_tokens=True)
+
+    def exact_match(self, batch: dict[str, Any], max_new_tokens: Optional[int] = None) -> torch.Tensor:
+        """1.0 per row whose greedy answer equals the reference answer (white space folded)."""
+        preds = self.generate_texts(batch["gen_input_ids"], batch["gen_attention_mask"],
+                                    self.generation_budget(max_new_tokens))
+        return torch.tensor([float(normalize_answer(p) == normalize_answer(a)) for p, a in zip(preds, batch["answers"])],
+                            device=self.device)
+
+    # ------------------------------------------------------------------ evaluation metrics
+    def metric(self, name: str) -> MeanMetric:
+        if name not in self._eval_metrics:
+            self._eval_metrics[name] = MeanMetric(sync_on_compute=True).to(self.device)
+        return self._eval_metrics[name]
+
+    def update_by_task(self, stage: str, tasks: Optional[list], values: dict[str, torch.Tensor],
+                       weights: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Per-row ``values`` into ``{stage}/{name}`` and, for rows with a task, ``{stage}/{task}/{name}``.
+        ``weights`` (per row) make a metric a weighted mean, e.g. a loss per token."""
+        n = len(next(iter(values.values())))
+        tasks = tasks or [None] * n
+        scopes: list[tuple[Optional[str], list[int]]] = [(None, list(range(n)))]
+        if any(t is not None for t in tasks):
+            groups: dict[Optional[str], list[int]] = defaultdict(list)
+            for i, t in enumerate(tasks):
+                groups[t].append(i)
+            scopes += list(groups.items())
+            self._eval_tasks[stage].update(str(t) for t in groups)
+        for task, idx in scopes:
+            prefix = f"{stage}/" if task is None else f"{stage}/{task}/"
+            for name, v in values.items():
+                w = (weights or {}).get(name)
+                if w is None:
+                    self.metric(prefix + name).update(v[idx])
+                elif w[idx].sum() > 0:
+                    self.metric(prefix + name).update(v[idx].sum() / w[idx].sum(), weight=w[idx].sum())
+
+    def derived_metrics(self, results: dict[str, float], stage: str) -> None:
+        """Metrics computed from the others at the end of an evaluation (e.g. perplexity)."""
+
+    def _eval_epoch_start(self, stage: str) -> None:
+        # fresh metric states in the grad mode of this loop (validate/test run under inference
+        # mode, validation inside fit under no_grad; a state made in one cannot be updated in the other)
+        self._eval_metrics = {k: v for k, v in self._eval_metrics.items() if not k.startswith(stage + "/")}
+        self._eval_tasks[stage] = set()
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        results: dict[str, float] = {}
+        tasks = self._eval_tasks[stage]
+        kinds: set[str] = set()
+        for name, metric in list(self._eval_metrics.items()):
+            if not name.startswith(stage + "/") or metric.update_count == 0:
+                continue
+            results[name] = float(metric.compute())
+            parts = name.split("/", 2)
+            if len(parts) == 3 and parts[1] in tasks:
+                kinds.add(parts[2])
+        self.derived_metrics(results, stage)
+        for kind in sorted(kinds):  # macro average over tasks
+            vals = [results[f"{stage}/{t}/{kind}"] for t in sorted(tasks) if f"{stage}/{t}/{kind}" in results]
+            if vals:
+                results[f"{stage}/macro_{kind}"] = sum(vals) / len(vals)
+        for name, value in results.items():
+            self.log(name, value, prog_bar=name in (f"{stage}/loss", f"{stage}/accuracy"), sync_dist=False)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_epoch_start("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_epoch_start("test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluate(batch, "test")
+
+    def evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        from transformers import get_scheduler
+
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{self.method_label}: nothing to train (no parameter requires grad)")
+        optimizer = self.optimizer_factory(params)
+        if self.tuner.lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = self.tuner.lr
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = get_scheduler(self.lr_scheduler, optimizer, num_warmup_steps=self.warmup_steps, num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,507 @@
+"""Pure loss functions for the objectives: tensors in, tensors out, no model.
+
+Every function follows TRL's definition (users compare ftbench's numbers with TRL's); where TRL
+versions differ, the choice is written down at the function. Sources: TRL 1.16
+(``trl/trainer/{dpo,reward,grpo,rloo}_trainer.py``), TRL <= 0.28, torchtune
+(``torchtune/rlhf/loss/dpo.py``) and LLaMA-Factory.
+
+Sequence log-probabilities (:func:`token_logps`, :func:`sequence_logps`)
+    Position ``t`` of the logits predicts label ``t + 1`` (``logits[:, :-1]`` against
+    ``labels[:, 1:]``); ``log p = logit[label] - logsumexp(logits)`` in float32, labels equal to
+    ``ignore_index`` (-100) excluded. A sequence's log-prob is the SUM over its kept tokens
+    (TRL, torchtune, LLaMA-Factory); only IPO averages per token, inside :func:`dpo_loss`.
+
+DPO (:func:`dpo_loss`, :func:`dpo_metrics`)
+    With the log-ratios ``c = pi_c - ref_c`` and ``r = pi_r - ref_r`` and ``D = c - r``:
+
+    - ``sigmoid`` (DPO, Rafailov et al. 2023; with ``e > 0`` conservative DPO, Mitchell 2023):
+      ``-(1 - e) * logsig(b * D) - e * logsig(-b * D)``. TRL <= 0.28, LLaMA-Factory and torchtune
+      apply ``e``; TRL 1.x ignores ``label_smoothing`` for ``sigmoid`` (its loss is
+      ``-logsig(b * D)`` whatever ``e`` is), so the numbers agree with TRL 1.x only at ``e = 0``.
+    - ``ipo`` (Azar et al. 2023, eq. 17): ``((c / len_c - r / len_r) - 1 / (2 b))^2``, the
+      log-ratios averaged per completion token (TRL: "we confirmed this choice with the IPO
+      authors"), lengths clamped to >= 1 as TRL does.
+    - ``hinge`` (SLiC, Zhao et al. 2023): ``relu(1 - b * D)``.
+    - ``robust`` (Chowdhury et al. 2024): ``(-(1 - e) * logsig(b * D) + e * logsig(-b * D)) / (1 - 2e)``,
+      ``0 <= e < 0.5`` (TRL 1.x and <= 0.28 agree).
+
+    Implicit rewards: ``chosen = b * c``, ``rejected = b * r``, detached. For ``ipo`` they are
+    built from the per-token averages (see :func:`dpo_loss`).
+
+Reward model (:func:`reward_loss`, :func:`reward_metrics`), TRL ``RewardTrainer``
+    Bradley-Terry: ``mean(-logsig(r_c - r_r - m)) + k * mean((r_c + r_r)^2)`` with an optional
+    per-pair margin ``m`` and centering coefficient ``k`` (Eisenstein et al. 2023).
+
+GRPO (:func:`grpo_advantages`, :func:`rloo_advantages`, :func:`grpo_loss`, :func:`frac_reward_zero_std`)
+    Advantages from ``G`` completions per prompt, laid out consecutively: ``A = r - mean_group(r)``,
+    divided by ``std + 1e-4`` (Bessel-corrected std, as TRL's ``nanstd``) of the group
+    (``"group"``, Shao et al. 2024) or of the whole batch (``"batch"``), or not divided (``"none"``,
+    Dr. GRPO, Liu et al. 2025). RLOO: ``A_i = r_i - (sum_group(r) - r_i) / (G - 1)``.
+    Loss per token: ``-min(p * A, clip(p, 1 - e_lo, 1 + e_hi) * A) + b * k3`` with
+    ``p = exp(logpi - logpi_old)`` and the k3 estimator ``exp(ref - logpi) - (ref - logpi) - 1``,
+    aggregated as ``grpo`` (per-sequence token mean, then mean over sequences), ``bnpo`` (token
+    mean over the batch) or ``dr_grpo`` (token sum / (B * max_completion_length)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "GRPO_LOSS_TYPES",
+    "SCALE_REWARDS",
+    "dpo_loss",
+    "dpo_metrics",
+    "frac_reward_zero_std",
+    "grpo_advantages",
+    "grpo_loss",
+    "reward_loss",
+    "reward_metrics",
+    "rloo_advantages",
+    "sequence_logps",
+    "token_logps",
+]
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+# TRL adds this to the std before dividing (grpo_trainer: ``advantages / (std_rewards + 1e-4)``).
+_STD_EPS = 1e-4
+
+
+def _choices(options: tuple[str, ...]) -> str:
+    return ", ".join(repr(o) for o in options)
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probabilities
+# --------------------------------------------------------------------------------------------
+
+
+def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """Per-token log-probabilities of ``labels`` under ``logits``, after the causal shift.
+
+    Args:
+        logits: ``(B, T, V)``, any float dtype (bf16 is upcast to float32 row by row).
+        labels: ``(B, T)`` token ids; positions equal to ``ignore_index`` are excluded.
+        ignore_index: the label that marks a position to skip (prompt, padding).
+
+    Returns:
+        ``(logps, mask)``, both ``(B, T - 1)``: ``logps[b, t] = log p(labels[b, t + 1] | logits[b, t])``
+        in float32 (float64 for float64 logits), exactly 0 where excluded; ``mask`` is True where a label counts.
+
+    Memory: no full log-softmax is built. The label's logit is gathered (``B * T`` values) and
+    ``logsumexp`` runs one batch row at a time, so the float32 temporaries of the forward pass are
+    one row's ``(T - 1, V)``. With autograd on and bf16 logits, each row's float32 copy is kept for
+    the backward of ``logsumexp`` (one float32 copy of the logits in all, where
+    ``F.log_softmax(logits.float())`` holds the upcast copy and the float32 result at once); with
+    float32 logits nothing of size ``V`` is added.
+    """
+    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"token_logps: logits must be (B, T, V) and labels (B, T) with the same B and T, "
+            f"got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
+        )
+    logits = logits[:, :-1]
+    labels = labels[:, 1:]
+    mask = labels != ignore_index
+    index = labels.masked_fill(~mask, 0).unsqueeze(-1)
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16 -> fp32; fp64 stays fp64
+    picked = logits.gather(-1, index).squeeze(-1).to(dtype)  # (B, T-1)
+    if logits.size(0) == 0:
+        lse = picked.clone()
+    else:
+        lse = torch.stack([torch.logsumexp(row.to(dtype), dim=-1) for row in logits])  # (B, T-1)
+    logps = (picked - lse).masked_fill(~mask, 0.0)
+    return logps, mask
+
+
+def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """Per-sequence SUM of the labels' log-probabilities, and the number of tokens summed.
+
+    ``logits[:, :-1]`` predicts ``labels[:, 1:]`` (the causal shift), the log-softmax is taken in
+    float32 (logits may be bf16), and positions whose label is ``ignore_index`` are left out.
+    See :func:`token_logps` for the memory behaviour.
+
+    Args:
+        logits: ``(B, T, V)``.
+        labels: ``(B, T)``, ``ignore_index`` on prompt and padding positions.
+        ignore_index: the label to skip.
+
+    Returns:
+        ``(sums, counts)``: ``sums`` is ``(B,)`` float32 (float64 for float64 logits), ``counts`` is ``(B,)`` int64 (the
+        completion lengths that :func:`dpo_loss` needs for ``ipo``).
+    """
+    logps, mask = token_logps(logits, labels, ignore_index)
+    return logps.sum(-1), mask.sum(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# DPO
+# --------------------------------------------------------------------------------------------
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair DPO-family losses and the implicit rewards.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps:
+            ``(pairs,)`` summed sequence log-probs (:func:`sequence_logps`).
+        beta: ``b > 0``, the strength of the tie to the reference (IPO's ``tau``).
+        loss_type: ``"sigmoid"``, ``"ipo"``, ``"hinge"`` or ``"robust"`` (formulas in the module
+            docstring).
+        label_smoothing: ``e``, the assumed probability that a preference label is flipped.
+            ``sigmoid`` (conservative DPO): ``0 <= e <= 0.5``; ``robust``: ``0 <= e < 0.5``;
+            ``ipo`` and ``hinge`` do not use it, so it must be 0 there (a value that changes
+            nothing is refused rather than ignored). TRL 1.x ignores it for ``sigmoid``; ftbench
+            applies it as TRL <= 0.28, LLaMA-Factory and torchtune do.
+        chosen_lengths, rejected_lengths: ``(pairs,)`` completion token counts (the counts of
+            :func:`sequence_logps`), required for ``ipo`` and unused otherwise. Clamped to >= 1.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``(pairs,)``; the rewards are
+        ``b * (pi - ref)``, detached. The training loss is ``losses.mean()``.
+
+    IPO: the four log-probs are divided by their completion lengths before anything else, so the
+    loss and the rewards use per-token averages (TRL <= 0.28 divided the log-probs in
+    ``concatenated_forward``, which fed the loss, the rewards and the ``logps/*`` metrics). TRL
+    1.x computes the same loss but logs ``rewards/*`` from the summed log-ratios; here the
+    rewards' margin is ``b`` times the quantity IPO regresses onto ``1 / (2b)``.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"dpo_loss: unknown loss_type {loss_type!r}; expected one of {_choices(DPO_LOSS_TYPES)}")
+    if not (isinstance(beta, (int, float)) and beta > 0 and beta != float("inf")):
+        raise ValueError(f"dpo_loss: beta must be a positive finite number, got {beta!r}")
+    eps = float(label_smoothing)
+    if loss_type == "sigmoid" and not 0.0 <= eps <= 0.5:
+        raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5] for loss_type 'sigmoid', got {eps}")
+    if loss_type == "robust" and not 0.0 <= eps < 0.5:
+        raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5) for loss_type 'robust', got {eps}")
+    if loss_type in ("ipo", "hinge") and eps != 0.0:
+        raise ValueError(
+            f"dpo_loss: label_smoothing is not used by loss_type {loss_type!r}; set it to 0 (got {eps})"
+        )
+    shapes = {tuple(t.shape) for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
+    if len(shapes) != 1:
+        raise ValueError(f"dpo_loss: the four log-prob tensors must have one shape, got {sorted(shapes)}")
+
+    if loss_type == "ipo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError(
+                "dpo_loss: loss_type 'ipo' averages the log-ratios per completion token and needs "
+                "chosen_lengths and rejected_lengths (the token counts returned by sequence_logps)"
+            )
+        dtype, device = policy_chosen_logps.dtype, policy_chosen_logps.device
+        len_c = torch.as_tensor(chosen_lengths, device=device).to(dtype).clamp(min=1.0)
+        len_r = torch.as_tensor(rejected_lengths, device=device).to(dtype).clamp(min=1.0)
+        policy_chosen_logps, ref_chosen_logps = policy_chosen_logps / len_c, ref_chosen_logps / len_c
+        policy_rejected_logps, ref_rejected_logps = policy_rejected_logps / len_r, ref_rejected_logps / len_r
+
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    delta = chosen_logratios - rejected_logratios
+    z = beta * delta
+
+    if loss_type == "sigmoid":
+        losses = -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    elif loss_type == "ipo":
+        losses = (delta - 1.0 / (2.0 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - z)
+    else:  # robust
+        losses = (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
+
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+@torch.no_grad()
+def dpo_metrics(
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+) -> dict[str, Tensor]:
+    """TRL's DPO batch metrics, under TRL's names (0-dim tensors, batch means).
+
+    ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies`` (fraction of pairs with
+    ``chosen > rejected``, strictly: a tie counts as wrong), ``rewards/margins`` (mean of
+    ``chosen - rejected``), ``logps/chosen``, ``logps/rejected``.
+    """
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": policy_chosen_logps.detach().mean(),
+        "logps/rejected": policy_rejected_logps.detach().mean(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Reward model
+# --------------------------------------------------------------------------------------------
+
+
+def reward_loss(
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    margin: Tensor | float | None = None,
+    center_rewards_coefficient: float | None = None,
+) -> Tensor:
+    """Bradley-Terry reward-model loss, as TRL's ``RewardTrainer.compute_loss``.
+
+    ``mean_pairs(-logsig(r_c - r_r - margin)) + k * mean((r_c + r_r)^2)``.
+
+    Args:
+        chosen_rewards, rejected_rewards: ``(pairs,)`` scalar scores.
+        margin: optional ``(pairs,)`` (or scalar) margin the chosen score must beat the rejected
+            one by (Llama 2's preference-strength margin).
+        center_rewards_coefficient: optional ``k``; the term pushes the scores towards mean 0.
+
+    Returns:
+        The scalar loss.
+    """
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff).mean()
+    if center_rewards_coefficient is not None:
+        loss = loss + center_rewards_coefficient * torch.mean((chosen_rewards + rejected_rewards) ** 2)
+    return loss
+
+
+@torch.no_grad()
+def reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, Tensor]:
+    """TRL ``RewardTrainer``'s metrics (0-dim tensors).
+
+    ``accuracy`` (fraction of pairs with ``r_c > r_r``, strictly: ties count as wrong),
+    ``margin`` (mean ``r_c - r_r``), and ``mean_reward``, ``min_reward``, ``max_reward`` over the
+    chosen and rejected scores together.
+    """
+    both = torch.cat([chosen_rewards.reshape(-1), rejected_rewards.reshape(-1)])
+    return {
+        "accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        "margin": (chosen_rewards - rejected_rewards).mean(),
+        "mean_reward": both.mean(),
+        "min_reward": both.min(),
+        "max_reward": both.max(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO / RLOO
+# --------------------------------------------------------------------------------------------
+
+
+def _grouped(rewards: Tensor, num_generations: int, fn: str) -> Tensor:
+    if not isinstance(num_generations, int) or isinstance(num_generations, bool) or num_generations < 1:
+        raise ValueError(f"{fn}: num_generations must be a positive int, got {num_generations!r}")
+    if rewards.dim() != 1 or rewards.numel() % num_generations != 0:
+        raise ValueError(
+            f"{fn}: rewards must be 1-D with a multiple of num_generations={num_generations} entries "
+            f"(prompts * G, each prompt's completions consecutive), got shape {tuple(rewards.shape)}"
+        )
+    return rewards.view(-1, num_generations)
+
+
+def _constant_groups(grouped: Tensor) -> Tensor:
+    """(prompts,) True where every reward in the group is the same value."""
+    return grouped.amax(dim=1) == grouped.amin(dim=1)
+
+
+def grpo_advantages(rewards: Tensor, num_generations: int, scale_rewards: str | bool = "group") -> Tensor:
+    """GRPO advantages: group-centred rewards, optionally scaled by a std (TRL ``scale_rewards``).
+
+    ``A = r - mean_group(r)``, then divided by ``std + 1e-4`` where ``std`` is the Bessel-corrected
+    standard deviation of the group (``"group"``, default) or of the whole batch (``"batch"``), or
+    left unscaled (``"none"``, Dr. GRPO). ``True``/``False`` mean ``"group"``/``"none"`` as in TRL.
+    A group of one completion has std 0 (TRL's rule for ``num_generations == 1``).
+
+    Args:
+        rewards: ``(prompts * G,)``, each prompt's ``G`` completions consecutive.
+        num_generations: ``G``.
+        scale_rewards: ``"group"``, ``"batch"`` or ``"none"``.
+
+    Returns:
+        ``(prompts * G,)`` advantages.
+
+    A group whose rewards are all equal gets advantage exactly 0. TRL computes
+    ``r - mean`` there, which float rounding can leave at ~3e-8 for 8 equal rewards of 0.3; divided
+    by ``std + 1e-4`` (std itself ~3e-8) that becomes ~3e-4. ftbench zeroes such groups; every other
+    group gets TRL's numbers.
+    """
+    if scale_rewards is True:
+        scale_rewards = "group"
+    elif scale_rewards is False:
+        scale_rewards = "none"
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(
+            f"grpo_advantages: unknown scale_rewards {scale_rewards!r}; expected one of {_choices(SCALE_REWARDS)}"
+        )
+    grouped = _grouped(rewards, num_generations, "grpo_advantages")
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards == "group":
+        std = grouped.std(dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(grouped[:, :1])
+        advantages = advantages / (std + _STD_EPS)
+    elif scale_rewards == "batch":
+        std = rewards.std() if rewards.numel() > 1 else torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+        advantages = advantages / (std + _STD_EPS)
+    advantages = advantages.masked_fill(_constant_groups(grouped).unsqueeze(1), 0.0)
+    return advantages.reshape(-1)
+
+
+def rloo_advantages(rewards: Tensor, num_generations: int) -> Tensor:
+    """RLOO advantages (Ahmadian et al. 2024; TRL ``RLOOTrainer`` with ``normalize_advantages=False``).
+
+    ``A_i = r_i - (sum_group(r) - r_i) / (G - 1)``: each reward minus the mean of the other
+    ``G - 1`` rewards of its prompt. Needs ``G >= 2``.
+
+    Args:
+        rewards: ``(prompts * G,)``, each prompt's ``G`` completions consecutive.
+        num_generations: ``G``.
+    """
+    if isinstance(num_generations, int) and not isinstance(num_generations, bool) and num_generations < 2:
+        raise ValueError(
+            "rloo_advantages: num_generations must be >= 2 (the baseline is the mean of the other "
+            f"G - 1 rewards), got {num_generations}"
+        )
+    grouped = _grouped(rewards, num_generations, "rloo_advantages")
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (num_generations - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+@torch.no_grad()
+def frac_reward_zero_std(rewards: Tensor, num_generations: int) -> Tensor:
+    """Fraction of prompts whose ``G`` rewards are all equal (std 0: no learning signal), 0-dim.
+
+    TRL logs ``frac_reward_zero_std`` from ``isclose(std, 0)`` of the std it scaled by, so under
+    ``scale_rewards="batch"`` it reports the batch; this always counts groups, by exact equality.
+    """
+    grouped = _grouped(rewards, num_generations, "frac_reward_zero_std")
+    return _constant_groups(grouped).float().mean()
+
+
+def grpo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    ref_logps: Tensor | None = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped-surrogate GRPO loss with an optional k3 KL penalty (TRL ``GRPOTrainer._compute_loss``).
+
+    Per token: ``-min(p * A, clip(p, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3``, with
+    ``p = exp(logps - old_logps)`` and ``k3 = exp(ref - logps) - (ref - logps) - 1``.
+
+    Args:
+        logps: ``(B, T)`` per-token log-probs of the completions under the policy (with grad).
+        old_logps: ``(B, T)`` the same under the policy that sampled them; on the first (or
+            only) iteration pass ``logps.detach()``: then ``p = 1`` and the loss value is
+            ``-A`` averaged, ~0 for centred advantages, while its gradient is not.
+        advantages: ``(B,)`` one per completion (or ``(B, T)`` per token).
+        completion_mask: ``(B, T)`` 1 on completion tokens, 0 on padding (anything there is ignored).
+        ref_logps: ``(B, T)`` reference log-probs; required when ``beta != 0``.
+        beta: KL coefficient (TRL 1.x default 0.0).
+        epsilon: lower clip ``e_lo``; ``epsilon_high`` the upper one (DAPO's clip-higher),
+            ``None`` meaning ``epsilon``.
+        loss_type: how the masked per-token losses become one number:
+            ``"grpo"``: mean over each sequence's tokens, then mean over sequences;
+            ``"bnpo"``: sum over all tokens / number of tokens (equals TRL 1.x's default
+            ``"dapo"`` on one process without gradient accumulation);
+            ``"dr_grpo"``: sum over all tokens / (B * max_completion_length).
+        max_completion_length: the generation limit; required for ``"dr_grpo"``.
+
+    Returns:
+        ``(loss, metrics)``; metrics (detached 0-dim tensors, token means over the mask as TRL's
+        ``global_masked_mean``): ``kl`` (only when ``ref_logps`` is given), ``clip_ratio``
+        (tokens where the clip is active, i.e. the gradient is cut: TRL's
+        ``clip_ratio/region_mean``), ``clip_ratio/low_mean`` (``p < 1 - e_lo`` and ``A < 0``) and
+        ``clip_ratio/high_mean`` (``p > 1 + e_hi`` and ``A > 0``).
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"grpo_loss: unknown loss_type {loss_type!r}; expected one of {_choices(GRPO_LOSS_TYPES)}")
+    if loss_type == "dr_grpo" and (
+        not isinstance(max_completion_length, int) or isinstance(max_completion_length, bool) or max_completion_length < 1
+    ):
+        raise ValueError(
+            "grpo_loss: loss_type 'dr_grpo' divides by batch_size * max_completion_length and needs "
+            f"max_completion_length (a positive int), got {max_completion_length!r}"
+        )
+    if beta < 0:
+        raise ValueError(f"grpo_loss: beta must be >= 0, got {beta}")
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError(f"grpo_loss: beta={beta} needs ref_logps (the reference model's per-token log-probs)")
+    eps_low = float(epsilon)
+    eps_high = eps_low if epsilon_high is None else float(epsilon_high)
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"grpo_loss: epsilon and epsilon_high must be >= 0, got {epsilon} and {epsilon_high}")
+    if logps.dim() != 2 or old_logps.shape != logps.shape or completion_mask.shape != logps.shape:
+        raise ValueError(
+            "grpo_loss: logps, old_logps and completion_mask must all be (B, T), got "
+            f"{tuple(logps.shape)}, {tuple(old_logps.shape)}, {tuple(completion_mask.shape)}"
+        )
+    if ref_logps is not None and ref_logps.shape != logps.shape:
+        raise ValueError(f"grpo_loss: ref_logps must be {tuple(logps.shape)}, got {tuple(ref_logps.shape)}")
+    if advantages.shape == logps.shape[:1]:
+        advantages = advantages.unsqueeze(-1)
+    elif advantages.shape != logps.shape:
+        raise ValueError(
+            f"grpo_loss: advantages must be (B,) or (B, T) = {tuple(logps.shape)}, got {tuple(advantages.shape)}"
+        )
+
+    mask = completion_mask.bool()
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    per_token_kl = None
+    if ref_logps is not None:
+        d = ref_logps - logps
+        per_token_kl = torch.exp(d) - d - 1.0
+    if beta != 0.0:
+        per_token = per_token + beta * per_token_kl
+    # torch.where, not a product with the mask: an inf on a padded position would make the value NaN.
+    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+    n_tokens = mask.sum().clamp(min=1)
+
+    if loss_type == "grpo":
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = per_token.sum() / n_tokens
+    else:  # dr_grpo
+        loss = per_token.sum() / (logps.size(0) * max_completion_length)
+
+    with torch.no_grad():
+
+        def masked_mean(x: Tensor) -> Tensor:
+            return torch.where(mask, x.to(per_token.dtype), torch.zeros((), dtype=per_token.dtype, device=x.device)).sum() / n_tokens
+
+        is_low = (ratio < 1.0 - eps_low) & (advantages < 0)
+        is_high = (ratio > 1.0 + eps_high) & (advantages > 0)
+        metrics: dict[str, Tensor] = {}
+        if per_token_kl is not None:
+            metrics["kl"] = masked_mean(per_token_kl)
+        metrics["clip_ratio"] = masked_mean(is_low | is_high)
+        metrics["clip_ratio/low_mean"] = masked_mean(is_low)
+        metrics["clip_ratio/high_mean"] = masked_mean(is_high)
+    return loss, metrics

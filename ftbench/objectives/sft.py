@@ -1,0 +1,70 @@
+"""Supervised fine-tuning: next-token loss on the response tokens (labels != -100).
+
+Evaluation: token-weighted loss and perplexity, and exact match of the greedy answer against the
+reference answer, overall and per task (with macro averages) when rows carry a task.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ftbench.data.base import IGNORE_INDEX
+from ftbench.objectives.base import Objective
+
+
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed next-token loss (float32) and trained-token count (labels != -100 after the shift)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none",
+    ).view(shift_labels.shape)
+    mask = shift_labels != IGNORE_INDEX
+    return (loss * mask).sum(1), mask.sum(1)
+
+
+class SFT(Objective):
+    """Next-token cross-entropy on the response tokens, averaged over the batch's trained tokens."""
+
+    name = "sft"
+
+    def __init__(self, max_new_tokens: Optional[int] = None, generate_in_validation: bool = True, **kwargs):
+        """
+        Args:
+            max_new_tokens: Greedy-generation budget for exact match. Default: what the data module
+                says its longest reference answer needs (``max_answer_tokens``), else 32.
+            generate_in_validation: Also compute exact match during validation (not only test).
+        """
+        super().__init__(**kwargs)
+        self.max_new_tokens = max_new_tokens
+        self.generate_in_validation = generate_in_validation
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean loss over the batch's trained tokens, per-row summed losses, per-row token counts)."""
+        logits = self(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
+        loss_sum, n_tok = sequence_losses(logits, batch["labels"])
+        return loss_sum.sum() / n_tok.sum().clamp(min=1), loss_sum, n_tok
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        loss, _, n_tok = self.loss(batch)
+        self.check_finite(loss, batch_idx)
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return self.step_output(loss, n_tok.sum(), batch["input_ids"], batch["attention_mask"])
+
+    def evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        _, loss_sum, n_tok = self.loss(batch)
+        values, weights = {"loss": loss_sum}, {"loss": n_tok}
+        if "gen_input_ids" in batch and (stage == "test" or self.generate_in_validation):
+            values["accuracy"] = self.exact_match(batch, self.max_new_tokens)
+        self.update_by_task(stage, batch.get("tasks"), values, weights)
+
+    def derived_metrics(self, results: dict[str, float], stage: str) -> None:
+        import math
+
+        for name in list(results):
+            if name.endswith("/loss"):
+                results[name[: -len("loss")] + "perplexity"] = math.exp(min(results[name], 50.0))

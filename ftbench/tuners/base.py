@@ -1,0 +1,150 @@
+"""What trains: a tuner takes the loaded backbone model and decides which weights train.
+
+A tuner is a plain object (its typed ``__init__`` is its config) with four duties:
+
+* :meth:`Tuner.prepare` freezes, wraps or adds modules and returns the module to train;
+* :meth:`Tuner.parameter_counts` counts trainable and total parameters;
+* :meth:`Tuner.save` writes only what it trained (safetensors);
+* :meth:`Tuner.reference` is a context manager under which a module computes exactly what the
+  untouched backbone computes (DPO's reference policy, GRPO's KL anchor): peft's
+  ``disable_adapter()``, the bottleneck adapters switched off, or, for tuners that change the
+  backbone's own weights, a frozen copy taken by :meth:`Tuner.keep_reference` before training.
+
+The objective (``ftbench.objectives``) owns the loss; nothing here knows about it. The learning rate
+lives with the tuner (``lr``) because methods train at very different rates (full 5e-5, LoRA 1e-3,
+prompt tuning 3e-2), as in PEFT's method-comparison suite, where each method's experiment folder
+carries its own optimizer settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from ftbench.backbone import Backbone
+
+
+def numel(p: torch.Tensor) -> int:
+    """Parameters a tensor stands for: a bitsandbytes 4-bit weight packs two into each byte and keeps
+    its real shape in ``quant_state``."""
+    quant_state = getattr(p, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    return int(math.prod(shape)) if shape is not None else p.numel()
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable and total parameters (shared tensors such as tied embeddings counted once)."""
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
+    return {"trainable": trainable, "total": total}
+
+
+def freeze_backbone(model: nn.Module, backbone: "Backbone") -> nn.Module:
+    """Freeze every weight; for a quantized backbone first apply peft's k-bit preparation unless
+    ``backbone.prepare_kbit`` is off.
+
+    ``prepare_model_for_kbit_training`` upcasts the unquantized weights (embeddings, norms, head) to
+    float32 and, with gradient checkpointing, makes the input embeddings' output require grad. With a
+    float32 backbone the upcast is a no-op; with bfloat16/float16 it costs memory, which is why it can
+    be turned off.
+    """
+    if backbone.quantization != "none" and backbone.prepare_kbit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=backbone.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    model.requires_grad_(False)
+    return model
+
+
+def refuse_quantized(tuner: "Tuner", backbone: "Backbone") -> None:
+    if backbone.quantization != "none":
+        raise ValueError(
+            f"tuner {tuner.name}: a {backbone.quantization} backbone cannot train its own weights "
+            "(quantized weights take no gradient); use backbone.quantization: none, or LoRA on it (QLoRA)"
+        )
+
+
+class Tuner:
+    """Base of the tuners. Subclasses implement :meth:`prepare` and say what differs."""
+
+    #: the tuner part of the method label (``ftbench.naming``): ``full``, ``lora``, ``adapters``, ...
+    name = "tuner"
+
+    def __init__(self, lr: Optional[float] = None):
+        """
+        Args:
+            lr: Learning rate this method trains with; when set it replaces the optimizer's ``lr``
+                (the optimizer config holds the rest: betas, weight decay, 8-bit state).
+        """
+        if lr is not None and not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"tuner.lr must be a positive finite number, got {lr}")
+        self.lr = lr
+        self._reference: Optional[nn.Module] = None
+
+    # ------------------------------------------------------------------ what trains
+    def prepare(self, model: nn.Module, backbone: "Backbone") -> nn.Module:
+        """Decide what trains: freeze, wrap, add modules. Returns the module to train."""
+        raise NotImplementedError
+
+    def parameter_counts(self, model: nn.Module) -> dict[str, int]:
+        return count_parameters(model)
+
+    def trained_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What this tuner trained, by parameter name in ``model``."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def save(self, model: nn.Module, path: str | Path) -> Path:
+        """Save what this tuner trained as safetensors (the default: the whole model)."""
+        path = Path(path)
+        model.save_pretrained(path, safe_serialization=True)
+        return path
+
+    # ------------------------------------------------------------------ the untouched backbone
+    def keep_reference(self, model: nn.Module) -> None:
+        """Called by an objective that needs :meth:`reference`, once, before the first step. Tuners
+        that change the backbone's own weights keep a frozen copy here; the others need nothing."""
+
+    @contextlib.contextmanager
+    def reference(self, model: nn.Module) -> Iterator[nn.Module]:
+        """A module that computes what the untouched backbone computes, for the ``with`` block."""
+        if self._reference is None:
+            raise RuntimeError(f"tuner {self.name}: reference() needs keep_reference(model) before training "
+                               "(a frozen copy of the weights as they were)")
+        yield self._reference
+
+    def _frozen_copy(self, model: nn.Module) -> None:
+        import copy
+
+        if self._reference is None:
+            ref = copy.deepcopy(model)
+            ref.requires_grad_(False)
+            ref.eval()
+            self._reference = ref
+
+    # ------------------------------------------------------------------ hooks of the shared loop
+    def align_logits(self, logits: torch.Tensor, input_length: int) -> torch.Tensor:
+        """Logits for exactly the ``input_length`` input positions (prompt tuning prepends some)."""
+        return logits
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Called once per optimizer step, after it and before ``zero_grad``."""
+
+    def generate(self, model: nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new_tokens: int, **sampling: Any) -> torch.Tensor:
+        """New tokens (B x <= max_new_tokens, right-padded with the pad id) after left-padded prompts."""
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **sampling)
+        return out[:, input_ids.shape[1]:]
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "lr": self.lr}

@@ -1,0 +1,182 @@
+"""Any peft method by its config class: LoRA, DoRA (``LoraConfig`` with ``use_dora``), IA3, prefix
+tuning, prompt tuning, P-tuning, LoHa, LoKr, VeRA, AdaLoRA, OFT, BOFT, FourierFT, ... one route for
+all of them, so a sweep can put them in one table. QLoRA is this tuner on a quantized backbone.
+
+The config is given by ``class_path`` (a ``peft.PeftConfig`` subclass) and its ``init_args``::
+
+    class_path: ftbench.tuners.Peft
+    init_args:
+      peft_config:
+        class_path: peft.LoraConfig
+        init_args: {r: 16, lora_alpha: 32, target_modules: all-linear}
+      lr: 1.0e-3
+
+``task_type`` is filled in from the backbone's head when the config leaves it empty: ``CAUSAL_LM``
+for the LM head, ``SEQ_CLS`` for the scalar score head of a reward model (peft then trains and saves
+the new ``score`` layer with the adapter). The reference (the untouched backbone) is the same model
+under peft's ``disable_adapter()``: no second copy.
+
+Three methods need more than a config, and get it here:
+
+* Prompt learning that prepends virtual tokens (prompt tuning, P-tuning) makes the model's logits
+  ``num_virtual_tokens`` longer than the input; :meth:`Peft.align_logits` drops those positions so the
+  objectives see the same shapes as for every other tuner. Prefix tuning adds key/value prefixes only.
+* Greedy generation with prompt learning does not go through ``generate``: with peft 0.21 and
+  transformers 5, cached ``generate`` of prompt-tuned and prefix-tuned models gives tokens different
+  from greedy decoding with the training forward (checked in the tests), so :meth:`Peft.generate`
+  decodes these methods itself, one row at a time without padding, with a KV cache started from
+  exactly what the training forward computes (virtual-token embeddings before the prompt, or the
+  prefix key/values). Every other peft method uses ``generate``.
+* AdaLoRA reallocates ranks from the gradients: it needs ``update_and_allocate`` after every
+  optimizer step (:meth:`Peft.after_optimizer_step`) and ``total_step`` in its config. peft refuses a
+  config without it when the CLI parses it, before any trainer exists, so set it to the run's
+  optimizer steps (``trainer.max_steps``); ``tinit + tfinal < total_step``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import torch
+from peft import PeftConfig
+from torch import nn
+
+from ftbench.naming import peft_label
+from ftbench.tuners.base import Tuner, freeze_backbone
+
+if TYPE_CHECKING:
+    from ftbench.backbone import Backbone
+
+
+class Peft(Tuner):
+    """A peft method chosen by its config class (``peft_config.class_path``); the backbone is frozen."""
+
+    name = "peft"
+
+    def __init__(self, peft_config: Optional[PeftConfig] = None, **kwargs):
+        """
+        Args:
+            peft_config: A peft config by ``class_path`` and ``init_args``, e.g. ``peft.LoraConfig``,
+                ``peft.IA3Config``, ``peft.PrefixTuningConfig``, ``peft.PromptTuningConfig``,
+                ``peft.LoHaConfig``, ``peft.VeraConfig``, ``peft.AdaLoraConfig``, ``peft.OFTConfig`` or
+                ``peft.LoraConfig`` with ``use_dora: true``. ``task_type`` follows the backbone's head.
+        """
+        super().__init__(**kwargs)
+        if peft_config is None:
+            raise ValueError("tuner peft: peft_config is required (e.g. class_path: peft.LoraConfig)")
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(f"tuner peft: peft_config must be a peft.PeftConfig, got {type(peft_config).__name__}")
+        self.peft_config = peft_config
+        self.name = peft_label(type(peft_config).__name__, bool(getattr(peft_config, "use_dora", False)))
+        self.total_steps: Optional[int] = None  # set by the objective from the trainer, for AdaLoRA's check
+
+    # ------------------------------------------------------------------ preparation
+    def resolved_config(self, model: nn.Module) -> PeftConfig:
+        """A copy of the config with ``task_type`` filled in from the head (and AdaLoRA's
+        ``total_step`` checked against the trainer's step count)."""
+        from peft import AdaLoraConfig, TaskType
+
+        config = copy.deepcopy(self.peft_config)
+        if getattr(config, "task_type", None) is None:
+            config.task_type = TaskType.SEQ_CLS if getattr(model, "ftbench_head", None) == "score" else TaskType.CAUSAL_LM
+        if isinstance(config, AdaLoraConfig) and self.total_steps is not None and self.total_steps != config.total_step:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"tuner adalora: AdaLoraConfig.total_step={config.total_step} but the trainer will take "
+                           f"{self.total_steps} optimizer steps: the rank budget schedule (tinit={config.tinit}, "
+                           f"tfinal={config.tfinal}) follows total_step")
+        return config
+
+    def prepare(self, model: nn.Module, backbone: "Backbone") -> nn.Module:
+        from peft import get_peft_model
+
+        model = freeze_backbone(model, backbone)
+        return get_peft_model(model, self.resolved_config(model))
+
+    def save(self, model: nn.Module, path: str | Path) -> Path:
+        path = Path(path)
+        model.save_pretrained(path, safe_serialization=True)
+        return path
+
+    @contextlib.contextmanager
+    def reference(self, model: nn.Module) -> Iterator[nn.Module]:
+        with model.disable_adapter():
+            yield model
+
+    # ------------------------------------------------------------------ prompt learning
+    @property
+    def is_prompt_learning(self) -> bool:
+        return bool(getattr(self.peft_config, "is_prompt_learning", False))
+
+    @property
+    def is_prefix(self) -> bool:
+        kind = str(getattr(self.peft_config.peft_type, "value", self.peft_config.peft_type))
+        return kind == "PREFIX_TUNING"
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Positions prepended to the logits by prompt/P-tuning (0 for every other method)."""
+        if not self.is_prompt_learning or self.is_prefix:
+            return 0
+        return int(self.peft_config.num_virtual_tokens)
+
+    def align_logits(self, logits: torch.Tensor, input_length: int) -> torch.Tensor:
+        n = self.num_virtual_tokens
+        if n and logits.shape[1] == input_length + n:
+            return logits[:, n:]
+        return logits
+
+    # ------------------------------------------------------------------ AdaLoRA
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        base = getattr(model, "base_model", None)
+        if hasattr(base, "update_and_allocate"):
+            base.update_and_allocate(step)  # AdaLoRA: the scores use this step's gradients
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, model: nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new_tokens: int, **sampling: Any) -> torch.Tensor:
+        if not self.is_prompt_learning:
+            return super().generate(model, tokenizer, input_ids, attention_mask, max_new_tokens, **sampling)
+        if sampling.get("do_sample"):
+            raise ValueError(f"tuner {self.name}: sampled generation (online RL) is not supported with prompt "
+                             "learning: peft's cached generate differs from the training forward for it")
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):
+            rows.append(self.greedy_prompt_learning(model, ids[mask.bool()].unsqueeze(0), max_new_tokens,
+                                                    tokenizer.eos_token_id))
+        width = max((len(r) for r in rows), default=0)
+        out = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long, device=input_ids.device)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return out
+
+    def greedy_prompt_learning(self, peft_model: nn.Module, ids: torch.Tensor, max_new_tokens: int,
+                               eos_token_id: Optional[int]) -> list[int]:
+        """Greedy continuation of one unpadded row ``ids`` (shape 1 x T) for prompt/prefix tuning,
+        with a KV cache whose first entries are what :class:`peft.PeftModelForCausalLM`'s forward
+        puts before the input (so each token is the argmax of the training forward's logits)."""
+        base = peft_model.base_model
+        n_virtual = int(self.peft_config.num_virtual_tokens)
+        if self.is_prefix:
+            past = peft_model.get_prompt(1, max_cache_len=ids.shape[1] + n_virtual + max_new_tokens)
+            mask = torch.ones(1, n_virtual + ids.shape[1], dtype=torch.long, device=ids.device)
+            out = base(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
+        else:
+            embeds = peft_model.word_embeddings(ids)
+            prompts = peft_model.get_prompt(batch_size=1).to(embeds.dtype)
+            out = base(inputs_embeds=torch.cat((prompts, embeds), dim=1), use_cache=True)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            if eos_token_id is not None and token == eos_token_id:
+                new.append(token)  # kept, as generate keeps it; decoding skips special tokens
+                break
+            new.append(token)
+            if len(new) == max_new_tokens:
+                break
+            out = base(input_ids=torch.tensor([[token]], device=ids.device),
+                       past_key_values=out.past_key_values, use_cache=True)
+        return new
