@@ -18,19 +18,19 @@ def load_pins(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def four_step_losses(method, dm, steps: int = 4, seed: int = 0, after_setup: Optional[Callable] = None) -> list[float]:
-    """The shared loss (FTMethod.forward) over ``steps`` optimizer steps on fixed batches, fp32.
-    ``after_setup(method)`` runs once the model is built, before the first step."""
+def four_step_losses(objective, dm, steps: int = 4, seed: int = 0, after_setup: Optional[Callable] = None) -> list[float]:
+    """The SFT loss (``SFT.loss``) over ``steps`` optimizer steps on fixed batches, fp32.
+    ``after_setup(objective)`` runs once the model is built, before the first step."""
     import torch
 
     torch.manual_seed(seed)
-    method.configure_model()
+    objective.configure_model()
     if after_setup is not None:
-        after_setup(method)
-    opt = method.optimizer_factory([p for p in method.parameters() if p.requires_grad])
+        after_setup(objective)
+    opt = objective.optimizer_factory([p for p in objective.parameters() if p.requires_grad])
     losses = []
     for _, batch in zip(range(steps), dm.train_dataloader()):
-        loss = method(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+        loss = objective.loss(batch)[0]
         loss.backward()
         opt.step()
         opt.zero_grad()
