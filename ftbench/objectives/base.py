@@ -177,10 +177,14 @@ class Objective(L.LightningModule):
         new = self.tuner.generate(self.model, tok, input_ids, attention_mask, max_new_tokens, **sampling)
         return tok.batch_decode(new, skip_special_tokens=True)
 
+    def predict_answers(self, batch: dict[str, Any], max_new_tokens: Optional[int] = None) -> list[str]:
+        """The greedy answers to the batch's generation prompts (``gen_input_ids``)."""
+        return self.generate_texts(batch["gen_input_ids"], batch["gen_attention_mask"],
+                                   self.generation_budget(max_new_tokens))
+
     def exact_match(self, batch: dict[str, Any], max_new_tokens: Optional[int] = None) -> torch.Tensor:
         """1.0 per row whose greedy answer equals the reference answer (white space folded)."""
-        preds = self.generate_texts(batch["gen_input_ids"], batch["gen_attention_mask"],
-                                    self.generation_budget(max_new_tokens))
+        preds = self.predict_answers(batch, max_new_tokens)
         return torch.tensor([float(normalize_answer(p) == normalize_answer(a)) for p, a in zip(preds, batch["answers"])],
                             device=self.device)
 

@@ -1,6 +1,7 @@
-"""Methods on the tiny Llama: trainable-parameter counts, pinned losses of 4 seeded fp32 steps through
-Lightning (the shared loop is what is pinned), which weights a step changes, and exact-match
-evaluation. Pins: ``python scripts/regen_pins.py foundation`` writes tests/pins/foundation.json."""
+"""The SFT objective with the full, freeze, LoRA and no tuners on the tiny Llama: trainable-parameter
+counts, pinned losses of 4 seeded fp32 steps through Lightning (the shared loop is what is pinned),
+which weights a step changes, the reference model, the score head, and exact-match evaluation.
+Pins: ``python scripts/regen_pins.py foundation`` writes tests/pins/foundation.json."""
 
 from __future__ import annotations
 
@@ -12,13 +13,22 @@ import torch
 
 from ftbench.backbone import Backbone
 from ftbench.data.instruction import InstructionData
-from ftbench.methods import Baseline, FullFinetune, LoRA
-from ftbench.methods.base import FTMethod, normalize_answer
+from ftbench.objectives import SFT
+from ftbench.objectives.base import normalize_answer
+from ftbench.tuners import Freeze, Full, NoTuning, Peft
 from pinning import load_pins
 
 PIN_NAME = "foundation"
 STEPS = 4
-METHODS = {"full": FullFinetune, "lora": LoRA, "baseline": Baseline}
+
+
+def lora(r: int = 8, target_modules="all-linear") -> Peft:
+    from peft import LoraConfig
+
+    return Peft(peft_config=LoraConfig(r=r, lora_alpha=16, target_modules=target_modules))
+
+
+TUNERS = {"full": Full, "lora": lora, "baseline": NoTuning, "freeze": Freeze}
 
 # Tiny Llama: vocab 512, hidden 64, 2 layers, 4 heads of 16, 2 KV heads (kv dim 32), MLP 128, untied head.
 #   embed 512*64 = 32,768 + lm_head 512*64 = 32,768
@@ -32,8 +42,8 @@ FULL_PARAMS = 139_584
 LORA_PARAMS = 16_384
 
 
-def make_method(name: str, model_dir: str | Path, **kw) -> FTMethod:
-    return METHODS[name](backbone=Backbone(model=str(model_dir)), **kw)
+def make_method(name: str, model_dir: str | Path, tuner_kw: dict | None = None, **kw) -> SFT:
+    return SFT(backbone=Backbone(model=str(model_dir)), tuner=TUNERS[name](**(tuner_kw or {})), **kw)
 
 
 def make_data(backbone: Backbone, **kw) -> InstructionData:
@@ -56,7 +66,7 @@ def trainer(max_steps: int, callbacks=(), **kw) -> L.Trainer:
                      num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks), **kw)
 
 
-def train_losses(model_dir: str | Path, name: str, steps: int = STEPS) -> tuple[list[float], FTMethod]:
+def train_losses(model_dir: str | Path, name: str, steps: int = STEPS) -> tuple[list[float], SFT]:
     L.seed_everything(0, verbose=False)
     method = make_method(name, model_dir)
     rec = LossRecorder()
@@ -92,7 +102,7 @@ def test_trainable_parameter_counts(tiny_model_dir, name, trainable):
 
 
 def test_lora_rank_and_targets_change_the_count(tiny_model_dir):
-    method = make_method("lora", tiny_model_dir, r=4, target_modules=["q_proj", "v_proj"])
+    method = make_method("lora", tiny_model_dir, tuner_kw={"r": 4, "target_modules": ["q_proj", "v_proj"]})
     method.configure_model()
     # r=4: q 4*(64+64) + v 4*(64+32) = 896 per layer, x 2 layers
     assert method.parameter_counts()["trainable"] == 1_792
@@ -103,7 +113,7 @@ def test_baseline_has_nothing_to_train(tiny_model_dir):
     method.configure_model()
     with pytest.raises(ValueError) as e:
         trainer(1).fit(method, datamodule=make_data(method.backbone))
-    assert str(e.value) == "Baseline: nothing to train (no parameter requires grad)"
+    assert str(e.value) == "sft+none: nothing to train (no parameter requires grad)"
 
 
 # ---------------------------------------------------------------------------- pinned losses
@@ -159,7 +169,7 @@ def _test_metrics(tiny_model_dir, answers) -> dict[str, float]:
     """Run ``trainer.test`` with generation replaced by ``answers(batch)``."""
     L.seed_everything(0, verbose=False)
     method = make_method("baseline", tiny_model_dir)
-    method.generate_answers = answers  # what the greedy decoder returned
+    method.predict_answers = lambda batch, max_new_tokens=None: answers(batch)  # what the greedy decoder returned
     dm = make_data(method.backbone, builtin_size=100, test_fraction=0.2, eval_batch_size=8)
     trainer(1).test(method, datamodule=dm, verbose=False)
     return {k: float(v) for k, v in trainer_metrics(method).items()}
@@ -203,7 +213,7 @@ def test_exact_match_is_per_row_and_per_task(tiny_model_dir):
 
 
 def test_greedy_generation_matches_a_hand_rolled_greedy_loop(tiny_model_dir):
-    """``generate_answers`` on a left-padded batch = argmax decoding of each unpadded prompt alone."""
+    """``predict_answers`` on a left-padded batch = argmax decoding of each unpadded prompt alone."""
     method = make_method("baseline", tiny_model_dir, max_new_tokens=3)
     method.configure_model()
     method.model.eval()
@@ -211,7 +221,7 @@ def test_greedy_generation_matches_a_hand_rolled_greedy_loop(tiny_model_dir):
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     assert len(set(len(e.prompt_ids) for e in dm.splits["test"][:4])) > 1  # some rows are left-padded
-    out = method.generate_answers(batch)
+    out = method.predict_answers(batch, 3)
     tok = method.backbone.tokenizer
     expected = []
     with torch.no_grad():
@@ -231,3 +241,124 @@ def test_greedy_generation_matches_a_hand_rolled_greedy_loop(tiny_model_dir):
 def test_normalize_answer():
     assert normalize_answer("  1  2\n3 ") == "1 2 3"
     assert normalize_answer("APPLE") != normalize_answer("apple")  # exact match is case-sensitive
+
+
+# ---------------------------------------------------------------------------- freeze
+# The last of the 2 blocks: q 64*64 + k 64*32 + v 64*32 + o 64*64 = 12,288; MLP 3*64*128 = 24,576;
+# 2 RMSNorms 2*64 = 128 -> 36,992
+FREEZE_LAST_BLOCK = 36_992
+
+
+def test_freeze_trains_only_the_last_block(tiny_model_dir):
+    method = make_method("freeze", tiny_model_dir)
+    method.configure_model()
+    assert method.parameter_counts() == {"trainable": FREEZE_LAST_BLOCK, "total": FULL_PARAMS}
+    changed, names = _changed_after("freeze", tiny_model_dir, steps=1)
+    assert changed == {k for k in names if k.startswith("model.layers.1.")}
+    assert len(changed) == 9
+
+
+def test_freeze_named_modules_and_extras(tiny_model_dir):
+    method = make_method("freeze", tiny_model_dir, tuner_kw={"trainable_modules": ["mlp"], "extra_modules": ["norm"]})
+    method.configure_model()
+    # the last block's MLP 24,576 + the final norm 64
+    assert method.parameter_counts()["trainable"] == 24_640
+    with pytest.raises(ValueError) as e:
+        make_method("freeze", tiny_model_dir, tuner_kw={"trainable_layers": 3}).configure_model()
+    assert str(e.value) == "tuner freeze: trainable_layers=3 but the model has 2 blocks"
+    with pytest.raises(ValueError) as e:
+        make_method("freeze", tiny_model_dir, tuner_kw={"trainable_modules": ["ffn"]}).configure_model()
+    assert str(e.value) == ("tuner freeze: trainable_modules: LlamaDecoderLayer has no 'ffn' "
+                            "(its children: self_attn, mlp, input_layernorm, post_attention_layernorm)")
+
+
+# ---------------------------------------------------------------------------- the reference model
+def _batch(method):
+    dm = make_data(method.backbone)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+@pytest.mark.parametrize("name", ["full", "freeze"])
+def test_frozen_copy_reference_is_the_untouched_backbone(tiny_model_dir, name):
+    L.seed_everything(0, verbose=False)
+    untouched = make_method("baseline", tiny_model_dir)
+    untouched.configure_model()
+    method = make_method(name, tiny_model_dir)
+    method.configure_model()
+    method.tuner.keep_reference(method.model)
+    trainer(2).fit(method, datamodule=make_data(method.backbone))
+    batch = _batch(method)
+    with torch.no_grad():
+        want = untouched(batch["input_ids"], batch["attention_mask"])
+        trained = method(batch["input_ids"], batch["attention_mask"])
+        with method.tuner.reference(method.model) as ref:
+            got = method(batch["input_ids"], batch["attention_mask"], model=ref)
+        after = method(batch["input_ids"], batch["attention_mask"])
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+    assert not torch.allclose(trained, want, atol=1e-3)  # training moved the model ...
+    assert torch.equal(after, trained)  # ... and it is back after the block
+
+
+def test_full_without_keep_reference_refuses(tiny_model_dir):
+    method = make_method("full", tiny_model_dir)
+    method.configure_model()
+    with pytest.raises(RuntimeError) as e:
+        with method.tuner.reference(method.model):
+            pass
+    assert str(e.value) == ("tuner full: reference() needs keep_reference(model) before training "
+                            "(a frozen copy of the weights as they were)")
+
+
+def test_lora_reference_switches_the_adapter_off(tiny_model_dir):
+    L.seed_everything(0, verbose=False)
+    untouched = make_method("baseline", tiny_model_dir)
+    untouched.configure_model()
+    method = make_method("lora", tiny_model_dir)
+    trainer(2).fit(method, datamodule=make_data(method.backbone))
+    batch = _batch(method)
+    with torch.no_grad():
+        want = untouched(batch["input_ids"], batch["attention_mask"])
+        trained = method(batch["input_ids"], batch["attention_mask"])
+        with method.tuner.reference(method.model) as ref:
+            got = method(batch["input_ids"], batch["attention_mask"], model=ref)
+        after = method(batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(got, want)
+    assert not torch.equal(trained, want)
+    assert torch.equal(after, trained)
+
+
+# ---------------------------------------------------------------------------- the score head
+def test_score_head_reads_the_last_real_token_when_pad_is_eos(tiny_model_dir):
+    from ftbench.backbone import last_token_scores, score_module
+
+    backbone = Backbone(model=str(tiny_model_dir))
+    model = backbone.load_model(head="score")
+    assert model.ftbench_head == "score"
+    eos = backbone.tokenizer.eos_token_id
+    model.config.pad_token_id = eos  # pad = EOS, as in SmolLM2 and Llama 3
+    # row 0: 5 real tokens ending in EOS, then 3 pads (= EOS); row 1: 8 real tokens
+    ids = torch.tensor([[5, 6, 7, 8, eos, eos, eos, eos], [9, 10, 11, 12, 13, 14, 15, eos]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0], [1] * 8])
+    captured = []
+    handle = score_module(model).register_forward_hook(lambda m, a, out: captured.append(out.detach()))
+    with torch.no_grad():
+        scores = last_token_scores(model, ids, mask)
+    handle.remove()
+    per_position = captured[0][..., 0]
+    assert torch.equal(scores, torch.stack([per_position[0, 4], per_position[1, 7]]))
+    # what pooling by "last token that is not the pad id" would have read for row 0: position 3
+    assert not torch.equal(scores[0], per_position[0, 3])
+
+
+def test_score_head_trains_under_every_tuner(tiny_model_dir):
+    from ftbench.tuners import Adapters
+
+    from ftbench.backbone import score_module
+
+    for tuner in (lora(), Adapters(), Freeze(), NoTuning()):
+        objective = SFT(backbone=Backbone(model=str(tiny_model_dir)), tuner=tuner)
+        objective.head = "score"
+        objective.configure_model()
+        head = score_module(objective.model)
+        assert any(p.requires_grad for p in head.parameters()), tuner.name
