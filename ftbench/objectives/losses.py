@@ -195,7 +195,8 @@ def dpo_loss(
         raise ValueError(
             f"dpo_loss: label_smoothing is not used by loss_type {loss_type!r}; set it to 0 (got {eps})"
         )
-    shapes = {tuple(t.shape) for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
+    four = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    shapes = {tuple(x.shape) for x in four}
     if len(shapes) != 1:
         raise ValueError(f"dpo_loss: the four log-prob tensors must have one shape, got {sorted(shapes)}")
 
@@ -342,8 +343,9 @@ def grpo_advantages(rewards: Tensor, num_generations: int, scale_rewards: str | 
         ``(prompts * G,)`` advantages.
 
     A group whose rewards are all equal gets advantage exactly 0. TRL computes
-    ``r - mean`` there, which float rounding can leave at ~3e-8 for 8 equal rewards of 0.3; divided
-    by ``std + 1e-4`` (std itself ~3e-8) that becomes ~3e-4. ftbench zeroes such groups; every other
+    ``r - mean`` there, which float rounding can leave at ~3e-8 for 8 equal float32 rewards of 0.3;
+    divided by ``std + 1e-4`` (TRL's ``nanstd`` is ~3e-8 there too) that becomes ~3e-4, and
+    ``isclose(std, 0)`` misses the group in TRL's ``frac_reward_zero_std``. ftbench zeroes such groups; every other
     group gets TRL's numbers.
     """
     if scale_rewards is True:
@@ -441,9 +443,12 @@ def grpo_loss(
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"grpo_loss: unknown loss_type {loss_type!r}; expected one of {_choices(GRPO_LOSS_TYPES)}")
-    if loss_type == "dr_grpo" and (
-        not isinstance(max_completion_length, int) or isinstance(max_completion_length, bool) or max_completion_length < 1
-    ):
+    bad_length = (
+        not isinstance(max_completion_length, int)
+        or isinstance(max_completion_length, bool)
+        or max_completion_length < 1
+    )
+    if loss_type == "dr_grpo" and bad_length:
         raise ValueError(
             "grpo_loss: loss_type 'dr_grpo' divides by batch_size * max_completion_length and needs "
             f"max_completion_length (a positive int), got {max_completion_length!r}"
@@ -494,7 +499,8 @@ def grpo_loss(
     with torch.no_grad():
 
         def masked_mean(x: Tensor) -> Tensor:
-            return torch.where(mask, x.to(per_token.dtype), torch.zeros((), dtype=per_token.dtype, device=x.device)).sum() / n_tokens
+            x = x.to(per_token.dtype)
+            return torch.where(mask, x, torch.zeros_like(x)).sum() / n_tokens
 
         is_low = (ratio < 1.0 - eps_low) & (advantages < 0)
         is_high = (ratio > 1.0 + eps_high) & (advantages > 0)
