@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ftbench.cli import cli_main, run_id_for
+from ftbench.cli import cli_main, given_config
+from ftbench.naming import run_id
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,12 +45,18 @@ def test_help_shows_backbone_docstrings():
     assert "--warmup_batches WARMUP_BATCHES Training batches left out of the throughput figures." in text
 
 
-def test_help_of_a_method_and_a_data_module():
-    code, out, _ = run_cli(["fit", "--model.help", "LoRA"])
+def test_help_of_a_tuner_an_objective_and_a_data_module():
+    code, out, _ = run_cli(["fit", "--tuner.help", "Freeze"])
     assert code == 0
     text = flat(out)
-    assert "--model.r R Rank of the update matrices. (type: int, default: 8)" in text
+    assert ("--tuner.trainable_layers TRAINABLE_LAYERS How many of the last transformer blocks train "
+            "(1 = the last block). (type: int, default: 1)") in text
+    assert "--tuner.lr LR Learning rate this method trains with; when set it replaces the optimizer's ``lr``" in text
+    code, out, _ = run_cli(["fit", "--model.help", "SFT"])
+    assert code == 0
+    text = flat(out)
     assert "--model.warmup_steps WARMUP_STEPS Linear warm-up steps of the schedule." in text
+    assert "--model.generate_in_validation {true,false} Also compute exact match during validation" in text
     code, out, _ = run_cli(["fit", "--data.help", "InstructionData"])
     assert code == 0
     assert ("--data.truncation {truncate,drop} What to do with longer rows: ``truncate`` "
@@ -57,36 +64,70 @@ def test_help_of_a_method_and_a_data_module():
 
 
 def test_bad_values_are_refused_at_parse_time():
-    code, _, err = run_cli(["fit", "--model", "configs/method/lora.yaml", "--data", "configs/data/instruction.yaml",
-                            "--backbone.dtype", "float8"])
+    code, _, err = run_cli(["fit", "--tuner", "configs/tuner/lora.yaml", "--model", "configs/objective/sft.yaml",
+                            "--data", "configs/data/instruction.yaml", "--backbone.dtype", "float8"])
     assert code == 2
     assert "backbone.dtype" in err and "float8" in err
-    code, _, err = run_cli(["fit", "--model", "configs/method/lora.yaml", "--data", "configs/data/instruction.yaml",
-                            "--data.init_args.truncation", "wrap"])
+    code, _, err = run_cli(["fit", "--tuner", "configs/tuner/lora.yaml", "--model", "configs/objective/sft.yaml",
+                            "--data", "configs/data/instruction.yaml", "--data.init_args.truncation", "wrap"])
     assert code == 2 and "wrap" in err
 
 
-def test_one_backbone_object_is_shared(tiny_model_dir, tmp_path):
-    cli = cli_main(["--backbone.model", str(tiny_model_dir), "--model", "configs/method/lora.yaml",
-                    "--data", "configs/data/instruction.yaml", "--trainer", "configs/trainer/cpu.yaml",
-                    "--out", str(tmp_path)], run=False)
+def test_one_backbone_and_tuner_object_is_shared(tiny_model_dir, tmp_path):
+    cli = cli_main(["--backbone.model", str(tiny_model_dir), "--tuner", "configs/tuner/lora.yaml",
+                    "--model", "configs/objective/sft.yaml", "--data", "configs/data/instruction.yaml",
+                    "--trainer", "configs/trainer/cpu.yaml", "--out", str(tmp_path)], run=False)
     assert cli.model.backbone is cli.datamodule.backbone
     assert cli.model.backbone.model == str(tiny_model_dir)
-    assert type(cli.model).__name__ == "LoRA" and cli.model.r == 16
+    assert type(cli.model).__name__ == "SFT" and type(cli.model.tuner).__name__ == "Peft"
+    assert cli.model.tuner.peft_config.r == 16 and cli.model.tuner.lr == 1e-3
+    assert cli.model.method_label == "sft+lora"
+    assert cli.run_id.startswith("sft+lora-")
     assert cli.trainer.default_root_dir == str(tmp_path / cli.run_id)
     assert not list(tmp_path.glob("*.json"))  # the record is written when the run starts, not before
 
 
 def test_run_id_is_stable_and_ignores_where_results_go():
-    a = {"model": {"class_path": "ftbench.methods.LoRA", "init_args": {"r": 8, "alpha": 16}},
+    a = {"model": {"class_path": "ftbench.objectives.SFT"},
+         "tuner": {"class_path": "ftbench.tuners.Peft",
+                   "init_args": {"peft_config": {"class_path": "peft.LoraConfig", "init_args": {"r": 8}}}},
          "trainer": {"max_steps": 10, "enable_progress_bar": True}, "out": "runs", "seed_everything": 1}
     b = {"seed_everything": 1, "out": "elsewhere",
          "trainer": {"enable_progress_bar": False, "max_steps": 10},
-         "model": {"init_args": {"alpha": 16, "r": 8}, "class_path": "ftbench.methods.LoRA"}}
-    rid = run_id_for(a, "fit")
-    assert rid == run_id_for(b, "fit")
-    assert rid.startswith("lora-") and len(rid) == len("lora-") + 10
-    assert run_id_for(a, "test") != rid
-    assert run_id_for({**a, "seed_everything": 2}, "fit") != rid
-    c = {**a, "model": {"class_path": "ftbench.methods.LoRA", "init_args": {"r": 16, "alpha": 16}}}
-    assert run_id_for(c, "fit") != rid
+         "tuner": {"init_args": {"peft_config": {"init_args": {"r": 8}, "class_path": "peft.LoraConfig"}},
+                   "class_path": "ftbench.tuners.Peft"},
+         "model": {"class_path": "ftbench.objectives.SFT"}}
+    rid = run_id("fit", a)
+    assert rid == run_id("fit", b)
+    assert rid.startswith("sft+lora-") and len(rid) == len("sft+lora-") + 10
+    assert run_id("test", a) != rid
+    assert run_id("fit", {**a, "seed_everything": 2}) != rid
+    c = {**a, "backbone": {"quantization": "nf4"}}
+    assert run_id("fit", c).startswith("sft+lora+nf4-")
+
+
+def test_fit_and_the_same_sweep_point_get_the_same_run_id(tmp_path):
+    """One definition of "the same run": ``ftbench fit ARGS`` and a sweep point with the same ARGS."""
+    import yaml
+
+    from ftbench.sweep.grid import load_sweep
+
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "base": {"backbone": str(ROOT / "configs/backbone/embedded.yaml"),
+                 "objective": str(ROOT / "configs/objective/sft.yaml"),
+                 "data": str(ROOT / "configs/data/instruction.yaml"),
+                 "trainer": str(ROOT / "configs/trainer/cpu.yaml"), "trainer.max_steps": 7},
+        "grid": {"tuner": [str(ROOT / "configs/tuner/lora.yaml"), str(ROOT / "configs/tuner/full.yaml")],
+                 "lr": [3.0e-4]},
+    }))
+    points = load_sweep(sweep).runs
+    for point in points:
+        argv = [a for a in point.argv("elsewhere") if a not in ("--run_id", point.run_id)]
+        assert run_id(*given_config(argv)) == point.run_id
+    # as a user types it: relative paths from the repository root, keys in another order
+    typed = ["fit", "--trainer", "configs/trainer/cpu.yaml", "--tuner", "configs/tuner/lora.yaml",
+             "--backbone", "configs/backbone/embedded.yaml", "--model", "configs/objective/sft.yaml",
+             "--data", "configs/data/instruction.yaml", "--trainer.max_steps", "7", "--tuner.init_args.lr", "3.0e-4",
+             "--out", "runs"]
+    assert run_id(*given_config(typed)) == points[0].run_id

@@ -2,8 +2,9 @@
 
 Files are found by glob when the tests are collected, so configs added later are picked up:
 
-* ``configs/<dir>/*.yaml`` and ``experiments/**/<dir>/*.yaml`` with ``<dir>`` one of ``method``,
-  ``data``, ``backbone``, ``trainer`` are values of ``--model``/``--data``/``--backbone``/``--trainer``;
+* ``configs/<dir>/*.yaml`` and ``experiments/**/<dir>/*.yaml`` with ``<dir>`` one of ``tuner``,
+  ``objective``, ``optim``, ``data``, ``backbone``, ``trainer`` are values of ``--tuner``, ``--model``,
+  ``--model.init_args.optimizer``, ``--data``, ``--backbone``, ``--trainer``;
 * ``configs/sweeps/*.yaml`` (and ``experiments/**/sweeps/``) go through ``load_sweep``, and every run
   of the sweep through the CLI;
 * any other YAML under ``experiments/`` is a sweep when it has ``base``/``grid``/``runs``, or a whole
@@ -24,13 +25,15 @@ import yaml
 from ftbench.cli import cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
-VALUE_DIRS = {"method": "model", "data": "data", "backbone": "backbone", "trainer": "trainer"}
+VALUE_DIRS = {"tuner": "tuner", "objective": "model", "optim": "model.init_args.optimizer", "data": "data",
+              "backbone": "backbone", "trainer": "trainer"}
 SWEEP_DIRS = {"sweeps"}
-CONFIG_KEYS = {"seed_everything", "trainer", "model", "data", "backbone", "out", "run_id", "save_weights",
+CONFIG_KEYS = {"seed_everything", "trainer", "model", "tuner", "data", "backbone", "out", "run_id", "save_weights",
                "test_after_fit", "validate_before_fit", "warmup_batches", "ckpt_path", "optimizer", "lr_scheduler"}
 SWEEP_KEYS = {"base", "grid", "runs"}
 # what a value file is combined with, so that the CLI has a whole run to parse
-DEFAULTS = {"model": "configs/method/lora.yaml", "data": "configs/data/instruction.yaml"}
+DEFAULTS = {"tuner": "configs/tuner/lora.yaml", "model": "configs/objective/sft.yaml",
+            "data": "configs/data/instruction.yaml"}
 
 
 def shipped_yaml() -> list[Path]:
@@ -82,13 +85,15 @@ FILES = shipped_yaml()
 
 def test_configs_are_found():
     names = {str(p.relative_to(ROOT)) for p in FILES}
-    assert {"configs/method/lora.yaml", "configs/method/full.yaml", "configs/method/baseline.yaml",
+    assert {"configs/tuner/lora.yaml", "configs/tuner/full.yaml", "configs/tuner/none.yaml",
+            "configs/tuner/freeze.yaml", "configs/objective/sft.yaml", "configs/optim/adamw.yaml",
             "configs/data/instruction.yaml", "configs/trainer/cpu.yaml", "configs/backbone/embedded.yaml",
             "configs/sweeps/quickstart.yaml"} <= names
 
 
 def test_classifier_refuses_what_it_cannot_place(tmp_path):
-    assert classify(ROOT / "configs/method/lora.yaml") == ("value", "model")
+    assert classify(ROOT / "configs/tuner/lora.yaml") == ("value", "tuner")
+    assert classify(ROOT / "configs/objective/sft.yaml") == ("value", "model")
     assert classify(ROOT / "configs/sweeps/quickstart.yaml") == ("sweep", None)
     kind, reason = classify(ROOT / "configs/optimizers/adamw.yaml")
     assert kind == "unknown" and reason.startswith("configs/optimizers/adamw.yaml: ")
@@ -106,6 +111,9 @@ def test_shipped_yaml_parses_through_the_cli(path):
             if k != key:
                 argv += [f"--{k}", default]
         printed = print_config(argv + [f"--{key}", rel])
+        for part in key.split(".")[:-1]:
+            printed = printed[part]
+        key = key.split(".")[-1]
         if isinstance(content, dict) and "class_path" in content:
             # the class the file names is the one parsed, with the file's arguments
             assert printed[key]["class_path"].rsplit(".", 1)[-1] == content["class_path"].rsplit(".", 1)[-1]
