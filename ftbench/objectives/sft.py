@@ -51,6 +51,9 @@ class SFT(Objective):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         loss, _, n_tok = self.loss(batch)
+        extra = self.tuner.regularization(self.model)  # e.g. AdaLoRA's orthogonality penalty
+        if extra is not None:
+            loss = loss + extra
         self.check_finite(loss, batch_idx)
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return self.step_output(loss, n_tok.sum(), batch["input_ids"], batch["attention_mask"])

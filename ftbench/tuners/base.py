@@ -135,6 +135,10 @@ class Tuner:
         """Logits for exactly the ``input_length`` input positions (prompt tuning prepends some)."""
         return logits
 
+    def regularization(self, model: nn.Module) -> Optional[torch.Tensor]:
+        """A term this tuner adds to the training loss (AdaLoRA's orthogonality penalty), or None."""
+        return None
+
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called once per optimizer step, after it and before ``zero_grad``."""
 

@@ -130,6 +130,30 @@ class Peft(Tuner):
         return logits
 
     # ------------------------------------------------------------------ AdaLoRA
+    def regularization(self, model: nn.Module) -> Optional[torch.Tensor]:
+        """AdaLoRA's orthogonality penalty: ``orth_reg_weight`` x the mean over its P and Q matrices of
+        ``||P P^T - I||_F`` and ``||Q^T Q - I||_F``. peft adds it only to a loss the model computes from
+        ``labels``; the objectives compute their own loss, so they add it here (training only, as peft)."""
+        base = getattr(model, "base_model", None)
+        name = getattr(base, "trainable_adapter_name", None)
+        if name is None or not hasattr(base, "update_and_allocate"):  # not AdaLoRA
+            return None
+        weight = base.peft_config[name].orth_reg_weight
+        if weight < 0:
+            raise ValueError(f"tuner adalora: orth_reg_weight must be >= 0, got {weight}")
+        terms = []
+        for n, p in base.model.named_parameters():  # the order and arithmetic of AdaLoraModel.forward
+            if ("lora_A" in n or "lora_B" in n) and name in n:
+                cov = p @ p.T if "lora_A" in n else p.T @ p
+                eye = torch.eye(*cov.size(), dtype=cov.dtype, device=cov.device)
+                terms.append(torch.norm(cov - eye, p="fro"))
+        if not terms or weight == 0:
+            return None
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t
+        return weight * (total / len(terms))
+
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         base = getattr(model, "base_model", None)
         if hasattr(base, "update_and_allocate"):
