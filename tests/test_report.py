@@ -1,21 +1,25 @@
-"""Reports: exact table values from hand-written records, CSV, Welch's t-test, Pareto front,
-valid PNG plots, the CLI without torch, and the W&B table."""
+"""Reports: exact tables from hand-written records, columns found in the records, the reference by
+label or tuner part, Welch's t-test (scipy), --select on validation metrics only, several studies in
+one file, empty and corrupt inputs, CSV, Pareto front, valid PNG plots, the CLI without torch, the
+W&B table, and the committed quickstart report reproduced."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from scipy import stats
 
-from ftbench.sweep.report import (load_records, markdown_table, pareto_front, report, summarise, t_sf2,
-                                  welch_t_test)
+from ftbench.sweep.report import (RecordWarning, ReportError, load_records, markdown_table, pareto_front, report,
+                                  runs_frame, summarise, summary_line, welch_t_test)
+from ftbench.sweep.report.cli import main as report_main
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -24,15 +28,15 @@ MB = 2**20
 
 def _record(run_id, method, seed, *, status="completed", sub="fit", lr=1e-3, r=16, acc=None, mem_mb=None,
             tps=None, fit_s=None, test_s=None, val_loss=None, tasks=None, general=None, curve=None, n=0,
-            total=1000, trainable=1000):
+            total=1000, trainable=1000, final=None, info=None, config=None):
     model = {"class_path": f"ftbench.methods.{method.capitalize()}", "init_args": {}}
     if method == "lora":
         model["init_args"] = {"r": r, "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr}}}
     elif method == "full":
         model["init_args"] = {"optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr}}}
-    config = {"seed_everything": seed, "out": "somewhere", "run_id": run_id, "model": model,
-              "trainer": {"max_steps": 60, "logger": False, "__path__": f"/x/{run_id}.yaml"}}
-    final = {}
+    config = config or {"seed_everything": seed, "out": "somewhere", "run_id": run_id, "model": model,
+                        "trainer": {"max_steps": 60, "logger": False, "__path__": f"/x/{run_id}.yaml"}}
+    final = dict(final or {})
     if acc is not None:
         final["test/accuracy"] = acc
     if val_loss is not None:
@@ -40,7 +44,7 @@ def _record(run_id, method, seed, *, status="completed", sub="fit", lr=1e-3, r=1
     for task, a in (tasks or {}).items():
         final[f"test/{task}/accuracy"] = a
     info = {"status": status, "method": method, "final": final, "metrics": curve or [],
-            "params": {"trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total}}
+            "params": {"trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total}, **(info or {})}
     if general is not None:
         info["initial"] = {"val/general/loss": general[0]}
         final["val/general/loss"] = general[1]
@@ -60,12 +64,21 @@ def _record(run_id, method, seed, *, status="completed", sub="fit", lr=1e-3, r=1
             "train_info": info, "meta_info": {}}
 
 
+def _write(d: Path, recs, name=None) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    for rec in recs:
+        (d / f"{rec['run_info']['run_id']}.json").write_text(json.dumps(rec))
+    if name:
+        (d / "sweep.json").write_text(json.dumps({"name": name, "runs": []}))  # not a record: passed over
+    return d
+
+
 def _curve(v0, v1):
     return [{"step": 30, "epoch": 0, "val/loss": v0, "train/loss": v0 + 0.1},
             {"step": 60, "epoch": 0, "val/loss": v1, "train/loss": v1 + 0.1}]
 
 
-def write_records(d: Path) -> None:
+def write_records(d: Path, broken: bool = True) -> None:
     recs = []
     for i, (seed, acc, tps, vl, g1, add) in enumerate([(1, 0.5, 100, 1.0, 2.5, 0.4), (2, 0.6, 110, 1.2, 2.6, 0.6),
                                                        (3, 0.7, 120, 1.4, 2.7, 0.8)]):
@@ -79,11 +92,9 @@ def write_records(d: Path) -> None:
                         n=20, trainable=25))
     recs.append(_record("lora-huge-lr", "lora", 1, lr=1e30, status="nan", mem_mb=None, n=21, trainable=50))
     recs.append(_record("baseline", "baseline", 42, sub="test", acc=0.1, mem_mb=300, test_s=3, n=22, trainable=0))
-    d.mkdir(parents=True, exist_ok=True)
-    for rec in recs:
-        (d / f"{rec['run_info']['run_id']}.json").write_text(json.dumps(rec))
-    (d / "sweep.json").write_text(json.dumps({"name": "paper", "runs": []}))  # not a record: ignored
-    (d / "broken.json").write_text('{"run_info": {')  # not a record: ignored
+    _write(d, recs, name="paper")
+    if broken:
+        (d / "broken.json").write_text('{"run_info": {')  # a corrupt record: skipped with a warning
 
 
 # Worked by hand from the records above:
@@ -104,15 +115,17 @@ EXPECTED = """\
 
 def test_table_exact_values(tmp_path):
     write_records(tmp_path)
-    table = report(tmp_path, plots=False)
+    with pytest.warns(RecordWarning, match="broken.json: not valid JSON"):
+        table = report(tmp_path, plots=False)
     assert table == EXPECTED
     text = (tmp_path / "report.md").read_text()
     assert text.startswith(table)
     assert "Welch's two-sided t-test" in text and "Forgetting:" in text
+    assert "- Skipped broken.json: not valid JSON" in text  # said in the report, not silently dropped
 
 
 def test_csv_has_raw_numbers(tmp_path):
-    write_records(tmp_path)
+    write_records(tmp_path, broken=False)
     report(tmp_path, plots=False)
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))
     assert [(r["method"], r["setting"], r["n"], r["status"]) for r in rows] == [
@@ -126,35 +139,189 @@ def test_csv_has_raw_numbers(tmp_path):
     assert float(lora["p"]) == pytest.approx(0.021311641128756, abs=1e-9)
     assert float(lora["t"]) == pytest.approx(-3.6742346141747673)
     assert float(full["forgetting"]) == pytest.approx(0.6) and full["seeds"] == "1;2;3"
-    assert full["run_ids"] == "full-1;full-2;full-3" and float(full["accuracy_add"]) == pytest.approx(0.6)
+    assert full["run_ids"] == "full-1;full-2;full-3" and float(full["test/add/accuracy"]) == pytest.approx(0.6)
     assert full["trainable"] == "1000" and lora["trainable"] == "50"
+    # every number of the records, by its own name: the raw entries behind the derived columns too
+    assert full["memory.peak_bytes"] == str(1000 * MB) and full["initial.val/general/loss"] == "2"
+    assert float(full["throughput.trained_tokens_per_s"]) == 110 and full["fit_seconds"] == "10"
 
 
 def test_reference_is_a_choice(tmp_path):
-    write_records(tmp_path)
-    rows = summarise(load_records(tmp_path), reference="lora")
+    write_records(tmp_path, broken=False)
+    runs = runs_frame(load_records(tmp_path))
+    points, _ = summarise(runs, reference="lora")
     # the first lora point is the reference; full is 2.5x its memory and half its speed
-    assert [r.get("is_reference") for r in rows] == [False, True, False, False, False]
-    assert rows[0]["mem_rel"] == pytest.approx(2.5) and rows[0]["speed_rel"] == pytest.approx(0.5)
-    assert rows[0]["p"] == pytest.approx(0.021311641128756, abs=1e-9)
-    none = summarise(load_records(tmp_path), reference="qlora")
-    assert all(r["mem_rel"] is None and r["p"] is None for r in none)
+    assert points["is_reference"].tolist() == [False, True, False, False, False]
+    assert points.at[0, "mem_rel"] == pytest.approx(2.5) and points.at[0, "speed_rel"] == pytest.approx(0.5)
+    assert points.at[0, "p"] == pytest.approx(0.021311641128756, abs=1e-9)
+    none, _ = summarise(runs, reference="qlora")
+    assert none["mem_rel"].isna().all() and none["p"].isna().all()
     table = markdown_table(none, reference="qlora")
     assert "mem vs qlora" in table and "p vs qlora" not in table
 
 
-def test_welch_t_test_matches_scipy_and_plain_math():
+def _new_style(run_id, objective, tuner, seed, *, quant="none", lr=1e-3, n=0, **kw):
+    """A record named the new way (objective+tuner[+quantization]) with its objective/tuner config."""
+    label = f"{objective}+{tuner}" + ("" if quant == "none" else f"+{quant}")
+    config = {"seed_everything": seed, "run_id": run_id,
+              "model": {"class_path": f"ftbench.objectives.{objective.upper()}", "init_args": {"beta": 0.1}},
+              "tuner": {"class_path": f"ftbench.tuners.{tuner.capitalize()}", "init_args": {"lr": lr}},
+              "backbone": {"model": "tiny", "quantization": quant}}
+    rec = _record(run_id, tuner, seed, n=n, config=config, **kw)
+    rec["train_info"]["method"] = label
+    return rec
+
+
+def test_reference_matches_the_tuner_part(tmp_path):
+    # new labels: --reference full means sft+full for the sft rows and dpo+full for the dpo rows
+    _write(tmp_path, [
+        _new_style("sft-full-1", "sft", "full", 1, acc=0.5, mem_mb=1000, tps=100, n=1),
+        _new_style("sft-full-2", "sft", "full", 2, acc=0.7, mem_mb=1000, tps=100, n=2),
+        _new_style("sft-lora-1", "sft", "lora", 1, acc=0.4, mem_mb=400, tps=200, n=3),
+        _new_style("sft-lora-2", "sft", "lora", 2, acc=0.6, mem_mb=400, tps=200, n=4),
+        _new_style("sft-qlora-1", "sft", "lora", 1, quant="nf4", acc=0.45, mem_mb=300, tps=150, n=5),
+        _new_style("dpo-full-1", "dpo", "full", 1, mem_mb=2000, tps=50, n=6),
+        _new_style("dpo-lora-1", "dpo", "lora", 1, mem_mb=800, tps=100, n=7),
+    ])
+    table = report(tmp_path, plots=False, columns=["n", "peak_mem_mb", "mem_rel", "speed_rel", "accuracy", "p"])
+    # sft+lora against sft+full: a = 0.4/0.6, b = 0.5/0.7: t = -0.1 / sqrt(0.02/2 + 0.02/2) = -0.707, df = 2:
+    # two-sided p = 1 - |t| / sqrt(2 + t^2) = 1 - 0.4472 = 0.553
+    assert table == """\
+| method | n | peak mem (MB) | mem vs full | speed vs full | exact match | p vs full (Welch) |
+|---|---:|---:|---:|---:|---:|---:|
+| sft+full | 2 | 1,000 ± 0 | 1.00× (ref) | 1.00× (ref) | 60.0 ± 14.1% | – |
+| sft+lora | 2 | 400 ± 0 | 0.40× | 2.00× | 50.0 ± 14.1% | 0.553 |
+| sft+lora+nf4 | 1 | 300 | 0.30× | 1.50× | 45.0% | – |
+| dpo+full | 1 | 2,000 | 1.00× (ref) | 1.00× (ref) | – | – |
+| dpo+lora | 1 | 800 | 0.40× | 2.00× | – | – |"""
+    assert "Reference 'full': sft+full, dpo+full" in (tmp_path / "report.md").read_text()
+    exact = report(tmp_path, plots=False, reference="sft+full", columns=["mem_rel"])
+    assert "| dpo+lora | 0.80× |" in exact  # an exact label: one reference for every row
+    lora = report(tmp_path, plots=False, reference="lora", columns=["mem_rel"])
+    assert "| sft+lora | 1.00× (ref) |" in lora and "| sft+lora+nf4 | 0.75× |" in lora  # sft+lora before +nf4
+
+
+def test_a_new_column_appears_with_no_code_change(tmp_path):
+    breakdown = {"weights": 100 * MB, "gradients": 50 * MB, "optimizer_state": 100 * MB, "activations": 25.5 * MB,
+                 "transient": 0, "predicted_peak": 275.5 * MB, "source": "measured"}
+    recs = [_new_style(f"dpo-lora-{s}", "dpo", "lora", s, n=s, final={
+                "val/loss": 0.6 + s / 10, "val/rewards/accuracies": 0.5 + s / 4, "val/rewards/margins": 0.25 * s,
+                "val/brand_new_metric": 12345.6 * s, "val/reward": "nan"},
+                info={"memory_breakdown": {**breakdown, "activations": breakdown["activations"] * s}})
+            for s in (1, 2)]
+    _write(tmp_path, recs)
+    table = report(tmp_path, plots=False, columns=["n", "memory_breakdown.*", "val/rewards/*", "val/brand_new_metric"])
+    # activations 25.5 and 51 MB -> 38 ± 18; accuracies 75/100% -> 87.5 ± 17.7%; margins 0.25/0.5; 'nan': no number
+    assert table == """\
+| method | n | memory_breakdown.weights (MB) | memory_breakdown.gradients (MB) | memory_breakdown.optimizer_state (MB) | memory_breakdown.activations (MB) | memory_breakdown.transient (MB) | memory_breakdown.predicted_peak (MB) | val/rewards/accuracies | val/rewards/margins | val/brand_new_metric |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| dpo+lora | 2 | 100 ± 0 | 50 ± 0 | 100 ± 0 | 38 ± 18 | 0 ± 0 | 276 ± 0 | 87.5 ± 17.7% | 0.375 ± 0.1768 | 1.852e+04 ± 8730 |"""
+    with open(tmp_path / "report.csv") as f:
+        row = next(csv.DictReader(f))
+    assert row["memory_breakdown.weights"] == str(100 * MB) and float(row["val/rewards/margins"]) == 0.375
+    assert "memory_breakdown.source" not in row and "val/reward" not in row  # no number, no column
+    with pytest.raises(ReportError, match="memory_breakdwn.weights match"):
+        report(tmp_path, plots=False, columns=["memory_breakdwn.weights"])
+
+
+def test_welch_p_value_is_scipys():
     samples = [([0.5, 0.6, 0.7], [0.2, 0.3, 0.4]), ([1.0, 2.0, 4.0, 8.0], [1.5, 1.7]), ([3.1, 2.9], [3.0, 3.2, 2.8, 3.05])]
     for a, b in samples:
-        t_math, p_math = welch_t_test(a, b, use_scipy=False)
-        t_sp, p_sp = welch_t_test(a, b)
-        assert t_math == pytest.approx(t_sp, rel=1e-12) and p_math == pytest.approx(p_sp, abs=1e-10)
-    # textbook values: t = 2.0 with 10 df -> two-sided p = 0.07339; with 1 df, p = 1 - 2 atan(t)/pi
-    assert t_sf2(2.0, 10) == pytest.approx(0.073388, abs=1e-6)
-    assert t_sf2(3.0, 1) == pytest.approx(1 - 2 * math.atan(3.0) / math.pi, abs=1e-12)
+        res = stats.ttest_ind(a, b, equal_var=False)
+        assert welch_t_test(a, b) == (float(res.statistic), float(res.pvalue))
+    t, p = welch_t_test([0.5, 0.6, 0.7], [0.2, 0.3, 0.4])
+    assert t == pytest.approx(3.6742346141747673) and p == pytest.approx(0.021311641128756, abs=1e-12)  # df = 4
     assert welch_t_test([0.5], [0.1, 0.2]) is None  # one seed: no test
     assert welch_t_test([0.5, 0.5], [0.5, 0.5]) == (0.0, 1.0)  # no variance, same mean
     assert welch_t_test([0.6, 0.6], [0.5, 0.5])[1] == 0.0  # no variance, different means
+
+
+def _select_records(d: Path) -> Path:
+    # lora at lr 1e-3 has the better validation loss; lr 1e-4 the better test accuracy
+    return _write(d, [
+        _record("lora-a1", "lora", 1, lr=1e-3, val_loss=1.0, acc=0.3, final={"val/accuracy": 0.7}, mem_mb=400, n=1),
+        _record("lora-a2", "lora", 2, lr=1e-3, val_loss=1.2, acc=0.4, final={"val/accuracy": 0.5}, mem_mb=400, n=2),
+        _record("lora-b1", "lora", 1, lr=1e-4, val_loss=1.5, acc=0.8, final={"val/accuracy": 0.6}, mem_mb=400, n=3),
+        _record("lora-b2", "lora", 2, lr=1e-4, val_loss=1.7, acc=0.9, final={"val/accuracy": 0.7}, mem_mb=400, n=4),
+        _record("full-1", "full", 1, lr=5e-5, val_loss=1.3, acc=0.5, mem_mb=1000, tps=100, n=5),
+        _record("baseline", "baseline", 1, sub="test", acc=0.1, n=6),
+    ])
+
+
+def test_select_picks_by_validation_never_by_test(tmp_path):
+    _select_records(tmp_path)
+    cols = ["setting", "n", "val_loss", "val/accuracy", "accuracy"]
+    table = report(tmp_path, plots=False, select="val/loss", columns=cols)
+    assert table == """\
+| method | setting | n | val loss | val/accuracy | exact match |
+|---|---|---:|---:|---:|---:|
+| lora | lr=0.001 | 2 | 1.100 ± 0.141 | 60.0 ± 14.1% | 35.0 ± 7.1% |
+| full | – | 1 | 1.300 | – | 50.0% |
+| baseline | – | 1 | – | – | 10.0% |"""
+    text = (tmp_path / "report.md").read_text()
+    assert ("One grid point per method, chosen by the best mean val/loss over seeds (lower is better; test metrics "
+            "never choose): lora: lr=0.001 (val/loss 1.1; best of 2 point(s) with it, 2 in all); full: its only "
+            "setting (val/loss 1.3; best of 1 point(s) with it, 1 in all); baseline: no val/loss.") in text
+    # accuracy-like: higher is better (lr 1e-4: 65% > 60%); max:/min: override the direction
+    assert "| lora | lr=0.0001 | 2 |" in report(tmp_path, plots=False, select="val/accuracy", columns=cols)
+    assert "| lora | lr=0.0001 | 2 |" in report(tmp_path, plots=False, select="max:val/loss", columns=cols)
+    assert "| lora | lr=0.001 | 2 |" in report(tmp_path, plots=False, select="min:val/accuracy", columns=cols)
+    # the choice does not move when the test numbers do
+    for p in tmp_path.glob("lora-a*.json"):
+        rec = json.loads(p.read_text())
+        rec["train_info"]["final"]["test/accuracy"] = 0.0
+        p.write_text(json.dumps(rec))
+    assert "| lora | lr=0.001 | 2 |" in report(tmp_path, plots=False, select="val/loss", columns=cols)
+    with pytest.raises(ReportError, match="selection never looks at test metrics"):
+        report(tmp_path, plots=False, select="test/accuracy")
+    with pytest.raises(ReportError, match="never looks at test"):
+        report(tmp_path, plots=False, select="max:test/accuracy")
+    with pytest.raises(ReportError, match=r"no record has val/bleu \(validation metrics: val/accuracy, val/loss\)"):
+        report(tmp_path, plots=False, select="val/bleu")
+
+
+def test_several_studies_in_one_file(tmp_path, capsys):
+    write_records(tmp_path / "a", broken=False)
+    _select_records(tmp_path / "b")
+    out = tmp_path / "out" / "all.md"
+    assert report_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--select", "val/loss"]) == 0
+    text = out.read_text()
+    assert text.startswith(f"## paper\n\nRecords: `{tmp_path / 'a'}` (9 runs).\n\n| method | setting |")
+    assert f"\n## b\n\nRecords: `{tmp_path / 'b'}` (6 runs).\n\n| method | setting |" in text
+    assert "| lora | lr=0.001, r=16 | 3 | completed |" in text  # study a: the best val/loss of its lora points
+    assert "| lora | lr=0.001 | 2 | completed |" in text  # study b
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "all-b.csv", "all-paper.csv", "all.md", "b-accuracy_vs_memory.png", "b-throughput.png",
+        "paper-accuracy_vs_memory.png", "paper-loss_curves.png", "paper-throughput.png"]
+    assert "![paper-loss_curves](paper-loss_curves.png)" in text
+    printed = capsys.readouterr().out
+    assert printed.startswith("## paper\n\n| method |") and "\n## b\n\n| method |" in printed
+    assert not (tmp_path / "a" / "report.md").exists()  # nothing written next to the records
+
+
+def test_empty_folder_and_corrupt_record(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="no run records"):
+        report(tmp_path / "empty")
+    assert report_main([str(tmp_path / "empty")]) == 2
+    assert "error: " in capsys.readouterr().err
+    write_records(tmp_path / "r")
+    (tmp_path / "r" / "odd.json").write_text(json.dumps({"run_info": {"run_id": "x"}, "train_info": 3}))
+    assert report_main([str(tmp_path / "r"), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'r' / 'broken.json'}: not valid JSON" in err
+    assert f"warning: {tmp_path / 'r' / 'odd.json'}: run_info or train_info missing or not an object" in err
+    assert report_main([str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert report_main([str(tmp_path / "r"), "--select", "test/accuracy"]) == 2
+    assert "error: --select test/accuracy: selection never looks at test metrics" in capsys.readouterr().err
+
+
+def test_summary_line(tmp_path):
+    write_records(tmp_path, broken=False)
+    rec = json.loads((tmp_path / "full-1.json").read_text())
+    assert summary_line(rec) == ("[ftbench] full-1: full completed trainable params=1,000 trainable %=100.00 "
+                                 "peak mem (MB)=1,000 trained tok/s=100 wall (s)=12 val loss=1.000 exact match=50.0%")
 
 
 def test_pareto_front():
@@ -166,7 +333,7 @@ def test_pareto_front():
 def test_plots_are_valid_pngs(tmp_path):
     import matplotlib.image
 
-    write_records(tmp_path)
+    write_records(tmp_path, broken=False)
     report(tmp_path)
     for name in ("accuracy_vs_memory.png", "throughput.png", "loss_curves.png"):
         data = (tmp_path / name).read_bytes()
@@ -180,27 +347,45 @@ def test_plots_are_valid_pngs(tmp_path):
 
 def test_report_cli_without_torch(tmp_path):
     write_records(tmp_path)
-    code = ("import sys\nfrom ftbench.cli import main\ntry:\n    main(['report', sys.argv[1], '--no-plots'])\n"
-            "except SystemExit as e:\n    print('exit', e.code)\n"
+    (tmp_path / "empty").mkdir()
+    code = ("import sys\nfrom ftbench.cli import main\nfrom ftbench.sweep.report.cli import main as report\n"
+            "try:\n    main(['report', sys.argv[1], '--no-plots'])\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+            "print('select exit', report([sys.argv[1], '--no-plots', '--select', 'val/loss', '--columns', 'default,val/*']))\n"
             "print('heavy:', sorted(m for m in ('torch', 'lightning', 'transformers', 'matplotlib') if m in sys.modules))\n")
-    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert "exit 0" in res.stdout and "heavy: []" in res.stdout, res.stdout + res.stderr
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert "exit 0" in res.stdout and "select exit 0" in res.stdout and "heavy: []" in res.stdout, res.stdout + res.stderr
     assert "| lora | lr=0.001, r=16 | 3 | completed |" in res.stdout
-    bad = subprocess.run([sys.executable, "-m", "ftbench.cli", "report", str(tmp_path / "missing")],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert bad.returncode == 2 and "is not a directory" in bad.stderr
+    assert "| val/loss | val/general/loss |" in res.stdout  # the default columns, then val/*
+    assert f"warning: {tmp_path / 'broken.json'}: not valid JSON" in res.stderr
+    for args, rc, said in (([str(tmp_path / "missing")], 2, "is not a directory"),
+                           ([str(tmp_path / "empty")], 2, "no run records")):
+        bad = subprocess.run([sys.executable, "-m", "ftbench.cli", "report", *args], capture_output=True, text=True, env=env)
+        assert bad.returncode == rc and said in bad.stderr, bad.stderr
+    alone = subprocess.run([sys.executable, "-m", "ftbench.sweep.report", str(tmp_path), "--no-plots", "--columns", "n"],
+                           capture_output=True, text=True, env=env)
+    assert alone.returncode == 0 and alone.stdout.startswith("| method | setting | n |"), alone.stderr
+
+
+def test_committed_quickstart_report_is_reproduced(tmp_path):
+    results = ROOT / "experiments" / "quickstart" / "results"
+    if not (results / "report.md").exists():
+        pytest.skip("no committed quickstart report")
+    copy = shutil.copytree(results, tmp_path / "results")
+    table = report(copy, plots=False)
+    assert (results / "report.md").read_text().startswith(table + "\n\n")
 
 
 def test_report_logs_a_wandb_table_offline(tmp_path, monkeypatch):
     from test_sweep import _wandb_records
 
+    monkeypatch.setenv("WANDB_MODE", "unset")  # restored (absent) after the test, whatever report() sets
     for k in list(os.environ):
         if k.startswith("WANDB_"):
             monkeypatch.delenv(k)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    write_records(tmp_path)
+    write_records(tmp_path, broken=False)
     table = report(tmp_path, wandb=True)
+    assert os.environ["WANDB_MODE"] == "offline"  # no API key: offline (ftbench.wandb_mode)
     assert table.startswith(EXPECTED.splitlines()[0]) and "(W&B: logged the table and 3 plot(s)" in table
     files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1

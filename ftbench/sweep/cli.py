@@ -401,7 +401,7 @@ def main(argv: list[str]) -> int:
     if args.command == "report":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        from ftbench.sweep.report import report
+        from ftbench.sweep.report.cli import report_for_cli as report
 
         if not Path(args.results_dir).is_dir():
             print(f"error: {args.results_dir} is not a directory", file=sys.stderr)

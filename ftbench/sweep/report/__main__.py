@@ -1,0 +1,5 @@
+import sys
+
+from ftbench.sweep.report.cli import main
+
+sys.exit(main())

@@ -1,0 +1,195 @@
+"""Run records -> one pandas DataFrame, one row per run.
+
+A record (``ftbench.bench.record``) is ``{"run_info", "train_info", "meta_info"}``. Besides the identity
+columns (:data:`IDENTITY`), every number under ``train_info`` becomes a column, found in the records,
+not listed here:
+
+* ``train_info.final`` by the metric's own name: ``val/loss``, ``test/accuracy``,
+  ``test/arithmetic/accuracy``, ``val/rewards/accuracies``, ``val/reward`` ...;
+* the sections in :data:`SECTIONS` under a dotted prefix: ``throughput.trained_tokens_per_s``,
+  ``memory.peak_bytes``, ``params.trainable``, ``memory_breakdown.optimizer_state``,
+  ``initial.val/general/loss`` (the metrics before training);
+* numbers at the top of ``train_info``: ``fit_seconds``, ``test_seconds``, ``global_steps``.
+
+On top of those, :data:`DERIVED` are the quantities the default table shows (peak memory in MB, wall
+time, perplexity, exact match, forgetting), each computed from the columns above in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pandas as pd
+
+#: train_info sections whose numbers are columns (``section.key``); ``final`` gives bare metric names
+SECTIONS = ("throughput", "memory", "test_memory", "params", "memory_breakdown", "initial")
+#: per-run columns that are not metrics
+IDENTITY = ("run_id", "method", "label", "objective", "tuner", "subcommand", "seed", "status", "created",
+            "path", "point", "setting", "curve")
+#: config keys that do not make a different grid point (besides the seed)
+NOT_A_SETTING = ("seed_everything", "out", "run_id", "config", "save_weights", "print_config", "trainer.logger",
+                 "trainer.enable_progress_bar", "trainer.default_root_dir", "trainer.callbacks",
+                 "model.init_args.backbone", "data.init_args.backbone")
+#: backbone storage names that end an old-style label (``lora+nf4``); see ftbench.backbone.Quantization
+QUANTIZATIONS = ("nf4", "fp4", "int8")
+
+
+class ReportError(Exception):
+    """A report that cannot be made: no records, an unknown column, a selection on test metrics."""
+
+
+class RecordWarning(UserWarning):
+    """A file in a results directory that should be a run record and cannot be read."""
+
+
+# ---------------------------------------------------------------------------------- reading
+def load_records(directory: str | Path, problems: Optional[list[tuple[str, str]]] = None) -> list[dict[str, Any]]:
+    """Every ``*.json`` run record in ``directory`` (not recursive), by creation time.
+
+    Other JSON (``sweep.json``) is passed over. A file that is not valid JSON, or a JSON object with a
+    ``run_info``/``train_info`` that is not a record, is skipped with a :class:`RecordWarning` naming
+    it; with ``problems`` given, ``(file name, reason)`` is appended there instead."""
+    records = []
+    for p in sorted(Path(directory).glob("*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            _problem(p, f"not valid JSON ({err})", problems)
+            continue
+        if not isinstance(rec, dict) or not ({"run_info", "train_info"} & set(rec)):
+            continue
+        if not (isinstance(rec.get("run_info"), dict) and isinstance(rec.get("train_info"), dict)):
+            _problem(p, "run_info or train_info missing or not an object", problems)
+            continue
+        rec["_path"] = str(p)
+        records.append(rec)
+    return sorted(records, key=lambda r: (str(r["run_info"].get("created", "")), r["_path"]))
+
+
+def _problem(path: Path, reason: str, problems: Optional[list[tuple[str, str]]]) -> None:
+    if problems is None:
+        warnings.warn(f"{path}: {reason}; skipped", RecordWarning, stacklevel=3)
+    else:
+        problems.append((str(path), reason))
+
+
+# ---------------------------------------------------------------------------------- labels
+def method_of(rec: dict[str, Any]) -> str:
+    """The record's method label (``sft+lora``, ``dpo+full``; old records ``lora``, ``lora+nf4``)."""
+    label = rec["train_info"].get("method")
+    if not label:
+        cp = ((rec["run_info"].get("config") or {}).get("model") or {})
+        cp = cp.get("class_path") if isinstance(cp, dict) else None
+        label = str(cp).rsplit(".", 1)[-1].lower() if cp else "?"
+    return str(label)
+
+
+def label_parts(label: str) -> tuple[Optional[str], str]:
+    """(objective, tuner) of a label: ``sft+lora+nf4`` -> (sft, lora); old ``lora+nf4`` -> (None, lora)."""
+    parts = label.split("+")
+    if len(parts) >= 2 and parts[1] not in QUANTIZATIONS:
+        return parts[0], parts[1]
+    return None, parts[0]
+
+
+def setting_of(rec: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The record's resolved config as flat dotted keys, less the seed and what does not change a run."""
+    cfg = rec["run_info"].get("config")
+    if not isinstance(cfg, dict):
+        return None
+    flat = pd.json_normalize(cfg, sep=".").to_dict("records")[0] if cfg else {}
+    return {k: v for k, v in sorted(flat.items())
+            if "__path__" not in k and not any(k == e or k.startswith(e + ".") for e in NOT_A_SETTING)}
+
+
+# ---------------------------------------------------------------------------------- the frame
+def _number(v: Any) -> float:
+    """A finite float or NaN (records keep non-finite numbers as strings such as 'nan'; bools are not numbers)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)):
+        return math.nan
+    v = float(v)
+    return v if math.isfinite(v) else math.nan
+
+
+def metrics_frame(infos: list[dict[str, Any]]) -> pd.DataFrame:
+    """The numbers of each ``train_info`` as columns (see the module docstring); one row per record."""
+    flat = pd.json_normalize(infos, sep=".") if infos else pd.DataFrame()
+    keep = {}
+    for col in flat.columns:
+        if col.startswith("final."):
+            name = col[len("final."):]
+        elif "." not in col or col.split(".", 1)[0] in SECTIONS:
+            name = col  # a top-level number (fit_seconds) or section.key
+        else:
+            continue
+        values = flat[col].map(_number)
+        if values.notna().any():
+            keep[name] = values.astype(float)
+    return pd.DataFrame(keep, index=flat.index)
+
+
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
+    return df[name] if name in df else pd.Series(np.nan, index=df.index, dtype=float)
+
+
+def _peak_mb(df: pd.DataFrame) -> pd.Series:
+    peak = _col(df, "memory.peak_bytes").combine_first(_col(df, "test_memory.peak_bytes"))
+    return peak.where(peak > 0) / 2**20  # training phase; the test phase for test-only runs
+
+
+def _wall(df: pd.DataFrame) -> pd.Series:
+    wall = _col(df, "fit_seconds").fillna(0) + _col(df, "test_seconds").fillna(0)
+    return wall.where(wall > 0)
+
+
+def _ppl(df: pd.DataFrame) -> pd.Series:
+    return _col(df, "val/perplexity").combine_first(np.exp(_col(df, "val/loss").clip(upper=50.0)))
+
+
+#: the default table's quantities, each from the discovered columns
+DERIVED: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
+    "trainable": lambda df: _col(df, "params.trainable"),
+    "trainable_pct": lambda df: _col(df, "params.trainable_pct"),
+    "total": lambda df: _col(df, "params.total"),
+    "peak_mem_mb": _peak_mb,
+    "tokens_per_s": lambda df: _col(df, "throughput.trained_tokens_per_s"),
+    "wall_s": _wall,
+    "val_loss": lambda df: _col(df, "val/loss"),
+    "val_ppl": _ppl,
+    "test_loss": lambda df: _col(df, "test/loss"),
+    "accuracy": lambda df: _col(df, "test/accuracy").combine_first(_col(df, "val/accuracy")),
+    # forgetting: the general-text loss after training minus before (positive = forgot)
+    "forgetting": lambda df: _col(df, "val/general/loss") - _col(df, "initial.val/general/loss"),
+}
+
+
+def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run: :data:`IDENTITY`, then :data:`DERIVED`, then every discovered metric column."""
+    rows = []
+    for rec in records:
+        run, info = rec["run_info"], rec["train_info"]
+        label = method_of(rec)
+        objective, tuner = label_parts(label)
+        sub = run.get("subcommand")
+        method = label if sub in ("fit", None) or label == "baseline" else f"{label} ({sub})"
+        setting = setting_of(rec)
+        point = json.dumps([method, sub, setting if setting is not None else run.get("run_id")],
+                           sort_keys=True, default=str)
+        rows.append({"run_id": run.get("run_id"), "method": method, "label": label, "objective": objective,
+                     "tuner": tuner, "subcommand": sub, "seed": run.get("seed"), "status": info.get("status"),
+                     "created": run.get("created"), "path": rec.get("_path"), "point": point, "setting": setting,
+                     "curve": info.get("metrics") or []})
+    ident = pd.DataFrame(rows, columns=list(IDENTITY))
+    metrics = metrics_frame([rec["train_info"] for rec in records])
+    derived = pd.DataFrame({k: f(metrics) for k, f in DERIVED.items()}, index=metrics.index)
+    return pd.concat([ident, derived, metrics], axis=1)
+
+
+def metric_columns(runs: pd.DataFrame) -> list[str]:
+    """The numeric columns of a runs frame: derived first, then the discovered ones in record order."""
+    return [c for c in runs.columns if c not in IDENTITY]

@@ -1,0 +1,205 @@
+"""Markdown and CSV from the points frame, and which columns to show.
+
+A column is a key of the points frame (``accuracy``, ``val/loss``, ``memory_breakdown.activations``)
+with a title and a kind that says how to print it. The kind of a discovered column follows from its
+name (:func:`kind_of`): a metric added to the records prints sensibly with no code change.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pandas as pd
+
+from ftbench.sweep.report.records import DERIVED, runs_frame
+
+#: kinds printed without ± std (parameter counts are the same for every seed)
+_NO_STD = ("params", "params_pct", "ratio", "p", "text", "n")
+#: (title, kind) of the columns that are not named after a record entry
+KNOWN = {
+    "method": ("method", "text"), "setting": ("setting", "text"), "n": ("n", "n"), "status": ("status", "text"),
+    "trainable": ("trainable params", "params"), "trainable_pct": ("trainable %", "params_pct"),
+    "total": ("total params", "params"), "peak_mem_mb": ("peak mem (MB)", "count"),
+    "mem_rel": ("mem vs {ref}", "ratio"), "tokens_per_s": ("trained tok/s", "count"),
+    "speed_rel": ("speed vs {ref}", "ratio"), "wall_s": ("wall (s)", "int"), "val_loss": ("val loss", "loss"),
+    "val_ppl": ("val ppl", "ppl"), "test_loss": ("test loss", "loss"), "accuracy": ("exact match", "percent"),
+    "forgetting": ("forgetting (Δ general loss)", "delta"), "p": ("p vs {ref} (Welch)", "p"), "t": ("t vs {ref}", "num"),
+}
+#: what a summary line shows (after the run id, method and status)
+SUMMARY = ("trainable", "trainable_pct", "peak_mem_mb", "tokens_per_s", "wall_s", "val_loss", "test_loss", "accuracy")
+#: points-frame columns that are not for a table
+_INTERNAL = ("point", "label", "objective", "tuner", "subcommand", "runs", "seeds", "run_ids", "common", "acc_values",
+             "is_reference")
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    title: str
+    kind: str
+
+
+def kind_of(key: str) -> str:
+    """How to print a column, from its name."""
+    if key in KNOWN:
+        return KNOWN[key][1]
+    last = key.rsplit("/", 1)[-1].rsplit(".", 1)[-1]
+    if key.startswith("params."):
+        return "params_pct" if last.endswith("pct") else "params"
+    if key.startswith("memory_breakdown.") or last.endswith("bytes"):
+        return "mb"
+    if "accurac" in last or last == "exact_match":
+        return "percent"
+    if "perplexity" in last:
+        return "ppl"
+    if "loss" in last:
+        return "loss"
+    return "num"
+
+
+def _task(key: str) -> Optional[str]:
+    """``test/arithmetic/accuracy`` -> ``arithmetic`` (a task's exact match)."""
+    parts = key.split("/")
+    return parts[1] if len(parts) == 3 and parts[0] == "test" and parts[2] == "accuracy" else None
+
+
+def column(key: str, reference: str = "full") -> Column:
+    kind = kind_of(key)
+    if key in KNOWN:
+        title = KNOWN[key][0].format(ref=reference)
+    elif _task(key):
+        title = f"EM {_task(key)}"
+    else:
+        title = key + (" (MB)" if kind == "mb" else "")
+    return Column(key, title, kind)
+
+
+# ---------------------------------------------------------------------------------- column choice
+def available(points: pd.DataFrame) -> list[str]:
+    """Every key a table can show for these points."""
+    metrics = [c for c in points.columns if c not in _INTERNAL and c not in ("method", "setting", "n", "status")
+               and not (c.endswith("_std") and c[:-4] in points.columns)]
+    return ["method", "setting", "n", "status", *metrics]
+
+
+def default_keys(points: pd.DataFrame) -> list[str]:
+    """Today's table: identity, parameters, memory and speed (relative to the reference), wall time,
+    losses, exact match and per task, forgetting and Welch's p where there are any."""
+    keys = ["method"] + (["setting"] if points["setting"].astype(bool).any() else [])
+    keys += ["n", "status", "trainable", "trainable_pct", "peak_mem_mb", "mem_rel", "tokens_per_s", "speed_rel",
+             "wall_s", "val_loss", "val_ppl", "test_loss", "accuracy"]
+    keys += sorted((c for c in points.columns if _task(c)), key=_task)
+    keys += [k for k in ("forgetting", "p") if points[k].notna().any()]
+    return keys
+
+
+def choose_keys(points: pd.DataFrame, spec: Optional[list[str]] = None) -> list[str]:
+    """The default keys, or those ``spec`` names (names or glob patterns; ``default`` for the default
+    set), led by ``method`` (and ``setting`` where points differ) unless ``spec`` places them."""
+    if not spec:
+        return default_keys(points)
+    have, keys = available(points), []
+    for item in spec:
+        found = default_keys(points) if item == "default" else [k for k in have if fnmatch.fnmatchcase(k, item)]
+        keys += [k for k in found if k not in keys]
+    lead = [k for k in ("method", "setting") if k not in keys and (k == "method" or points["setting"].astype(bool).any())]
+    return lead + keys
+
+
+def unmatched(points_list: list[pd.DataFrame], spec: list[str]) -> list[str]:
+    """The items of ``spec`` that name no column of any of these studies."""
+    have = {k for points in points_list for k in available(points)}
+    return [s for s in spec if s != "default" and not any(fnmatch.fnmatchcase(k, s) for k in have)]
+
+
+# ---------------------------------------------------------------------------------- cells
+def fmt(kind: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if kind in ("params", "count"):
+        return f"{value:,.0f}"
+    if kind == "params_pct":
+        return f"{value:.2f}"
+    if kind == "int":
+        return f"{value:.0f}"
+    if kind == "loss":
+        return f"{value:.3f}"
+    if kind == "ppl":
+        return f"{value:.2f}"
+    if kind == "percent":
+        return f"{100 * value:.1f}%"
+    if kind == "delta":
+        return f"{value:+.3f}"
+    if kind == "ratio":
+        return f"{value:.2f}×"
+    if kind == "p":
+        return f"{value:.3f}" + (" *" if value < 0.05 else "")
+    if kind == "mb":
+        return f"{value / 2**20:,.0f}"
+    if kind == "num":
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _missing(v: Any) -> bool:
+    return v is None or v == "" or (isinstance(v, float) and math.isnan(v))
+
+
+def cell(row: pd.Series, col: Column) -> str:
+    value = row.get(col.key)
+    if col.kind == "text":
+        return "–" if _missing(value) else str(value)
+    if col.kind == "n":
+        return str(row["n"]) if row["n"] == row["runs"] else f"{row['n']}/{row['runs']}"
+    if col.kind == "ratio" and row.get("is_reference") and not _missing(value):
+        return "1.00× (ref)"
+    std = row.get(col.key + "_std")
+    if _missing(value) or col.kind in _NO_STD or _missing(std):
+        return fmt(col.kind, value)
+    if col.kind == "percent":
+        return f"{100 * value:.1f} ± {100 * std:.1f}%"
+    return f"{fmt(col.kind, value)} ± {fmt(col.kind, std).lstrip('+')}"
+
+
+def markdown_table(points: pd.DataFrame, keys: Optional[list[str]] = None, reference: str = "full") -> str:
+    cols = [column(k, reference) for k in (keys or default_keys(points))]
+    head = "| " + " | ".join(c.title for c in cols) + " |"
+    sep = "|" + "|".join("---" if c.kind == "text" else "---:" for c in cols) + "|"
+    body = ["| " + " | ".join(cell(row, c) for c in cols) + " |" for _, row in points.iterrows()]
+    return "\n".join([head, sep, *body])
+
+
+def csv_text(points: pd.DataFrame) -> str:
+    """Raw numbers: identity, the derived columns, the comparison, every discovered metric (each mean
+    with its std), the seeds and run ids. Columns of whole numbers are written as integers."""
+    keys = ["method", "setting", "subcommand", "status", "n", "runs"]
+    for k in DERIVED:
+        keys += [k, k + "_std"]
+    keys += ["mem_rel", "speed_rel", "t", "p"]
+    for k in available(points)[4:]:
+        if k not in keys and k not in KNOWN:
+            keys += [k, k + "_std"]
+    out = points[[k for k in keys if k in points.columns]].copy()
+    out["setting"] = out["setting"].fillna("")
+    for k in out.columns[6:]:
+        values = out[k].dropna()
+        if len(values) and (values == values.round()).all() and values.abs().max() < 2**53:
+            out[k] = out[k].astype("Int64")
+    out["seeds"] = points["seeds"].map(lambda v: ";".join(str(s) for s in v))
+    out["run_ids"] = points["run_ids"].map(lambda v: ";".join(str(s) for s in v))
+    return out.to_csv(index=False, lineterminator="\n")
+
+
+def summary_line(rec: dict[str, Any]) -> str:
+    """One line for the end of a run: ``[ftbench] RUN_ID: METHOD STATUS trainable params=... ...``."""
+    row = runs_frame([rec]).iloc[0]
+    parts = [f"[ftbench] {row['run_id']}: {row['method']} {row['status']}"]
+    for key in SUMMARY:
+        c = column(key)
+        if not _missing(row[key]):
+            parts.append(f"{c.title}={fmt(c.kind, row[key])}")
+    return " ".join(parts)
+
