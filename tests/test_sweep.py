@@ -21,10 +21,21 @@ from ftbench.sweep.report import load_records
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA = """\
-class_path: ftbench.methods.LoRA
+class_path: ftbench.tuners.Peft
 init_args:
-  r: 4
-  alpha: 8
+  peft_config:
+    class_path: peft.LoraConfig
+    init_args: {r: 4, lora_alpha: 8, target_modules: all-linear}
+  lr: 1.0e-3
+"""
+FULL = """\
+class_path: ftbench.tuners.Full
+init_args:
+  lr: 1.0e-4
+"""
+SFT = """\
+class_path: ftbench.objectives.SFT
+init_args:
   optimizer:
     class_path: torch.optim.AdamW
     init_args: {lr: 1.0e-3, weight_decay: 0.0}
@@ -32,26 +43,14 @@ init_args:
   warmup_steps: 0
   generate_in_validation: false
 """
-FULL = """\
-class_path: ftbench.methods.FullFinetune
-init_args:
-  optimizer:
-    class_path: torch.optim.AdamW
-    init_args: {lr: 1.0e-4}
-  lr_scheduler: constant
-"""
 # the same LoRA config with its keys in another order
 LORA_REORDERED = """\
 init_args:
-  generate_in_validation: false
-  warmup_steps: 0
-  lr_scheduler: constant
-  optimizer:
-    init_args: {weight_decay: 0.0, lr: 1.0e-3}
-    class_path: torch.optim.AdamW
-  alpha: 8
-  r: 4
-class_path: ftbench.methods.LoRA
+  lr: 1.0e-3
+  peft_config:
+    init_args: {target_modules: all-linear, lora_alpha: 8, r: 4}
+    class_path: peft.LoraConfig
+class_path: ftbench.tuners.Peft
 """
 TRAINER = """\
 accelerator: cpu
@@ -80,6 +79,7 @@ def _files(d: Path, lora: str = LORA) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / "lora.yaml").write_text(lora)
     (d / "full.yaml").write_text(FULL)
+    (d / "sft.yaml").write_text(SFT)
     (d / "trainer.yaml").write_text(TRAINER)
     (d / "data.yaml").write_text(DATA)
     return d
@@ -90,26 +90,28 @@ name: grid-test
 out: results/grid-test
 base:
   backbone.model: /models/tiny
+  objective: sft.yaml
   data: data.yaml
   trainer: trainer.yaml
   trainer.max_steps: 2
 grid:
-  method: [full.yaml, lora.yaml]
+  tuner: [full.yaml, lora.yaml]
   lr: [1.0e-4, 1e-3]     # 1e-3 (a string to PyYAML) is the number 0.001
 runs:
   - subcommand: test
-    model: lora.yaml
+    tuner: lora.yaml
 """
 # the same sweep, every mapping in another order
 GRID_SWEEP_REORDERED = """\
 runs:
-  - model: lora.yaml
+  - tuner: lora.yaml
     subcommand: test
 grid:
   lr: [1.0e-4, 1.0e-3]
-  model: [full.yaml, lora.yaml]
+  tuner: [full.yaml, lora.yaml]
 base:
   trainer.max_steps: 2
+  model: sft.yaml
   trainer: trainer.yaml
   data: data.yaml
   backbone.model: /models/tiny
@@ -117,7 +119,8 @@ out: results/grid-test
 name: grid-test
 """
 # pinned: a change to the id scheme (or to the normalisation) makes every old record a new run
-GRID_IDS = ["full-e4538b0503", "full-1ee53f6ede", "lora-4a0473efd7", "lora-b866fa9229", "lora-1a4ee731e5"]
+GRID_IDS = ["sft+full-1a355fd88f", "sft+full-d533a97d0a", "sft+lora-91fe2fff18", "sft+lora-51d04d17c2",
+            "sft+lora-8274232ca6"]
 
 
 def test_grid_expansion_exact_runs_and_ids(tmp_path):
@@ -125,22 +128,22 @@ def test_grid_expansion_exact_runs_and_ids(tmp_path):
     (d / "sweep.yaml").write_text(GRID_SWEEP)
     sweep = load_sweep(d / "sweep.yaml")
     assert sweep.name == "grid-test" and sweep.out == "results/grid-test"
-    lr = "model.init_args.optimizer.init_args.lr"
+    lr = "tuner.init_args.lr"
     assert [(r.subcommand, r.method, r.label) for r in sweep.runs] == [
-        ("fit", "full", {"model": str(d / "full.yaml"), lr: 1e-4}),
-        ("fit", "full", {"model": str(d / "full.yaml"), lr: 1e-3}),
-        ("fit", "lora", {"model": str(d / "lora.yaml"), lr: 1e-4}),
-        ("fit", "lora", {"model": str(d / "lora.yaml"), lr: 1e-3}),
-        ("test", "lora", {"model": str(d / "lora.yaml")}),
+        ("fit", "sft+full", {"tuner": str(d / "full.yaml"), lr: 1e-4}),
+        ("fit", "sft+full", {"tuner": str(d / "full.yaml"), lr: 1e-3}),
+        ("fit", "sft+lora", {"tuner": str(d / "lora.yaml"), lr: 1e-4}),
+        ("fit", "sft+lora", {"tuner": str(d / "lora.yaml"), lr: 1e-3}),
+        ("test", "sft+lora", {"tuner": str(d / "lora.yaml")}),
     ]
     assert [r.run_id for r in sweep.runs] == GRID_IDS
     # the command line: parent keys before their children, values as the CLI parses them
     assert sweep.runs[2].argv("OUT") == [
-        "fit", "--backbone.model", "/models/tiny", "--data", str(d / "data.yaml"), "--model", str(d / "lora.yaml"),
-        f"--{lr}", "0.0001", "--trainer", str(d / "trainer.yaml"), "--trainer.max_steps", "2",
-        "--out", "OUT", "--run_id", "lora-4a0473efd7"]
+        "fit", "--backbone.model", "/models/tiny", "--data", str(d / "data.yaml"), "--model", str(d / "sft.yaml"),
+        "--trainer", str(d / "trainer.yaml"), "--trainer.max_steps", "2", "--tuner", str(d / "lora.yaml"),
+        f"--{lr}", "0.0001", "--out", "OUT", "--run_id", GRID_IDS[2]]
     # lr 1e-3 on lora.yaml is lora.yaml itself (its lr is 1e-3): the same resolved config
-    assert sweep.runs[3].config["model"] == yaml.safe_load(LORA)
+    assert sweep.runs[3].config["tuner"] == yaml.safe_load(LORA)
 
 
 def test_run_id_stable_across_key_order(tmp_path):
@@ -158,41 +161,41 @@ def test_run_id_stable_across_key_order(tmp_path):
     (b / "lora.yaml").write_text(LORA_REORDERED.replace("r: 4", "r: 5"))
     assert [r.run_id for r in loaded.runs] == frozen
     ids_c = [r.run_id for r in load_sweep(b / "sweep.yaml").runs]
-    assert ids_c[:2] == ids_b[2:4] or set(ids_c) & set(ids_b) == {i for i in ids_b if i.startswith("full")}
+    assert set(ids_c) & set(ids_b) == {i for i in ids_b if i.startswith("sft+full")}
     assert len(set(ids_c) - set(ids_b)) == 3  # the three LoRA points changed, the full ones did not
 
 
 def test_grid_list_aliases_and_extra_overrides(tmp_path):
     d = _files(tmp_path)
     (d / "s.yaml").write_text(textwrap.dedent("""\
-        base: {trainer: trainer.yaml}
+        base: {trainer: trainer.yaml, objective: sft.yaml}
         grid:
-          - {method: full.yaml}
-          - {method: lora.yaml, model.init_args.r: [2, 4], seed: [1, 2]}
+          - {tuner: full.yaml}
+          - {tuner: lora.yaml, tuner.init_args.peft_config.init_args.r: [2, 4], seed: [1, 2]}
         """))
     sweep = load_sweep(d / "s.yaml", extra=parse_overrides(["--trainer.max_steps", "3"]))
     assert len(sweep.runs) == 5
-    assert [r.overrides.get("model.init_args.r") for r in sweep.runs] == [None, 2, 2, 4, 4]
+    assert [r.overrides.get("tuner.init_args.peft_config.init_args.r") for r in sweep.runs] == [None, 2, 2, 4, 4]
     assert [r.overrides.get("seed_everything") for r in sweep.runs] == [None, 1, 2, 1, 2]
-    assert [r.method for r in sweep.runs] == ["full", "lora", "lora", "lora", "lora"]
+    assert [r.method for r in sweep.runs] == ["sft+full", "sft+lora", "sft+lora", "sft+lora", "sft+lora"]
     # extra settings from the command line override base and grid ...
     assert all(r.overrides["trainer.max_steps"] == 3 for r in sweep.runs)
     # ... so a fixed seed makes the seed points the same run: an error that names them
-    (d / "t.yaml").write_text("grid: {method: [lora.yaml], seed: [1, 2]}\n")
+    (d / "t.yaml").write_text("grid: {tuner: [lora.yaml], seed: [1, 2]}\n")
     with pytest.raises(SweepError, match="points 1 and 2 .* same run"):
         load_sweep(d / "t.yaml", extra={"seed": 7})
     assert parse_overrides(["--lr", "1e-3", "--data.init_args.source=builtin:x"]) == {
-        "model.init_args.optimizer.init_args.lr": 1e-3, "data.init_args.source": "builtin:x"}
+        "tuner.init_args.lr": 1e-3, "data.init_args.source": "builtin:x"}
 
 
 @pytest.mark.parametrize("text, message", [
-    ("grid: {method: [full.yaml]}\nbogus: 1\n", "unknown field.*bogus"),
-    ("grid: {method: [missing.yaml]}\n", r"grid: model: no such file missing.yaml"),
-    ("grid: {method: []}\n", r"grid.model: empty list"),
+    ("grid: {tuner: [full.yaml]}\nbogus: 1\n", "unknown field.*bogus"),
+    ("grid: {tuner: [missing.yaml]}\n", r"grid: tuner: no such file missing.yaml"),
+    ("grid: {objective: []}\n", r"grid.model: empty list"),
     ("grid: [1, 2]\n", "field 'grid' must be a mapping"),
-    ("subcommand: train\ngrid: {method: [full.yaml]}\n", "subcommand 'train' is not one of fit, validate, test"),
+    ("subcommand: train\ngrid: {tuner: [full.yaml]}\n", "subcommand 'train' is not one of fit, validate, test"),
     ("grid: {'bad key': [1]}\n", "'bad key' is not a config key"),
-    ("grid: {method: [full.yaml, full.yaml]}\n", "points 1 and 2 of the sweep are the same run"),
+    ("grid: {tuner: [full.yaml, full.yaml]}\n", "points 1 and 2 of the sweep are the same run"),
 ])
 def test_sweep_file_errors_name_the_field(tmp_path, text, message):
     d = _files(tmp_path)
@@ -221,11 +224,12 @@ def test_shards_are_disjoint_and_cover_the_grid(tmp_path, monkeypatch):
 
 def test_every_shipped_sweep_file_loads():
     files = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
-    assert {f.name for f in files} >= {"quickstart.yaml", "methods_seeds.yaml", "lora_rank.yaml"}
+    assert {f.name for f in files} >= {"quickstart.yaml", "methods_seeds.yaml", "lora_rank.yaml", "tuners_sft.yaml"}
     counts = {f.name: len(load_sweep(f).runs) for f in files}
-    assert counts["methods_seeds.yaml"] == 7 and counts["lora_rank.yaml"] == 9
+    assert counts["methods_seeds.yaml"] == 7 and counts["lora_rank.yaml"] == 9 and counts["tuners_sft.yaml"] == 3
     quick = load_sweep(ROOT / "configs" / "sweeps" / "quickstart.yaml")  # the README's main job
-    assert {("fit", "full"), ("fit", "lora"), ("test", "baseline")} <= {(r.subcommand, r.method) for r in quick.runs}
+    assert [(r.subcommand, r.method) for r in quick.runs] == [
+        ("fit", "sft+full"), ("fit", "sft+lora"), ("fit", "sft+adapters"), ("fit", "sft+lora+nf4"), ("test", "sft+none")]
     assert all(Path(c).is_file() for r in quick.runs for c in r.argv("o") if c.endswith(".yaml"))
 
 
@@ -309,13 +313,14 @@ def _tiny_sweep(d: Path, tiny_model_dir: Path, grid: str, runs: str = "", base: 
                 trainer: str = "trainer.yaml", name: str = "tiny") -> Path:
     _files(d)
     (d / "sweep.yaml").write_text(
-        f"name: {name}\nout: {d / 'results'}\nbase:\n  backbone.model: {tiny_model_dir}\n  data: data.yaml\n"
+        f"name: {name}\nout: {d / 'results'}\nbase:\n  backbone.model: {tiny_model_dir}\n  objective: sft.yaml\n"
+        f"  data: data.yaml\n"
         f"  trainer: {trainer}\n  test_after_fit: false\n{base}grid:\n{grid}{runs}")
     return d / "sweep.yaml"
 
 
 def test_resume_after_kill_9(tmp_path, tiny_model_dir):
-    sweep_file = _tiny_sweep(tmp_path, tiny_model_dir, "  method: [lora.yaml]\n  seed: [1, 2, 3]\n")
+    sweep_file = _tiny_sweep(tmp_path, tiny_model_dir, "  tuner: [lora.yaml]\n  seed: [1, 2, 3]\n")
     out = tmp_path / "results"
     ids = [r.run_id for r in load_sweep(sweep_file).runs]
     proc = subprocess.Popen(_sweep_cmd(sweep_file), env=_env(), cwd=tmp_path,
@@ -353,8 +358,8 @@ def test_resume_after_kill_9(tmp_path, tiny_model_dir):
     assert not list(out.glob(".*.tmp")) and not list(out.glob(".*.part"))
     assert sorted(p.name for p in out.glob("*.log")) == sorted(f"{i}.log" for i in ids)
     table = (out / "report.md").read_text().splitlines()  # one row per grid point: the 3 seeds in one row
-    assert [line for line in table if line.startswith("| lora")] == [table[2]]
-    assert table[2].startswith("| lora | 3 | completed | ")
+    rows = [line for line in table if line.startswith("| sft+lora")]
+    assert len(rows) == 1 and rows[0].startswith("| sft+lora | 3 | completed | ")
     manifest = json.loads((out / "sweep.json").read_text())
     assert [r["run_id"] for r in manifest["runs"]] == ids
 
@@ -362,8 +367,8 @@ def test_resume_after_kill_9(tmp_path, tiny_model_dir):
 def test_failures_are_isolated_and_reported(tmp_path, tiny_model_dir):
     # lr 1e30 with no warm-up: the second step's loss is not finite (status nan); a LoRA rank of
     # "many" fails to parse (status failed, from the exit code); the third run completes
-    sweep_file = _tiny_sweep(tmp_path, tiny_model_dir, "  method: [lora.yaml]\n  lr: [1.0e+30, 1.0e-3]\n",
-                             runs="runs:\n  - {method: lora.yaml, model.init_args.r: many}\n")
+    sweep_file = _tiny_sweep(tmp_path, tiny_model_dir, "  tuner: [lora.yaml]\n  lr: [1.0e+30, 1.0e-3]\n",
+                             runs="runs:\n  - {tuner: lora.yaml, tuner.init_args.peft_config.init_args.r: many}\n")
     out = tmp_path / "results"
     ids = [r.run_id for r in load_sweep(sweep_file).runs]
     res = subprocess.run(_sweep_cmd(sweep_file), env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -409,13 +414,13 @@ def _wandb_records(path: Path):
 
 def test_wandb_groups_and_tags_runs_and_keeps_the_key_out(tmp_path, tiny_model_dir):
     secret = "fake-api-key-0123456789abcdef"
-    sweep_file = _tiny_sweep(tmp_path, tiny_model_dir, "  method: [lora.yaml]\n", name="wb-sweep",
+    sweep_file = _tiny_sweep(tmp_path, tiny_model_dir, "  tuner: [lora.yaml]\n", name="wb-sweep",
                              trainer=f"[trainer.yaml, {ROOT / 'configs' / 'trainer' / 'wandb.yaml'}]",
                              base="  trainer.logger.init_args.save_dir: wb\n")
     (tmp_path / "trainer.yaml").write_text(TRAINER.replace("logger: false\n", ""))
     spec = load_sweep(sweep_file).runs[0]
     assert spec.argv("o")[1:7] == ["--backbone.model", str(tiny_model_dir), "--data", str(tmp_path / "data.yaml"),
-                                   "--model", str(tmp_path / "lora.yaml")]
+                                   "--model", str(tmp_path / "sft.yaml")]
     assert spec.argv("o")[9:13] == ["--trainer", str(tmp_path / "trainer.yaml"), "--trainer", str(ROOT / "configs" / "trainer" / "wandb.yaml")]
     res = subprocess.run(_sweep_cmd(sweep_file), env=_env(WANDB_API_KEY=secret), cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
@@ -430,9 +435,10 @@ def test_wandb_groups_and_tags_runs_and_keeps_the_key_out(tmp_path, tiny_model_d
     config = {u.key: json.loads(u.value_json) for r in _wandb_records(files[0])
               if r.WhichOneof("record_type") == "config" for u in r.config.update}
     assert (runs[0].run_group, list(runs[0].tags), runs[0].display_name, runs[0].job_type) == (
-        "wb-sweep", ["lora", "fit", "wb-sweep"], spec.run_id, "fit")
+        "wb-sweep", ["sft+lora", "fit", "wb-sweep"], spec.run_id, "fit")
     assert config["run_id"] == spec.run_id  # the full resolved config is in wandb.config
-    assert config["config"]["trainer"]["max_steps"] == 2 and config["config"]["model"]["init_args"]["r"] == 4
+    assert config["config"]["trainer"]["max_steps"] == 2
+    assert config["config"]["tuner"]["init_args"]["peft_config"]["init_args"]["r"] == 4
     record = json.loads((tmp_path / "results" / f"{spec.run_id}.json").read_text())
     assert record["train_info"]["status"] == "completed"
     # the API key is nowhere: not in the record, the log, the config dumps or W&B's files
