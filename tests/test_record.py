@@ -13,7 +13,7 @@ import pytest
 from ftbench.bench.record import REDACTED, classify_error, redact
 from ftbench.cli import cli_main
 from ftbench.data.base import DataFormatError
-from ftbench.methods.base import NonFiniteLossError
+from ftbench.objectives.base import NonFiniteLossError
 
 SECRET = "sk-test-0123456789abcdef"
 
@@ -26,7 +26,8 @@ class KeyedCallback(L.Callback):
 
 
 def fit_args(tiny: Path, out: Path, *extra: str, method: str = "lora") -> list[str]:
-    return ["fit", "--backbone.model", str(tiny), "--model", f"configs/method/{method}.yaml",
+    return ["fit", "--backbone.model", str(tiny), "--tuner", f"configs/tuner/{method}.yaml",
+            "--model", "configs/objective/sft.yaml",
             "--data", "configs/data/instruction.yaml", "--trainer", "configs/trainer/cpu.yaml",
             "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
             "--data.init_args.builtin_size", "200", "--trainer.enable_progress_bar", "false",
@@ -71,15 +72,17 @@ def test_record_layout(completed):
     run = r["run_info"]
     typed(run, run_id=str, subcommand=str, config=dict, seed=int, created=str, updated=str)
     assert run["subcommand"] == "fit" and run["seed"] == 42
-    assert run["run_id"].startswith("lora-") and len(run["run_id"]) == len("lora-") + 10
+    assert run["run_id"].startswith("sft+lora-") and len(run["run_id"]) == len("sft+lora-") + 10
     cfg = run["config"]
-    assert cfg["model"]["class_path"] == "ftbench.methods.LoRA" and cfg["model"]["init_args"]["r"] == 16
+    assert "__path__" not in json.dumps(cfg, default=str)  # where config files were read from is this machine's business
+    assert cfg["model"]["class_path"] == "ftbench.objectives.SFT"
+    assert cfg["tuner"]["init_args"]["peft_config"]["init_args"]["r"] == 16
     assert cfg["trainer"]["max_steps"] == 3 and cfg["data"]["init_args"]["builtin_size"] == 200
 
     info = r["train_info"]
     typed(info, status=str, method=str, params=dict, memory=dict, throughput=dict, metrics=list, final=dict,
           saved=dict, data=dict, backbone=dict, started=str, ended=str, fit_seconds=float, global_steps=int)
-    assert info["status"] == "completed" and info["method"] == "lora" and info["global_steps"] == 3
+    assert info["status"] == "completed" and info["method"] == "sft+lora" and info["global_steps"] == 3
     assert info["params"] == {"trainable": 32_768, "total": 139_584 + 32_768,  # r=16: 2 x 16,384
                               "trainable_pct": pytest.approx(100 * 32_768 / 172_352)}
     assert info["backbone"]["model"] == info["backbone"]["resolved"] and info["backbone"]["dtype"] == "float32"
@@ -150,7 +153,7 @@ def test_classify_error():
 
 def test_nan_loss_run_is_recorded(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).parent.parent)
-    args = fit_args(tiny_model_dir, tmp_path, "--model.init_args.optimizer.init_args.lr", "1e30",
+    args = fit_args(tiny_model_dir, tmp_path, "--tuner.init_args.lr", "1e30",
                     "--model.init_args.warmup_steps", "0", "--trainer.max_steps", "5", method="full")
     with pytest.raises(NonFiniteLossError) as e:
         cli_main(args)
@@ -164,7 +167,7 @@ def test_nan_loss_run_is_recorded(tiny_model_dir, tmp_path, monkeypatch):
     assert 1 <= e.value.step < 5 and info["global_steps"] == e.value.step
     assert "NonFiniteLossError" in info["error"]["traceback"]
     assert isinstance(info["last_metrics"], dict)
-    assert "ended" in info and info["method"] == "full"
+    assert "ended" in info and info["method"] == "sft+full"
 
 
 def test_bad_data_run_is_recorded(tiny_model_dir, tmp_path, monkeypatch):
