@@ -26,7 +26,7 @@ def _write(path: Path, text: str | bytes) -> Path:
 
 def _two_docs(tmp_path: Path) -> tuple[Path, Path]:
     train = _write(tmp_path / "train.txt", "apple river\n\n\nstone cloud garden\n")
-    val = _write(tmp_path / "val.txt", "apple river\n")
+    val = _write(tmp_path / "val.txt", "stone apple\n")  # 3 tokens
     return train, val
 
 
@@ -39,7 +39,7 @@ def test_tokenizer_ids_are_the_ones_this_file_assumes(backbone):
 
 def test_packing_two_short_documents_exact_blocks(backbone, tmp_path):
     train, val = _two_docs(tmp_path)
-    dm = DomainData(backbone, sources=[str(train)], val_sources=[str(val)], block_size=8, batch_size=2)
+    dm = DomainData(backbone=backbone, source=str(train), val_source=str(val), max_length=8, batch_size=2)
     dm.setup("fit")
     blocks = dm.splits["train"]
     # 4 + EOS + 8 + EOS = 14 tokens -> one full block of 8 and the remaining 6
@@ -60,7 +60,7 @@ def test_packing_two_short_documents_exact_blocks(backbone, tmp_path):
     info = dm.describe()
     assert info["padding"]["train"] == {"tokens": 14, "padded": 2, "fraction": 0.125}
     assert info["documents"] == {"train": 2, "val": 1}
-    assert info["tokens"] == {"train": 14, "val": 5}
+    assert info["tokens"] == {"train": 14, "val": 4}
     assert info["rows"] == {"train": 2, "val": 1, "test": 1}
 
 
@@ -72,7 +72,7 @@ def test_eos_between_documents_and_blocks_that_start_with_a_document():
 
 def test_packing_off_one_document_per_example_and_dynamic_padding(backbone, tmp_path):
     train, val = _two_docs(tmp_path)
-    dm = DomainData(backbone, sources=[str(train)], val_sources=[str(val)], block_size=16, packing=False, batch_size=2)
+    dm = DomainData(backbone=backbone, source=str(train), val_source=str(val), max_length=16, packing=False, batch_size=2)
     dm.setup("fit")
     assert [e.input_ids for e in dm.splits["train"]] == [APPLE + [EOS], STONE + [EOS]]
     assert all("position_ids" not in e.meta for e in dm.splits["train"])
@@ -108,18 +108,37 @@ def test_datasets_source(tmp_path):
 
 def test_held_out_split_is_by_document_and_seeded(backbone, tmp_path):
     f = _write(tmp_path / "many.txt", "\n\n".join(f"doc {i}" for i in range(20)) + "\n")
-    dm = DomainData(backbone, sources=[str(f)], val_fraction=0.2, test_fraction=0.1, seed=3)
+    dm = DomainData(backbone=backbone, source=str(f), val_fraction=0.2, test_fraction=0.1, seed=3)
     parts = dm.split_documents()
     names = {k: [d.text for d in v] for k, v in parts.items()}
     assert [len(names[k]) for k in ("train", "val", "test")] == [14, 4, 2]
     assert set(names["train"]).isdisjoint(names["val"] + names["test"]) and set(names["val"]).isdisjoint(names["test"])
-    assert DomainData(backbone, sources=[str(f)], val_fraction=0.2, test_fraction=0.1, seed=3).split_documents()["val"][0].text == names["val"][0]
+    assert DomainData(backbone=backbone, source=str(f), val_fraction=0.2, test_fraction=0.1, seed=3).split_documents()["val"][0].text == names["val"][0]
+
+
+def test_identical_documents_share_a_split(backbone, tmp_path):
+    # 20 documents, "doc 3" four times over (differing only in white space): one group, one split
+    texts = [f"doc {i}" for i in range(16)] + ["doc  3", "doc 3 ", " doc 3", "doc\n3"]
+    f = _write(tmp_path / "many.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts))
+    for seed in range(5):
+        parts = DomainData(backbone=backbone, source=str(f), val_fraction=0.2, test_fraction=0.1, seed=seed).split_documents()
+        where = {k for k, docs in parts.items() for d in docs if " ".join(d.text.split()) == "doc 3"}
+        assert len(where) == 1 and sum(len(v) for v in parts.values()) == 20
+
+
+def test_a_training_document_that_is_also_in_val_source_is_left_out(backbone, tmp_path):
+    train = _write(tmp_path / "train.txt", "apple river\n\n\nstone cloud garden\n")
+    val = _write(tmp_path / "val.txt", "apple  river\n")  # the same document, other white space
+    dm = DomainData(backbone=backbone, source=str(train), val_source=str(val), max_length=8)
+    dm.setup("fit")
+    assert [b.input_ids for b in dm.splits["train"]] == [STONE, [EOS]]
+    assert dm.describe()["removed_as_held_out"] == 1
 
 
 def test_general_text_is_tagged_for_forgetting(backbone, tmp_path):
     train, val = _two_docs(tmp_path)
     general = _write(tmp_path / "general.txt", "The quick brown fox jumps over the lazy dog.\n")
-    dm = DomainData(backbone, sources=[str(train)], val_sources=[str(val)], general_sources=[str(general)], block_size=8)
+    dm = DomainData(backbone=backbone, source=str(train), val_source=str(val), general_source=str(general), max_length=8)
     dm.setup("fit")
     assert [e.task for e in dm.splits["val"]] == ["domain"] + ["general"] * len(dm.splits["val"][1:])
     assert len(dm.splits["val"]) > 1
@@ -162,7 +181,7 @@ def test_method_forward_isolates_packed_documents(backbone):
     assert torch.allclose(packed, alone, atol=1e-5)
 
 def test_builtin_corpus_padding_fraction(backbone):
-    dm = DomainData(backbone, sources=["builtin:humaneval"], block_size=256, batch_size=4)
+    dm = DomainData(backbone=backbone, source="builtin:humaneval", max_length=256, batch_size=4)
     dm.setup("fit")
     info = dm.describe()
     assert info["documents"] == {"train": 148, "val": 16}
@@ -178,7 +197,7 @@ def test_builtin_corpus_padding_fraction(backbone):
 def test_missing_text_field(backbone, tmp_path):
     f = _write(tmp_path / "d.jsonl", '{"text": "ok"}\n{"body": "no text", "id": 2}\n')
     with pytest.raises(DataFormatError) as err:
-        DomainData(backbone, sources=[str(f)]).setup("fit")
+        DomainData(backbone=backbone, source=str(f)).setup("fit")
     assert str(err.value) == f"{f}:2: field 'text': missing (data.text_field names the text; this row has 'body', 'id')"
     assert (err.value.line, err.value.field) == (2, "text")
 
@@ -186,39 +205,41 @@ def test_missing_text_field(backbone, tmp_path):
 def test_empty_text_file(backbone, tmp_path):
     f = _write(tmp_path / "empty.txt", "\n\n")
     with pytest.raises(DataFormatError) as err:
-        DomainData(backbone, sources=[str(f)]).setup("fit")
+        DomainData(backbone=backbone, source=str(f)).setup("fit")
     assert str(err.value) == f"{f}: no documents (the file is empty)"
 
 
 def test_empty_jsonl_file(backbone, tmp_path):
     f = _write(tmp_path / "empty.jsonl", "")
     with pytest.raises(DataFormatError) as err:
-        DomainData(backbone, sources=[str(f)]).setup("fit")
+        DomainData(backbone=backbone, source=str(f)).setup("fit")
     assert str(err.value) == f"{f}: no rows (the file is empty)"
 
 
-def test_document_longer_than_block_without_packing(backbone, tmp_path):
+def test_document_longer_than_max_length_without_packing(backbone, tmp_path):
     f = _write(tmp_path / "d.jsonl", '{"text": "apple river"}\n{"text": "stone cloud garden"}\n')
-    dm = DomainData(backbone, sources=[str(f)], val_sources=[str(f)], block_size=6, packing=False)
+    v = _write(tmp_path / "v.jsonl", '{"text": "stone apple"}\n')
+    dm = DomainData(backbone=backbone, source=str(f), val_source=str(v), max_length=6, packing=False)
     with pytest.raises(DataFormatError) as err:
         dm.setup("fit")
     assert str(err.value) == (
-        f"{f}:2: field 'text': document is 9 tokens (with EOS), longer than block_size 6; "
-        "turn packing on or raise block_size"
+        f"{f}:2: field 'text': document is 9 tokens (with EOS), longer than max_length 6; "
+        "turn packing on or raise max_length"
     )
 
 
-def test_document_longer_than_block_without_packing_in_text_file(backbone, tmp_path):
+def test_document_longer_than_max_length_without_packing_in_text_file(backbone, tmp_path):
     f = _write(tmp_path / "d.txt", "apple river\n\nstone cloud garden\n")
-    dm = DomainData(backbone, sources=[str(f)], val_sources=[str(f)], block_size=6, packing=False)
-    with pytest.raises(DataFormatError, match=r"d\.txt:3: document is 9 tokens \(with EOS\), longer than block_size 6"):
+    v = _write(tmp_path / "v.txt", "stone apple\n")
+    dm = DomainData(backbone=backbone, source=str(f), val_source=str(v), max_length=6, packing=False)
+    with pytest.raises(DataFormatError, match=r"d\.txt:3: document is 9 tokens \(with EOS\), longer than max_length 6"):
         dm.setup("fit")
 
 
 def test_file_that_is_not_utf8(backbone, tmp_path):
     f = _write(tmp_path / "latin1.txt", "caf\xe9\n".encode("utf-8") + b"second line \xff\n")
     with pytest.raises(DataFormatError) as err:
-        DomainData(backbone, sources=[str(f)]).setup("fit")
+        DomainData(backbone=backbone, source=str(f)).setup("fit")
     assert str(err.value) == f"{f}:2: not UTF-8 (byte 0xff)"
 
 
@@ -239,8 +260,8 @@ def test_lora_fit_on_domain_data_writes_the_record(tiny_model_dir, tmp_path):
         warnings.simplefilter("ignore")
         cli_main([
             "fit", "--backbone.model", str(tiny_model_dir), "--model", str(CONFIGS / "method" / "lora.yaml"),
-            "--data", str(CONFIGS / "data" / "domain.yaml"), "--data.block_size", "64",
-            "--data.max_train_blocks", "8", "--data.max_eval_blocks", "2", "--data.batch_size", "4",
+            "--data", str(CONFIGS / "data" / "domain.yaml"), "--data.max_length", "64",
+            "--data.max_train_rows", "8", "--data.max_eval_rows", "2", "--data.batch_size", "4",
             "--trainer", str(CONFIGS / "trainer" / "cpu.yaml"), "--trainer.max_steps", "2",
             "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
             "--validate_before_fit", "true", "--out", str(out), "--run_id", "domain",

@@ -4,13 +4,14 @@ truncation, dynamic padding and the generation prompts. Offline, CPU, tiny token
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from ftbench.data.base import IGNORE_INDEX, Collator, DataFormatError, Example, Row
-from ftbench.data.instruction import PROMPT_TEMPLATES, Formatter, InstructionData
+from ftbench.data.base import IGNORE_INDEX, Collator, DataFormatError, Example, Row, group_split, prompt_key
+from ftbench.data.instruction import PROMPT_TEMPLATES, Formatter, InstructionData, conversation
 
 M = IGNORE_INDEX
 
@@ -61,20 +62,21 @@ def test_chat_masking_exact_labels(backbone, tok):
 
     fmt = Formatter(tok, "auto")
     assert fmt.template == "chat"
-    segs, prompt_ids, ref = fmt.segments(Row(dict(ROW), "mem", 1))
+    segs, prompt_ids, ref, text = fmt.segments(Row(dict(ROW), "mem", 1))
     ids = [t for s, _ in segs for t in s]
     labels = [t if trained else M for s, trained in segs for t in s]
     assert ids == prompt + answer
     assert labels == [M] * len(prompt) + answer
     assert prompt_ids == prompt
     assert ref == "42"
+    assert text == "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n"
 
     # and the same through the data module (which is what training sees)
     dm = data(backbone, source="builtin:arithmetic", builtin_size=20)
-    [ex] = dm.encode([Row(dict(ROW), "mem", 1)], dm.formatter(), for_eval=True)
+    [ex] = dm.encode([Row(dict(ROW), "mem", 1)], dm.formatter())
     assert ex.input_ids == prompt + answer
     assert ex.labels == [M] * len(prompt) + answer
-    assert ex.prompt_ids == prompt and ex.answer == "42"
+    assert ex.prompt_ids == prompt and ex.answer == "42" and ex.prompt_text == text
 
 
 def test_chat_multi_turn_masks_every_user_turn(tok):
@@ -92,12 +94,14 @@ def test_chat_multi_turn_masks_every_user_turn(tok):
     a1 = [*enc(tok, "2"), end, *nl]
     p2 = [start, *enc(tok, "user\nWhat is 2 + 2?"), end, *nl, start, *enc(tok, "assistant\n")]
     a2 = [*enc(tok, "4"), end, *nl]
-    segs, prompt_ids, ref = Formatter(tok, "chat").segments(row)
+    segs, prompt_ids, ref, text = Formatter(tok, "chat").segments(row)
     labels = [t if trained else M for s, trained in segs for t in s]
     assert [t for s, _ in segs for t in s] == p1 + a1 + p2 + a2
     assert labels == [M] * len(p1) + a1 + [M] * len(p2) + a2
     assert prompt_ids == p1 + a1 + p2  # generation continues the last turn
     assert ref == "4"
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n"
+                    "<|im_start|>assistant\n2<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n")
 
 
 @pytest.mark.parametrize("template", ["alpaca", "short"])
@@ -113,17 +117,17 @@ def test_alpaca_masking_exact_labels(tok, template, with_input):
         text = "### Instruction:\nSort these numbers.\n" + ("3 1 2\n" if with_input else "") + "### Response:\n"
     prompt = enc(tok, text)
     answer = enc(tok, "1 2 3") + [sid(tok, "<|im_end|>")]  # eos closes the answer
-    segs, prompt_ids, ref = Formatter(tok, template).segments(Row(row, "mem", 1))
+    segs, prompt_ids, ref, prompt_text = Formatter(tok, template).segments(Row(row, "mem", 1))
     ex_ids = [t for s, _ in segs for t in s]
     ex_labels = [t if trained else M for s, trained in segs for t in s]
     assert ex_ids == prompt + answer
     assert ex_labels == [M] * len(prompt) + answer
-    assert prompt_ids == prompt and ref == "1 2 3"
+    assert prompt_ids == prompt and ref == "1 2 3" and prompt_text == text
 
 
 def test_alpaca_exact_ids_for_a_fixed_row(tok):
     """One row pinned to literal ids, so a change of the tokenizer builder shows up here too."""
-    segs, _, _ = Formatter(tok, "short").segments(Row({"instruction": "What is 12 + 30?", "output": "42"}, "m", 1))
+    segs, _, _, _ = Formatter(tok, "short").segments(Row({"instruction": "What is 12 + 30?", "output": "42"}, "m", 1))
     ids = [t for s, _ in segs for t in s]
     labels = [t if trained else M for s, trained in segs for t in s]
     n_prompt = len(enc(tok, "### Instruction:\nWhat is 12 + 30?\n### Response:\n"))
@@ -134,8 +138,8 @@ def test_alpaca_exact_ids_for_a_fixed_row(tok):
 
 def test_custom_template_and_system_prompt(tok):
     fmt = Formatter(tok, "Q: {instruction} {input}\nA: ", system_prompt="SYS")
-    segs, prompt_ids, _ = fmt.segments(Row({"instruction": "up", "input": "cat", "output": "CAT"}, "m", 1))
-    assert prompt_ids == enc(tok, "SYS\n\nQ: up cat\nA: ")
+    segs, prompt_ids, _, text = fmt.segments(Row({"instruction": "up", "input": "cat", "output": "CAT"}, "m", 1))
+    assert prompt_ids == enc(tok, "SYS\n\nQ: up cat\nA: ") and text == "SYS\n\nQ: up cat\nA: "
     assert segs[1] == (enc(tok, "CAT") + [tok.eos_token_id], True)
 
 
@@ -143,9 +147,9 @@ def test_empty_system_prompt_adds_nothing_to_an_alpaca_prompt(tok):
     """configs/data/instruction.yaml sets system_prompt: "" (to drop a chat template's default one);
     with a plain template that must not prefix every prompt with a blank line."""
     row = Row({"instruction": "up", "input": "cat", "output": "CAT"}, "m", 1)
-    _, with_empty, _ = Formatter(tok, "short", system_prompt="").segments(row)
+    _, with_empty, _, _ = Formatter(tok, "short", system_prompt="").segments(row)
     assert with_empty == enc(tok, "### Instruction:\nup\ncat\n### Response:\n")
-    _, with_system, _ = Formatter(tok, "short", system_prompt="Be brief.").segments(row)
+    _, with_system, _, _ = Formatter(tok, "short", system_prompt="Be brief.").segments(row)
     assert with_system == enc(tok, "Be brief.\n\n### Instruction:\nup\ncat\n### Response:\n")
 
 
@@ -163,7 +167,7 @@ def test_custom_template_fields_are_checked(tok):
 def test_custom_template_without_input_refuses_rows_with_input(tok):
     """A template without {input} would silently drop the row's input (the model never sees it)."""
     fmt = Formatter(tok, "Q: {instruction}\nA: ")
-    segs, prompt_ids, _ = fmt.segments(Row({"instruction": "up", "output": "UP"}, "f.jsonl", 3))
+    segs, prompt_ids, _, _ = fmt.segments(Row({"instruction": "up", "output": "UP"}, "f.jsonl", 3))
     assert prompt_ids == enc(tok, "Q: up\nA: ")
     with pytest.raises(DataFormatError) as e:
         fmt.segments(Row({"instruction": "up", "input": "cat", "output": "CAT"}, "f.jsonl", 4))
@@ -262,22 +266,56 @@ def test_csv_rows_name_their_line(backbone, tmp_path):
 
 
 # ---------------------------------------------------------------------------- split
-def test_split_is_deterministic_and_does_not_leak(backbone):
+def test_split_is_deterministic_and_keeps_each_prompt_in_one_split(backbone):
     def rows(seed):
         dm = data(backbone, source="builtin:instruction", builtin_size=300, val_fraction=0.1, test_fraction=0.1, seed=seed)
         return dm.split_rows()
 
     a, b = rows(7), rows(7)
-    key = InstructionData._prompt_key
     for split in ("train", "val", "test"):
         assert [r.fields for r in a[split]] == [r.fields for r in b[split]]
-    assert (len(a["val"]), len(a["test"])) == (30, 30)
-    held = {key(r) for r in a["val"] + a["test"]}
-    assert held and not any(key(r) in held for r in a["train"])
-    # the generator repeats prompts (e.g. the same word to upper-case), so some train rows were removed
-    assert len(a["train"]) < 300 - 60
+    # the generator repeats prompts (300 rows, 278 distinct prompts: the same word to upper-case, ...);
+    # no row is lost, and no prompt is in two splits
+    assert {k: len(v) for k, v in a.items()} == {"train": 240, "val": 30, "test": 30}
+    keys = {k: {prompt_key(conversation(r)[:-1]) for r in v} for k, v in a.items()}
+    assert sum(map(len, keys.values())) == 278
+    assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
     c = rows(8)
     assert [r.fields for r in c["val"]] != [r.fields for r in a["val"]]
+
+
+def test_group_split_exact_indices():
+    order = list(range(8))
+    random.Random(3).shuffle(order)
+    assert order == [0, 5, 7, 2, 1, 6, 4, 3]
+    # no repeated key: a plain seeded row split (the first 2 shuffled rows val, the next 2 test)
+    assert group_split(list("abcdefgh"), [0.25, 0.25], 3) == [[0, 5], [2, 7], [1, 3, 4, 6]]
+    # rows 5 and 7 share "f": val takes "a" (row 0) and, still short of 2 rows, the whole "f" group
+    assert group_split(list("abcdefgf"), [0.25, 0.25], 3) == [[0, 5, 7], [1, 2], [3, 4, 6]]
+    # a group sits where its first row landed: row 3 ("a", shuffled last) goes to val with row 0
+    assert group_split(list("abcaefgf"), [0.25, 0.25], 3) == [[0, 3], [5, 7], [1, 2, 4, 6]]
+    # a group that crosses the mark goes in whole: 3 rows of "x" where val wants 1
+    assert group_split(["x", "y", "x", "x"], [0.25, 0.0], 0) == [[0, 2, 3], [], [1]]
+    # at least one row for a positive fraction, none for 0
+    assert [len(p) for p in group_split(list("abcdefghij"), [0.01, 0.0], 0)] == [1, 0, 9]
+
+
+def test_prompt_key_normalises_and_treats_text_as_a_user_turn():
+    assert prompt_key("What is  2 +\n3? ") == prompt_key([{"role": "user", "content": "What is 2 + 3?"}]) == (("user", "What is 2 + 3?"),)
+    assert prompt_key("ﬁle") == prompt_key("file")  # NFKC
+    assert prompt_key("Apple") != prompt_key("apple")  # case is content
+
+
+def test_builtin_split_numbers(backbone):
+    """The shipped instruction.yaml split (2000 rows, 2% val, 5% test): before the shared rule val 40,
+    test 100 and 1,860 training rows of which 132 repeated a held-out prompt and were removed (1,728);
+    now every row is used and no prompt is in two splits."""
+    dm = data(backbone, source="builtin:instruction", builtin_size=2000, val_fraction=0.02, test_fraction=0.05)
+    parts = dm.split_rows()
+    assert {k: len(v) for k, v in parts.items()} == {"train": 1860, "val": 40, "test": 100}
+    keys = {k: {prompt_key(conversation(r)[:-1]) for r in v} for k, v in parts.items()}
+    assert not keys["train"] & (keys["val"] | keys["test"]) and not keys["val"] & keys["test"]
+    assert dm.removed_as_held_out == 0
 
 
 def test_explicit_val_and_test_sources(backbone, tmp_path):
@@ -289,6 +327,7 @@ def test_explicit_val_and_test_sources(backbone, tmp_path):
     assert [r.fields["instruction"] for r in out["train"]] == ["q0", "q3", "q4", "q5"]  # q1, q2 held out
     assert [r.fields["instruction"] for r in out["val"]] == ["q1"]
     assert [r.fields["instruction"] for r in out["test"]] == ["q2", "q9"]
+    assert dm.removed_as_held_out == 2
 
 
 # ---------------------------------------------------------------------------- truncation
@@ -384,7 +423,8 @@ def test_describe(backbone):
     dm.setup("fit")
     d = dm.describe()
     assert d["regime"] == "instruction" and d["prompt_template"] == "chat" and d["max_length"] == 512
-    assert d["rows"]["val"] == 4 and d["rows"]["test"] == 4
+    # 40 rows, 27 distinct words: val wants 4 rows and takes a whole group of 2 to get there
+    assert d["rows"] == {"train": 31, "val": 5, "test": 4} and d["removed_as_held_out"] == 0
     assert d["truncation"] == {"policy": "truncate", "seen": sum(d["rows"].values()), "truncated": 0, "dropped": 0}
 
 

@@ -75,7 +75,7 @@ def test_each_example_seen_once_before_any_repeats():
 def test_lightning_sets_the_epoch_of_the_mixture_sampler(backbone):
     from lightning.fabric.utilities.data import _set_sampler_epoch  # what the fit loop calls each epoch
 
-    dm = MultiTaskData(backbone, tasks=[TaskSpec("a", "builtin:arithmetic", options={"builtin_size": 40}),
+    dm = MultiTaskData(backbone=backbone, tasks=[TaskSpec("a", "builtin:arithmetic", options={"builtin_size": 40}),
                                         TaskSpec("b", "builtin:uppercase", options={"builtin_size": 20})],
                        val_fraction=0.1, test_fraction=0.1)
     dm.setup("fit")
@@ -115,7 +115,7 @@ def test_per_task_validation_metrics_through_a_trainer(backbone, tmp_path):
                                                     ("Write stone in capital letters.", "STONE")])
     tasks = [TaskSpec("alpha", "builtin:arithmetic", val_source=alpha_val, test_source=alpha_val, options={"builtin_size": 10}),
              TaskSpec("beta", "builtin:uppercase", val_source=beta_val, test_source=beta_val, options={"builtin_size": 10})]
-    dm = MultiTaskData(backbone, tasks=tasks, prompt_template="short", eval_batch_size=3)
+    dm = MultiTaskData(backbone=backbone, tasks=tasks, prompt_template="short", eval_batch_size=3)
     dm.setup("fit")
     assert [e.task for e in dm.splits["val"]] == ["alpha", "alpha", "beta", "beta", "beta"]
     assert eval_batches(dm.splits["val"], 3) == [[0, 2, 1], [3, 4]]  # both batches mix the tasks
@@ -157,43 +157,43 @@ def _specs(*names):
 
 def test_task_name_used_twice(backbone):
     with pytest.raises(ValueError) as err:
-        MultiTaskData(backbone, tasks=_specs("a", "b", "a"))
+        MultiTaskData(backbone=backbone, tasks=_specs("a", "b", "a"))
     assert str(err.value) == "data.tasks[2].name: task name 'a' is used twice (also data.tasks[0])"
 
 
 def test_task_name_with_a_slash(backbone):
     with pytest.raises(ValueError) as err:
-        MultiTaskData(backbone, tasks=_specs("a/b"))
+        MultiTaskData(backbone=backbone, tasks=_specs("a/b"))
     assert str(err.value) == "data.tasks[0].name: 'a/b' is not a task name (non-empty, no '/', no surrounding spaces)"
 
 
 def test_weights_that_miss_a_task(backbone):
     with pytest.raises(ValueError) as err:
-        MultiTaskData(backbone, tasks=_specs("a", "b"), sampling="weights", weights={"a": 1.0})
+        MultiTaskData(backbone=backbone, tasks=_specs("a", "b"), sampling="weights", weights={"a": 1.0})
     assert str(err.value) == "data.weights: no weight for 'b' (tasks: a, b)"
 
 
 def test_weights_that_name_an_unknown_task(backbone):
     with pytest.raises(ValueError) as err:
-        MultiTaskData(backbone, tasks=_specs("a", "b"), sampling="weights", weights={"a": 1.0, "b": 1.0, "c": 2.0})
+        MultiTaskData(backbone=backbone, tasks=_specs("a", "b"), sampling="weights", weights={"a": 1.0, "b": 1.0, "c": 2.0})
     assert str(err.value) == "data.weights: 'c' is not a task (tasks: a, b)"
 
 
 def test_negative_weight(backbone):
     with pytest.raises(ValueError) as err:
-        MultiTaskData(backbone, tasks=_specs("a", "b"), sampling="weights", weights={"a": 1.0, "b": -0.5})
+        MultiTaskData(backbone=backbone, tasks=_specs("a", "b"), sampling="weights", weights={"a": 1.0, "b": -0.5})
     assert str(err.value) == "data.weights: weight of 'b' is -0.5; weights must be finite and >= 0"
 
 
 def test_weights_without_weights_sampling(backbone):
     with pytest.raises(ValueError) as err:
-        MultiTaskData(backbone, tasks=_specs("a", "b"), weights={"a": 1.0, "b": 1.0})
+        MultiTaskData(backbone=backbone, tasks=_specs("a", "b"), weights={"a": 1.0, "b": 1.0})
     assert str(err.value) == "data.weights: given, but data.sampling is 'proportional'; set sampling: weights"
 
 
 def test_all_zero_weights(backbone):
     with pytest.raises(ValueError) as err:
-        MultiTaskData(backbone, tasks=_specs("a", "b"), sampling="weights", weights={"a": 0, "b": 0.0})
+        MultiTaskData(backbone=backbone, tasks=_specs("a", "b"), sampling="weights", weights={"a": 0, "b": 0.0})
     assert str(err.value) == "data.weights: the weights add up to 0; give at least one task a positive weight"
 
 
@@ -201,16 +201,17 @@ def test_all_zero_weights(backbone):
 def test_builtin_mixture_from_the_yaml(backbone):
     args = yaml.safe_load((CONFIGS / "data" / "multitask.yaml").read_text())["init_args"]
     args["tasks"] = [TaskSpec(**t) for t in args["tasks"]]
-    dm = MultiTaskData(backbone, **args)
+    dm = MultiTaskData(backbone=backbone, **args)
     dm.setup("fit")
     info = dm.describe()["tasks"]
     assert list(info) == ["arithmetic", "last_word", "sort_numbers", "instruction"]
     assert {k: v["rows"]["val"] for k, v in info.items()} == dict.fromkeys(info, 10)
     # the YAML's comment
-    assert {k: v["rows"]["train"] for k, v in info.items()} == {"arithmetic": 1830, "last_word": 930, "sort_numbers": 465, "instruction": 1728}
-    assert [round(v["proportion"], 3) for v in info.values()] == [0.314, 0.224, 0.158, 0.305]
-    sizes = [1830, 930, 465, 1728]
-    assert [round(n / sum(sizes), 3) for n in sizes] == [0.369, 0.188, 0.094, 0.349]
+    assert {k: v["rows"]["train"] for k, v in info.items()} == {"arithmetic": 1859, "last_word": 930, "sort_numbers": 465, "instruction": 1860}
+    assert {k: v["removed_as_held_out_elsewhere"] for k, v in info.items()} == {"arithmetic": 1, "last_word": 0, "sort_numbers": 0, "instruction": 0}
+    assert [round(v["proportion"], 3) for v in info.values()] == [0.312, 0.22, 0.156, 0.312]
+    sizes = [1859, 930, 465, 1860]
+    assert [round(n / sum(sizes), 3) for n in sizes] == [0.364, 0.182, 0.091, 0.364]
     batch = next(iter(dm.val_dataloader()))
     assert batch["tasks"][:4] == list(info) and len(batch["answers"]) == 40
 
@@ -256,8 +257,8 @@ def test_a_domain_task_in_the_mixture(backbone, tmp_path):
     text = tmp_path / "code.txt"
     text.write_text("\n\n".join(f"def f{i}(x):\n    return x + {i}" for i in range(12)) + "\n")
     tasks = [TaskSpec("arithmetic", "builtin:arithmetic", options={"builtin_size": 20}),
-             TaskSpec("code", str(text), regime="domain", options={"block_size": 32})]
-    dm = MultiTaskData(backbone, tasks=tasks, sampling="uniform", val_fraction=0.2, test_fraction=0.1, eval_batch_size=8)
+             TaskSpec("code", str(text), regime="domain", options={"max_length": 32})]
+    dm = MultiTaskData(backbone=backbone, tasks=tasks, sampling="uniform", val_fraction=0.2, test_fraction=0.1, eval_batch_size=8)
     dm.setup("fit")
     assert {e.task for e in dm.splits["val"]} == {"arithmetic", "code"}
     code_train = dm.task_splits["code"]["train"]

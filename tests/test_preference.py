@@ -33,10 +33,11 @@ def _jsonl(path: Path, rows: list[dict]) -> str:
 
 
 def _data(backbone, tmp_path, rows, **kwargs) -> PreferenceData:
+    """Every row trained on (no held-out share)."""
     src = _jsonl(tmp_path / "pairs.jsonl", rows)
-    kwargs.setdefault("val_source", src)
-    kwargs.setdefault("test_source", src)
-    dm = PreferenceData(backbone, source=src, **kwargs)
+    kwargs.setdefault("val_fraction", 0.0)
+    kwargs.setdefault("test_fraction", 0.0)
+    dm = PreferenceData(backbone=backbone, source=src, **kwargs)
     dm.setup("fit")
     return dm
 
@@ -108,14 +109,14 @@ def test_builtin_pairs_are_deterministic_and_wrong_in_a_plausible_way():
             assert r["rejected"].upper() == r["chosen"]
     assert {r["task"] for r in rows} == {"arithmetic", "last_word", "sort_numbers", "uppercase", "count_words"}
     assert rows[:2] == [
-        {"prompt": "What is 96 - 50?", "chosen": "46", "rejected": "38", "task": "arithmetic"},
+        {"prompt": "What is 96 - 50?", "chosen": "46", "rejected": "38", "answer": "46", "task": "arithmetic"},
         {"prompt": "What is the last word of this list?\n\nmarket shadow wagon ribbon mirror rabbit",
-         "chosen": "rabbit", "rejected": "market", "task": "last_word"},
+         "chosen": "rabbit", "rejected": "market", "answer": "rabbit", "task": "last_word"},
     ]
 
 
 def test_builtin_preference_set(backbone):
-    dm = PreferenceData(backbone, builtin_size=100, max_eval_rows=4, eval_batch_size=4)
+    dm = PreferenceData(backbone=backbone, builtin_size=100, max_eval_rows=4, eval_batch_size=4)
     dm.setup("fit")
     assert dm.describe()["rows"] == {"train": 90, "val": 4, "test": 4}
     batch = next(iter(dm.val_dataloader()))
@@ -137,7 +138,7 @@ GOOD = {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "16"}
 def test_identical_pair_warns_and_counts(backbone, tmp_path):
     src = tmp_path / "pairs.jsonl"
     with pytest.warns(PreferenceDataWarning) as record:
-        dm = _data(backbone, tmp_path, [GOOD, SAME], val_source=None, test_source=None, val_fraction=0, test_fraction=0)
+        dm = _data(backbone, tmp_path, [GOOD, SAME])
     assert [str(w.message) for w in record] == [
         f"{src}:2: field 'rejected': equals 'chosen' (the pair teaches no preference) (kept; data.identical: drop leaves such pairs out)"
     ]
@@ -148,7 +149,7 @@ def test_identical_pair_warns_and_counts(backbone, tmp_path):
 def test_identical_pair_dropped(backbone, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", PreferenceDataWarning)
-        dm = _data(backbone, tmp_path, [GOOD, SAME], identical="drop", val_source=None, test_source=None, val_fraction=0, test_fraction=0)
+        dm = _data(backbone, tmp_path, [GOOD, SAME], identical="drop")
     assert dm.describe()["identical_pairs"] == {"policy": "drop", "seen": 1, "dropped": 1}
     assert dm.describe()["rows"]["train"] == 1
 
@@ -205,14 +206,13 @@ def test_preference_file_that_is_not_utf8(backbone, tmp_path):
     f = tmp_path / "pairs.jsonl"
     f.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"prompt": "caf\xe9"}\n')
     with pytest.raises(DataFormatError) as err:
-        PreferenceData(backbone, source=str(f)).setup("fit")
+        PreferenceData(backbone=backbone, source=str(f)).setup("fit")
     assert str(err.value) == f"{f}:2: not UTF-8 (byte 0xe9)"
 
 
 def test_truncation_counts_pairs(backbone, tmp_path):
     rows = [GOOD, {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "16 16 16 16 16 16"}]
-    dm = _data(backbone, tmp_path, rows, prompt_template="plain", max_length=9, val_source=None, test_source=None,
-               val_fraction=0, test_fraction=0)
+    dm = _data(backbone, tmp_path, rows, prompt_template="plain", max_length=9)
     assert dm.describe()["truncation"] == {"policy": "truncate", "seen": 2, "truncated": 1, "dropped": 0}
     assert [len(e.rejected.input_ids) for e in dm.splits["train"]] == [9, 9]
 
@@ -223,12 +223,13 @@ def test_a_supervised_method_validates_on_the_chosen_responses(backbone):
 
     from ftbench.methods import Baseline
 
-    dm = PreferenceData(backbone, builtin_size=60, max_eval_rows=6, eval_batch_size=6)
+    dm = PreferenceData(backbone=backbone, builtin_size=60, max_eval_rows=6, eval_batch_size=6)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         metrics = trainer.validate(Baseline(backbone=backbone), datamodule=dm, verbose=False)[0]
-    assert metrics["val/loss"] > 0 and "val/accuracy" not in metrics
+    # the built-in pairs carry exact answers (the chosen ones), so validation also scores exact match
+    assert metrics["val/loss"] > 0 and 0.0 <= metrics["val/accuracy"] <= 1.0
     assert {k.split("/")[1] for k in metrics if k.count("/") == 2} <= {"arithmetic", "last_word", "sort_numbers", "uppercase", "count_words"}
 
 

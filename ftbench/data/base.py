@@ -1,5 +1,8 @@
-"""What every data regime shares: reading rows with their file and line, format errors that name
-them, prompt masking, dynamic-padding collation and the deterministic split.
+"""What every data regime shares: the constructor arguments (:class:`SplitDataModule`), reading
+rows with their file and line, format errors that name them, the one chat-row check
+(:func:`chat_messages`, :func:`check_conversation`), prompt masking, dynamic-padding collation,
+prompt-only batches for online RL (:class:`PromptCollator`) and the one split rule
+(:func:`group_split`: rows with the same normalised prompt share a split, deterministic by seed).
 
 Rows are read by hand from JSONL/JSON/CSV/text (``datasets`` loses line numbers, and a research
 user with a 50k-line file needs to be told *which* line is wrong); a ``datasets`` dataset is read
@@ -12,13 +15,16 @@ import csv
 import io
 import json
 import random
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Hashable, Iterable, Literal, Optional, Sequence, Union
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+
+from ftbench.backbone import Backbone
 
 IGNORE_INDEX = -100
 
@@ -136,19 +142,97 @@ def load_rows(source: str | Path, split: str = "train") -> list[Row]:
     return read_rows(s)
 
 
-def split_indices(n: int, fractions: Sequence[float], seed: int) -> list[list[int]]:
-    """Deterministic shuffled split of ``range(n)``: the last part gets the remainder."""
+def normalise_text(text: str) -> str:
+    """Text as compared for the split: Unicode NFKC, white space runs collapsed, ends stripped."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def prompt_key(prompt: "str | Sequence[dict[str, str]]") -> tuple[tuple[str, str], ...]:
+    """The normalised prompt that decides a row's split group: a string is one user turn, so the
+    same question as a plain prompt, an Alpaca instruction or a chat turn is one group."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    return tuple((m["role"], normalise_text(m["content"])) for m in prompt)
+
+
+def group_split(keys: Sequence[Hashable], fractions: Sequence[float], seed: int) -> list[list[int]]:
+    """The split rule of every regime: rows with the same key (the normalised prompt) go to the same
+    split, deterministic in ``seed``.
+
+    The rows are shuffled with ``random.Random(seed)``; each group takes the shuffled position of its
+    first row (first in the input order), which orders the groups uniformly at random whatever
+    their sizes. In that order the groups fill each part up to ``round(n * fraction)`` rows (at least
+    one when the fraction is > 0; the group that crosses the mark goes in whole); the last part, the
+    training rows, gets the rest. With no repeated key this is a plain seeded row split. Indices in
+    each part are in input order."""
+    n = len(keys)
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    parts, start = [], 0
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    groups = [members[keys[i]] for i in order if members[keys[i]][0] == i]
+    parts: list[list[int]] = []
+    g = 0
     for frac in fractions:
-        k = int(round(n * frac))
+        target = int(round(n * frac))
         if frac > 0:
-            k = max(1, k)
-        parts.append(sorted(order[start : start + k]))
-        start += k
-    parts.append(sorted(order[start:]))
+            target = max(1, target)
+        part: list[int] = []
+        while g < len(groups) and len(part) < target:
+            part.extend(groups[g])
+            g += 1
+        parts.append(sorted(part))
+    parts.append(sorted(i for group in groups[g:] for i in group))
     return parts
+
+
+# ---------------------------------------------------------------------------- chat rows
+CHAT_ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def chat_messages(row: Row, name: str, value: Any, sharegpt: bool = False) -> list[dict[str, str]]:
+    """The messages of field ``name`` as ``{role, content}`` dicts, each checked: an object with a
+    known role and string content (``{from, value}`` with ShareGPT roles when ``sharegpt``). A single
+    message object counts as a list of one."""
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise row.error(name, "must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(m, dict):
+            raise row.error(where, "must be an object with 'role' and 'content'")
+        if sharegpt:
+            role, content = SHAREGPT_ROLES.get(m.get("from")), m.get("value")
+            if role is None:
+                raise row.error(f"{where}.from", f"unknown role {m.get('from')!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
+            if not isinstance(content, str):
+                raise row.error(f"{where}.value", "missing or not a string")
+        else:
+            role, content = m.get("role"), m.get("content")
+            if role not in CHAT_ROLES:
+                raise row.error(f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
+            if not isinstance(content, str):
+                raise row.error(f"{where}.content", "missing or not a string")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def check_conversation(row: Row, *fields: tuple[str, list[dict[str, str]]]) -> None:
+    """One conversation, possibly spread over fields (``("prompt", msgs), ("chosen", msgs)``):
+    an optional leading system message, then user and assistant turns alternating, the last one the
+    assistant's. Errors name the field and the message's index in it."""
+    named = [(f"{name}[{i}]", m) for name, msgs in fields for i, m in enumerate(msgs)]
+    start = 1 if named and named[0][1]["role"] == "system" else 0
+    for k, (where, m) in enumerate(named[start:]):
+        want = "user" if k % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise row.error(f"{where}.role", f"roles must alternate user/assistant: expected {want!r}, got {m['role']!r}")
+    if named and named[-1][1]["role"] != "assistant":
+        raise row.error(f"{named[-1][0]}.role", "the last message must be from the assistant")
 
 
 # ---------------------------------------------------------------------------- examples
@@ -162,6 +246,7 @@ class Example:
     answer: Optional[str] = None  # reference for exact match
     task: Optional[str] = None
     meta: dict[str, Any] = field(default_factory=dict)
+    prompt_text: Optional[str] = None  # the rendered prompt (``prompt_ids`` as text), for prompt batches
 
 
 @dataclass
@@ -222,13 +307,25 @@ def pad_batch(seqs: Sequence[Sequence[int]], value: int, left: bool = False, mul
     return out
 
 
+def left_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded to the longest, so each ends at the last column (where generation
+    continues), and their attention mask (0 on the padding)."""
+    ids = pad_batch(seqs, pad_id, left=True)
+    width = ids.shape[1]
+    lengths = torch.tensor([len(s) for s in seqs])
+    return ids, (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long()
+
+
 class Collator:
     """Dynamic padding: right-padded ``input_ids``/``labels``/``attention_mask`` for the loss, and,
-    when every example has a reference answer, left-padded prompts for greedy generation."""
+    with ``generation`` (evaluation batches) when every example has a reference answer, the
+    left-padded prompts for greedy generation (``gen_input_ids``, ``gen_attention_mask``) and the
+    answers (``answers``)."""
 
-    def __init__(self, pad_id: int, pad_to_multiple_of: int = 1):
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 1, generation: bool = True):
         self.pad_id = pad_id
         self.multiple_of = pad_to_multiple_of
+        self.generation = generation
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, Any]:
         ids = [e.input_ids for e in examples]
@@ -238,19 +335,36 @@ class Collator:
         }
         lengths = torch.tensor([len(s) for s in ids])
         batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None, :] < lengths[:, None]).long()
-        if all(e.prompt_ids is not None and e.answer is not None for e in examples):
-            prompts = [e.prompt_ids for e in examples]
-            batch["gen_input_ids"] = pad_batch(prompts, self.pad_id, left=True)
-            plen = torch.tensor([len(p) for p in prompts])
-            width = batch["gen_input_ids"].shape[1]
-            batch["gen_attention_mask"] = (torch.arange(width)[None, :] >= (width - plen)[:, None]).long()
+        if self.generation and all(e.prompt_ids is not None and e.answer is not None for e in examples):
+            batch["gen_input_ids"], batch["gen_attention_mask"] = left_padded([e.prompt_ids for e in examples], self.pad_id)
             batch["answers"] = [e.answer for e in examples]
         if any(e.task is not None for e in examples):
             batch["tasks"] = [e.task or "default" for e in examples]
         return batch
 
 
-# ---------------------------------------------------------------------------- shared by the other regimes
+class PromptCollator:
+    """Prompt-only batches (``prompt_batches: true``, for online RL such as GRPO): the left-padded
+    prompts ``prompt_input_ids``/``prompt_attention_mask`` (the same tensors as a preference batch's
+    and as ``gen_input_ids``/``gen_attention_mask``), the rendered prompt text ``prompts``, each
+    row's exact answer or None ``answers``, and ``tasks`` (``"default"`` for a row without one)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: Sequence[Any]) -> dict[str, Any]:
+        if any(e.prompt_ids is None for e in examples):
+            raise ValueError("data.prompt_batches: these examples have no prompt (raw text has nothing to answer)")
+        ids, mask = left_padded([e.prompt_ids for e in examples], self.pad_id)
+        return {
+            "prompt_input_ids": ids,
+            "prompt_attention_mask": mask,
+            "prompts": [e.prompt_text for e in examples],
+            "answers": [e.answer for e in examples],
+            "tasks": [e.task or "default" for e in examples],
+        }
+
+
 class PackedCollator(Collator):
     """:class:`Collator` that also passes ``position_ids`` when every example carries them in
     ``meta['position_ids']`` (packed blocks whose positions restart at each document). Padding gets
@@ -291,20 +405,156 @@ def read_text_file(path: str | Path) -> str:
     return _read_text(Path(path))
 
 
+# ---------------------------------------------------------------------------- the shared data module
+ANSWER_SLACK = 4  # tokens allowed past the longest reference answer: EOS and white space
+Source = Union[str, list[str]]
+
+
+def source_list(source: Optional[Source]) -> list[str]:
+    """A source argument as a list (one string is a list of one; None is empty)."""
+    if source is None:
+        return []
+    return [source] if isinstance(source, str) else list(source)
+
+
 class SplitDataModule(L.LightningDataModule):
-    """Train/val/test DataLoaders over ``self.splits`` (lists of examples), shared by the regimes.
+    """The arguments, split rule and loaders every regime shares.
 
-    A subclass fills ``self.splits`` in ``setup`` and provides ``collator()``; it sets ``batch_size``,
-    ``eval_batch_size``, ``num_workers`` and ``seed`` (the training order's seed)."""
+    A regime's ``__init__`` declares what differs (its own arguments, and a shared one whose default
+    or meaning differs) and passes the rest on as ``**kwargs`` (jsonargparse follows them here, so
+    the CLI documents every argument); an argument it passes by keyword is hidden from its CLI. It
+    fills ``self.splits`` (``train``/``val``/``test`` lists of examples) in ``setup``, using
+    :meth:`split` for the one split rule, and provides ``collator(generation)``."""
 
-    splits: dict[str, list]
-    batch_size: int
-    eval_batch_size: int
-    num_workers: int
-    seed: int
+    regime = ""
+    empty_train = "no training rows left after the split and truncation"
 
-    def collator(self):
+    def __init__(
+        self,
+        backbone: Optional[Backbone] = None,
+        source: Source = "builtin:instruction",
+        val_source: Optional[Source] = None,
+        test_source: Optional[Source] = None,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        builtin_size: int = 2000,
+        max_length: int = 512,
+        truncation: Literal["truncate", "drop"] = "truncate",
+        max_train_rows: Optional[int] = None,
+        max_eval_rows: Optional[int] = None,
+        batch_size: int = 8,
+        eval_batch_size: Optional[int] = None,
+        pad_to_multiple_of: int = 1,
+        num_workers: int = 0,
+        seed: int = 42,
+        prompt_batches: bool = False,
+    ):
+        """
+        Args:
+            backbone: The shared backbone (linked from the top-level ``backbone`` by the CLI).
+            source: ``builtin:NAME``, a .jsonl/.json/.csv file, ``hf:NAME`` for
+                ``datasets.load_dataset`` or a ``save_to_disk`` folder; a list reads several.
+            val_source: Validation rows; when absent, ``val_fraction`` of ``source`` is held out.
+                Training rows that share a prompt with them are left out.
+            test_source: Test rows (exact-match evaluation); when absent, ``test_fraction`` is held
+                out. Training rows that share a prompt with them are left out.
+            val_fraction: Share of ``source`` held out for validation when there is no ``val_source``.
+                Rows with the same (normalised) prompt always land in the same split.
+            test_fraction: Share of ``source`` held out for testing when there is no ``test_source``.
+            builtin_size: Rows generated for a ``builtin:`` source (before the split).
+            max_length: Longest tokenised row, prompt and response together.
+            truncation: What to do with longer rows: ``truncate`` (cut the end) or ``drop``. Counted.
+            max_train_rows: Use at most this many training rows (after the split).
+            max_eval_rows: Use at most this many validation and test rows each.
+            batch_size: Training micro-batch size.
+            eval_batch_size: Validation/test batch size (default: ``batch_size``).
+            pad_to_multiple_of: Round padded lengths up (8 helps tensor cores on GPU).
+            num_workers: DataLoader workers.
+            seed: Seed of the split and of the training order.
+            prompt_batches: Training batches hold prompts only, for online RL (``prompt_input_ids``,
+                ``prompt_attention_mask``, ``prompts``, ``answers``, ``tasks``); validation and test
+                batches are unchanged.
+        """
+        super().__init__()
+        for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 <= frac < 1.0:
+                raise ValueError(f"data.{name}: must be in [0, 1), got {frac}")
+        if val_fraction + test_fraction >= 1.0:
+            raise ValueError(f"data.val_fraction + data.test_fraction: must be below 1, got {val_fraction + test_fraction}")
+        if max_length < 2:
+            raise ValueError(f"data.max_length: must be at least 2, got {max_length}")
+        for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("pad_to_multiple_of", pad_to_multiple_of)):
+            if size is not None and size < 1:
+                raise ValueError(f"data.{name}: must be at least 1, got {size}")
+        if source is not None and not source_list(source):
+            raise ValueError("data.source: give at least one source")
+        self.backbone = backbone or Backbone()
+        self.source, self.val_source, self.test_source = source, val_source, test_source
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.builtin_size = builtin_size
+        self.max_length, self.truncation = max_length, truncation
+        self.max_train_rows, self.max_eval_rows = max_train_rows, max_eval_rows
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
+        self.prompt_batches = prompt_batches
+        self.splits: dict[str, list] = {}
+        self.max_answer_tokens: Optional[int] = None
+        self.removed_as_held_out = 0
+
+    # ------------------------------------------------------------------ rows and the split
+    def source_name(self) -> str:
+        """The source as one string, for messages."""
+        return ", ".join(source_list(self.source))
+
+    def read(self, source: Source) -> list:
+        """The items (rows, documents) of one source argument; a list is read in order."""
+        return [item for s in source_list(source) for item in self.read_one(s)]
+
+    def read_one(self, source: str) -> list:
         raise NotImplementedError
+
+    def split(self, items: list, key: Callable[[Any], Hashable]) -> dict[str, list]:
+        """``train``/``val``/``test`` items under the one rule (:func:`group_split`): items with the
+        same ``key`` (the normalised prompt) share a split; an explicit ``val_source``/``test_source``
+        replaces its share, and training items that share a key with it are left out (counted in
+        ``removed_as_held_out``)."""
+        keys = [key(x) for x in items]
+        fractions = [0.0 if self.val_source else self.val_fraction, 0.0 if self.test_source else self.test_fraction]
+        val_idx, test_idx, train_idx = group_split(keys, fractions, self.seed)
+        out = {
+            "val": self.read(self.val_source) if self.val_source else [items[i] for i in val_idx],
+            "test": self.read(self.test_source) if self.test_source else [items[i] for i in test_idx],
+        }
+        held_out = {key(x) for x in out["val"] + out["test"]} if self.val_source or self.test_source else set()
+        out["train"] = [items[i] for i in train_idx if keys[i] not in held_out]
+        self.removed_as_held_out = len(train_idx) - len(out["train"])
+        return {k: out[k] for k in ("train", "val", "test")}
+
+    def limit(self, split: str, items: list) -> list:
+        """The first ``max_train_rows`` (training) or ``max_eval_rows`` (validation, test) items."""
+        n = self.max_train_rows if split == "train" else self.max_eval_rows
+        return items if n is None else items[:n]
+
+    def finish_setup(self, stage: Optional[str]) -> None:
+        """After ``self.splits`` is filled: the generation budget, and an error if nothing is left to train on."""
+        answers = [e.answer for split in ("val", "test") for e in self.splits.get(split, []) if getattr(e, "answer", None) is not None]
+        if answers:  # greedy generation never needs more than the longest reference answer (+ EOS and slack)
+            tok = self.backbone.tokenizer
+            self.max_answer_tokens = max(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers) + ANSWER_SLACK
+        if not self.splits["train"] and stage in (None, "fit"):
+            raise DataFormatError(self.source_name(), None, None, self.empty_train)
+
+    # ------------------------------------------------------------------ loaders
+    def collator(self, generation: bool = True):
+        """The supervised collator; ``generation``: evaluation batches (with generation prompts)."""
+        raise NotImplementedError
+
+    def train_collator(self):
+        """Prompt batches with ``prompt_batches``, else the supervised collator without generation prompts."""
+        if self.prompt_batches:
+            return PromptCollator(self.backbone.tokenizer.pad_token_id)
+        return self.collator(generation=False)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
@@ -313,7 +563,7 @@ class SplitDataModule(L.LightningDataModule):
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
             generator=generator,
-            collate_fn=self.collator(),
+            collate_fn=self.train_collator() if split == "train" else self.collator(),
             num_workers=self.num_workers,
         )
 

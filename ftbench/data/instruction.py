@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 import string
-from typing import Any, Literal, Optional
+from typing import Any, NamedTuple, Optional
 
-
-from ftbench.backbone import Backbone
 from ftbench.data import tasks
 from ftbench.data.base import (
-    SplitDataModule,
     Collator,
-    DataFormatError,
     Example,
     Row,
+    Source,
+    SplitDataModule,
     TruncationStats,
+    chat_messages,
+    check_conversation,
     load_rows,
+    prompt_key,
     segments_to_example,
-    split_indices,
 )
 
 BUILTIN = "builtin:"
-ANSWER_SLACK = 4  # tokens allowed past the longest reference answer: EOS and white space
-ROLES = ("system", "user", "assistant")
 
 PROMPT_TEMPLATES = {
     "alpaca": (
@@ -37,6 +35,30 @@ PROMPT_TEMPLATES = {
         "### Instruction:\n{instruction}\n### Response:\n",
     ),
 }
+
+
+class Formatted(NamedTuple):
+    """A formatted row: token segments ``(ids, trained)``, the generation prompt's ids, the reference
+    answer and the rendered prompt text."""
+
+    segments: list[tuple[list[int], bool]]
+    prompt_ids: list[int]
+    answer: str
+    prompt_text: str
+
+
+def conversation(row: Row) -> list[dict[str, str]]:
+    """An instruction row as chat messages, validated by the shared chat check (roles known and
+    alternating, the last one the assistant's): its ``messages``, or the Alpaca fields as one turn."""
+    if "messages" in row.fields:
+        msgs = chat_messages(row, "messages", row.fields["messages"])
+        check_conversation(row, ("messages", msgs))
+        return msgs
+    instruction = row.get_str("instruction")
+    inp = row.get_str("input", required=False)
+    output = row.get_str("output")
+    user = f"{instruction}\n\n{inp}" if inp else instruction
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
 class Formatter:
@@ -68,36 +90,8 @@ class Formatter:
 
     # -- rows -> messages / prompt text
     def messages(self, row: Row) -> list[dict[str, str]]:
-        """The row as chat messages, validated (roles known and alternating, last one assistant)."""
-        if "messages" in row.fields:
-            msgs = row.fields["messages"]
-            if not isinstance(msgs, list) or not msgs:
-                raise row.error("messages", "must be a non-empty list of {role, content} objects")
-            out = []
-            for i, m in enumerate(msgs):
-                name = f"messages[{i}]"
-                if not isinstance(m, dict):
-                    raise row.error(name, "must be an object with 'role' and 'content'")
-                role, content = m.get("role"), m.get("content")
-                if role not in ROLES:
-                    raise row.error(f"{name}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
-                if not isinstance(content, str):
-                    raise row.error(f"{name}.content", "missing or not a string")
-                out.append({"role": role, "content": content})
-            turns = out[1:] if out[0]["role"] == "system" else out
-            for i, m in enumerate(turns):
-                want = "user" if i % 2 == 0 else "assistant"
-                if m["role"] != want:
-                    idx = i + (len(out) - len(turns))
-                    raise row.error(f"messages[{idx}].role", f"roles must alternate user/assistant: expected {want!r}, got {m['role']!r}")
-            if out[-1]["role"] != "assistant":
-                raise row.error(f"messages[{len(out) - 1}].role", "the last message must be from the assistant")
-        else:
-            instruction = row.get_str("instruction")
-            inp = row.get_str("input", required=False)
-            output = row.get_str("output")
-            user = f"{instruction}\n\n{inp}" if inp else instruction
-            out = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        """The row as chat messages (:func:`conversation`) with the system prompt put first when it has none."""
+        out = conversation(row)
         if self.system_prompt is not None and out[0]["role"] != "system":
             out.insert(0, {"role": "system", "content": self.system_prompt})
         return out
@@ -108,8 +102,9 @@ class Formatter:
     def _encode(self, text: str, special: bool = False) -> list[int]:
         return self.tok(text, add_special_tokens=special)["input_ids"]
 
-    def segments(self, row: Row) -> tuple[list[tuple[list[int], bool]], list[int], str]:
-        """Token segments (trained or not), the prompt ids for generation, and the reference answer."""
+    def segments(self, row: Row) -> "Formatted":
+        """Token segments (trained or not), the prompt ids for generation, the reference answer and
+        the prompt as text."""
         msgs = self.messages(row)
         if self.template == "chat":
             segs: list[tuple[list[int], bool]] = []
@@ -126,7 +121,7 @@ class Formatter:
                 prompt_ids = [t for s, _ in segs for t in s]
                 segs.append((self._encode(full[len(prompt) :]), True))
                 done = full
-            return segs, prompt_ids, msgs[-1]["content"]
+            return Formatted(segs, prompt_ids, msgs[-1]["content"], prompt)
         if "messages" in row.fields:
             if len(msgs) - (msgs[0]["role"] == "system") != 2:
                 raise row.error("messages", f"multi-turn chat rows need prompt_template 'chat', not {self.template!r}")
@@ -147,117 +142,60 @@ class Formatter:
         answer_ids = self._encode(answer)
         if self.tok.eos_token_id is not None:
             answer_ids = answer_ids + [self.tok.eos_token_id]
-        return [(prompt_ids, False), (answer_ids, True)], prompt_ids, answer
+        return Formatted([(prompt_ids, False), (answer_ids, True)], prompt_ids, answer, prompt)
 
 
 class InstructionData(SplitDataModule):
     """Instruction-response pairs (Alpaca rows or chat ``messages``) with prompt tokens masked."""
 
+    regime = "instruction"
+
     def __init__(
         self,
-        backbone: Optional[Backbone] = None,
-        source: str = "builtin:instruction",
-        val_source: Optional[str] = None,
-        test_source: Optional[str] = None,
+        *,
+        source: Source = "builtin:instruction",
         prompt_template: str = "auto",
         system_prompt: Optional[str] = None,
-        max_length: int = 512,
-        truncation: Literal["truncate", "drop"] = "truncate",
-        val_fraction: float = 0.05,
-        test_fraction: float = 0.05,
-        builtin_size: int = 2000,
-        max_train_rows: Optional[int] = None,
-        max_eval_rows: Optional[int] = None,
-        batch_size: int = 8,
-        eval_batch_size: Optional[int] = None,
-        pad_to_multiple_of: int = 1,
-        num_workers: int = 0,
-        seed: int = 42,
+        **kwargs: Any,
     ):
         """
         Args:
-            backbone: The shared backbone (linked from the top-level ``backbone`` by the CLI).
             source: ``builtin:TASK`` (see ``ftbench.data.tasks``), a .jsonl/.json/.csv file, ``hf:NAME``
-                for ``datasets.load_dataset`` or a ``save_to_disk`` folder.
-            val_source: Validation rows; when absent, ``val_fraction`` of ``source`` is held out.
-            test_source: Test rows (exact-match evaluation); when absent, ``test_fraction`` is held out.
+                for ``datasets.load_dataset`` or a ``save_to_disk`` folder (a list reads several).
+                Rows: ``{instruction, input?, output}`` or chat ``{messages: [{role, content}]}``.
             prompt_template: ``auto`` (the tokenizer's chat template if it has one, else ``alpaca``),
                 ``chat``, ``alpaca``, ``short``, or a format string with ``{instruction}`` and ``{input}``.
             system_prompt: A system message put before every row that has none.
-            max_length: Longest tokenised row, prompt and response together.
-            truncation: What to do with longer rows: ``truncate`` (cut the end) or ``drop``. Counted.
-            val_fraction: Share of ``source`` held out for validation when there is no ``val_source``.
-            test_fraction: Share of ``source`` held out for testing when there is no ``test_source``.
-            builtin_size: Rows generated for a ``builtin:`` source (before the split).
-            max_train_rows: Use at most this many training rows (after the split).
-            max_eval_rows: Use at most this many validation and test rows each.
-            batch_size: Training micro-batch size.
-            eval_batch_size: Validation/test batch size (default: ``batch_size``).
-            pad_to_multiple_of: Round padded lengths up (8 helps tensor cores on GPU).
-            num_workers: DataLoader workers.
-            seed: Seed of the split and of the training order.
+            **kwargs: The arguments every regime shares (:class:`~ftbench.data.base.SplitDataModule`).
         """
-        super().__init__()
-        self.backbone = backbone or Backbone()
-        self.source, self.val_source, self.test_source = source, val_source, test_source
+        super().__init__(source=source, **kwargs)
         self.prompt_template, self.system_prompt = prompt_template, system_prompt
-        self.max_length, self.truncation = max_length, truncation
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.builtin_size = builtin_size
-        self.max_train_rows, self.max_eval_rows = max_train_rows, max_eval_rows
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
         self.stats = TruncationStats()
-        self.splits: dict[str, list[Example]] = {}
-        self.max_answer_tokens: Optional[int] = None
 
     # ------------------------------------------------------------------ rows
-    def _rows(self, source: str) -> list[Row]:
+    def read_one(self, source: str) -> list[Row]:
         if source.startswith(BUILTIN):
             name = source[len(BUILTIN) :]
             return [Row(r, f"{source}#{i + 1}", None) for i, r in enumerate(tasks.generate(name, self.builtin_size, self.seed))]
         return load_rows(source)
 
     def split_rows(self) -> dict[str, list[Row]]:
-        """Train/val/test rows: explicit sources where given, else a deterministic split of ``source``.
-        Rows whose prompt also appears in val or test are removed from train (no leakage)."""
-        rows = self._rows(self.source)
-        fractions = [0.0 if self.val_source else self.val_fraction, 0.0 if self.test_source else self.test_fraction]
-        val_idx, test_idx, train_idx = split_indices(len(rows), fractions, self.seed)
-        out = {
-            "train": [rows[i] for i in train_idx],
-            "val": self._rows(self.val_source) if self.val_source else [rows[i] for i in val_idx],
-            "test": self._rows(self.test_source) if self.test_source else [rows[i] for i in test_idx],
-        }
-        held_out = {self._prompt_key(r) for r in out["val"] + out["test"]}
-        out["train"] = [r for r in out["train"] if self._prompt_key(r) not in held_out]
-        if self.max_train_rows is not None:
-            out["train"] = out["train"][: self.max_train_rows]
-        if self.max_eval_rows is not None:
-            out["val"], out["test"] = out["val"][: self.max_eval_rows], out["test"][: self.max_eval_rows]
-        return out
-
-    @staticmethod
-    def _prompt_key(row: Row) -> str:
-        f = row.fields
-        if "messages" in f and isinstance(f["messages"], list):
-            return repr([m for m in f["messages"][:-1]])
-        return repr((f.get("instruction"), f.get("input") or ""))
+        """Train/val/test rows under the shared split rule (rows with the same prompt share a split)."""
+        parts = self.split(self.read(self.source), lambda row: prompt_key(conversation(row)[:-1]))
+        return {name: self.limit(name, rows) for name, rows in parts.items()}
 
     # ------------------------------------------------------------------ tokenisation
     def formatter(self) -> Formatter:
         return Formatter(self.backbone.tokenizer, self.prompt_template, self.system_prompt)
 
-    def encode(self, rows: list[Row], formatter: Formatter, for_eval: bool) -> list[Example]:
+    def encode(self, rows: list[Row], formatter: Formatter) -> list[Example]:
         out = []
         for row in rows:
-            segs, prompt_ids, answer = formatter.segments(row)
-            ex = segments_to_example(segs, self.max_length, self.truncation, self.stats)
+            f = formatter.segments(row)
+            ex = segments_to_example(f.segments, self.max_length, self.truncation, self.stats)
             if ex is None:
                 continue
-            if for_eval:
-                ex.prompt_ids, ex.answer = prompt_ids, answer
+            ex.prompt_ids, ex.answer, ex.prompt_text = f.prompt_ids, f.answer, f.prompt_text
             task = row.fields.get("task")
             ex.task = task if isinstance(task, str) else None
             out.append(ex)
@@ -269,18 +207,12 @@ class InstructionData(SplitDataModule):
         formatter = self.formatter()
         rows = self.split_rows()
         self.stats = TruncationStats()
-        self.splits = {name: self.encode(r, formatter, for_eval=name != "train") for name, r in rows.items()}
-        # greedy generation never needs more than the longest reference answer (+ EOS and slack)
-        answers = [e.answer for split in ("val", "test") for e in self.splits[split] if e.answer is not None]
-        if answers:
-            tok = self.backbone.tokenizer
-            self.max_answer_tokens = max(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers) + ANSWER_SLACK
-        if not self.splits["train"] and stage in (None, "fit"):
-            raise DataFormatError(self.source, None, None, "no training rows left after the split and truncation")
+        self.splits = {name: self.encode(r, formatter) for name, r in rows.items()}
+        self.finish_setup(stage)
 
     # ------------------------------------------------------------------ loaders
-    def collator(self) -> Collator:
-        return Collator(self.backbone.tokenizer.pad_token_id, self.pad_to_multiple_of)
+    def collator(self, generation: bool = True) -> Collator:
+        return Collator(self.backbone.tokenizer.pad_token_id, self.pad_to_multiple_of, generation)
 
     def describe(self) -> dict[str, Any]:
         """What the record says about the data."""
@@ -288,6 +220,7 @@ class InstructionData(SplitDataModule):
             "regime": "instruction",
             "source": self.source,
             "rows": {k: len(v) for k, v in self.splits.items()},
+            "removed_as_held_out": self.removed_as_held_out,
             "prompt_template": Formatter(self.backbone.tokenizer, self.prompt_template).template,
             "max_length": self.max_length,
             "max_answer_tokens": self.max_answer_tokens,

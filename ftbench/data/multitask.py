@@ -11,6 +11,11 @@ fresh draw each epoch (``set_epoch``, which Lightning calls). Proportions, from 
 - ``uniform``: 1 each
 - ``weights``: the given ``weights`` (one per task, >= 0)
 
+Each task is split by the shared rule (rows with the same prompt share a split); a training example
+whose prompt (a domain block: whose tokens) is held out in another task is left out too.
+With ``prompt_batches`` (instruction tasks only) training batches are prompt-only batches drawn from
+the same mixture.
+
 Validation and test examples are tagged with their task, so the method logs ``val/<task>/loss``,
 ``val/<task>/accuracy`` (exact match) and the macro averages ``val/macro_loss`` and
 ``val/macro_accuracy``. Evaluation batches interleave the tasks round-robin (one batch of
@@ -25,12 +30,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Optional, Sequence
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from ftbench.backbone import Backbone
-from ftbench.data.base import Example, PackedCollator
+from ftbench.data.base import Example, PackedCollator, SplitDataModule
 
 Sampling = Literal["proportional", "temperature", "uniform", "weights"]
 
@@ -177,12 +180,14 @@ def eval_batches(examples: Sequence[Example], batch_size: int) -> list[list[int]
     return batches
 
 
-class MultiTaskData(L.LightningDataModule):
+class MultiTaskData(SplitDataModule):
     """Several named tasks mixed for training, validated and tested per task."""
+
+    regime = "multitask"
 
     def __init__(
         self,
-        backbone: Optional[Backbone] = None,
+        *,
         tasks: Optional[list[TaskSpec]] = None,
         sampling: Sampling = "proportional",
         temperature: float = 2.0,
@@ -191,20 +196,10 @@ class MultiTaskData(L.LightningDataModule):
         examples_per_epoch: Optional[int] = None,
         prompt_template: str = "auto",
         max_length: int = 256,
-        truncation: Literal["truncate", "drop"] = "truncate",
-        val_fraction: float = 0.05,
-        test_fraction: float = 0.05,
-        max_train_rows: Optional[int] = None,
-        max_eval_rows: Optional[int] = None,
-        batch_size: int = 8,
-        eval_batch_size: Optional[int] = None,
-        pad_to_multiple_of: int = 1,
-        num_workers: int = 0,
-        seed: int = 42,
+        **kwargs: Any,
     ):
         """
         Args:
-            backbone: The shared backbone (linked from the top-level ``backbone`` by the CLI).
             tasks: The tasks, each a name, a source and a regime (default: the built-in mixture of
                 ``arithmetic``, ``last_word``, ``sort_numbers`` and ``instruction``).
             sampling: How tasks are mixed: ``proportional`` to their (capped) sizes,
@@ -215,64 +210,52 @@ class MultiTaskData(L.LightningDataModule):
             examples_per_epoch: Training draws per epoch (default: the sum of the capped sizes).
             prompt_template: Prompt format of instruction tasks (see ``InstructionData``).
             max_length: Longest instruction example; block size of domain tasks.
-            truncation: Longer instruction rows are ``truncate``d or ``drop``ped.
-            val_fraction: Share of each task held out for validation (no ``val_source``).
-            test_fraction: Share of each task held out for testing (no ``test_source``).
-            max_train_rows: Use at most this many training examples of each task.
-            max_eval_rows: Use at most this many validation and test examples of each task.
-            batch_size: Training micro-batch size.
-            eval_batch_size: Validation/test batch size (default: ``batch_size``).
-            pad_to_multiple_of: Round padded lengths up (8 helps tensor cores on GPU).
-            num_workers: DataLoader workers.
-            seed: Seed of the splits and of the mixture draws.
+            **kwargs: The arguments every regime shares (:class:`~ftbench.data.base.SplitDataModule`),
+                applied to each task: the fractions, ``builtin_size`` (a task's ``options`` override
+                it), ``truncation``, and ``max_train_rows``/``max_eval_rows`` per task; the seed
+                also seeds the mixture draws.
         """
-        super().__init__()
-        self.backbone = backbone or Backbone()
+        # the tasks carry their own sources
+        super().__init__(source=None, val_source=None, test_source=None, max_length=max_length, **kwargs)
         self.tasks = list(tasks) if tasks is not None else builtin_tasks()
         if not self.tasks:
             raise ValueError("data.tasks: give at least one task")
         check_task_names([t.name for t in self.tasks])
+        if self.prompt_batches:
+            for i, t in enumerate(self.tasks):
+                if t.regime == "domain":
+                    raise ValueError(f"data.prompt_batches: task {t.name!r} (data.tasks[{i}]) is domain text, which has no prompts")
         self.sampling, self.temperature, self.weights, self.cap = sampling, temperature, weights, cap
         self.examples_per_epoch = examples_per_epoch
-        self.prompt_template, self.max_length, self.truncation = prompt_template, max_length, truncation
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.max_train_rows, self.max_eval_rows = max_train_rows, max_eval_rows
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
+        self.prompt_template = prompt_template
         # check the weights against the task names now, before any data is read
         if weights is not None or sampling == "weights":
             mixture_proportions({t.name: 1 for t in self.tasks}, sampling, temperature, weights, cap)
         self.task_splits: dict[str, dict[str, list[Example]]] = {}
-        self.modules: dict[str, L.LightningDataModule] = {}
-        self.splits: dict[str, list[Example]] = {}
+        self.modules: dict[str, SplitDataModule] = {}
         self.proportions: dict[str, float] = {}
         self.leaked: dict[str, int] = {}
 
+    def source_name(self) -> str:
+        return ", ".join(t.source for t in self.tasks)
+
     # ------------------------------------------------------------------ tasks
-    def task_module(self, spec: TaskSpec) -> L.LightningDataModule:
-        """The regime's data module that reads one task."""
+    def task_module(self, spec: TaskSpec) -> SplitDataModule:
+        """The regime's data module that reads one task, with the mixture's shared arguments."""
+        kwargs: dict[str, Any] = dict(
+            backbone=self.backbone, source=spec.source, val_source=spec.val_source, test_source=spec.test_source,
+            max_length=self.max_length, val_fraction=self.val_fraction, test_fraction=self.test_fraction,
+            max_train_rows=self.max_train_rows, max_eval_rows=self.max_eval_rows, seed=self.seed,
+        )
         if spec.regime == "instruction":
             from ftbench.data.instruction import InstructionData
 
-            kwargs: dict[str, Any] = dict(
-                source=spec.source, val_source=spec.val_source, test_source=spec.test_source,
-                prompt_template=self.prompt_template, max_length=self.max_length, truncation=self.truncation,
-                val_fraction=self.val_fraction, test_fraction=self.test_fraction,
-                max_train_rows=self.max_train_rows, max_eval_rows=self.max_eval_rows, seed=self.seed,
-            )
-            kwargs.update(spec.options)
-            return InstructionData(self.backbone, **kwargs)
+            kwargs.update(prompt_template=self.prompt_template, truncation=self.truncation, builtin_size=self.builtin_size)
+            return InstructionData(**{**kwargs, **spec.options})
         if spec.regime == "domain":
             from ftbench.data.domain import DomainData
 
-            kwargs = dict(
-                sources=[spec.source], val_sources=[spec.val_source] if spec.val_source else None,
-                block_size=self.max_length, val_fraction=self.val_fraction, test_fraction=self.test_fraction,
-                max_train_blocks=self.max_train_rows, max_eval_blocks=self.max_eval_rows, seed=self.seed,
-            )
-            kwargs.update(spec.options)
-            return DomainData(self.backbone, **kwargs)
+            return DomainData(**{**kwargs, **spec.options})
         raise ValueError(f"data.tasks: task {spec.name!r} has regime {spec.regime!r}; use instruction or domain")
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -287,15 +270,16 @@ class MultiTaskData(L.LightningDataModule):
                 for e in examples:
                     e.task = spec.name
             self.task_splits[spec.name] = splits
-        # no example held out in one task may be trained in another
-        held_out = {tuple(e.input_ids) for s in self.task_splits.values() for k in ("val", "test") for e in s[k]}
+        # no prompt held out in one task may be trained in another (a domain block: its tokens)
+        held_out = {_key(e) for s in self.task_splits.values() for k in ("val", "test") for e in s[k]}
         for name, s in self.task_splits.items():
             before = len(s["train"])
-            s["train"] = [e for e in s["train"] if tuple(e.input_ids) not in held_out]
+            s["train"] = [e for e in s["train"] if _key(e) not in held_out]
             self.leaked[name] = before - len(s["train"])
         sizes = {name: len(s["train"]) for name, s in self.task_splits.items()}
         self.proportions = mixture_proportions(sizes, self.sampling, self.temperature, self.weights, self.cap)
         self.splits = {k: [e for s in self.task_splits.values() for e in s[k]] for k in ("train", "val", "test")}
+        self.finish_setup(stage)
 
     def train_sizes(self) -> dict[str, int]:
         return {name: len(s["train"]) for name, s in self.task_splits.items()}
@@ -308,12 +292,12 @@ class MultiTaskData(L.LightningDataModule):
         return MixtureSampler(list(sizes.values()), [self.proportions[k] for k in sizes], n, self.seed)
 
     # ------------------------------------------------------------------ loaders
-    def collator(self) -> PackedCollator:
-        return PackedCollator(self.backbone.tokenizer.pad_token_id, self.pad_to_multiple_of)
+    def collator(self, generation: bool = True) -> PackedCollator:
+        return PackedCollator(self.backbone.tokenizer.pad_token_id, self.pad_to_multiple_of, generation)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["train"], batch_size=self.batch_size, sampler=self.sampler(),
-                          collate_fn=self.collator(), num_workers=self.num_workers)
+                          collate_fn=self.train_collator(), num_workers=self.num_workers)
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(self.splits[split], batch_sampler=eval_batches(self.splits[split], self.eval_batch_size),
@@ -347,6 +331,12 @@ class MultiTaskData(L.LightningDataModule):
             "rows": {k: len(v) for k, v in self.splits.items()},
             "max_length": self.max_length,
         }
+
+
+def _key(e: Example) -> tuple[int, ...]:
+    """What must not be both trained and held out across tasks: the prompt's tokens (a domain
+    block, which has no prompt: its tokens)."""
+    return tuple(e.prompt_ids if e.prompt_ids is not None else e.input_ids)
 
 
 def task_counts(sampler: MixtureSampler, names: Sequence[str]) -> dict[str, int]:

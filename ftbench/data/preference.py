@@ -11,12 +11,19 @@ Accepted rows (the forms TRL and LLaMA-Factory read):
 - LLaMA-Factory ShareGPT: ``{"conversations": [{"from", "value"}], "chosen": {"from": "gpt",
   "value"}, "rejected": {...}}``
 
+Any form may add ``answer`` (a string): the exact answer, for exact-match evaluation and for the
+rewards of online RL (the built-in pairs set it to the chosen response). Chat messages are checked by
+the shared :func:`~ftbench.data.base.check_conversation`. Pairs with the same (normalised) prompt
+share a split.
+
 Each pair is tokenised into two sequences, prompt + chosen and prompt + rejected, with the prompt
 tokens masked out of the labels (-100). A batch carries ``chosen_input_ids``,
 ``chosen_attention_mask``, ``chosen_labels``, the same three for ``rejected_*`` (both padded to one
 width, so a DPO step can concatenate them into one forward), the left-padded prompt
 (``prompt_input_ids``, ``prompt_attention_mask``), and ``input_ids``/``attention_mask``/``labels``
 equal to the chosen sequence, so that any supervised method trains on the chosen responses.
+Validation and test batches whose rows all have an ``answer`` also carry ``gen_input_ids``,
+``gen_attention_mask`` (the left-padded prompt, as in the instruction regime) and ``answers``.
 """
 
 from __future__ import annotations
@@ -28,24 +35,24 @@ from typing import Any, Literal, Optional, Sequence
 
 import torch
 
-from ftbench.backbone import Backbone
 from ftbench.data import tasks
 from ftbench.data.base import (
-    SplitDataModule,
     IGNORE_INDEX,
-    DataFormatError,
     Example,
     Row,
+    Source,
+    SplitDataModule,
     TruncationStats,
+    chat_messages,
+    check_conversation,
+    left_padded,
     load_rows,
     pad_batch,
+    prompt_key,
     segments_to_example,
-    split_indices,
 )
 
 BUILTIN = "builtin:"
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MAX_WARNINGS = 10
 
 
@@ -74,14 +81,36 @@ def wrong_answer(row: dict[str, str], rng: random.Random) -> str:
     raise ValueError(f"no wrong answer for task {task!r}")
 
 
+CAPITALS = "capitals"
+
+
+def capitals_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``builtin:capitals``: a surface preference that a tiny model learns in a few dozen steps. The
+    prompt asks to repeat 3 to 5 words; chosen = the words in capital letters, rejected = the same
+    words in lower case (the exact answer: the chosen response)."""
+    rng = random.Random(f"preference:{CAPITALS}:{seed}")
+    out = []
+    for _ in range(n):
+        words = " ".join(rng.sample(tasks.WORDS, rng.randint(3, 5)))
+        out.append({"prompt": f"Repeat these words: {words}", "chosen": words.upper(), "rejected": words,
+                    "answer": words.upper(), "task": CAPITALS})
+    return out
+
+
 def builtin_pairs(task: str, n: int, seed: int = 0) -> list[dict[str, str]]:
-    """``n`` preference rows from a built-in task: chosen = the right answer, rejected = a wrong one."""
+    """``n`` built-in preference rows. ``capitals``: :func:`capitals_pairs`. A task of
+    :mod:`ftbench.data.tasks`: chosen = the right answer (also the row's exact ``answer``),
+    rejected = a plausible wrong one."""
+    if task == CAPITALS:
+        return capitals_pairs(n, seed)
+    if task != tasks.MIXTURE and task not in tasks.TASKS:
+        raise ValueError(f"unknown built-in preference set {task!r}; choose from {', '.join([CAPITALS, *tasks.task_names()])}")
     rows = tasks.generate(task, n, seed)
     rng = random.Random(f"preference:{task}:{seed}")
     out = []
     for r in rows:
         prompt = f"{r['instruction']}\n\n{r['input']}" if r["input"] else r["instruction"]
-        out.append({"prompt": prompt, "chosen": r["output"], "rejected": wrong_answer(r, rng), "task": r["task"]})
+        out.append({"prompt": prompt, "chosen": r["output"], "rejected": wrong_answer(r, rng), "answer": r["output"], "task": r["task"]})
     return out
 
 
@@ -95,46 +124,7 @@ class Pair:
     rejected: Any
     chat: bool
     row: Row
-
-
-def _messages(row: Row, name: str, value: Any, sharegpt: bool = False) -> list[dict[str, str]]:
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise row.error(name, "must be a non-empty list of messages")
-    out = []
-    for i, m in enumerate(value):
-        where = f"{name}[{i}]"
-        if not isinstance(m, dict):
-            raise row.error(where, "must be an object with 'role' and 'content'")
-        if sharegpt:
-            role, content = SHAREGPT_ROLES.get(m.get("from")), m.get("value")
-            if role is None:
-                raise row.error(f"{where}.from", f"unknown role {m.get('from')!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
-            if not isinstance(content, str):
-                raise row.error(f"{where}.value", "missing or not a string")
-        else:
-            role, content = m.get("role"), m.get("content")
-            if role not in ROLES:
-                raise row.error(f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
-            if not isinstance(content, str):
-                raise row.error(f"{where}.content", "missing or not a string")
-        out.append({"role": role, "content": content})
-    return out
-
-
-def _check_turns(row: Row, named: list[tuple[str, dict[str, str]]]) -> None:
-    """Roles alternate user/assistant after an optional leading system message; the prompt ends
-    with a user turn so the completion is the assistant's."""
-    start = 1 if named and named[0][1]["role"] == "system" else 0
-    for k, (where, m) in enumerate(named[start:]):
-        want = "user" if k % 2 == 0 else "assistant"
-        if m["role"] != want:
-            raise row.error(f"{where}.role", f"roles must alternate user/assistant: expected {want!r}, got {m['role']!r}")
-
-
-def _named(field: str, msgs: list[dict[str, str]], offset: int = 0) -> list[tuple[str, dict[str, str]]]:
-    return [(f"{field}[{offset + i}]", m) for i, m in enumerate(msgs)]
+    answer: Optional[str] = None  # the exact answer, for exact-match evaluation
 
 
 def parse_pair(row: Row) -> Pair:
@@ -143,24 +133,27 @@ def parse_pair(row: Row) -> Pair:
     for name in ("chosen", "rejected"):
         if name not in f or f[name] is None:
             raise row.error(name, "missing")
+    answer = f.get("answer")
+    if answer is not None and not isinstance(answer, str):
+        raise row.error("answer", f"must be a string, got {type(answer).__name__}")
     if "conversations" in f:  # LLaMA-Factory ShareGPT
-        prompt = _messages(row, "conversations", f["conversations"], sharegpt=True)
-        chosen = _messages(row, "chosen", f["chosen"], sharegpt=True)
-        rejected = _messages(row, "rejected", f["rejected"], sharegpt=True)
+        prompt = chat_messages(row, "conversations", f["conversations"], sharegpt=True)
+        chosen = chat_messages(row, "chosen", f["chosen"], sharegpt=True)
+        rejected = chat_messages(row, "rejected", f["rejected"], sharegpt=True)
         for name, msgs in (("chosen", chosen), ("rejected", rejected)):
-            _check_turns(row, _named("conversations", prompt) + _named(name, msgs))
-        return Pair(prompt, chosen, rejected, True, row)
+            check_conversation(row, ("conversations", prompt), (name, msgs))
+        return Pair(prompt, chosen, rejected, True, row, answer)
     if isinstance(f["chosen"], list) or isinstance(f.get("prompt"), list):
-        chosen = _messages(row, "chosen", f["chosen"])
-        rejected = _messages(row, "rejected", f["rejected"])
+        chosen = chat_messages(row, "chosen", f["chosen"])
+        rejected = chat_messages(row, "rejected", f["rejected"])
         if "prompt" in f and f["prompt"] is not None:
-            prompt = _messages(row, "prompt", f["prompt"])
+            prompt = chat_messages(row, "prompt", f["prompt"])
             for name, msgs in (("chosen", chosen), ("rejected", rejected)):
-                _check_turns(row, _named("prompt", prompt) + _named(name, msgs))
-            return Pair(prompt, chosen, rejected, True, row)
+                check_conversation(row, ("prompt", prompt), (name, msgs))
+            return Pair(prompt, chosen, rejected, True, row, answer)
         # implicit prompt: the shared leading messages, up to the last user turn before they differ
         for name, msgs in (("chosen", chosen), ("rejected", rejected)):
-            _check_turns(row, _named(name, msgs))
+            check_conversation(row, (name, msgs))
         k = 0
         while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
             k += 1
@@ -168,7 +161,7 @@ def parse_pair(row: Row) -> Pair:
             k -= 1
         if k == 0:
             raise row.error("chosen", "no prompt: give 'prompt', or start 'chosen' and 'rejected' with the same user turn")
-        return Pair(chosen[:k], chosen[k:], rejected[k:], True, row)
+        return Pair(chosen[:k], chosen[k:], rejected[k:], True, row, answer)
     if "prompt" in f:
         prompt = row.get_str("prompt")
     elif "instruction" in f:  # LLaMA-Factory Alpaca
@@ -176,7 +169,7 @@ def parse_pair(row: Row) -> Pair:
         prompt = f"{inst}\n\n{inp}" if inp else inst
     else:
         raise row.error("prompt", "missing (give 'prompt', 'instruction', 'conversations' or chat lists)")
-    return Pair(prompt, row.get_str("chosen"), row.get_str("rejected"), False, row)
+    return Pair(prompt, row.get_str("chosen"), row.get_str("rejected"), False, row, answer)
 
 
 def completion_text(value: Any) -> str:
@@ -190,13 +183,17 @@ class PreferenceExample:
     rejected: Example
     prompt_ids: list[int]
     task: Optional[str] = None
+    answer: Optional[str] = None  # the exact answer (exact-match evaluation, prompt batches)
+    prompt_text: Optional[str] = None  # the rendered prompt
 
 
 class PreferenceCollator:
-    """Pads chosen and rejected (right, to one common width) and the prompts (left)."""
+    """Pads chosen and rejected (right, to one common width) and the prompts (left); with
+    ``generation`` (evaluation batches) and an exact answer in every row, also the generation prompts
+    and answers, as the instruction regime's :class:`~ftbench.data.base.Collator` gives them."""
 
-    def __init__(self, pad_id: int, pad_to_multiple_of: int = 1):
-        self.pad_id, self.multiple_of = pad_id, pad_to_multiple_of
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 1, generation: bool = True):
+        self.pad_id, self.multiple_of, self.generation = pad_id, pad_to_multiple_of, generation
 
     def __call__(self, examples: Sequence[PreferenceExample]) -> dict[str, Any]:
         seqs = [e.chosen for e in examples] + [e.rejected for e in examples]
@@ -209,107 +206,81 @@ class PreferenceCollator:
             "chosen_input_ids": ids[:n], "chosen_attention_mask": mask[:n], "chosen_labels": labels[:n],
             "rejected_input_ids": ids[n:], "rejected_attention_mask": mask[n:], "rejected_labels": labels[n:],
         }
-        prompts = [e.prompt_ids for e in examples]
-        batch["prompt_input_ids"] = pad_batch(prompts, self.pad_id, left=True)
-        width = batch["prompt_input_ids"].shape[1]
-        plen = torch.tensor([len(p) for p in prompts])
-        batch["prompt_attention_mask"] = (torch.arange(width)[None, :] >= (width - plen)[:, None]).long()
+        batch["prompt_input_ids"], batch["prompt_attention_mask"] = left_padded([e.prompt_ids for e in examples], self.pad_id)
         # the chosen sequence under the plain names: a supervised method trains on the chosen responses
         batch["input_ids"], batch["attention_mask"], batch["labels"] = (
             batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"])
+        if self.generation and all(e.answer is not None for e in examples):
+            # the left-padded prompt is the generation prompt (the same tensors)
+            batch["gen_input_ids"], batch["gen_attention_mask"] = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+            batch["answers"] = [e.answer for e in examples]
         if any(e.task is not None for e in examples):
             batch["tasks"] = [e.task or "default" for e in examples]
         return batch
 
 
 class PreferenceData(SplitDataModule):
-    """Prompt / chosen / rejected pairs, tokenised with the prompt masked, for preference methods."""
+    """Prompt / chosen / rejected pairs, tokenised with the prompt masked, for preference methods.
+
+    Built-in sets (``builtin:NAME``, ``builtin_size`` pairs, deterministic in ``seed``):
+
+    - ``builtin:capitals``: a surface preference that a tiny reward model learns in a few dozen steps:
+      "Repeat these words: apple river stone", chosen ``APPLE RIVER STONE`` (capital letters),
+      rejected ``apple river stone``.
+    - ``builtin:TASK`` for a task of :mod:`ftbench.data.tasks` (``instruction`` mixes them all):
+      chosen = the right answer, rejected = a plausible wrong one (an off-by-a-few sum, two numbers
+      swapped, another word of the list).
+
+    Both give every row its exact ``answer`` (the chosen response), so validation and test batches
+    also carry ``gen_input_ids``/``gen_attention_mask``/``answers`` for exact match; a file row can
+    give one in an ``answer`` field.
+    """
+
+    regime = "preference"
+    empty_train = "no training pairs left after the split and truncation"
 
     def __init__(
         self,
-        backbone: Optional[Backbone] = None,
-        source: str = "builtin:instruction",
-        val_source: Optional[str] = None,
-        test_source: Optional[str] = None,
+        *,
+        source: Source = "builtin:instruction",
         prompt_template: Literal["auto", "chat", "plain"] = "auto",
         system_prompt: Optional[str] = None,
-        max_length: int = 512,
-        truncation: Literal["truncate", "drop"] = "truncate",
         identical: Literal["warn", "drop", "error"] = "warn",
-        val_fraction: float = 0.05,
-        test_fraction: float = 0.05,
-        builtin_size: int = 2000,
-        max_train_rows: Optional[int] = None,
-        max_eval_rows: Optional[int] = None,
-        batch_size: int = 8,
-        eval_batch_size: Optional[int] = None,
-        pad_to_multiple_of: int = 1,
-        num_workers: int = 0,
-        seed: int = 42,
+        **kwargs: Any,
     ):
         """
         Args:
-            backbone: The shared backbone (linked from the top-level ``backbone`` by the CLI).
-            source: ``builtin:TASK`` (pairs from ``ftbench.data.tasks``: chosen = the right answer,
-                rejected = a plausible wrong one), a .jsonl/.json/.csv file, ``hf:NAME`` or a
-                ``save_to_disk`` folder; rows in TRL's or LLaMA-Factory's preference forms.
-            val_source: Validation rows; when absent, ``val_fraction`` of ``source`` is held out.
-            test_source: Test rows; when absent, ``test_fraction`` of ``source`` is held out.
+            source: ``builtin:capitals`` (an easy surface preference: capital letters chosen, lower
+                case rejected), ``builtin:TASK`` (pairs from ``ftbench.data.tasks``: chosen = the right
+                answer, rejected = a plausible wrong one), a .jsonl/.json/.csv file, ``hf:NAME`` or a
+                ``save_to_disk`` folder (a list reads several); rows in TRL's or LLaMA-Factory's
+                preference forms, with an optional exact ``answer``.
             prompt_template: ``chat`` (the tokenizer's chat template), ``plain`` (prompt text, then
                 the response and EOS; chat rows need ``chat``), or ``auto`` (``chat`` when the
                 tokenizer has a chat template).
             system_prompt: A system message put before every chat prompt that has none.
-            max_length: Longest tokenised sequence, prompt and response together.
-            truncation: Longer pairs are ``truncate``d (the end cut) or ``drop``ped. Counted.
             identical: A pair whose chosen equals its rejected response: ``warn`` (keep, warn and
                 count), ``drop`` (count and leave out) or ``error``.
-            val_fraction: Share of ``source`` held out for validation when there is no ``val_source``.
-            test_fraction: Share of ``source`` held out for testing when there is no ``test_source``.
-            builtin_size: Rows generated for a ``builtin:`` source (before the split).
-            max_train_rows: Use at most this many training pairs (after the split).
-            max_eval_rows: Use at most this many validation and test pairs each.
-            batch_size: Training micro-batch size (pairs; each is two sequences).
-            eval_batch_size: Validation/test batch size (default: ``batch_size``).
-            pad_to_multiple_of: Round padded lengths up (8 helps tensor cores on GPU).
-            num_workers: DataLoader workers.
-            seed: Seed of the split and of the training order.
+            **kwargs: The arguments every regime shares (:class:`~ftbench.data.base.SplitDataModule`);
+                ``batch_size`` counts pairs (each is two sequences), ``max_length`` each sequence,
+                and a pair is truncated or dropped when either of its sequences is too long.
         """
-        super().__init__()
-        self.backbone = backbone or Backbone()
-        self.source, self.val_source, self.test_source = source, val_source, test_source
-        self.prompt_template, self.system_prompt = prompt_template, system_prompt
-        self.max_length, self.truncation, self.identical = max_length, truncation, identical
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.builtin_size = builtin_size
-        self.max_train_rows, self.max_eval_rows = max_train_rows, max_eval_rows
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
+        super().__init__(source=source, **kwargs)
+        self.prompt_template, self.system_prompt, self.identical = prompt_template, system_prompt, identical
         self.stats = TruncationStats()
         self.identical_count = {"seen": 0, "dropped": 0}
-        self.splits: dict[str, list[PreferenceExample]] = {}
 
     # ------------------------------------------------------------------ rows
-    def _rows(self, source: str) -> list[Row]:
+    def read_one(self, source: str) -> list[Row]:
         if source.startswith(BUILTIN):
             name = source[len(BUILTIN):]
             return [Row(r, f"{source}#{i + 1}", None) for i, r in enumerate(builtin_pairs(name, self.builtin_size, self.seed))]
         return load_rows(source)
 
     def split_rows(self) -> dict[str, list[Row]]:
-        rows = self._rows(self.source)
-        fractions = [0.0 if self.val_source else self.val_fraction, 0.0 if self.test_source else self.test_fraction]
-        val_idx, test_idx, train_idx = split_indices(len(rows), fractions, self.seed)
-        out = {
-            "train": [rows[i] for i in train_idx],
-            "val": self._rows(self.val_source) if self.val_source else [rows[i] for i in val_idx],
-            "test": self._rows(self.test_source) if self.test_source else [rows[i] for i in test_idx],
-        }
-        if self.max_train_rows is not None:
-            out["train"] = out["train"][: self.max_train_rows]
-        if self.max_eval_rows is not None:
-            out["val"], out["test"] = out["val"][: self.max_eval_rows], out["test"][: self.max_eval_rows]
-        return out
+        """Train/val/test rows under the shared split rule (pairs with the same prompt share a split)."""
+        parts = self.split(self.read(self.source), lambda row: prompt_key(parse_pair(row).prompt))
+        return {name: self.limit(name, rows) for name, rows in parts.items()}
 
     # ------------------------------------------------------------------ tokenisation
     def template(self) -> str:
@@ -323,8 +294,8 @@ class PreferenceData(SplitDataModule):
     def _encode(self, text: str, special: bool = False) -> list[int]:
         return self.backbone.tokenizer(text, add_special_tokens=special)["input_ids"]
 
-    def tokenize(self, pair: Pair, template: str) -> tuple[list[int], list[int], list[int]]:
-        """Prompt, chosen and rejected token ids (the responses without the prompt)."""
+    def tokenize(self, pair: Pair, template: str) -> tuple[list[int], list[int], list[int], str]:
+        """Prompt, chosen and rejected token ids (the responses without the prompt), and the prompt text."""
         tok = self.backbone.tokenizer
         row = pair.row
         if template == "chat":
@@ -339,12 +310,12 @@ class PreferenceData(SplitDataModule):
                 if not full.startswith(prompt_text):
                     raise row.error(name, "the chat template does not render the prompt as a prefix of the conversation; use prompt_template 'plain'")
                 out.append(self._encode(full[len(prompt_text):]))
-            return self._encode(prompt_text), out[0], out[1]
+            return self._encode(prompt_text), out[0], out[1], prompt_text
         if pair.chat:
             raise row.error("prompt" if "prompt" in row.fields else "chosen", "chat messages need prompt_template 'chat' (a tokenizer with a chat template)")
         prompt_text = pair.prompt if self.system_prompt is None else f"{self.system_prompt}\n\n{pair.prompt}"
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        return self._encode(prompt_text, special=True), self._encode(pair.chosen) + eos, self._encode(pair.rejected) + eos
+        return self._encode(prompt_text, special=True), self._encode(pair.chosen) + eos, self._encode(pair.rejected) + eos, prompt_text
 
     def encode(self, rows: list[Row], template: str) -> list[PreferenceExample]:
         out = []
@@ -360,7 +331,7 @@ class PreferenceData(SplitDataModule):
                     continue
                 if self.identical_count["seen"] <= MAX_WARNINGS:
                     warnings.warn(f"{err} (kept; data.identical: drop leaves such pairs out)", PreferenceDataWarning, stacklevel=2)
-            prompt_ids, chosen_ids, rejected_ids = self.tokenize(pair, template)
+            prompt_ids, chosen_ids, rejected_ids, prompt_text = self.tokenize(pair, template)
             pair_stats = TruncationStats()  # counted per pair, not per sequence
             chosen = segments_to_example([(prompt_ids, False), (chosen_ids, True)], self.max_length, self.truncation, pair_stats)
             rejected = segments_to_example([(prompt_ids, False), (rejected_ids, True)], self.max_length, self.truncation, pair_stats)
@@ -372,7 +343,7 @@ class PreferenceData(SplitDataModule):
             task = row.fields.get("task")
             task = task if isinstance(task, str) else None
             chosen.task = rejected.task = task
-            out.append(PreferenceExample(chosen, rejected, prompt_ids[: self.max_length], task))
+            out.append(PreferenceExample(chosen, rejected, prompt_ids[: self.max_length], task, pair.answer, prompt_text))
         return out
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -383,13 +354,11 @@ class PreferenceData(SplitDataModule):
         self.stats = TruncationStats()
         self.identical_count = {"seen": 0, "dropped": 0}
         self.splits = {name: self.encode(r, template) for name, r in rows.items()}
-        if not self.splits["train"] and stage in (None, "fit"):
-            raise DataFormatError(self.source, None, None, "no training pairs left after the split and truncation")
+        self.finish_setup(stage)
 
     # ------------------------------------------------------------------ loaders
-    def collator(self) -> PreferenceCollator:
-        return PreferenceCollator(self.backbone.tokenizer.pad_token_id, self.pad_to_multiple_of)
-
+    def collator(self, generation: bool = True) -> PreferenceCollator:
+        return PreferenceCollator(self.backbone.tokenizer.pad_token_id, self.pad_to_multiple_of, generation)
 
     def describe(self) -> dict[str, Any]:
         """What the record says about the data."""
@@ -397,6 +366,7 @@ class PreferenceData(SplitDataModule):
             "regime": "preference",
             "source": self.source,
             "rows": {k: len(v) for k, v in self.splits.items()},
+            "removed_as_held_out": self.removed_as_held_out,
             "prompt_template": self.template(),
             "max_length": self.max_length,
             "truncation": {"policy": self.truncation, **self.stats.as_dict()},
