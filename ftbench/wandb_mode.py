@@ -4,10 +4,13 @@ report all call it)."""
 from __future__ import annotations
 
 import os
+from typing import MutableMapping, Optional
 
 
-def default_to_offline() -> None:
+def default_to_offline(env: Optional[MutableMapping[str, str]] = None) -> None:
     """Without an API key, W&B logs offline (it never prompts or hangs); sync later with ``wandb sync``.
-    An explicit ``WANDB_MODE`` is left alone."""
-    if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
-        os.environ["WANDB_MODE"] = "offline"
+    An explicit ``WANDB_MODE`` is left alone. ``env``: the environment to decide in (default: this
+    process's; the sweep runner passes a child's)."""
+    env = os.environ if env is None else env
+    if not env.get("WANDB_API_KEY") and "WANDB_MODE" not in env:
+        env["WANDB_MODE"] = "offline"

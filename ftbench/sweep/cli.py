@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ftbench.fileio import write_text_atomic
+from ftbench.wandb_mode import default_to_offline
 from ftbench.sweep.grid import RunSpec, Sweep, SweepError, load_sweep, parse_overrides, parse_shard, shard
 
 DONE = "completed"
@@ -239,8 +240,7 @@ def child_env(sweep: Sweep, spec: RunSpec) -> dict[str, str]:
     env.setdefault("WANDB_TAGS", ",".join(dict.fromkeys([spec.method, spec.subcommand, sweep.name]))[:500])
     env.setdefault("WANDB_JOB_TYPE", spec.subcommand)
     env.setdefault("WANDB_NAME", spec.run_id)
-    if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
-        env["WANDB_MODE"] = "offline"  # never prompt, never hang
+    default_to_offline(env)  # never prompt, never hang
     return env
 
 
@@ -375,6 +375,10 @@ def wandb_sweep_config(sweep: Sweep, sweep_file: str, extra_args: list[str]) -> 
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "report":  # the report's own command line (it imports pandas; a sweep need not)
+        from ftbench.sweep.report.cli import main as report_main
+
+        return report_main(argv[1:])
     parser = argparse.ArgumentParser(prog="ftbench")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sweep", help="run every point of a sweep file, each in its own process",
@@ -390,25 +394,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--reference", default="full", help="method the report compares memory/speed/accuracy with")
     p.add_argument("--wandb-sweep-config", action="store_true",
                    help="print a W&B Sweeps config (program/command) that runs this sweep's points, and exit")
-    r = sub.add_parser("report", help="tables and plots from the run records in a directory")
-    r.add_argument("results_dir")
-    r.add_argument("--out", help="where report.md/report.csv/plots go (default: RESULTS_DIR)")
-    r.add_argument("--reference", default="full", help="method the relative columns compare with (default: full)")
-    r.add_argument("--no-plots", action="store_true", help="tables only")
-    r.add_argument("--wandb", action="store_true", help="also log the table (and plots) to W&B (offline without an API key)")
-    r.add_argument("--wandb-project", default=None, help="W&B project (default: $WANDB_PROJECT or ftbench)")
     args, rest = parser.parse_known_args(argv[:1] + argv[1:])
-    if args.command == "report":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        from ftbench.sweep.report.cli import report_for_cli as report
-
-        if not Path(args.results_dir).is_dir():
-            print(f"error: {args.results_dir} is not a directory", file=sys.stderr)
-            return 2
-        print(report(args.results_dir, args.out, reference=args.reference, plots=not args.no_plots,
-                     wandb=args.wandb, wandb_project=args.wandb_project))
-        return 0
     known = {o.lstrip("-").replace("_", "-") for a in p._actions for o in a.option_strings}
     for tok in rest:
         name = tok.split("=", 1)[0].lstrip("-").replace("_", "-")
