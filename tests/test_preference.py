@@ -1,26 +1,34 @@
 """Preference pairs: exact collated tensors (plain and chat), every accepted row form, the built-in
-pairs, identical pairs (warn/drop/error), bad rows, the shipped YAML, and a supervised method
-validating on the chosen responses."""
+pairs and the split that keeps each prompt in one split, the exact-match keys of evaluation batches,
+prompt batches, the easy ``builtin:capitals`` set (learnt by a tiny reward model), identical pairs
+(warn/drop/error), bad rows (one chat check shared with the instruction regime), the shipped YAML,
+and a supervised method validating on the chosen responses."""
 
 from __future__ import annotations
 
 import json
+import random
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from ftbench.data.base import DataFormatError, Row
+from ftbench.data.base import DataFormatError, Row, prompt_key
+from ftbench.data.instruction import conversation
 from ftbench.data.preference import (
+    PreferenceCollator,
     PreferenceData,
     PreferenceDataWarning,
+    PreferenceExample,
     builtin_pairs,
     parse_pair,
 )
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PROMPT = [289, 280, 276, 354, 279, 34]  # "What is 2 + 3?" with the tiny tokenizer
+PROMPT_12_30 = [289, 280, 408, 354, 279, 19, 34]  # "What is 12 + 30?"
 FIVE, SIXTEEN = [24], [20, 25]
 EOS, PAD = 2, 3
 CHAT_PROMPT = [1, 88, 86, 265, 202, *PROMPT, 2, 202, 1, 387, 86, 288, 273, 87, 202]  # <|im_start|>user\n...assistant\n
@@ -130,6 +138,149 @@ def test_builtin_preference_set(backbone):
         assert not torch.equal(lab_c, lab_r)
 
 
+def test_builtin_preference_split_keeps_each_prompt_in_one_split(backbone):
+    """The shipped preference.yaml (2000 built-in pairs, 2% val, 5% test, seed 42): a plain row split
+    put 132 of its 1,860 training pairs on a prompt that val or test also holds; the shared rule: 0."""
+    args = yaml.safe_load((CONFIGS / "data" / "preference.yaml").read_text())["init_args"]
+    dm = PreferenceData(backbone=backbone, **args)
+    parts = dm.split_rows()
+    assert {k: len(v) for k, v in parts.items()} == {"train": 1860, "val": 40, "test": 100}
+    keys = {k: [prompt_key(parse_pair(r).prompt) for r in v] for k, v in parts.items()}
+    assert sum(k in set(keys["val"]) | set(keys["test"]) for k in keys["train"]) == 0
+    assert not set(keys["val"]) & set(keys["test"])
+    assert len(set().union(*map(set, keys.values()))) == 1651  # distinct prompts among the 2000 pairs
+    # what the plain row split of the same rows (the earlier rule) shared
+    rows = builtin_pairs("instruction", 2000, 42)
+    order = list(range(2000))
+    random.Random(42).shuffle(order)
+    held = {prompt_key(rows[i]["prompt"]) for i in order[:140]}
+    assert sum(prompt_key(rows[i]["prompt"]) in held for i in order[140:]) == 132
+
+
+def test_explicit_val_source_leaves_its_prompts_out_of_training(backbone, tmp_path):
+    rows = [GOOD, {"prompt": "What is 12 + 30?", "chosen": "42", "rejected": "41"}]
+    val = _jsonl(tmp_path / "val.jsonl", [{"instruction": "What is 2 +  3?", "chosen": "5", "rejected": "6"}])
+    dm = _data(backbone, tmp_path, rows, val_source=val, prompt_template="plain")
+    # "What is 2 +  3?" is "What is 2 + 3?" once white space is normalised
+    assert [e.prompt_text for e in dm.splits["train"]] == ["What is 12 + 30?"]
+    assert [e.answer for e in dm.splits["val"]] == [None]
+    assert dm.describe()["removed_as_held_out"] == 1
+
+
+# ---------------------------------------------------------------------------- exact-match evaluation data
+def test_evaluation_batches_carry_generation_prompts_and_answers(backbone, tmp_path):
+    rows = [{**GOOD, "answer": "5"}, {"prompt": "What is 12 + 30?", "chosen": "42", "rejected": "41", "answer": "42"}]
+    src = _jsonl(tmp_path / "pairs.jsonl", rows)
+    dm = PreferenceData(backbone=backbone, source=src, val_source=src, test_source=src, val_fraction=0.0,
+                        test_fraction=0.0, prompt_template="plain", eval_batch_size=2)
+    dm.setup("validate")
+    assert dm.splits["train"] == []  # every training pair's prompt is in val/test
+    for batch in (next(iter(dm.val_dataloader())), next(iter(dm.test_dataloader()))):
+        # as in the instruction regime: the prompt left-padded (pad 3), its mask, the reference answers
+        assert batch["gen_input_ids"].tolist() == [[PAD] + PROMPT, PROMPT_12_30]
+        assert batch["gen_attention_mask"].tolist() == [[0] + [1] * 6, [1] * 7]
+        assert batch["answers"] == ["5", "42"]
+        assert torch.equal(batch["gen_input_ids"], batch["prompt_input_ids"])
+        assert torch.equal(batch["gen_attention_mask"], batch["prompt_attention_mask"])
+    # greedy generation needs at most the longest answer + 4 tokens ("42": 2 tokens)
+    assert dm.max_answer_tokens == len(backbone.tokenizer("42", add_special_tokens=False)["input_ids"]) + 4 == 6
+
+
+def test_training_batches_and_rows_without_an_answer_have_no_generation_keys(backbone, tmp_path):
+    dm = _data(backbone, tmp_path, [{**GOOD, "answer": "5"}], prompt_template="plain")
+    train = next(iter(dm.train_dataloader()))
+    assert not {"gen_input_ids", "gen_attention_mask", "answers"} & set(train)
+    ex = dm.splits["train"][0]
+    assert (ex.answer, ex.prompt_text) == ("5", "What is 2 + 3?")
+    no_answer = PreferenceExample(ex.chosen, ex.rejected, ex.prompt_ids, answer=None)
+    collate = PreferenceCollator(PAD)
+    assert "answers" in collate([ex]) and "answers" not in collate([ex, no_answer])  # every row needs one
+
+
+def test_answer_must_be_a_string(backbone, tmp_path):
+    with pytest.raises(DataFormatError) as err:
+        _data(backbone, tmp_path, [{**GOOD, "answer": 5}])
+    assert str(err.value) == f"{tmp_path / 'pairs.jsonl'}:1: field 'answer': must be a string, got int"
+
+
+# ---------------------------------------------------------------------------- prompt batches (online RL)
+def test_prompt_batches_exact(backbone, tmp_path):
+    rows = [{**GOOD, "task": "add"}, {"prompt": "What is 12 + 30?", "chosen": "42", "rejected": "41", "answer": "42"}]
+    dm = _data(backbone, tmp_path, rows, prompt_template="plain", prompt_batches=True, batch_size=2)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"prompt_input_ids", "prompt_attention_mask", "prompts", "answers", "tasks"}
+    order = [batch["prompts"].index(p) for p in ("What is 2 + 3?", "What is 12 + 30?")]
+    assert [batch["answers"][i] for i in order] == [None, "42"]
+    assert [batch["tasks"][i] for i in order] == ["add", "default"]
+    assert [batch["prompt_input_ids"][i].tolist() for i in order] == [[PAD] + PROMPT, PROMPT_12_30]
+    assert [batch["prompt_attention_mask"][i].tolist() for i in order] == [[0] + [1] * 6, [1] * 7]
+
+
+def test_prompt_batches_chat(backbone, tmp_path):
+    dm = _data(backbone, tmp_path, [GOOD], prompt_batches=True)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["prompt_input_ids"].tolist() == [CHAT_PROMPT]
+    assert batch["prompts"] == ["<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"]
+    val = dm.collator()(dm.splits["train"])  # evaluation batches stay preference batches
+    assert "chosen_input_ids" in val and "prompts" not in val
+
+
+# ---------------------------------------------------------------------------- builtin:capitals
+def test_capitals_pairs_are_deterministic():
+    rows = builtin_pairs("capitals", 300, seed=0)
+    assert rows == builtin_pairs("capitals", 300, seed=0) and rows != builtin_pairs("capitals", 300, seed=1)
+    assert rows[:2] == [
+        {"prompt": "Repeat these words: silver candle engine dragon yellow", "chosen": "SILVER CANDLE ENGINE DRAGON YELLOW",
+         "rejected": "silver candle engine dragon yellow", "answer": "SILVER CANDLE ENGINE DRAGON YELLOW", "task": "capitals"},
+        {"prompt": "Repeat these words: yellow pillow market river", "chosen": "YELLOW PILLOW MARKET RIVER",
+         "rejected": "yellow pillow market river", "answer": "YELLOW PILLOW MARKET RIVER", "task": "capitals"},
+    ]
+    for r in rows:
+        words = r["prompt"].removeprefix("Repeat these words: ")
+        assert r["rejected"] == words and r["chosen"] == r["answer"] == words.upper() and 3 <= len(words.split()) <= 5
+    assert len({r["prompt"] for r in rows}) == 300
+
+
+def test_unknown_builtin_preference_set(backbone):
+    with pytest.raises(ValueError) as err:
+        PreferenceData(backbone=backbone, source="builtin:capital").setup("fit")
+    assert str(err.value) == ("unknown built-in preference set 'capital'; choose from capitals, arithmetic, last_word, "
+                              "sort_numbers, uppercase, count_words, instruction")
+
+
+def test_a_tiny_reward_model_learns_capitals_in_a_few_dozen_steps(backbone, tiny_model_dir):
+    """Bradley-Terry on the 2-layer, 64-dim random Llama (a scalar head at the last real token):
+    20 steps of 8 pairs take held-out pairwise accuracy from chance to 1."""
+    from transformers import AutoModelForSequenceClassification
+
+    dm = PreferenceData(backbone=backbone, source="builtin:capitals", builtin_size=400, val_fraction=0.1,
+                        test_fraction=0.0, batch_size=8, eval_batch_size=40, seed=0)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+
+    def scores(batch, side):
+        mask = batch[f"{side}_attention_mask"]
+        hidden = model.model(input_ids=batch[f"{side}_input_ids"], attention_mask=mask).last_hidden_state
+        return model.score(hidden[torch.arange(len(mask)), mask.sum(1) - 1]).squeeze(-1)
+
+    def accuracy():
+        batch = next(iter(dm.val_dataloader()))
+        with torch.no_grad():
+            return float((scores(batch, "chosen") > scores(batch, "rejected")).float().mean())
+
+    before = accuracy()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _, batch in zip(range(20), dm.train_dataloader()):
+        loss = -torch.nn.functional.logsigmoid(scores(batch, "chosen") - scores(batch, "rejected")).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert 0.3 < before < 0.7 and accuracy() == 1.0 and float(loss.detach()) < 0.1
+
+
 # ---------------------------------------------------------------------------- bad input
 SAME = {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "5"}
 GOOD = {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "16"}
@@ -192,6 +343,30 @@ def test_chat_rows_need_a_chat_template(backbone, tmp_path):
     with pytest.raises(DataFormatError) as err:
         _data(backbone, tmp_path, [row], prompt_template="plain")
     assert str(err.value) == f"{tmp_path / 'pairs.jsonl'}:1: field 'prompt': chat messages need prompt_template 'chat' (a tokenizer with a chat template)"
+
+
+U, A = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+BAD_CHATS = {
+    "empty": ([], "field '{f}': must be a non-empty list of messages"),
+    "not-an-object": (["hi", A], "field '{f}[0]': must be an object with 'role' and 'content'"),
+    "unknown-role": ([{"role": "bot", "content": "q"}, A], "field '{f}[0].role': unknown role 'bot' (expected one of system, user, assistant)"),
+    "content": ([{"role": "user", "content": 3}, A], "field '{f}[0].content': missing or not a string"),
+    "not-alternating": ([U, U, A], "field '{f}[1].role': roles must alternate user/assistant: expected 'assistant', got 'user'"),
+    "system-later": ([U, {"role": "system", "content": "s"}, A], "field '{f}[1].role': roles must alternate user/assistant: expected 'assistant', got 'system'"),
+    "last-from-user": ([U, A, U], "field '{f}[2].role': the last message must be from the assistant"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHATS))
+def test_one_chat_check_for_instruction_and_preference_rows(case):
+    """The same bad conversation gets the same message from both regimes (one check in base.py)."""
+    msgs, message = BAD_CHATS[case]
+    with pytest.raises(DataFormatError) as instruction:
+        conversation(Row({"messages": msgs}, "f.jsonl", 3))
+    with pytest.raises(DataFormatError) as preference:
+        parse_pair(Row({"chosen": msgs, "rejected": [U, {"role": "assistant", "content": "b"}]}, "f.jsonl", 3))
+    assert str(instruction.value) == "f.jsonl:3: " + message.format(f="messages")
+    assert str(preference.value) == "f.jsonl:3: " + message.format(f="chosen")
 
 
 def test_implicit_prompt_without_a_shared_user_turn():
