@@ -1,0 +1,390 @@
+"""Where a training step's memory goes, measured from the tensors themselves, in bytes.
+
+:class:`MemoryBreakdown` is a Lightning callback; its :attr:`~MemoryBreakdown.results` is what the
+record stores as ``train_info.memory_breakdown``. It reads the same numbers on CPU, on CUDA and on the
+meta device (where :mod:`ftbench.estimate` runs a step without weights), because it looks at tensors
+and storages, never at an allocator:
+
+* **weights** - every parameter and buffer of the module, each storage once (tied embeddings once),
+  by storage format (``float32``, ``bfloat16``, ``bnb-nf4``, ``bnb-int8`` ...) and by
+  trainable/frozen. A 4-bit weight counts its packed bytes plus its quantisation state (absmax, code,
+  and with double quantisation the 8-bit absmax, its offset and the second-level absmax and code); an
+  8-bit weight its int8 bytes plus its float32 row scales (``SCB``).
+* **gradients** - the ``.grad`` tensors after the backward of the measured batch (read in
+  ``on_before_optimizer_step``), each storage once.
+* **optimizer** - every tensor in ``optimizer.state`` after the optimizer's first step: AdamW's two
+  moments *and* its ``step`` counters (one float32 scalar per trained tensor, reported as
+  ``step_tensors``/``step_bytes``; torch keeps them on the host unless ``capturable``/``fused``),
+  bitsandbytes' 8-bit states with their block absmax and quantile maps (maps shared by all tensors
+  counted once), paged states at their real size.
+* **activations** - what autograd saves for backward during one training step: a
+  ``saved_tensors_hooks`` pack hook is pushed at ``on_train_batch_start`` of batch ``batch_index``
+  (after warm-up) and popped at ``on_before_backward``. Each storage is counted once (views and
+  ``t()`` of a tensor share it) and only if it is still alive when backward starts; storages of
+  parameters and buffers are left out (they are the weights). Under autocast the low-precision copies
+  of the weights that matmuls save are activations: they live until backward. With gradient
+  checkpointing the checkpointed blocks save only their inputs, which is its saving.
+  ``other_live_bytes``: storages the forward created that are not saved for backward but still
+  alive when it starts (what the training step keeps, e.g. its outputs).
+* **largest_transient** - the largest single storage the forward creates that is neither saved for
+  backward nor alive when backward starts (a ``TorchDispatchMode`` sees every op's outputs), e.g. the
+  float32 logits a loss upcasts over the whole vocabulary. Backward creates the gradient with respect
+  to that tensor, of the same size, at its start, on top of the saved activations.
+
+``predicted_peak_bytes`` is weights + gradients + optimizer state + activations (saved and other
+live) + the largest transient: a conservative device peak (a gradient and the activation it
+replaces are not both alive in reality; the optimizer's own temporaries are left out). The measured
+peak (``memory.peak_bytes``: CUDA's allocated peak, or the host's resident peak on CPU) sits next to
+it in the record.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Optional
+
+import lightning as L
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+try:  # a weak reference to a storage: its address is not reused while we hold it
+    from torch.multiprocessing.reductions import StorageWeakRef
+except ImportError:  # pragma: no cover - every supported torch has it
+    StorageWeakRef = None  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------------- storages
+def storage_key(t: torch.Tensor) -> tuple[int, int]:
+    """(identity of the tensor's storage, its bytes). Works on meta tensors (no data pointer there)."""
+    try:
+        st = t.untyped_storage()
+        return st._cdata, st.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested or other storage-less tensors
+        return id(t), t.numel() * t.element_size()
+
+
+def _quant_state_tensors(param: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors a bitsandbytes 4-bit weight keeps besides its packed bytes (absmax, code, offset,
+    and the nested state of double quantisation), or an 8-bit weight's row scales."""
+    out: list[torch.Tensor] = []
+    state = getattr(param, "quant_state", None)
+    while state is not None:
+        for attr in ("absmax", "code", "offset"):
+            t = getattr(state, attr, None)
+            if isinstance(t, torch.Tensor):
+                out.append(t)
+        state = getattr(state, "state2", None)
+    scb = getattr(param, "SCB", None)
+    if isinstance(scb, torch.Tensor):
+        out.append(scb)
+    return out
+
+
+def _numel(p: torch.Tensor) -> int:
+    try:
+        from ftbench.tuners.base import numel
+    except ImportError:  # pragma: no cover
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        return int(math.prod(shape)) if shape is not None else p.numel()
+    return numel(p)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _add(d: dict[str, int], key: str, n: int) -> None:
+    d[key] = d.get(key, 0) + n
+
+
+# ---------------------------------------------------------------------- the parts
+def weight_breakdown(model: torch.nn.Module) -> dict[str, Any]:
+    """Bytes of every parameter and buffer of ``model``, each storage once, by storage format and
+    by trainable/frozen, with quantisation state included in its weight's format."""
+    from ftbench.quantization import _storage_of
+
+    owners = {id(p): mod for mod in model.modules() for p in mod.parameters(recurse=False)}
+    seen: set[int] = set()
+    by_format: dict[str, int] = {}
+    out = {"trainable_bytes": 0, "frozen_bytes": 0, "trainable_params": 0, "frozen_params": 0,
+           "quant_state_bytes": 0, "buffer_bytes": 0}
+    for p in model.parameters():
+        key, nbytes = storage_key(p)
+        if key in seen:
+            continue
+        seen.add(key)
+        fmt, _ = _storage_of(p, owners.get(id(p)))
+        scb_owner = getattr(getattr(owners.get(id(p)), "state", None), "SCB", None)
+        extra = _quant_state_tensors(p)
+        if isinstance(scb_owner, torch.Tensor) and getattr(p, "SCB", None) is None:
+            extra.append(scb_owner)  # an int8 layer moves its row scales to the module at the first forward
+        for t in extra:
+            k, n = storage_key(t)
+            if k not in seen:
+                seen.add(k)
+                nbytes += n
+                out["quant_state_bytes"] += n
+        _add(by_format, fmt, nbytes)
+        kind = "trainable" if p.requires_grad else "frozen"
+        out[f"{kind}_bytes"] += nbytes
+        out[f"{kind}_params"] += _numel(p)
+    for b in model.buffers():
+        key, nbytes = storage_key(b)
+        if key not in seen:
+            seen.add(key)
+            out["buffer_bytes"] += nbytes
+    out["bytes"] = out["trainable_bytes"] + out["frozen_bytes"] + out["buffer_bytes"]
+    out["by_format"] = dict(sorted(by_format.items()))
+    return out
+
+
+def gradient_breakdown(params: Iterable[torch.Tensor]) -> dict[str, Any]:
+    """Bytes of the ``.grad`` of ``params``, each storage once, by dtype."""
+    seen: set[int] = set()
+    by_dtype: dict[str, int] = {}
+    tensors = 0
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        key, nbytes = storage_key(g)
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors += 1
+        _add(by_dtype, _dtype_name(g.dtype), nbytes)
+    return {"bytes": sum(by_dtype.values()), "tensors": tensors, "by_dtype": by_dtype}
+
+
+def optimizer_breakdown(optimizers: Iterable[torch.optim.Optimizer]) -> dict[str, Any]:
+    """Bytes of every tensor in the optimizers' state, each storage once, by dtype and device;
+    the per-tensor ``step`` counters separately too (they are part of ``bytes``)."""
+    seen: set[int] = set()
+    by_dtype: dict[str, int] = {}
+    by_device: dict[str, int] = {}
+    tensors = step_tensors = step_bytes = 0
+    for opt in optimizers:
+        opt = getattr(opt, "optimizer", opt)  # Lightning's LightningOptimizer wraps the real one
+        for state in opt.state.values():
+            for name, value in state.items():
+                for t in tree_leaves(value):
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    key, nbytes = storage_key(t)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    tensors += 1
+                    _add(by_dtype, _dtype_name(t.dtype), nbytes)
+                    _add(by_device, t.device.type, nbytes)
+                    if name == "step":
+                        step_tensors += 1
+                        step_bytes += nbytes
+    return {"bytes": sum(by_dtype.values()), "tensors": tensors, "by_dtype": by_dtype, "by_device": by_device,
+            "step_tensors": step_tensors, "step_bytes": step_bytes}
+
+
+# ---------------------------------------------------------------------- activations
+class _Created(TorchDispatchMode):
+    """Sees the outputs of every op below autograd; remembers each new storage weakly."""
+
+    def __init__(self, meter: "ActivationMeter"):
+        super().__init__()
+        self.meter = meter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.meter._created(t, func)
+        return out
+
+
+class ActivationMeter:
+    """What one forward leaves for backward: enter before the forward, leave before the backward.
+
+    ``exclude`` are tensors whose storages are not activations (the parameters and buffers: they are
+    the weights). Usable as a context manager or with :meth:`start` / :meth:`stop` from two hooks.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = (), track_created: bool = True):
+        self._exclude = {storage_key(t)[0] for t in exclude}
+        self._track_created = track_created
+        self._saved: dict[int, tuple[Any, int]] = {}
+        self._made: dict[int, tuple[Any, int, str, tuple, str]] = {}
+        self._hooks = None
+        self._mode: Optional[_Created] = None
+        self.results: Optional[dict[str, Any]] = None
+
+    # the pack hook keeps what autograd saves unchanged; it only notes the storage
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        key, nbytes = storage_key(t)
+        if key not in self._exclude and key not in self._saved:
+            self._saved[key] = (_weak(t), nbytes)
+        return t
+
+    @staticmethod
+    def _unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def _created(self, t: torch.Tensor, func) -> None:
+        key, nbytes = storage_key(t)
+        if key in self._exclude or key in self._made:
+            return
+        self._made[key] = (_weak(t), nbytes, _dtype_name(t.dtype), tuple(t.shape), str(func))
+
+    @property
+    def active(self) -> bool:
+        return self._hooks is not None
+
+    def start(self) -> None:
+        if self.active:
+            return
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        if self._track_created:
+            self._mode = _Created(self)
+            self._mode.__enter__()
+
+    def stop(self) -> dict[str, Any]:
+        if not self.active:
+            return self.results or {}
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+        self._hooks.__exit__(None, None, None)
+        self._hooks = None
+        saved = {k: n for k, (ref, n) in self._saved.items() if _alive(ref)}
+        other_live = 0
+        transient = {"bytes": 0, "dtype": None, "shape": None, "op": None}
+        for k, (ref, n, dtype, shape, op) in self._made.items():
+            if k in saved or k in self._saved:
+                continue
+            if _alive(ref):
+                other_live += n
+            elif n > transient["bytes"]:
+                transient = {"bytes": n, "dtype": dtype, "shape": list(shape), "op": op}
+        self.results = {
+            "activations": {"bytes": sum(saved.values()), "storages": len(saved), "other_live_bytes": other_live},
+            "largest_transient": transient if self._track_created else {"bytes": 0, "op": "not tracked"},
+        }
+        self._saved.clear()
+        self._made.clear()
+        return self.results
+
+    def __enter__(self) -> "ActivationMeter":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _weak(t: torch.Tensor):
+    try:
+        return StorageWeakRef(t.untyped_storage())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None  # storage-less tensor: treated as alive (counted, never a transient)
+
+
+def _alive(ref) -> bool:
+    return ref is None or not ref.expired()
+
+
+# ---------------------------------------------------------------------- the whole step
+def predicted_peak(parts: dict[str, Any]) -> int:
+    """weights + gradients + optimizer state + activations (saved and other live) + largest transient."""
+    act = parts.get("activations") or {}
+    return int((parts.get("weights") or {}).get("bytes", 0) + (parts.get("gradients") or {}).get("bytes", 0)
+               + (parts.get("optimizer") or {}).get("bytes", 0) + act.get("bytes", 0) + act.get("other_live_bytes", 0)
+               + (parts.get("largest_transient") or {}).get("bytes", 0))
+
+
+class MemoryBreakdown(L.Callback):
+    """Weights, gradients, optimizer state, activations and the largest transient of one training
+    step, exactly, in bytes (see the module docstring). ``results`` is the record's
+    ``train_info.memory_breakdown``; it is complete once a training batch after ``batch_index`` has
+    ended (``results["complete"]``).
+    """
+
+    def __init__(self, batch_index: int = 1, track_transient: bool = True):
+        """
+        Args:
+            batch_index: Which training batch (counted from 0 over the whole fit) is measured; the
+                default leaves the first out as warm-up (lazy initialisations).
+            track_transient: Watch every op of the measured forward for the largest transient
+                (a ``TorchDispatchMode``: slower for that one forward).
+        """
+        if batch_index < 0:
+            raise ValueError(f"MemoryBreakdown: batch_index must be >= 0, got {batch_index}")
+        self.batch_index = batch_index
+        self.track_transient = track_transient
+        self._batches = 0
+        self._meter: Optional[ActivationMeter] = None
+        self._parts: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._batches == self.batch_index and "activations" not in self._parts:
+            self._parts["weights"] = weight_breakdown(pl_module)
+            self._parts["device"] = pl_module.device.type
+            shape = _batch_shape(batch)
+            if shape is not None:
+                self._parts["batch_shape"] = shape
+            self._meter = ActivationMeter(list(pl_module.parameters()) + list(pl_module.buffers()),
+                                          track_created=self.track_transient)
+            self._meter.start()
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self._close()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._close()  # a training step that never called backward (manual optimisation)
+        if "activations" in self._parts and "gradients" not in self._parts:
+            self._parts["gradients"] = gradient_breakdown(pl_module.parameters())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._close()
+        self._batches += 1
+        if "activations" in self._parts and "optimizer" not in self._parts:
+            opt = optimizer_breakdown(trainer.optimizers)
+            if opt["tensors"] or not _has_state_kind(trainer.optimizers):
+                self._parts["optimizer"] = opt
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._close()
+
+    def teardown(self, trainer, pl_module, stage):
+        self._close()
+
+    def _close(self) -> None:
+        if self._meter is not None and self._meter.active:
+            self._parts.update(self._meter.stop())
+            self._meter = None
+
+    # ------------------------------------------------------------------ the result
+    @property
+    def results(self) -> dict[str, Any]:
+        """The breakdown (bytes); ``complete`` is False until every part has been read."""
+        parts = dict(self._parts)
+        parts["batch_index"] = self.batch_index
+        parts["complete"] = all(k in parts for k in ("weights", "gradients", "optimizer", "activations"))
+        parts["predicted_peak_bytes"] = predicted_peak(parts)
+        return parts
+
+
+def _batch_shape(batch: Any) -> Optional[list[int]]:
+    ids = batch.get("input_ids") if isinstance(batch, dict) else None
+    return list(ids.shape) if isinstance(ids, torch.Tensor) else None
+
+
+def _has_state_kind(optimizers) -> bool:
+    """Whether an optimizer keeps state at all (plain SGD without momentum keeps none)."""
+    for opt in optimizers:
+        opt = getattr(opt, "optimizer", opt)
+        defaults = getattr(opt, "defaults", {})
+        if isinstance(opt, torch.optim.SGD) and not defaults.get("momentum"):
+            continue
+        return True
+    return False
