@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from ftbench.errors import FTBenchError
+
 EMBEDDED = "embedded"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,7 +28,7 @@ Quantization = Literal["none", "nf4", "fp4", "int8"]
 Head = Literal["causal_lm", "score"]
 
 
-class BackboneError(ValueError):
+class BackboneError(FTBenchError):
     """A backbone that cannot be loaded as configured."""
 
 

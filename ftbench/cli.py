@@ -16,6 +16,8 @@ import sys
 from typing import Any, Optional
 
 SWEEP_COMMANDS = ("sweep", "report")
+# exact option names: argparse would take `--trainer.max_step 3` as `--trainer.max_steps 3`
+PARSER_KWARGS = {"allow_abbrev": False, **{sub: {"allow_abbrev": False} for sub in ("fit", "validate", "test", "predict")}}
 
 
 def given_config(argv: list[str]) -> tuple[str, dict[str, Any]]:
@@ -64,6 +66,7 @@ def _cli_class():
     from ftbench.backbone import Backbone
     from ftbench.bench import PeakMemory, RunRecorder, Throughput
     from ftbench.bench.record import jsonable, portable, redact
+    from ftbench.errors import ConfigError
     from ftbench.objectives.base import Objective
     from ftbench.tuners.base import Tuner
 
@@ -112,6 +115,8 @@ def _cli_class():
                                      "(the before/after change, e.g. forgetting on a general-text set).")
             parser.add_argument("--warmup_batches", type=int, default=2,
                                 help="Training batches left out of the throughput figures.")
+            parser.add_argument("--overwrite", type=bool, default=False,
+                                help="Replace the completed record of the same run in --out (refused otherwise).")
 
         def _cfg(self):
             return self.config[self.subcommand] if self.subcommand else self.config
@@ -125,6 +130,11 @@ def _cli_class():
                 self.run_id = run_id(*given_config(self.argv))
             else:
                 self.run_id = cfg.run_id
+            check_out(cfg.out)
+            check_not_completed(os.path.join(cfg.out, f"{self.run_id}.json"), cfg.overwrite)
+            if self.subcommand == "fit" and cfg.trainer.get("max_steps") == 0:
+                raise ConfigError("trainer.max_steps: 0 trains nothing (a run recorded 'completed' with no step); "
+                                  "evaluate without training with `ftbench test`")
             if not cfg.trainer.get("default_root_dir"):
                 cfg.trainer.default_root_dir = os.path.join(cfg.out, self.run_id)
             self.run_config = redact(portable(plain))
@@ -140,6 +150,10 @@ def _cli_class():
 
         def instantiate_trainer(self, **kwargs):
             cfg = self._cfg()
+            if "wandb" in str(cfg.trainer.get("logger")).lower():
+                from ftbench.wandb_mode import offline_unless_reachable
+
+                offline_unless_reachable()
             trainer = super().instantiate_trainer(**kwargs)
             weights = os.path.join(cfg.out, self.run_id, "weights") if cfg.save_weights else None
             self.recorder = RunRecorder(
@@ -186,6 +200,41 @@ def _cli_class():
     return FTBenchCLI, Objective, L.LightningDataModule, RedactedSaveConfig
 
 
+def check_out(out: str) -> None:
+    """``--out`` must be a folder this process can write in: checked before any work, so that a run
+    never trains for minutes and then fails to write its record."""
+    import tempfile
+
+    from ftbench.errors import OutputError
+
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputError(f"--out {out}: exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".ftbench-write-check-"):
+            pass
+    except OSError as err:
+        raise OutputError(f"--out {out}: cannot write there ({err.strerror or err})") from None
+
+
+def check_not_completed(record: str, overwrite: bool) -> None:
+    """A completed record is never replaced by a run that has not completed, unless asked."""
+    import json
+
+    from ftbench.errors import OutputError
+
+    try:
+        with open(record) as f:
+            status = json.load(f)["train_info"]["status"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if status == "completed" and not overwrite:
+        err = OutputError(f"{record}: this run has a completed record; running it again would replace it")
+        err.hint = "add --overwrite true to replace it, or give another --out"
+        raise err
+
+
 def _quiet_environment() -> None:
     from ftbench.wandb_mode import default_to_offline
 
@@ -209,16 +258,66 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True):
         run=run,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_kwargs=PARSER_KWARGS,
     )
+
+
+def die_with_parent() -> None:
+    """Under DDP the ranks above 0 are children of rank 0: when it dies (a killed sweep kills its run,
+    rank 0), they die too instead of waiting for a collective until gloo's/NCCL's timeout."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+
+
+def known_error(err: BaseException):
+    """The :class:`~ftbench.errors.FTBenchError` behind ``err``, if any: jsonargparse wraps an error
+    raised while it instantiates a class (a tuner refusing its settings) in its own."""
+    from ftbench.errors import FTBenchError
+
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, FTBenchError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def report_error(err: BaseException) -> int:
+    """One line for a known error (see :mod:`ftbench.errors`); exit status 2."""
+    hint = getattr(err, "hint", None)
+    print(f"ftbench: error: {err}" + (f"\nftbench: hint: {hint}" if hint else ""), file=sys.stderr)
+    return 2
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--traceback" in argv:
+        argv.remove("--traceback")
+        os.environ["FTBENCH_TRACEBACK"] = "1"
     if argv and argv[0] in SWEEP_COMMANDS:
         from ftbench.sweep.cli import main as sweep_main
 
         sys.exit(sweep_main(argv))
-    cli_main(argv)
+    if argv and argv[0] == "estimate":
+        from ftbench.estimate import main as estimate_main
+
+        sys.exit(estimate_main(argv[1:]))
+    die_with_parent()
+    # LightningCLI reads sys.argv itself (given `args` too, it warns that both were given)
+    sys.argv = [sys.argv[0], *argv]
+    try:
+        cli_main()
+    except Exception as err:
+        known = known_error(err)
+        if known is None or os.environ.get("FTBENCH_TRACEBACK"):
+            raise
+        sys.exit(report_error(known))
 
 
 if __name__ == "__main__":

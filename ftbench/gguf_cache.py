@@ -100,7 +100,9 @@ def convert(gguf: Path, out: Path) -> None:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as err:
-        raise ValueError(f"backbone: cannot read GGUF file {str(gguf)!r}: {err}") from err
+        from ftbench.backbone import BackboneError
+
+        raise BackboneError(f"backbone.model: cannot read GGUF file {str(gguf)!r}: {err}") from err
     # The weights are plain tensors once dequantised; drop the GGUF quantizer so they save as such.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

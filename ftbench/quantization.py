@@ -18,12 +18,14 @@ from typing import Any, Optional
 
 import torch
 
+from ftbench.errors import FTBenchError
+
 #: storage format of a quantized linear layer's weight, by quantization kind
 STORAGE = {"nf4": "bnb-nf4", "fp4": "bnb-fp4", "int8": "bnb-int8"}
 KINDS = ("nf4", "fp4", "int8")
 
 
-class QuantizationError(ValueError):
+class QuantizationError(FTBenchError):
     """A quantization setting that cannot be honoured."""
 
 

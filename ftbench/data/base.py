@@ -26,10 +26,12 @@ from torch.utils.data import DataLoader
 
 from ftbench.backbone import Backbone
 
+from ftbench.errors import FTBenchError
+
 IGNORE_INDEX = -100
 
 
-class DataFormatError(ValueError):
+class DataFormatError(FTBenchError):
     """Bad input data. The message names the file, the line (or row) and the field."""
 
     def __init__(self, source: str, line: Optional[int], field: Optional[str], problem: str):
@@ -415,6 +417,14 @@ def source_list(source: Optional[Source]) -> list[str]:
     if source is None:
         return []
     return [source] if isinstance(source, str) else list(source)
+
+
+def refuse_arguments(kwargs: dict[str, Any], **reasons: str) -> None:
+    """A shared argument that a regime fixes (and so hides from its CLI) given anyway: a ValueError
+    that says why, instead of Python's "got multiple values for keyword argument"."""
+    for name, why in reasons.items():
+        if name in kwargs:
+            raise ValueError(f"data.{name}: {why}")
 
 
 class SplitDataModule(L.LightningDataModule):

@@ -8,7 +8,6 @@ difference between two rows of a results table comes from the tuner or the objec
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -18,6 +17,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 
+from ftbench.errors import ConfigError
 from ftbench.backbone import Backbone, Head
 from ftbench.naming import method_label
 from ftbench.tuners.base import Tuner
@@ -67,7 +67,7 @@ class Objective(L.LightningModule):
         """
         super().__init__()
         if warmup_steps < 0:
-            raise ValueError(f"objective: warmup_steps must be >= 0, got {warmup_steps}")
+            raise ConfigError(f"objective: warmup_steps must be >= 0, got {warmup_steps}")
         self.backbone = backbone or Backbone()
         self.tuner = tuner
         self.optimizer_factory = optimizer
@@ -94,7 +94,7 @@ class Objective(L.LightningModule):
         if self.model is not None:
             return
         if self.tuner is None:
-            raise ValueError(f"objective {self.name}: no tuner (give --tuner, e.g. configs/tuner/lora.yaml)")
+            raise ConfigError(f"objective {self.name}: no tuner (give --tuner, e.g. configs/tuner/lora.yaml)")
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self.tuner.total_steps = int(self.trainer.estimated_stepping_batches)
         model = self.tuner.prepare(self.backbone.load_model(head=self.head), self.backbone)
@@ -130,6 +130,10 @@ class Objective(L.LightningModule):
         if position_ids is not None:
             # packed documents: positions restart per document and, with no 2-D mask, transformers
             # builds a block-diagonal causal mask from them (no attention across documents)
+            if getattr(self.tuner, "is_prompt_learning", False):
+                raise ConfigError(f"tuner {self.tuner.name}: packed batches (position ids restarting per document) "
+                                  "are not supported: peft's prompt learning ignores position_ids, so documents "
+                                  "would attend to each other", hint="set data.init_args.packing: false")
             attention_mask = None
         out = (model or self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=False)
@@ -271,8 +275,11 @@ class Objective(L.LightningModule):
 
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
-            raise ValueError(f"{self.method_label}: nothing to train (no parameter requires grad)")
-        optimizer = self.optimizer_factory(params)
+            raise ConfigError(f"{self.method_label}: nothing to train (no parameter requires grad)")
+        try:
+            optimizer = self.optimizer_factory(params)
+        except ValueError as err:  # torch's own checks: "Invalid learning rate: -0.1", ...
+            raise ConfigError(f"model.init_args.optimizer: {err}") from None
         if self.tuner.lr is not None:
             for group in optimizer.param_groups:
                 group["lr"] = self.tuner.lr

@@ -317,13 +317,25 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
     rows = plan(sweep, runs, retry_failed)
     todo = [spec for spec, _, run, _ in rows if run]
     print(f"sweep {sweep.name}: {len(sweep.runs)} runs{part} -> {out}")
+    problems = check_points(sweep, todo)
+    if problems:
+        print(f"error: {sweep.path}: {len(problems)} point(s) do not parse; nothing was run:\n" + "\n".join(problems),
+              file=sys.stderr)
+        return 2
     for spec, _, _, say in rows:
         point = ", ".join(f"{k.replace('.init_args', '')}={_short(v)}" for k, v in spec.label.items())
         print(f"  {spec.run_id:28s} {spec.subcommand:8s} {say:44s} {point}")
     if dry_run:
         print(f"{len(todo)} of {len(runs)} runs to do")
         return 0
-    out.mkdir(parents=True, exist_ok=True)
+    from ftbench.cli import check_out
+    from ftbench.errors import OutputError
+
+    try:
+        check_out(sweep.out)
+    except OutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     write_text_atomic(out / MANIFEST, json.dumps(sweep.manifest(), indent=2, default=str))
     t_sweep = time.monotonic()
     try:
@@ -346,6 +358,20 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
         print(f"\n{len(bad)} run(s) did not complete: " + ", ".join(f"{r} ({st})" for r, st in bad), file=sys.stderr)
         return 1
     return 0
+
+
+def check_points(sweep: Sweep, runs: list[RunSpec]) -> list[str]:
+    """The points whose command line the CLI's parser refuses (:mod:`ftbench.sweep.check`), one
+    line each: index in the sweep, run id, what the point sets, and the parser's message."""
+    from ftbench.sweep.check import check_in_child
+
+    if not runs:
+        return []
+    index = {id(s): i for i, s in enumerate(sweep.runs)}
+    results = check_in_child([spec.argv(sweep.out) for spec in runs])
+    return [f"  point {index[id(spec)] + 1} ({spec.run_id}: "
+            + ", ".join(f"{k}={_short(v)}" for k, v in spec.label.items()) + f"): {msg}"
+            for spec, msg in zip(runs, results) if msg]
 
 
 def _short(v: Any) -> str:

@@ -34,6 +34,7 @@ second).
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import json
 import re
@@ -45,6 +46,7 @@ from typing import Any, Optional
 import yaml
 
 from ftbench import naming
+from ftbench.errors import FTBenchError
 
 SUBCOMMANDS = ("fit", "validate", "test")
 ALIASES = {"objective": "model", "seed": "seed_everything", "lr": "tuner.init_args.lr",
@@ -53,7 +55,7 @@ _FIELDS = ("name", "out", "base", "grid", "runs", "subcommand")
 _YAML = (".yaml", ".yml")
 
 
-class SweepError(ValueError):
+class SweepError(FTBenchError):
     """A malformed sweep file; the message names the file and the field."""
 
 
@@ -198,6 +200,16 @@ def _coerce(v: Any) -> Any:
     return v
 
 
+def _finite(v: Any) -> bool:
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, list):
+        return all(_finite(x) for x in v)
+    if isinstance(v, dict):
+        return all(_finite(x) for x in v.values())
+    return True
+
+
 def _canon(mapping: dict[Any, Any], path: Path, where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in mapping.items():
@@ -205,6 +217,8 @@ def _canon(mapping: dict[Any, Any], path: Path, where: str) -> dict[str, Any]:
         if key in out:
             raise SweepError(f"{path}: {where}: {k!r} and another name both set {key}")
         out[key] = _coerce(v)
+        if not _finite(out[key]):
+            raise SweepError(f"{path}: {where}.{k}: {v!r} is not a finite number")
     return out
 
 
@@ -258,7 +272,10 @@ def load_sweep(path: str | Path, out: Optional[str] = None, extra: Optional[dict
     base = _canon(base, path, "base")
     extra = {ALIASES.get(k, k): v for k, v in (extra or {}).items()}
     sub = spec.get("subcommand", "fit")
-    grids = spec.get("grid") or {}
+    grids = spec.get("grid")
+    if grids is None:
+        # no grid: the base alone is one point, unless explicit runs say which points there are
+        grids = [] if spec.get("runs") else [{}]
     if isinstance(grids, dict):
         grids = [grids]
     if not isinstance(grids, list) or not all(isinstance(g, dict) for g in grids):

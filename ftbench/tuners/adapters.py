@@ -33,6 +33,7 @@ from torch import nn
 if TYPE_CHECKING:
     from ftbench.backbone import Backbone
 
+from ftbench.errors import ConfigError, FTBenchError
 from ftbench.tuners.base import Tuner, freeze_backbone
 
 ADAPTER_ATTR = "bottleneck_adapter"
@@ -43,7 +44,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
 
-class AdapterPlacementError(ValueError):
+class AdapterPlacementError(FTBenchError):
     """The model's architecture has no place this module knows how to put adapters in."""
 
 
@@ -153,9 +154,9 @@ class Adapters(Tuner):
         """
         super().__init__(**kwargs)
         if bottleneck_size is None and reduction_factor < 1:
-            raise ValueError(f"adapters: reduction_factor must be >= 1, got {reduction_factor}")
+            raise ConfigError(f"adapters: reduction_factor must be >= 1, got {reduction_factor}")
         if bottleneck_size is not None and bottleneck_size < 1:
-            raise ValueError(f"adapters: bottleneck_size must be >= 1, got {bottleneck_size}")
+            raise ConfigError(f"adapters: bottleneck_size must be >= 1, got {bottleneck_size}")
         self.placement = placement
         self.reduction_factor = reduction_factor
         self.bottleneck_size = bottleneck_size
@@ -235,12 +236,12 @@ class Adapters(Tuner):
         saved = json.loads((path / CONFIG_NAME).read_text())
         mine = self.adapter_config(model)
         if any(saved.get(k) != mine[k] for k in ("placement", "bottleneck_size", "train_norms")):
-            raise ValueError(f"adapters: weights in {str(path)!r} were saved with {saved}, this tuner is {mine}")
+            raise ConfigError(f"adapters: weights in {str(path)!r} were saved with {saved}, this tuner is {mine}")
         tensors = load_file(str(path / WEIGHTS_NAME))
         expected = set(self.trained_state_dict(model))
         if set(tensors) != expected:
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-            raise ValueError(f"adapters: weights in {str(path)!r} do not match the model "
+            raise ConfigError(f"adapters: weights in {str(path)!r} do not match the model "
                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
         params = dict(model.named_parameters())
         with torch.no_grad():

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 from torch import nn
 
+from ftbench.errors import ConfigError
+
 if TYPE_CHECKING:
     from ftbench.backbone import Backbone
 
@@ -67,7 +69,7 @@ def freeze_backbone(model: nn.Module, backbone: "Backbone") -> nn.Module:
 
 def refuse_quantized(tuner: "Tuner", backbone: "Backbone") -> None:
     if backbone.quantization != "none":
-        raise ValueError(
+        raise ConfigError(
             f"tuner {tuner.name}: a {backbone.quantization} backbone cannot train its own weights "
             "(quantized weights take no gradient); use backbone.quantization: none, or LoRA on it (QLoRA)"
         )
@@ -86,7 +88,7 @@ class Tuner:
                 (the optimizer config holds the rest: betas, weight decay, 8-bit state).
         """
         if lr is not None and not (lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"tuner.lr must be a positive finite number, got {lr}")
+            raise ConfigError(f"tuner.lr must be a positive finite number, got {lr}")
         self.lr = lr
         self._reference: Optional[nn.Module] = None
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 from torch import nn
 
+from ftbench.errors import ConfigError
 from ftbench.tuners.base import Tuner, refuse_quantized
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class Freeze(Tuner):
         """
         super().__init__(**kwargs)
         if trainable_layers < 1:
-            raise ValueError(f"tuner freeze: trainable_layers must be >= 1, got {trainable_layers}")
+            raise ConfigError(f"tuner freeze: trainable_layers must be >= 1, got {trainable_layers}")
         self.trainable_layers = trainable_layers
         self.trainable_modules = trainable_modules
         self.extra_modules = extra_modules
@@ -60,7 +61,7 @@ class Freeze(Tuner):
         model.requires_grad_(False)
         blocks = decoder_blocks(model)
         if self.trainable_layers > len(blocks):
-            raise ValueError(f"tuner freeze: trainable_layers={self.trainable_layers} but the model has "
+            raise ConfigError(f"tuner freeze: trainable_layers={self.trainable_layers} but the model has "
                              f"{len(blocks)} blocks")
         for block in blocks[-self.trainable_layers:]:
             if not self.trainable_modules:
@@ -70,14 +71,14 @@ class Freeze(Tuner):
                 sub = getattr(block, name, None)
                 if not isinstance(sub, nn.Module):
                     children = ", ".join(n for n, _ in block.named_children())
-                    raise ValueError(f"tuner freeze: trainable_modules: {type(block).__name__} has no "
+                    raise ConfigError(f"tuner freeze: trainable_modules: {type(block).__name__} has no "
                                      f"{name!r} (its children: {children})")
                 sub.requires_grad_(True)
         names = dict(model.named_modules())
         for suffix in self.extra_modules or []:
             found = [m for n, m in names.items() if n == suffix or n.endswith("." + suffix)]
             if not found:
-                raise ValueError(f"tuner freeze: extra_modules: no module named {suffix!r}")
+                raise ConfigError(f"tuner freeze: extra_modules: no module named {suffix!r}")
             for m in found:
                 m.requires_grad_(True)
         return model

@@ -44,6 +44,7 @@ import torch
 from peft import PeftConfig
 from torch import nn
 
+from ftbench.errors import ConfigError
 from ftbench.naming import peft_label
 from ftbench.tuners.base import Tuner, freeze_backbone
 
@@ -66,9 +67,9 @@ class Peft(Tuner):
         """
         super().__init__(**kwargs)
         if peft_config is None:
-            raise ValueError("tuner peft: peft_config is required (e.g. class_path: peft.LoraConfig)")
+            raise ConfigError("tuner peft: peft_config is required (e.g. class_path: peft.LoraConfig)")
         if not isinstance(peft_config, PeftConfig):
-            raise TypeError(f"tuner peft: peft_config must be a peft.PeftConfig, got {type(peft_config).__name__}")
+            raise ConfigError(f"tuner peft: peft_config must be a peft.PeftConfig, got {type(peft_config).__name__}")
         self.peft_config = peft_config
         self.name = peft_label(type(peft_config).__name__, bool(getattr(peft_config, "use_dora", False)))
         self.total_steps: Optional[int] = None  # set by the objective from the trainer, for AdaLoRA's check
@@ -140,7 +141,7 @@ class Peft(Tuner):
             return None
         weight = base.peft_config[name].orth_reg_weight
         if weight < 0:
-            raise ValueError(f"tuner adalora: orth_reg_weight must be >= 0, got {weight}")
+            raise ConfigError(f"tuner adalora: orth_reg_weight must be >= 0, got {weight}")
         terms = []
         for n, p in base.model.named_parameters():  # the order and arithmetic of AdaLoraModel.forward
             if ("lora_A" in n or "lora_B" in n) and name in n:
@@ -165,7 +166,7 @@ class Peft(Tuner):
         if not self.is_prompt_learning:
             return super().generate(model, tokenizer, input_ids, attention_mask, max_new_tokens, **sampling)
         if sampling.get("do_sample"):
-            raise ValueError(f"tuner {self.name}: sampled generation (online RL) is not supported with prompt "
+            raise ConfigError(f"tuner {self.name}: sampled generation (online RL) is not supported with prompt "
                              "learning: peft's cached generate differs from the training forward for it")
         rows = []
         for ids, mask in zip(input_ids, attention_mask):

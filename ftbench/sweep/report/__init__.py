@@ -189,9 +189,9 @@ def log_to_wandb(study: Study, keys: list[str], reference: str, plots: list[Path
     """Log the table (a W&B Table), the raw numbers and the plots to a ``report`` run, grouped under
     the sweep's name. Offline unless an API key is set; returns where the run went."""
     from ftbench.sweep.report.table import cell
-    from ftbench.wandb_mode import default_to_offline
+    from ftbench.wandb_mode import offline_unless_reachable
 
-    default_to_offline()
+    offline_unless_reachable()
     import wandb
 
     group = os.environ.get("WANDB_RUN_GROUP") or study.name
