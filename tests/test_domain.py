@@ -243,6 +243,26 @@ def test_file_that_is_not_utf8(backbone, tmp_path):
     assert str(err.value) == f"{f}:2: not UTF-8 (byte 0xff)"
 
 
+@pytest.mark.parametrize("name,value,why", [
+    ("prompt_batches", True, "domain text has no prompts (use instruction, multitask or preference data)"),
+    ("truncation", "drop", "domain text is not truncated (packing cuts it into max_length blocks; without packing a longer document is an error)"),
+    ("builtin_size", 10, "the built-in corpora have a fixed size"),
+])
+def test_shared_arguments_that_domain_text_has_not(backbone, name, value, why):
+    with pytest.raises(ValueError) as err:
+        DomainData(backbone=backbone, **{name: value})
+    assert str(err.value) == f"data.{name}: {why}"
+
+
+def test_domain_test_source(backbone, tmp_path):
+    train, val = _two_docs(tmp_path)
+    test = _write(tmp_path / "test.txt", "cloud river\n")
+    dm = DomainData(backbone=backbone, source=str(train), val_source=str(val), test_source=str(test), max_length=8)
+    dm.setup("fit")
+    assert [e.input_ids for e in dm.splits["test"]] == [[70, 501, 503, 389, 358, EOS]]  # "cloud river" + EOS
+    assert [e.task for e in dm.splits["test"]] == ["domain"]
+
+
 # ---------------------------------------------------------------------------- CLI
 def test_domain_yaml_parses():
     from ftbench.cli import cli_main

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftbench.data.base import IGNORE_INDEX, Collator, DataFormatError, Example, Row, group_split, prompt_key
+from ftbench.data.base import IGNORE_INDEX, Collator, DataFormatError, Example, PromptCollator, Row, group_split, prompt_key
 from ftbench.data.instruction import PROMPT_TEMPLATES, Formatter, InstructionData, conversation
 
 M = IGNORE_INDEX
@@ -416,6 +416,79 @@ def test_loaders_pad_dynamically_and_shuffle_deterministically(backbone):
         assert row[len(row) - len(ex.prompt_ids):] == ex.prompt_ids
         assert val["gen_attention_mask"][i].sum() == len(ex.prompt_ids)
     assert set(val["tasks"]) <= {"arithmetic", "last_word", "sort_numbers", "uppercase", "count_words"}
+
+
+# ---------------------------------------------------------------------------- prompt batches (online RL)
+def test_prompt_collator_exact():
+    a = Example([5, 6, 7], [M, 6, 7], prompt_ids=[5], answer="x", task="t", prompt_text="P5")
+    b = Example([8, 9, 10, 11], [M, M, M, 11], prompt_ids=[8, 9, 10], answer=None, prompt_text="P8")
+    batch = PromptCollator(pad_id=3)([a, b])
+    assert set(batch) == {"prompt_input_ids", "prompt_attention_mask", "prompts", "answers", "tasks"}
+    assert batch["prompt_input_ids"].tolist() == [[3, 3, 5], [8, 9, 10]]
+    assert batch["prompt_attention_mask"].tolist() == [[0, 0, 1], [1, 1, 1]]
+    assert (batch["prompts"], batch["answers"], batch["tasks"]) == (["P5", "P8"], ["x", None], ["t", "default"])
+    # the same tensors as the generation prompts of an evaluation batch
+    gen = Collator(pad_id=3)([a, Example([8], [8], prompt_ids=[8, 9, 10], answer="y")])
+    assert torch.equal(gen["gen_input_ids"], batch["prompt_input_ids"]) and torch.equal(gen["gen_attention_mask"], batch["prompt_attention_mask"])
+    with pytest.raises(ValueError) as e:
+        PromptCollator(pad_id=3)([Example([1, 2], [1, 2])])
+    assert str(e.value) == "data.prompt_batches: these examples have no prompt (raw text has nothing to answer)"
+
+
+def test_prompt_batches_from_instruction_rows(backbone, tok, tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "What is 12 + 30?", "output": "42", "task": "add"},
+                                           {"instruction": "Sort these numbers.", "input": "3 1 2", "output": "1 2 3"}])
+    dm = data(backbone, source=str(p), val_fraction=0.0, test_fraction=0.0, prompt_template="short",
+              prompt_batches=True, batch_size=2)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    texts = ["### Instruction:\nWhat is 12 + 30?\n### Response:\n", "### Instruction:\nSort these numbers.\n3 1 2\n### Response:\n"]
+    order = [batch["prompts"].index(t) for t in texts]
+    ids = [enc(tok, t) for t in texts]
+    assert [len(x) for x in ids] == [31, 32]
+    assert [batch["prompt_input_ids"][i].tolist() for i in order] == [[tok.pad_token_id] + ids[0], ids[1]]
+    assert [batch["prompt_attention_mask"][i].tolist() for i in order] == [[0] + [1] * 31, [1] * 32]
+    assert [batch["answers"][i] for i in order] == ["42", "1 2 3"]
+    assert [batch["tasks"][i] for i in order] == ["add", "default"]
+    # the supervised loaders are unchanged: validation batches of the same data module
+    dm.splits["val"] = dm.splits["train"]
+    val = next(iter(dm.val_dataloader()))
+    assert {"input_ids", "labels", "attention_mask", "gen_input_ids", "gen_attention_mask", "answers"} <= set(val)
+    assert "prompts" not in val
+
+
+def test_supervised_training_batches_are_unchanged_by_the_new_example_fields(backbone):
+    """Training examples now carry their prompt too (for prompt batches); training batches still
+    have no generation keys, and evaluation batches do."""
+    dm = data(backbone, source="builtin:instruction", builtin_size=40)
+    dm.setup("fit")
+    assert all(e.prompt_ids is not None and e.answer is not None for e in dm.splits["train"])
+    train = next(iter(dm.train_dataloader()))
+    assert set(train) == {"input_ids", "labels", "attention_mask", "tasks"}
+    assert set(next(iter(dm.val_dataloader()))) == {"input_ids", "labels", "attention_mask", "gen_input_ids",
+                                                     "gen_attention_mask", "answers", "tasks"}
+
+
+# ---------------------------------------------------------------------------- shared arguments
+@pytest.mark.parametrize("kwargs,message", [
+    ({"val_fraction": 1.0}, "data.val_fraction: must be in [0, 1), got 1.0"),
+    ({"test_fraction": -0.1}, "data.test_fraction: must be in [0, 1), got -0.1"),
+    ({"val_fraction": 0.5, "test_fraction": 0.5}, "data.val_fraction + data.test_fraction: must be below 1, got 1.0"),
+    ({"max_length": 1}, "data.max_length: must be at least 2, got 1"),
+    ({"batch_size": 0}, "data.batch_size: must be at least 1, got 0"),
+    ({"source": []}, "data.source: give at least one source"),
+])
+def test_shared_arguments_are_checked(backbone, kwargs, message):
+    with pytest.raises(ValueError) as e:
+        InstructionData(backbone=backbone, **kwargs)
+    assert str(e.value) == message
+
+
+def test_a_list_of_sources_is_read_in_order(backbone, tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "q1", "output": "a1"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": "q2", "output": "a2"}, {"instruction": "q1", "output": "again"}])
+    dm = data(backbone, source=[str(a), str(b)], val_fraction=0.0, test_fraction=0.0)
+    assert [(r.source, r.line) for r in dm.split_rows()["train"]] == [(str(a), 1), (str(b), 1), (str(b), 2)]
 
 
 def test_describe(backbone):

@@ -197,6 +197,46 @@ def test_all_zero_weights(backbone):
     assert str(err.value) == "data.weights: the weights add up to 0; give at least one task a positive weight"
 
 
+# ---------------------------------------------------------------------------- prompt batches (online RL)
+def test_prompt_batches_from_the_mixture(backbone):
+    tasks = [TaskSpec("a", "builtin:arithmetic", options={"builtin_size": 40}),
+             TaskSpec("b", "builtin:uppercase", options={"builtin_size": 20})]
+    dm = MultiTaskData(backbone=backbone, tasks=tasks, prompt_template="short", val_fraction=0.1, test_fraction=0.1,
+                       prompt_batches=True, batch_size=47)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    [batch] = list(loader)  # one epoch: 47 draws from the mixture
+    assert set(batch) == {"prompt_input_ids", "prompt_attention_mask", "prompts", "answers", "tasks"}
+    draws = list(loader.sampler)
+    assert batch["tasks"] == [dm.splits["train"][i].task for i in draws]
+    assert batch["answers"] == [dm.splits["train"][i].answer for i in draws]
+    assert batch["prompts"][0].startswith("### Instruction:\n") and batch["prompts"][0].endswith("### Response:\n")
+    for row, mask, i in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"], draws):
+        assert row[mask == 1].tolist() == dm.splits["train"][i].prompt_ids and mask[-1] == 1  # left-padded
+    assert "gen_input_ids" in next(iter(dm.val_dataloader()))  # evaluation unchanged
+
+
+def test_prompt_batches_refuse_a_domain_task(backbone):
+    tasks = [TaskSpec("a", "builtin:arithmetic"), TaskSpec("code", "builtin:humaneval", regime="domain")]
+    with pytest.raises(ValueError) as err:
+        MultiTaskData(backbone=backbone, tasks=tasks, prompt_batches=True)
+    assert str(err.value) == "data.prompt_batches: task 'code' (data.tasks[1]) is domain text, which has no prompts"
+
+
+def test_a_mixture_has_no_source_of_its_own(backbone):
+    with pytest.raises(ValueError) as err:
+        MultiTaskData(backbone=backbone, source="builtin:arithmetic")
+    assert str(err.value) == "data.source: each task has its own (data.tasks[i].source, ...)"
+
+
+def test_shared_arguments_reach_every_task(backbone):
+    dm = MultiTaskData(backbone=backbone, tasks=[TaskSpec("a", "builtin:arithmetic"), TaskSpec("b", "builtin:uppercase", options={"builtin_size": 30})],
+                       builtin_size=50, truncation="drop", max_length=64, seed=3, val_fraction=0.1, test_fraction=0.0)
+    a, b = dm.task_module(dm.tasks[0]), dm.task_module(dm.tasks[1])
+    assert (a.builtin_size, b.builtin_size) == (50, 30)  # a task's options override
+    assert {(m.truncation, m.max_length, m.seed, m.val_fraction, m.test_fraction) for m in (a, b)} == {("drop", 64, 3, 0.1, 0.0)}
+
+
 # ---------------------------------------------------------------------------- shipped mixture and CLI
 def test_builtin_mixture_from_the_yaml(backbone):
     args = yaml.safe_load((CONFIGS / "data" / "multitask.yaml").read_text())["init_args"]

@@ -47,6 +47,7 @@ from ftbench.data.base import (
     normalise_text,
     padding_stats,
     read_text_file,
+    refuse_arguments,
     source_list,
 )
 
@@ -214,7 +215,12 @@ class DomainData(SplitDataModule):
                 here ``max_train_rows``/``max_eval_rows`` count blocks (examples), ``max_eval_rows``
                 also the general ones, and ``batch_size * max_length`` tokens make a batch.
         """
-        # no truncation (packing cuts blocks; without it a long document is an error), no prompts
+        refuse_arguments(
+            kwargs,
+            truncation="domain text is not truncated (packing cuts it into max_length blocks; without packing a longer document is an error)",
+            builtin_size="the built-in corpora have a fixed size",
+            prompt_batches="domain text has no prompts (use instruction, multitask or preference data)",
+        )
         super().__init__(source=source, val_fraction=val_fraction, test_fraction=test_fraction, max_length=max_length,
                          truncation="truncate", prompt_batches=False, builtin_size=0, **kwargs)
         self.general_source = general_source

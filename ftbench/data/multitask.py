@@ -33,7 +33,7 @@ from typing import Any, Iterator, Literal, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from ftbench.data.base import Example, PackedCollator, SplitDataModule
+from ftbench.data.base import Example, PackedCollator, SplitDataModule, refuse_arguments
 
 Sampling = Literal["proportional", "temperature", "uniform", "weights"]
 
@@ -215,7 +215,7 @@ class MultiTaskData(SplitDataModule):
                 it), ``truncation``, and ``max_train_rows``/``max_eval_rows`` per task; the seed
                 also seeds the mixture draws.
         """
-        # the tasks carry their own sources
+        refuse_arguments(kwargs, **dict.fromkeys(("source", "val_source", "test_source"), "each task has its own (data.tasks[i].source, ...)"))
         super().__init__(source=None, val_source=None, test_source=None, max_length=max_length, **kwargs)
         self.tasks = list(tasks) if tasks is not None else builtin_tasks()
         if not self.tasks:
