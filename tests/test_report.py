@@ -20,6 +20,7 @@ from scipy import stats
 from ftbench.sweep.report import (RecordWarning, ReportError, load_records, markdown_table, pareto_front, report,
                                   runs_frame, summarise, summary_line, welch_t_test)
 from ftbench.sweep.report.cli import main as report_main
+from ftbench.sweep.report.table import CONTENDED_NOTE
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -144,6 +145,20 @@ def test_csv_has_raw_numbers(tmp_path):
     # every number of the records, by its own name: the raw entries behind the derived columns too
     assert full["memory.peak_bytes"] == str(1000 * MB) and full["initial.val/general/loss"] == "2"
     assert float(full["throughput.trained_tokens_per_s"]) == 110 and full["fit_seconds"] == "10"
+
+
+def test_speed_of_a_contended_run_is_marked(tmp_path):
+    tp = lambda tps, contended: {"throughput": {"trained_tokens_per_s": tps, "contended": contended}}  # noqa: E731
+    recs = [_record(f"full-{s}", "full", s, fit_s=10, n=s, info=tp(100, False)) for s in (1, 2)]
+    recs += [_record("lora-1", "lora", 1, fit_s=5, n=3, info=tp(300, True)),  # one seed of two ran beside other work
+             _record("lora-2", "lora", 2, fit_s=5, n=4, info=tp(100, False))]
+    _write(tmp_path, recs)
+    table = report(tmp_path, plots=False, columns=["tokens_per_s", "speed_rel", "wall_s", "throughput.contended"])
+    rows = [line.split(" | ") for line in table.splitlines()[2:4]]
+    assert rows[0][1:4] == ["100 ± 0", "1.00× (ref)", "10 ± 0"]  # full: clean
+    assert rows[1][1:4] == ["200 ± 141 †", "2.00× †", "5 ± 0"]  # only the speed cells
+    assert table.endswith(CONTENDED_NOTE) and "did not get the CPU/GPU it asked for" in CONTENDED_NOTE
+    assert "†" in summary_line(recs[2]) and "†" not in summary_line(recs[3])
 
 
 def test_reference_is_a_choice(tmp_path):

@@ -37,6 +37,9 @@ NOT_A_SETTING = ("seed_everything", "out", "run_id", "config", "save_weights", "
                  "model.init_args.backbone", "data.init_args.backbone")
 #: backbone storage names that end an old-style label (``lora+nf4``); see ftbench.backbone.Quantization
 QUANTIZATIONS = ("nf4", "fp4", "int8")
+#: yes/no record entries kept as 1.0/0.0 columns (their mean over seeds: the share of runs where it held).
+#: ``throughput.contended``: the run did not get the CPU/GPU it asked for (ftbench.bench.measure.contention)
+FLAGS = ("throughput.contended",)
 
 
 class ReportError(Exception):
@@ -116,8 +119,13 @@ def _number(v: Any) -> float:
     return v if math.isfinite(v) else math.nan
 
 
+def _flag(v: Any) -> float:
+    return float(v) if isinstance(v, (bool, np.bool_)) else math.nan
+
+
 def metrics_frame(infos: list[dict[str, Any]]) -> pd.DataFrame:
-    """The numbers of each ``train_info`` as columns (see the module docstring); one row per record."""
+    """The numbers of each ``train_info`` as columns (see the module docstring), and :data:`FLAGS` as
+    1.0/0.0; one row per record."""
     flat = pd.json_normalize(infos, sep=".") if infos else pd.DataFrame()
     keep = {}
     for col in flat.columns:
@@ -127,7 +135,7 @@ def metrics_frame(infos: list[dict[str, Any]]) -> pd.DataFrame:
             name = col  # a top-level number (fit_seconds) or section.key
         else:
             continue
-        values = flat[col].map(_number)
+        values = flat[col].map(_flag if col in FLAGS else _number)
         if values.notna().any():
             keep[name] = values.astype(float)
     return pd.DataFrame(keep, index=flat.index)

@@ -30,6 +30,13 @@ KNOWN = {
 }
 #: what a summary line shows (after the run id, method and status)
 SUMMARY = ("trainable", "trainable_pct", "peak_mem_mb", "tokens_per_s", "wall_s", "val_loss", "test_loss", "accuracy")
+#: the mark on the speed cells of a point with a contended run, and what it means (under the table)
+CONTENDED = "†"
+CONTENDED_NOTE = (f"{CONTENDED} Speed from a run that did not get the CPU/GPU it asked for (for several seeds: at least "
+                  "one; the record's `throughput.contended` and `contended_reasons`: load average above the usable "
+                  "CPUs, the main thread waiting for a CPU, CPU utilisation below 0.8 of its torch threads, or another "
+                  "process on the GPU). A ratio against a marked reference is as doubtful. Clean timings: README, "
+                  "\"What is measured, and how\".")
 #: points-frame columns that are not for a table
 _INTERNAL = ("point", "label", "objective", "tuner", "subcommand", "runs", "seeds", "run_ids", "common", "acc_values",
              "is_reference")
@@ -148,7 +155,23 @@ def _missing(v: Any) -> bool:
     return v is None or v == "" or (isinstance(v, float) and math.isnan(v))
 
 
+def is_speed(key: str) -> bool:
+    """Columns that contention makes doubtful: tokens/s, the speed ratio, the throughput section's rates and times."""
+    return key in ("tokens_per_s", "speed_rel") or (key.startswith("throughput.") and key.endswith(("_per_s", "_s")))
+
+
+def contended(row: pd.Series) -> bool:
+    """Whether any of the point's runs recorded ``throughput.contended``."""
+    value = row.get("throughput.contended")
+    return not _missing(value) and value > 0
+
+
 def cell(row: pd.Series, col: Column) -> str:
+    text = _cell(row, col)
+    return text + f" {CONTENDED}" if text != "–" and is_speed(col.key) and contended(row) else text
+
+
+def _cell(row: pd.Series, col: Column) -> str:
     value = row.get(col.key)
     if col.kind == "text":
         return "–" if _missing(value) else str(value)
@@ -169,7 +192,8 @@ def markdown_table(points: pd.DataFrame, keys: Optional[list[str]] = None, refer
     head = "| " + " | ".join(c.title for c in cols) + " |"
     sep = "|" + "|".join("---" if c.kind == "text" else "---:" for c in cols) + "|"
     body = ["| " + " | ".join(cell(row, c) for c in cols) + " |" for _, row in points.iterrows()]
-    return "\n".join([head, sep, *body])
+    marked = any(CONTENDED in line for line in body)
+    return "\n".join([head, sep, *body]) + (f"\n\n{CONTENDED_NOTE}" if marked else "")
 
 
 def csv_text(points: pd.DataFrame) -> str:
@@ -200,6 +224,7 @@ def summary_line(rec: dict[str, Any]) -> str:
     for key in SUMMARY:
         c = column(key)
         if not _missing(row[key]):
-            parts.append(f"{c.title}={fmt(c.kind, row[key])}")
+            mark = CONTENDED if is_speed(key) and contended(row) else ""
+            parts.append(f"{c.title}={fmt(c.kind, row[key])}{mark}")
     return " ".join(parts)
 
