@@ -309,7 +309,7 @@ class DomainData(SplitDataModule):
                    *source_list(self.general_source)]
         builtin = [s[len(corpora.BUILTIN):] for s in sources if s.startswith(corpora.BUILTIN)]
         return {
-            "regime": "domain",
+            "regime": self.regime,
             "source": self.source,
             "general_source": self.general_source,
             "licences": {name: corpora.LICENCES.get(name) for name in dict.fromkeys(builtin)},

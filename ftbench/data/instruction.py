@@ -217,7 +217,7 @@ class InstructionData(SplitDataModule):
     def describe(self) -> dict[str, Any]:
         """What the record says about the data."""
         return {
-            "regime": "instruction",
+            "regime": self.regime,
             "source": self.source,
             "rows": {k: len(v) for k, v in self.splits.items()},
             "removed_as_held_out": self.removed_as_held_out,

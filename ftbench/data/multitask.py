@@ -312,7 +312,7 @@ class MultiTaskData(SplitDataModule):
     def describe(self) -> dict[str, Any]:
         """What the record says about the data: the mixture and each task's sizes."""
         return {
-            "regime": "multitask",
+            "regime": self.regime,
             "sampling": self.sampling,
             "temperature": self.temperature if self.sampling == "temperature" else None,
             "weights": self.weights,

@@ -363,7 +363,7 @@ class PreferenceData(SplitDataModule):
     def describe(self) -> dict[str, Any]:
         """What the record says about the data."""
         return {
-            "regime": "preference",
+            "regime": self.regime,
             "source": self.source,
             "rows": {k: len(v) for k, v in self.splits.items()},
             "removed_as_held_out": self.removed_as_held_out,
