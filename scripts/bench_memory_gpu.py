@@ -39,19 +39,22 @@ GiB = 1024**3
 
 
 def methods(smoke: bool) -> dict[str, tuple[list[str], list[str]]]:
-    """name -> (backbone args, model args)."""
+    """name -> (backbone args, tuner and objective args); the objective is SFT (configs/objective/sft.yaml)."""
     dt = "float32" if smoke else "bfloat16"
     plain = ["--backbone.dtype", dt]
     q = ["--backbone.dtype", dt, "--backbone.compute_dtype", dt, "--backbone.prepare_kbit", "false"]
-    cfg = ROOT / "configs" / "method"
+    cfg = ROOT / "configs" / "tuner"
+
+    def tuner(name: str) -> list[str]:
+        return ["--tuner", str(cfg / f"{name}.yaml"), "--model", str(ROOT / "configs/objective/sft.yaml")]
+
     return {
-        "full": (plain, ["--model", str(cfg / "full.yaml")]),
-        "lora": (plain, ["--model", str(cfg / "lora.yaml")]),
-        "qlora_nf4": (q + ["--backbone.quantization", "nf4", "--backbone.double_quant", "true"],
-                      ["--model", str(cfg / "lora.yaml")]),
+        "full": (plain, tuner("full")),
+        "lora": (plain, tuner("lora")),
+        "qlora_nf4": (q + ["--backbone.quantization", "nf4", "--backbone.double_quant", "true"], tuner("lora")),
         "qlora_int8": (["--backbone.dtype", dt, "--backbone.prepare_kbit", "false", "--backbone.quantization", "int8"],
-                       ["--model", str(cfg / "lora.yaml")]),
-        "adapters": (plain, ["--model", str(cfg / "adapter_houlsby.yaml")]),
+                       tuner("lora")),
+        "adapters": (plain, tuner("adapter_houlsby")),
     }
 
 
@@ -138,11 +141,10 @@ def main(argv=None) -> int:
     if args.smoke:
         from ftbench.testing import build_tiny_llama
 
+        print("--smoke: 'allocated' below is the host's resident peak (no CUDA here), not a GPU figure", flush=True)
         models = {"tiny": str(build_tiny_llama(out / "tiny-llama"))}
     else:
         print(f"GPU: {torch.cuda.get_device_name(0)}", flush=True)
-    if args.smoke:
-        print("--smoke: 'allocated' below is the host's resident peak (no CUDA here), not a GPU figure", flush=True)
         models = {}
         for m in args.models:
             models[m] = "embedded" if m == "smollm2" else str(build_one_b(out / "random-llama-1b"))

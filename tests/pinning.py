@@ -19,7 +19,8 @@ def load_pins(name: str) -> dict:
 
 
 def four_step_losses(objective, dm, steps: int = 4, seed: int = 0, after_setup: Optional[Callable] = None) -> list[float]:
-    """The SFT loss (``SFT.loss``) over ``steps`` optimizer steps on fixed batches, fp32.
+    """The SFT loss (``SFT.loss``) over ``steps`` optimizer steps on fixed batches, fp32, with the
+    optimizer and learning rate ``Objective.configure_optimizers`` would use (no schedule).
     ``after_setup(objective)`` runs once the model is built, before the first step."""
     import torch
 
@@ -28,9 +29,15 @@ def four_step_losses(objective, dm, steps: int = 4, seed: int = 0, after_setup: 
     if after_setup is not None:
         after_setup(objective)
     opt = objective.optimizer_factory([p for p in objective.parameters() if p.requires_grad])
+    if objective.tuner.lr is not None:  # as Objective.configure_optimizers: the tuner's lr replaces the optimizer's
+        for group in opt.param_groups:
+            group["lr"] = objective.tuner.lr
     losses = []
     for _, batch in zip(range(steps), dm.train_dataloader()):
         loss = objective.loss(batch)[0]
+        extra = objective.tuner.regularization(objective.model)  # as SFT.training_step (AdaLoRA's penalty)
+        if extra is not None:
+            loss = loss + extra
         loss.backward()
         opt.step()
         opt.zero_grad()

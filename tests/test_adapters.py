@@ -2,7 +2,7 @@
 models built from configs in-process.
 
 Pinned numbers (tests/pins/adapters.json, ``python scripts/regen_pins.py adapters``): 4-step fp32
-losses of each placement on the tiny Llama.
+SFT losses of each placement on the tiny Llama (``ftbench.tuners.Adapters`` under ``ftbench.objectives.SFT``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pinning import four_step_losses, load_pins
 
 PIN_NAME = "adapters"
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = [ROOT / "configs/method/adapter_houlsby.yaml", ROOT / "configs/method/adapter_pfeiffer.yaml"]
+SHIPPED = [ROOT / "configs/tuner/adapter_houlsby.yaml", ROOT / "configs/tuner/adapter_pfeiffer.yaml"]
 D, LAYERS = 64, 2  # the tiny Llama
 
 
@@ -27,11 +27,18 @@ def per_adapter(d: int, m: int) -> int:
     return 2 * d * m + d + m  # down (d*m + m) and up (m*d + d)
 
 
-def adapters(backbone, placement="houlsby", **kw):
-    from ftbench.methods import Adapters
+def tuner(placement="houlsby", **kw):
+    from ftbench.tuners import Adapters
 
-    kw.setdefault("optimizer", functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.0))
-    return Adapters(backbone=backbone, placement=placement, max_new_tokens=4, **kw)
+    return Adapters(placement=placement, **kw)
+
+
+def adapters(backbone, placement="houlsby", **kw):
+    """SFT with bottleneck adapters, AdamW at lr 1e-2 (no weight decay), 4 new tokens."""
+    from ftbench.objectives import SFT
+
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.0)
+    return SFT(backbone=backbone, tuner=tuner(placement, **kw), optimizer=optimizer, max_new_tokens=4)
 
 
 def tiny_data(backbone):
@@ -52,8 +59,8 @@ def compute_pins(tmp_dir: Path) -> dict:
     return {p: {"losses": four_step_losses(adapters(bb, p), dm)} for p in ("houlsby", "pfeiffer")}
 
 
-def trainable(method) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in method.model.named_parameters() if p.requires_grad}
+def trainable(objective) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in objective.model.named_parameters() if p.requires_grad}
 
 
 # ---------------------------------------------------------------------- placement and counts
@@ -113,7 +120,7 @@ def test_other_architectures(backbone, kind, placement, per_block):
     ids = torch.randint(0, 128, (2, 10))
     with torch.no_grad():
         ref = model(ids).logits
-    prepared = adapters(backbone, placement).prepare(model)
+    prepared = tuner(placement).prepare(model, backbone)
     trained = [n for n, p in prepared.named_parameters() if p.requires_grad]
     assert sum(p.numel() for p in prepared.parameters() if p.requires_grad) == LAYERS * per_block * per_adapter(D, 4)
     assert len(trained) == LAYERS * per_block * 4
@@ -127,7 +134,7 @@ def test_other_architectures(backbone, kind, placement, per_block):
 
 
 def test_unsupported_architecture_fails_clearly(backbone):
-    from ftbench.methods.adapters import AdapterPlacementError
+    from ftbench.tuners.adapters import AdapterPlacementError
 
     class Block(nn.Module):
         def __init__(self):
@@ -143,7 +150,7 @@ def test_unsupported_architecture_fails_clearly(backbone):
             self.blocks = nn.ModuleList([Block(), Block()])
 
     with pytest.raises(AdapterPlacementError, match=r"Block has no MLP sublayer .*mlp, feed_forward, ffn.*children: mixer"):
-        adapters(backbone, "pfeiffer").prepare(Odd())
+        tuner("pfeiffer").prepare(Odd(), backbone)
 
     class NoBlocks(nn.Module):
         def __init__(self):
@@ -152,7 +159,7 @@ def test_unsupported_architecture_fails_clearly(backbone):
             self.body = nn.Linear(8, 8)
 
     with pytest.raises(AdapterPlacementError, match="cannot find the transformer blocks of NoBlocks"):
-        adapters(backbone).prepare(NoBlocks())
+        tuner().prepare(NoBlocks(), backbone)
 
 
 # ---------------------------------------------------------------------- training
@@ -188,6 +195,37 @@ def test_validation_then_training_updates_every_adapter(tiny_model_dir, quantiza
     assert [n for n in before if torch.equal(before[n], after[n])] == []
 
 
+# ---------------------------------------------------------------------- the reference
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+def test_reference_is_the_untouched_backbone_after_training(backbone, placement):
+    """Under ``tuner.reference(model)`` the trained model computes exactly the backbone's logits (the
+    adapters switched off, no second copy); after the block the trained logits are back."""
+    dm = tiny_data(backbone)
+    m = adapters(backbone, placement)
+    before: dict = {}
+    four_step_losses(m, dm, steps=3, after_setup=lambda o: before.update(trainable(o)))
+    assert [n for n in before if torch.equal(before[n], trainable(m)[n])] == []  # training moved every adapter
+    batch = next(iter(dm.val_dataloader()))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    plain = backbone.load_model().eval()
+    m.model.eval()
+    with torch.no_grad():
+        expected = plain(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        trained = m(ids, mask)
+        assert not torch.allclose(trained, expected)
+        with m.tuner.reference(m.model) as ref:
+            assert torch.equal(m(ids, mask, model=ref), expected)
+        assert torch.equal(m(ids, mask), trained)
+
+
+def test_reference_refused_when_norms_train(backbone):
+    m = adapters(backbone, train_norms=True)
+    m.configure_model()
+    with pytest.raises(RuntimeError, match="train_norms"):
+        with m.tuner.reference(m.model):
+            pass
+
+
 # ---------------------------------------------------------------------- saving
 def test_save_and_load_only_the_adapters(backbone, tmp_path):
     from safetensors.torch import load_file
@@ -203,22 +241,25 @@ def test_save_and_load_only_the_adapters(backbone, tmp_path):
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["bottleneck_size"] == 4
 
     fresh = adapters(backbone, "houlsby", train_norms=True)
-    fresh.load_trained(tmp_path / "a")
+    fresh.configure_model()
+    fresh.tuner.load(fresh.model, tmp_path / "a")
     batch = next(iter(dm.val_dataloader()))
     m.model.eval()
     fresh.model.eval()
     with torch.no_grad():
-        assert torch.equal(fresh(batch["input_ids"], batch["attention_mask"]).logits,
-                           m(batch["input_ids"], batch["attention_mask"]).logits)
+        assert torch.equal(fresh(batch["input_ids"], batch["attention_mask"]),
+                           m(batch["input_ids"], batch["attention_mask"]))
+    other = adapters(backbone, "pfeiffer", train_norms=True)
+    other.configure_model()
     with pytest.raises(ValueError, match="were saved with"):
-        adapters(backbone, "pfeiffer", train_norms=True).load_trained(tmp_path / "a")
+        other.tuner.load(other.model, tmp_path / "a")
 
 
 def test_cli_run_records_and_saves_adapters(tiny_model_dir, tmp_path):
     from ftbench.cli import cli_main
 
-    cli_main(["fit", "--backbone.model", str(tiny_model_dir), "--model", str(SHIPPED[0]),
-              "--model.init_args.max_new_tokens", "4",
+    cli_main(["fit", "--backbone.model", str(tiny_model_dir), "--tuner", str(SHIPPED[0]),
+              "--model", str(ROOT / "configs/objective/sft.yaml"), "--model.init_args.max_new_tokens", "4",
               "--data", str(ROOT / "configs/data/instruction.yaml"), "--data.init_args.builtin_size", "80",
               "--data.init_args.max_length", "96", "--data.init_args.batch_size", "4",
               "--data.init_args.eval_batch_size", "4",
@@ -228,7 +269,7 @@ def test_cli_run_records_and_saves_adapters(tiny_model_dir, tmp_path):
               "--trainer.enable_progress_bar", "false", "--out", str(tmp_path), "--run_id", "ad",
               "--save_weights", "true"])
     info = json.loads((tmp_path / "ad.json").read_text())["train_info"]
-    assert info["status"] == "completed" and info["method"] == "adapters"
+    assert info["status"] == "completed" and info["method"] == "sft+adapters"
     assert info["params"]["trainable"] == 2320
     assert info["backbone"]["weight_bytes"] == 4 * (info["params"]["total"] - 2320)  # adapters left out
     assert info["saved"]["files"] == 2 and 4 * 2320 < info["saved"]["bytes"] < 4 * 2320 + 8192
@@ -239,5 +280,5 @@ def test_shipped_yaml_parses(path):
     from ftbench.cli import cli_main
 
     with pytest.raises(SystemExit) as exc:
-        cli_main(["fit", "--model", str(path), "--print_config"])
+        cli_main(["fit", "--tuner", str(path), "--model", str(ROOT / "configs/objective/sft.yaml"), "--print_config"])
     assert exc.value.code in (0, None)

@@ -1,8 +1,9 @@
-"""The generic PEFT method: every shipped peft config on the tiny Llama.
+"""The peft tuner (``ftbench.tuners.Peft``): every shipped peft config on the tiny Llama, under SFT.
 
 Pinned numbers (tests/pins/peft_methods.json, ``python scripts/regen_pins.py peft_methods``): for each
-shipped config in configs/method/ that uses ``ftbench.methods.PEFT``, the exact trainable-parameter count
-on the tiny Llama and the 4-step fp32 losses (the config's optimizer and learning rate, no schedule).
+shipped config in configs/tuner/ that uses ``ftbench.tuners.Peft`` (LoRA itself is pinned in
+tests/pins/foundation.json), the exact trainable-parameter count on the tiny Llama and the 4-step fp32
+losses (configs/objective/sft.yaml's optimizer at the tuner's learning rate, no schedule).
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ NAMES = {"ia3": "ia3", "prefix_tuning": "prefix_tuning", "prompt_tuning": "promp
 
 
 def config_path(name: str) -> Path:
-    return ROOT / "configs" / "method" / f"{name}.yaml"
+    return ROOT / "configs" / "tuner" / f"{name}.yaml"
+
+
+SFT_YAML = ROOT / "configs" / "objective" / "sft.yaml"
 
 
 def method_from_config(name: str, model_dir: Path, out: Path):
-    """The method as the CLI builds it from the shipped YAML, on the tiny backbone."""
+    """The SFT objective with the shipped tuner, as the CLI builds it, on the tiny backbone."""
     from ftbench.cli import cli_main
 
-    cli = cli_main(["--backbone.model", str(model_dir), "--model", str(config_path(name)),
-                    "--model.init_args.max_new_tokens", "4",
+    cli = cli_main(["--backbone.model", str(model_dir), "--tuner", str(config_path(name)),
+                    "--model", str(SFT_YAML), "--model.init_args.max_new_tokens", "4",
                     "--data", str(ROOT / "configs/data/instruction.yaml"), "--data.init_args.builtin_size", "80",
                     "--trainer.logger", "false", "--out", str(out)], run=False)
     return cli.model
@@ -47,8 +51,8 @@ def tiny_data(backbone):
     return dm
 
 
-def trainable(method) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in method.model.named_parameters() if p.requires_grad}
+def trainable(objective) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in objective.model.named_parameters() if p.requires_grad}
 
 
 def compute_pins(tmp_dir: Path) -> dict:
@@ -68,19 +72,26 @@ def pins():
     return load_pins(PIN_NAME)
 
 
-def peft_method(backbone, config, **kw):
-    from ftbench.methods import PEFT
+def peft_method(backbone, config, max_new_tokens: int = 6, **tuner_kw):
+    """SFT with ``Peft(peft_config=config)`` (AdamW, torch's defaults unless ``lr`` is given)."""
+    from ftbench.objectives import SFT
+    from ftbench.tuners import Peft
 
-    return PEFT(peft_config=config, backbone=backbone, max_new_tokens=kw.pop("max_new_tokens", 6), **kw)
+    return SFT(backbone=backbone, tuner=Peft(peft_config=config, **tuner_kw), max_new_tokens=max_new_tokens)
+
+
+def generate_answers(m, batch, max_new_tokens: int = 6) -> list[str]:
+    return m.generate_texts(batch["gen_input_ids"], batch["gen_attention_mask"], max_new_tokens)
 
 
 # ---------------------------------------------------------------------- every shipped config
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_config_count_losses_and_training(tiny_model_dir, tmp_path, pins, name):
     m = method_from_config(name, tiny_model_dir, tmp_path)
-    assert type(m).__name__ == "PEFT" and m.method_name == NAMES[name]
+    assert type(m).__name__ == "SFT" and type(m.tuner).__name__ == "Peft" and m.tuner.name == NAMES[name]
+    assert m.method_label == f"sft+{NAMES[name]}"
     before: dict = {}
-    losses = four_step_losses(m, tiny_data(m.backbone), after_setup=lambda method: before.update(trainable(method)))
+    losses = four_step_losses(m, tiny_data(m.backbone), after_setup=lambda o: before.update(trainable(o)))
     assert m.parameter_counts()["trainable"] == pins[name]["trainable"]
     assert losses == pytest.approx(pins[name]["losses"], rel=1e-4)
     # every trained tensor moved in 4 steps (tensors initialised to zero move from step 1, the
@@ -103,31 +114,33 @@ def test_shipped_yaml_parses(name):
     from ftbench.cli import cli_main
 
     with pytest.raises(SystemExit) as exc:
-        cli_main(["fit", "--model", str(config_path(name)), "--print_config"])
+        cli_main(["fit", "--tuner", str(config_path(name)), "--model", str(SFT_YAML), "--print_config"])
     assert exc.value.code in (0, None)
 
 
 # ---------------------------------------------------------------------- prompt learning
 def test_prompt_tuning_eval_logits_align_with_labels(backbone):
-    """Prompt tuning prepends virtual tokens to the logits; PEFT.forward drops them, so the shared
-    per-token loss of the evaluation equals the model's own loss (which pads the labels)."""
+    """Prompt tuning prepends virtual tokens to the logits; Peft.align_logits drops them, so the SFT
+    per-token loss equals the peft model's own loss (which pads the labels)."""
     import peft
 
-    from ftbench.methods.base import sequence_losses
+    from ftbench.objectives.sft import sequence_losses
 
     m = peft_method(backbone, peft.PromptTuningConfig(num_virtual_tokens=5))
     m.configure_model()
     batch = next(iter(tiny_data(backbone).val_dataloader()))
-    out = m(batch["input_ids"], batch["attention_mask"], batch["labels"])
-    assert out.logits.shape[:2] == batch["input_ids"].shape
-    loss_sum, n_tok = sequence_losses(out.logits, batch["labels"])
-    assert float(loss_sum.sum() / n_tok.sum()) == pytest.approx(float(out.loss), rel=1e-5)
+    logits = m(batch["input_ids"], batch["attention_mask"]).detach()
+    assert logits.shape[:2] == batch["input_ids"].shape
+    loss_sum, n_tok = sequence_losses(logits, batch["labels"])
+    own = m.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert float(loss_sum.sum() / n_tok.sum()) == pytest.approx(float(own.detach()), rel=1e-5)
+    assert float(m.loss(batch)[0].detach()) == pytest.approx(float(own.detach()), rel=1e-5)
 
 
 def _greedy_by_training_forward(m, ids: torch.Tensor, n: int) -> list[int]:
     seq = ids
     for _ in range(n):
-        logits = m(seq, torch.ones_like(seq)).logits
+        logits = m(seq, torch.ones_like(seq))
         seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
     return seq[0, ids.shape[1]:].tolist()
 
@@ -155,18 +168,18 @@ def test_generation_is_greedy_decoding_of_the_training_forward(backbone, kind):
     batch = next(iter(tiny_data(backbone).val_dataloader()))
     tok = backbone.tokenizer
     with torch.no_grad():
-        answers = m.generate_answers(batch)
+        answers = generate_answers(m, batch)
         for r, (ids, mask) in enumerate(zip(batch["gen_input_ids"], batch["gen_attention_mask"])):
             row = ids[mask.bool()].unsqueeze(0)
             ref = _greedy_by_training_forward(m, row, 6)
-            assert m.greedy_prompt_learning(row, 6, None) == ref
+            assert m.tuner.greedy_prompt_learning(m.model, row, 6, None) == ref
             if tok.eos_token_id in ref:
                 ref = ref[: ref.index(tok.eos_token_id)]
             assert answers[r] == tok.decode(ref, skip_special_tokens=True)
 
 
 def test_peft_generate_still_disagrees_for_prompt_tuning(backbone):
-    """Why PEFT.generate_answers decodes prompt learning itself: peft's cached generate does not
+    """Why Peft.generate decodes prompt learning itself: peft's cached generate does not
     continue what the training forward predicts. If this starts failing, peft/transformers fixed it
     and the workaround can go."""
     import peft
@@ -187,13 +200,48 @@ def test_peft_generate_still_disagrees_for_prompt_tuning(backbone):
 def test_other_methods_use_the_shared_generation(backbone):
     import peft
 
+    from ftbench.tuners import Tuner
+
     m = peft_method(backbone, peft.IA3Config())
     m.configure_model()
     m.model.eval()
     batch = next(iter(tiny_data(backbone).val_dataloader()))
+    args = (m.model, backbone.tokenizer, batch["gen_input_ids"], batch["gen_attention_mask"], 6)
     with torch.no_grad():
-        assert m.generate_answers(batch) == super(type(m), m).generate_answers(batch)
-    assert m.num_virtual_tokens == 0
+        assert torch.equal(m.tuner.generate(*args, do_sample=False), Tuner.generate(m.tuner, *args, do_sample=False))
+    assert m.tuner.num_virtual_tokens == 0
+
+
+# ---------------------------------------------------------------------- the reference
+def _reference_config(kind: str):
+    import peft
+
+    return {"lora": peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+            "prompt": peft.PromptTuningConfig(num_virtual_tokens=4),
+            "prefix": peft.PrefixTuningConfig(num_virtual_tokens=4)}[kind]
+
+
+@pytest.mark.parametrize("kind", ["lora", "prompt", "prefix"])
+def test_reference_is_the_untouched_backbone_after_training(backbone, kind):
+    """Under ``tuner.reference(model)`` (peft's ``disable_adapter``) the trained model's logits are
+    exactly the backbone's, also for prompt tuning, whose trained forward prepends virtual tokens;
+    after the block the trained logits are back."""
+    m = peft_method(backbone, _reference_config(kind), lr=1e-2)
+    dm = tiny_data(backbone)
+    before: dict = {}
+    four_step_losses(m, dm, steps=3, after_setup=lambda o: before.update(trainable(o)))
+    assert [n for n in before if torch.equal(before[n], trainable(m)[n])] == []  # training moved every adapter weight
+    batch = next(iter(dm.val_dataloader()))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    plain = backbone.load_model().eval()
+    m.model.eval()
+    with torch.no_grad():
+        expected = plain(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        trained = m(ids, mask)
+        assert trained.shape == expected.shape and not torch.allclose(trained, expected)
+        with m.tuner.reference(m.model) as ref:
+            assert torch.equal(m(ids, mask, model=ref), expected)
+        assert torch.equal(m(ids, mask), trained)
 
 
 # ---------------------------------------------------------------------- AdaLoRA
@@ -217,24 +265,32 @@ def test_adalora_total_step_mismatch_is_warned(backbone):
 
     config = peft.AdaLoraConfig(init_r=4, target_r=2, total_step=60, tinit=5, tfinal=5, target_modules=["q_proj"])
     m = peft_method(backbone, config)
-    m._trainer = SimpleNamespace(estimated_stepping_batches=12)
+    # what configure_model does inside a fit: the tuner learns the trainer's optimizer steps
+    m._trainer = SimpleNamespace(estimated_stepping_batches=12, state=SimpleNamespace(fn="fit"))
     with pytest.warns(UserWarning, match="total_step=60 but the trainer will take 12"):
-        m.resolved_config()
-    m._trainer = SimpleNamespace(estimated_stepping_batches=60)
+        m.configure_model()
+    tuner = m.tuner
+    tuner.total_steps = 60
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert m.resolved_config().total_step == 60
+        assert tuner.resolved_config(torch.nn.Module()).total_step == 60
 
 
 def test_config_checks(backbone):
     import peft
 
-    from ftbench.methods import PEFT
+    from ftbench.errors import ConfigError
+    from ftbench.naming import peft_label
+    from ftbench.tuners import Peft
 
-    with pytest.raises(ValueError, match="peft_config is required"):
-        PEFT(backbone=backbone)
-    with pytest.raises(TypeError, match="must be a peft.PeftConfig"):
-        PEFT(peft_config={"r": 4}, backbone=backbone)
-    m = peft_method(backbone, peft.LoraConfig(r=2, use_dora=True))
-    assert m.method_name == "dora" and m.resolved_config().task_type == "CAUSAL_LM"
-    assert m.peft_config.task_type is None  # the given config is left as it was
+    with pytest.raises(ConfigError, match="peft_config is required"):
+        Peft()
+    with pytest.raises(ConfigError, match="must be a peft.PeftConfig"):
+        Peft(peft_config={"r": 4})
+    t = Peft(peft_config=peft.LoraConfig(r=2, use_dora=True))
+    assert t.name == "dora" and t.resolved_config(torch.nn.Module()).task_type == "CAUSAL_LM"
+    assert t.peft_config.task_type is None  # the given config is left as it was
+    assert peft_method(backbone, peft.LoraConfig(r=2, use_dora=True)).method_label == "sft+dora"
+    assert (peft_label("LoraConfig"), peft_label("LoraConfig", True), peft_label("IA3Config"),
+            peft_label("PrefixTuningConfig"), peft_label("AdaLoraConfig")) == ("lora", "dora", "ia3", "prefix_tuning",
+                                                                                "adalora")

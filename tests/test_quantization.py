@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 QUANTS = ("none", "nf4", "fp4", "int8")
 SHIPPED = sorted(ROOT.glob("configs/backbone/*nf4*.yaml")) + sorted(ROOT.glob("configs/backbone/*fp4*.yaml")) \
     + sorted(ROOT.glob("configs/backbone/*int8*.yaml")) \
-    + [ROOT / "configs/method" / n for n in ("lora_adamw8bit.yaml", "lora_paged_adamw8bit.yaml", "full_adamw8bit.yaml")]
+    + [ROOT / "configs/optim" / n for n in ("adamw8bit.yaml", "paged_adamw8bit.yaml")]
+SFT_YAML = ROOT / "configs/objective/sft.yaml"
+LORA_YAML = ROOT / "configs/tuner/lora.yaml"
 REL = 1e-4
 
 
@@ -42,30 +44,35 @@ def tiny_data(backbone, batch_size: int = 4):
     return dm
 
 
-def lora(backbone, r: int = 4, **kw):
-    from ftbench.methods import LoRA
+def lora(backbone, r: int = 4, optimizer=None):
+    """SFT with LoRA r on every linear but the head (alpha 2r, no dropout): QLoRA on a quantized backbone."""
+    from peft import LoraConfig
 
-    return LoRA(backbone=backbone, r=r, alpha=2 * r, optimizer=kw.pop("optimizer", adamw()), max_new_tokens=4, **kw)
+    from ftbench.objectives import SFT
+    from ftbench.tuners import Peft
+
+    tuner = Peft(peft_config=LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear"))
+    return SFT(backbone=backbone, tuner=tuner, optimizer=optimizer or adamw(), max_new_tokens=4)
 
 
-def trainable(method) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in method.model.named_parameters() if p.requires_grad}
+def trainable(objective) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in objective.model.named_parameters() if p.requires_grad}
 
 
-def fit_after_validation(method, dm, steps: int = 2) -> tuple[dict, dict]:
+def fit_after_validation(objective, dm, steps: int = 2) -> tuple[dict, dict]:
     """Validate (eval mode, no grad), then fit ``steps`` steps after a sanity check (also eval, no
     grad): the forwards that repack 4-bit weights on AVX512-BF16 CPUs. Returns trainable parameters
     before and after."""
     import lightning as L
 
     torch.manual_seed(0)
-    method.configure_model()
-    before = trainable(method)
+    objective.configure_model()
+    before = trainable(objective)
     kw = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=1)
-    L.Trainer(**kw).validate(method, datamodule=dm, verbose=False)
-    L.Trainer(max_steps=steps, num_sanity_val_steps=1, **kw).fit(method, datamodule=dm)
-    return before, trainable(method)
+    L.Trainer(**kw).validate(objective, datamodule=dm, verbose=False)
+    L.Trainer(max_steps=steps, num_sanity_val_steps=1, **kw).fit(objective, datamodule=dm)
+    return before, trainable(objective)
 
 
 def unchanged(before: dict, after: dict) -> list[str]:
@@ -131,9 +138,9 @@ def test_backbone_passes_double_quant_and_compute_dtype(tiny_model_dir):
 def test_shipped_yaml_parses(path):
     from ftbench.cli import cli_main
 
-    flag = "--backbone" if path.parent.name == "backbone" else "--model"
+    given = ["--backbone", str(path)] if path.parent.name == "backbone" else ["--model.init_args.optimizer", str(path)]
     with pytest.raises(SystemExit) as exc:
-        cli_main(["fit", flag, str(path), "--print_config"])
+        cli_main(["fit", "--tuner", str(LORA_YAML), "--model", str(SFT_YAML), *given, "--print_config"])
     assert exc.value.code in (0, None)
 
 
@@ -208,14 +215,16 @@ def test_total_counts_parameters_not_packed_bytes(tiny_model_dir):
     assert len(set(totals.values())) == 1, totals
 
 
-def test_full_finetune_refuses_a_quantized_backbone(tiny_model_dir):
-    from ftbench.methods import FullFinetune
+@pytest.mark.parametrize("name", ["full", "freeze"])
+def test_tuners_of_the_backbone_weights_refuse_a_quantized_backbone(tiny_model_dir, name):
+    from ftbench.objectives import SFT
+    from ftbench.tuners import Freeze, Full
 
-    m = FullFinetune(backbone=backbone_for(tiny_model_dir, "nf4"))
+    m = SFT(backbone=backbone_for(tiny_model_dir, "nf4"), tuner=Full() if name == "full" else Freeze())
     with pytest.raises(ValueError) as err:
         m.configure_model()
     assert str(err.value) == (
-        "FullFinetune: a nf4 backbone cannot be trained in full (quantized weights take no gradient); "
+        f"tuner {name}: a nf4 backbone cannot train its own weights (quantized weights take no gradient); "
         "use backbone.quantization: none, or LoRA on it (QLoRA)"
     )
 
@@ -264,14 +273,15 @@ def test_prepare_kbit_off_keeps_dtype(tiny_model_dir):
 
 
 # ---------------------------------------------------------------------- optimizers from bitsandbytes
-@pytest.mark.parametrize("name", ["lora_adamw8bit", "lora_paged_adamw8bit"])
+@pytest.mark.parametrize("name", ["adamw8bit", "paged_adamw8bit"])
 def test_bnb_optimizer_from_config(tiny_model_dir, tmp_path, name):
     import bitsandbytes as bnb
 
     from ftbench.cli import cli_main
 
     args = ["--backbone.model", str(tiny_model_dir), "--backbone.quantization", "nf4",
-            "--model", str(ROOT / f"configs/method/{name}.yaml"),
+            "--tuner", str(LORA_YAML), "--model", str(SFT_YAML),
+            "--model.init_args.optimizer", str(ROOT / f"configs/optim/{name}.yaml"),
             "--model.init_args.optimizer.init_args.min_8bit_size", "256", "--model.init_args.max_new_tokens", "4",
             "--model.init_args.warmup_steps", "0",  # (the config's warm-up starts at lr 0)
             "--data", str(ROOT / "configs/data/instruction.yaml"), "--data.init_args.builtin_size", "80",
@@ -284,7 +294,8 @@ def test_bnb_optimizer_from_config(tiny_model_dir, tmp_path, name):
     before = trainable(cli.model)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     opt = cli.trainer.optimizers[0]
-    assert type(opt) is (bnb.optim.AdamW8bit if name == "lora_adamw8bit" else bnb.optim.PagedAdamW8bit)
+    assert type(opt) is (bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.PagedAdamW8bit)
+    assert all(g["lr"] == 1e-3 for g in opt.param_groups)  # the tuner's lr (lora.yaml)
     states = [opt.state[p] for g in opt.param_groups for p in g["params"]]
     assert len(states) == 28 and all(s["state1"].dtype == torch.uint8 for s in states)  # every LoRA matrix >= 256
     assert unchanged(before, trainable(cli.model)) == []
@@ -296,7 +307,7 @@ def test_record_has_quantization_and_memory(tiny_model_dir, tmp_path, pins, q):
     from ftbench.cli import cli_main
 
     cli_main(["fit", "--backbone.model", str(tiny_model_dir), "--backbone.quantization", q,
-              "--model", str(ROOT / "configs/method/lora.yaml"), "--model.init_args.max_new_tokens", "4",
+              "--tuner", str(LORA_YAML), "--model", str(SFT_YAML), "--model.init_args.max_new_tokens", "4",
               "--data", str(ROOT / "configs/data/instruction.yaml"), "--data.init_args.builtin_size", "80",
               "--data.init_args.max_length", "96", "--data.init_args.batch_size", "4",
               "--data.init_args.eval_batch_size", "4",
@@ -307,6 +318,7 @@ def test_record_has_quantization_and_memory(tiny_model_dir, tmp_path, pins, q):
     rec = json.loads((tmp_path / f"q-{q}.json").read_text())
     info = rec["train_info"]
     assert info["status"] == "completed" and info["global_steps"] == 2
+    assert info["method"] == f"sft+lora+{q}"  # LoRA on a quantized backbone is its own row (QLoRA)
     bb = info["backbone"]
     assert bb["quantization"] == q and bb["storage_format"] == f"bnb-{q}"
     assert bb["weight_bytes"] == pins[q]["weight_bytes"]
