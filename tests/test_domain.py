@@ -167,17 +167,18 @@ def test_position_ids_isolate_documents_only_without_attention_mask(backbone):
 def test_method_forward_isolates_packed_documents(backbone):
     """The shared loop passes a packed batch's position_ids with no 2-D mask: no cross-document attention."""
     from ftbench.data.base import PackedCollator
-    from ftbench.methods import FullFinetune
+    from ftbench.objectives import SFT
+    from ftbench.tuners import Full
 
     tok = backbone.tokenizer
     block = pack_documents([APPLE, STONE], 64, EOS)[0]
     batch = PackedCollator(tok.pad_token_id)([block])
-    method = FullFinetune(backbone=backbone)
+    method = SFT(backbone=backbone, tuner=Full())
     method.configure_model()
     method.eval()
     with torch.no_grad():
-        packed = method(batch["input_ids"], batch["attention_mask"], position_ids=batch["position_ids"]).logits[0, 5:]
-        alone = method(torch.tensor([STONE + [EOS]])).logits[0]
+        packed = method(batch["input_ids"], batch["attention_mask"], position_ids=batch["position_ids"])[0, 5:]
+        alone = method(torch.tensor([STONE + [EOS]]))[0]
     assert torch.allclose(packed, alone, atol=1e-5)
 
 def test_builtin_corpus_padding_fraction(backbone):
@@ -279,7 +280,8 @@ def test_lora_fit_on_domain_data_writes_the_record(tiny_model_dir, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cli_main([
-            "fit", "--backbone.model", str(tiny_model_dir), "--model", str(CONFIGS / "method" / "lora.yaml"),
+            "fit", "--backbone.model", str(tiny_model_dir), "--tuner", str(CONFIGS / "tuner" / "lora.yaml"),
+            "--model", str(CONFIGS / "objective" / "sft.yaml"),
             "--data", str(CONFIGS / "data" / "domain.yaml"), "--data.max_length", "64",
             "--data.max_train_rows", "8", "--data.max_eval_rows", "2", "--data.batch_size", "4",
             "--trainer", str(CONFIGS / "trainer" / "cpu.yaml"), "--trainer.max_steps", "2",

@@ -106,8 +106,9 @@ def _rows(path: Path, rows: list[tuple[str, str]]) -> str:
 def test_per_task_validation_metrics_through_a_trainer(backbone, tmp_path):
     import lightning as L
 
-    from ftbench.methods import Baseline
-    from ftbench.methods.base import sequence_losses
+    from ftbench.objectives import SFT
+    from ftbench.objectives.sft import sequence_losses
+    from ftbench.tuners import NoTuning
 
     alpha_val = _rows(tmp_path / "alpha_val.jsonl", [("What is 12 + 5?", "17"), ("What is 40 - 8?", "32")])
     beta_val = _rows(tmp_path / "beta_val.jsonl", [("Write apple in capital letters.", "APPLE"),
@@ -120,9 +121,10 @@ def test_per_task_validation_metrics_through_a_trainer(backbone, tmp_path):
     assert [e.task for e in dm.splits["val"]] == ["alpha", "alpha", "beta", "beta", "beta"]
     assert eval_batches(dm.splits["val"], 3) == [[0, 2, 1], [3, 4]]  # both batches mix the tasks
 
-    method = Baseline(backbone=backbone)
+    method = SFT(backbone=backbone, tuner=NoTuning())
     # exact match with a fixed "model": right on alpha, wrong on beta
-    method.generate_answers = lambda batch: [a if t == "alpha" else "wrong" for a, t in zip(batch["answers"], batch["tasks"])]
+    method.predict_answers = lambda batch, max_new_tokens=None: [
+        a if t == "alpha" else "wrong" for a, t in zip(batch["answers"], batch["tasks"])]
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -271,8 +273,8 @@ def test_lora_fit_on_multitask_data_writes_per_task_results(tiny_model_dir, tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cli_main([
-            "fit", "--backbone.model", str(tiny_model_dir), "--model", str(CONFIGS / "method" / "lora.yaml"),
-            "--model.max_new_tokens", "4",
+            "fit", "--backbone.model", str(tiny_model_dir), "--tuner", str(CONFIGS / "tuner" / "lora.yaml"),
+            "--model", str(CONFIGS / "objective" / "sft.yaml"), "--model.max_new_tokens", "4",
             "--data", str(CONFIGS / "data" / "multitask.yaml"), "--data.max_train_rows", "20",
             "--data.max_eval_rows", "2", "--data.eval_batch_size", "8",
             "--trainer", str(CONFIGS / "trainer" / "cpu.yaml"), "--trainer.max_steps", "2",

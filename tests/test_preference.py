@@ -396,13 +396,14 @@ def test_truncation_counts_pairs(backbone, tmp_path):
 def test_a_supervised_method_validates_on_the_chosen_responses(backbone):
     import lightning as L
 
-    from ftbench.methods import Baseline
+    from ftbench.objectives import SFT
+    from ftbench.tuners import NoTuning
 
     dm = PreferenceData(backbone=backbone, builtin_size=60, max_eval_rows=6, eval_batch_size=6)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        metrics = trainer.validate(Baseline(backbone=backbone), datamodule=dm, verbose=False)[0]
+        metrics = trainer.validate(SFT(backbone=backbone, tuner=NoTuning()), datamodule=dm, verbose=False)[0]
     # the built-in pairs carry exact answers (the chosen ones), so validation also scores exact match
     assert metrics["val/loss"] > 0 and 0.0 <= metrics["val/accuracy"] <= 1.0
     assert {k.split("/")[1] for k in metrics if k.count("/") == 2} <= {"arithmetic", "last_word", "sort_numbers", "uppercase", "count_words"}
