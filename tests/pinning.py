@@ -19,27 +19,28 @@ def load_pins(name: str) -> dict:
 
 
 def four_step_losses(objective, dm, steps: int = 4, seed: int = 0, after_setup: Optional[Callable] = None) -> list[float]:
-    """The SFT loss (``SFT.loss``) over ``steps`` optimizer steps on fixed batches, fp32, with the
-    optimizer and learning rate ``Objective.configure_optimizers`` would use (no schedule).
-    ``after_setup(objective)`` runs once the model is built, before the first step."""
+    """The loss ``training_step`` returns (what is backpropagated: for SFT the mean token loss plus the
+    tuner's regularization) at each of ``steps`` optimizer steps of a real Lightning fit: fp32 on CPU,
+    the objective's optimizer at the tuner's lr, its lr schedule, ``after_optimizer_step`` (AdaLoRA's
+    allocation), the data module's training order; no validation. ``after_setup(objective)`` runs once
+    the model is built and the optimizer made, before the first step."""
+    import lightning as L
     import torch
 
+    losses: list[float] = []
+
+    class LossRecorder(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            if after_setup is not None:
+                after_setup(pl_module)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
     torch.manual_seed(seed)
-    objective.configure_model()
-    if after_setup is not None:
-        after_setup(objective)
-    opt = objective.optimizer_factory([p for p in objective.parameters() if p.requires_grad])
-    if objective.tuner.lr is not None:  # as Objective.configure_optimizers: the tuner's lr replaces the optimizer's
-        for group in opt.param_groups:
-            group["lr"] = objective.tuner.lr
-    losses = []
-    for _, batch in zip(range(steps), dm.train_dataloader()):
-        loss = objective.loss(batch)[0]
-        extra = objective.tuner.regularization(objective.model)  # as SFT.training_step (AdaLoRA's penalty)
-        if extra is not None:
-            loss = loss + extra
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision="32-true", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[LossRecorder()])
+    trainer.fit(objective, datamodule=dm)
+    assert len(losses) == steps, f"{len(losses)} training steps ran, not {steps}"
     return losses

@@ -2,8 +2,10 @@
 
 Pinned numbers (tests/pins/peft_methods.json, ``python scripts/regen_pins.py peft_methods``): for each
 shipped config in configs/tuner/ that uses ``ftbench.tuners.Peft`` (LoRA itself is pinned in
-tests/pins/foundation.json), the exact trainable-parameter count on the tiny Llama and the 4-step fp32
-losses (configs/objective/sft.yaml's optimizer at the tuner's learning rate, no schedule).
+tests/pins/foundation.json), the exact trainable-parameter count on the tiny Llama and the training
+losses of a 4-step fp32 Lightning fit (tests/pinning.py) with configs/objective/sft.yaml as shipped: its
+optimizer at the tuner's learning rate and its schedule, whose 5 warm-up steps scale the rate by 0, 0.2,
+0.4, 0.6 over these 4 steps (the first step leaves the weights where they are).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Quantized backbones (QLoRA 4-bit NF4/FP4 and 8-bit) through bitsandbytes, on the tiny Llama.
 
 Pinned numbers (tests/pins/quantization.json, ``python scripts/regen_pins.py quantization``): LoRA's
-trainable-parameter count and 4-step fp32 losses on the unquantized, NF4, FP4 and int8 backbones, and
+trainable-parameter count and the training losses of a 4-step fp32 Lightning fit (tests/pinning.py;
+constant lr 1e-2, no warm-up) on the unquantized, NF4, FP4 and int8 backbones, and
 the bytes of the backbone's weights in each format. The 4-bit and 8-bit kernels of bitsandbytes on CPU
 are deterministic (dequantize-then-matmul in float32; int8 rows are scaled in float16), so the pins,
 written by another process, are compared with the fp32 tolerance (rel 1e-4).
