@@ -51,6 +51,7 @@ class Backbone:
         revision: Optional[str] = None,
         chat_template: Optional[str] = None,
         cache_dir: Optional[str] = None,
+        init_from: Optional[str] = None,
     ):
         """
         Args:
@@ -76,6 +77,10 @@ class Backbone:
             chat_template: A Jinja chat template that replaces the tokenizer's own.
             cache_dir: Where converted GGUF models are cached (default ``$FTBENCH_CACHE`` or
                 ``~/.cache/ftbench``).
+            init_from: A folder an earlier run saved (``--save_weights``: ``{out}/{run_id}/weights``):
+                what it trained is applied to the weights as they load (a peft adapter merged, full or
+                freeze weights copied, bottleneck adapters kept frozen), so this run starts from it and
+                its reference model is it. A sweep sets it from ``init_from: <run name>``.
         """
         self.model = model
         self.gguf_file = gguf_file
@@ -91,6 +96,7 @@ class Backbone:
         self.revision = revision
         self.chat_template = chat_template
         self.cache_dir = cache_dir
+        self.init_from = init_from
         self._resolved: Optional[str] = None
         self._tokenizer = None
 
@@ -210,10 +216,15 @@ class Backbone:
             model = auto.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as err:  # missing/unreadable files; unknown architecture
             raise BackboneError(f"backbone.model: cannot load weights from {source!r}: {err}") from err
+        model.ftbench_head = head
         if qconfig is not None:
             from ftbench.quantization import after_quantized_load
 
             after_quantized_load(model)
+        if self.init_from:
+            from ftbench.tuners.saved import apply_saved
+
+            model = apply_saved(model, self.init_from, self)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -239,6 +250,7 @@ class Backbone:
             "gradient_checkpointing": self.gradient_checkpointing,
             "attn_implementation": self.attn_implementation,
             "trust_remote_code": self.trust_remote_code,
+            "init_from": self.init_from,
         }
 
     def __repr__(self) -> str:

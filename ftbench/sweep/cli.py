@@ -33,7 +33,8 @@ from typing import Any, Optional
 
 from ftbench.fileio import write_text_atomic
 from ftbench.wandb_mode import default_to_offline
-from ftbench.sweep.grid import RunSpec, Sweep, SweepError, load_sweep, parse_overrides, parse_shard, shard
+from ftbench.sweep.grid import (RunSpec, Sweep, SweepError, load_sweep, parse_overrides, parse_shard, shard,
+                                weights_dir)
 
 DONE = "completed"
 FAILED = ("failed", "nan", "oom")
@@ -62,7 +63,8 @@ def record_status(path: Path) -> Optional[str]:
 
 
 def decide(status: Optional[str], retry_failed: bool) -> tuple[bool, str]:
-    """(run it?, what to say) for a record status."""
+    """(run it?, what to say) for a record status. A ``skipped`` run (its upstream stage had not
+    completed) runs once its upstream has."""
     if status == DONE:
         return False, "done"
     if status in FAILED:
@@ -70,6 +72,15 @@ def decide(status: Optional[str], retry_failed: bool) -> tuple[bool, str]:
     if status is None:
         return True, "to run"
     return True, f"rerun ({status})"
+
+
+def _mark_skipped(path: Path, spec: RunSpec, why: str) -> None:
+    """A stage whose upstream run did not complete is not run: recorded ``skipped`` with the reason."""
+    rec = {"schema": 1, "run_info": {"run_id": spec.run_id, "subcommand": spec.subcommand, "point": spec.label,
+                                     "upstream": {k: u.run_id for k, u in spec.upstream.items()}},
+           "train_info": {"method": spec.method, "status": "skipped", "metrics": [], "final": {},
+                          "error": {"type": "UpstreamNotCompleted", "message": why}}, "meta_info": {}}
+    write_text_atomic(path, json.dumps(rec, indent=2))
 
 
 def _mark_failed(path: Path, spec: RunSpec, returncode: int, log: Path) -> None:
@@ -295,13 +306,32 @@ def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str
 
 
 def plan(sweep: Sweep, runs: list[RunSpec], retry_failed: bool) -> list[tuple[RunSpec, Optional[str], bool, str]]:
+    """(run, its record's status, run it?, what to say), in the sweep's order (stages after their
+    upstream runs). A completed run whose saved weights a stage still to run needs, but which are
+    missing (it ran before it was a pipeline stage), runs again, replacing its record."""
     out = Path(sweep.out)
     rows = []
     for spec in runs:
         status = record_status(out / f"{spec.run_id}.json")
         todo, say = decide(status, retry_failed)
         rows.append((spec, status, todo, say))
+    needed = {id(u) for spec, _, todo, _ in rows if todo for u in spec.upstream.values()}
+    for i, (spec, status, todo, say) in enumerate(rows):
+        if status == DONE and id(spec) in needed and not Path(weights_dir(sweep.out, spec.run_id)).is_dir():
+            spec.overrides["overwrite"] = True  # not part of its id
+            rows[i] = (spec, status, True, "rerun (a later stage needs its weights)")
     return rows
+
+
+def blocked_by(sweep: Sweep, spec: RunSpec) -> Optional[str]:
+    """Why ``spec`` cannot run now (an upstream stage without a completed record and saved weights), or None."""
+    for key, up in spec.upstream.items():
+        status = record_status(Path(sweep.out) / f"{up.run_id}.json")
+        if status != DONE:
+            return f"upstream run {up.display_name} ({up.run_id}, {key}) is {status or 'not run'}"
+        if not Path(weights_dir(sweep.out, up.run_id)).is_dir():
+            return f"upstream run {up.display_name} ({up.run_id}) saved no weights"
+    return None
 
 
 def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
@@ -324,7 +354,9 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
         return 2
     for spec, _, _, say in rows:
         point = ", ".join(f"{k.replace('.init_args', '')}={_short(v)}" for k, v in spec.label.items())
-        print(f"  {spec.run_id:28s} {spec.subcommand:8s} {say:44s} {point}")
+        named = f"[{spec.name}] " if spec.name else ""
+        after = f"  (after {', '.join(u.display_name for u in spec.upstream.values())})" if spec.upstream else ""
+        print(f"  {spec.run_id:28s} {spec.subcommand:8s} {say:44s} {named}{point}{after}")
     if dry_run:
         print(f"{len(todo)} of {len(runs)} runs to do")
         return 0
@@ -341,6 +373,11 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
     try:
         with Progress(len(todo), live) as progress:
             for i, spec in enumerate(todo, 1):
+                why = blocked_by(sweep, spec)
+                if why is not None:
+                    _mark_skipped(out / f"{spec.run_id}.json", spec, why)
+                    progress.print(f"[{i}/{progress.total}] {spec.run_id}: skipped: {why}")
+                    continue
                 run_one(sweep, spec, i, progress)
     except KeyboardInterrupt:
         print("\ninterrupted: finished records are kept; run the same command again to resume.", file=sys.stderr)

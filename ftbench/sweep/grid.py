@@ -29,6 +29,20 @@ always maps to the same record whatever the key order in the sweep file (or in a
 change in any referenced file's content makes a new run, and ``ftbench fit`` with the same arguments
 gets the same id. It is computed without importing torch (``ftbench sweep`` starts in well under a
 second).
+
+**Pipelines.** A run in ``runs`` may have a ``name``; another run may start from its trained weights
+(``init_from: NAME``, i.e. ``backbone.init_from``) or use it as its reward model (``reward_model:
+NAME``, i.e. ``model.init_args.reward_model``)::
+
+    runs:
+      - {name: sft, tuner: ../tuner/lora.yaml}
+      - {name: rm, init_from: sft, objective: ../objective/reward.yaml, data: ../data/preference.yaml}
+      - {init_from: sft, reward_model: rm, objective: ../objective/grpo.yaml}
+
+The runs are ordered so that each comes after the runs it refers to (an unknown name or a cycle is
+an error before anything runs); a referenced run saves what it trained (``--save_weights``) and its
+dependants get ``{out}/{its run id}/weights``. The upstream run id is part of the dependant's
+normalised config (``run:<id>``), so a changed upstream stage re-runs what depends on it.
 """
 
 from __future__ import annotations
@@ -50,7 +64,13 @@ from ftbench.errors import FTBenchError
 
 SUBCOMMANDS = ("fit", "validate", "test")
 ALIASES = {"objective": "model", "seed": "seed_everything", "lr": "tuner.init_args.lr",
-           "optim": "model.init_args.optimizer"}
+           "optim": "model.init_args.optimizer", "init_from": "backbone.init_from",
+           "reward_model": "model.init_args.reward_model"}
+#: keys whose value may name another run of the sweep (a pipeline stage): its saved weights
+UPSTREAM_KEYS = ("backbone.init_from", "model.init_args.reward_model")
+#: how a normalised config refers to another run's saved weights (a run id, not a path: where the
+#: results go is not part of a run's identity, and a changed upstream run is a changed downstream run)
+RUN_REF = "run:"
 _FIELDS = ("name", "out", "base", "grid", "runs", "subcommand")
 _YAML = (".yaml", ".yml")
 
@@ -130,6 +150,8 @@ class RunSpec:
     overrides: dict[str, Any]
     label: dict[str, Any] = field(default_factory=dict)
     root: str = "."
+    name: Optional[str] = None  # a name other runs refer to (``runs: - name: sft``)
+    upstream: dict[str, "RunSpec"] = field(default_factory=dict)  # key -> the run whose weights it takes
 
     @cached_property
     def config(self) -> dict[str, Any]:
@@ -153,9 +175,15 @@ class RunSpec:
             args += ["--config", c]
         for k in sorted(self.overrides):
             v = self.overrides[k]
+            if isinstance(v, str) and v.startswith(RUN_REF):
+                v = weights_dir(out, v[len(RUN_REF):])
             for x in (v if _is_file_list(v) else [v]):
                 args += [f"--{k}", x if isinstance(x, str) else json.dumps(x)]
         return args + ["--out", out, "--run_id", self.run_id]
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.run_id
 
     def max_steps(self) -> Optional[int]:
         trainer = self.config.get("trainer")
@@ -172,7 +200,8 @@ class Sweep:
 
     def manifest(self) -> dict[str, Any]:
         return {"name": self.name, "sweep_file": self.path,
-                "runs": [{"run_id": r.run_id, "subcommand": r.subcommand, "method": r.method,
+                "runs": [{"run_id": r.run_id, "subcommand": r.subcommand, "method": r.method, "name": r.name,
+                          "upstream": {k: u.run_id for k, u in r.upstream.items()},
                           "point": r.label} for r in self.runs]}
 
 
@@ -247,6 +276,59 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
+def weights_dir(out: str, run_id: str) -> str:
+    """Where a run keeps what it trained (``--save_weights``), for the stages that start from it."""
+    return os.path.join(out, run_id, "weights")
+
+
+def _link_stages(path: Path, runs: list[RunSpec]) -> list[RunSpec]:
+    """Resolve references to named runs (``init_from: sft``, ``reward_model: rm``) and order the runs
+    so that every stage comes after the runs it takes weights from (the sweep's order otherwise).
+    An unknown name or a cycle is an error before anything runs."""
+    names: dict[str, RunSpec] = {}
+    for r in runs:
+        if r.name is not None:
+            if r.name in names:
+                raise SweepError(f"{path}: runs: the name {r.name!r} is given to two runs")
+            names[r.name] = r
+    for r in runs:
+        for key in UPSTREAM_KEYS:
+            value = r.overrides.get(key)
+            if not isinstance(value, str) or value.startswith(RUN_REF):
+                continue
+            if value in names:
+                if names[value] is r:
+                    raise SweepError(f"{path}: run {r.name!r}: {key} names the run itself")
+                r.upstream[key] = names[value]
+            elif not Path(value).exists():
+                known = ", ".join(sorted(names)) or "none"
+                raise SweepError(f"{path}: {key}: {value!r} is neither a run name of this sweep (named runs: "
+                                 f"{known}) nor an existing folder")
+    ordered: list[RunSpec] = []
+    state: dict[int, str] = {}
+
+    def visit(r: RunSpec, trail: list[str]) -> None:
+        # (names only: a run id is computed once the references are resolved; only named runs are upstream)
+        if state.get(id(r)) == "done":
+            return
+        if state.get(id(r)) == "visiting":
+            cycle = " -> ".join(trail[trail.index(str(r.name)):] + [str(r.name)])
+            raise SweepError(f"{path}: the runs' references form a cycle: {cycle}")
+        state[id(r)] = "visiting"
+        for up in r.upstream.values():
+            visit(up, trail + [str(r.name)])
+        state[id(r)] = "done"
+        ordered.append(r)
+
+    for r in runs:
+        visit(r, [])
+    for r in ordered:  # upstream ids are known before a dependant's id is computed
+        for key, up in r.upstream.items():
+            r.overrides[key] = RUN_REF + up.run_id
+            up.overrides["save_weights"] = True  # not part of its id
+    return ordered
+
+
 def load_sweep(path: str | Path, out: Optional[str] = None, extra: Optional[dict[str, Any]] = None) -> Sweep:
     """Read a sweep file and expand it into its runs. ``extra`` (dotted keys) overrides base and grid."""
     path = Path(path)
@@ -299,8 +381,13 @@ def load_sweep(path: str | Path, out: Optional[str] = None, extra: Optional[dict
             raise SweepError(f"{path}: runs[{i}] must be a mapping")
         run = dict(run)
         s = run.pop("subcommand", sub)
+        run_name = run.pop("name", None)
+        if run_name is not None and (not isinstance(run_name, str) or not re.fullmatch(r"[\w.-]+", run_name)):
+            raise SweepError(f"{path}: runs[{i}].name: {run_name!r} is not a name (letters, digits, _ . -)")
         run = _canon(run, path, f"runs[{i}]")
         runs.append(_spec(path, s, configs, {**base, **run, **extra}, run, f"runs[{i}]"))
+        runs[-1].name = run_name
+    runs = _link_stages(path, runs)
     seen: dict[str, int] = {}
     for i, r in enumerate(runs):
         if r.run_id in seen:
