@@ -162,7 +162,11 @@ def _cli_class():
                  "config": self.run_config},
                 save_weights_to=weights,
             )
-            trainer.callbacks.extend([PeakMemory(), Throughput(cfg.warmup_batches), self.recorder])
+            from ftbench.bench.memory import MemoryBreakdown
+
+            # the breakdown's step is the last warm-up batch: its hooks never slow a timed one
+            breakdown = MemoryBreakdown(batch_index=max(0, cfg.warmup_batches - 1))
+            trainer.callbacks.extend([PeakMemory(), Throughput(cfg.warmup_batches), breakdown, self.recorder])
             if os.environ.get("FTBENCH_PROGRESS_FILE"):  # set by `ftbench sweep` for its live view
                 from ftbench.sweep.progress import ProgressFile
 

@@ -223,6 +223,11 @@ class RunRecorder(L.Callback):
         tp = self._callback(trainer, Throughput)
         if tp is not None:
             info["throughput"] = tp.summary()
+        from ftbench.bench.memory import MemoryBreakdown
+
+        breakdown = self._callback(trainer, MemoryBreakdown)
+        if breakdown is not None and breakdown.results:
+            info["memory_breakdown"] = breakdown.results
         info["final"].update(self._metrics(trainer, "val/"))
         if "train/loss" in trainer.callback_metrics:
             info["final"]["train/loss"] = float(trainer.callback_metrics["train/loss"])
