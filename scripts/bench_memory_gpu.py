@@ -17,6 +17,15 @@ stay float32, as peft makes them), batch 8, max_length 256. For QLoRA peft's k-b
 (``prepare_kbit: false``): it would upcast the embeddings and head to float32, which on a 1B model with
 a 49k vocabulary costs more than the 4-bit weights save. The target is QLoRA-nf4 / LoRA <= 0.45 in
 allocated peak on the 1B model.
+
+Predicted against measured (``--part predict``, on by default): for full, LoRA and QLoRA-nf4 on each
+model, one subprocess first runs ``ftbench.estimate`` (the model's config on the meta device, no
+weights) and then trains SFT for a few steps on full random batches (``--predict_batch`` rows x
+``--predict_seq`` tokens, every token trained: the batch the estimate assumes) with
+:class:`ftbench.bench.memory.MemoryBreakdown` and :class:`ftbench.bench.measure.PeakMemory`. It prints
+the estimate's predicted peak, the breakdown's predicted peak (the same parts read from the run's
+tensors) and ``torch.cuda.max_memory_allocated`` since training started, and their ratio per method;
+the target is predicted / measured within 10%.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 0.45
+PREDICT_TOLERANCE = 0.10  # predicted peak / torch.cuda allocated peak within 1 +- this
+PREDICT_METHODS = ("full", "lora", "qlora_nf4")
 # hidden 2048, 22 blocks, MLP 5632, 32 heads / 4 key-value heads (TinyLlama-1.1B's shape): with SmolLM2's
 # 49,152-token vocabulary 22 x (2*2048*2048 + 2*2048*256 + 3*2048*5632) + 2 x 49152*2048 ≈ 1.17B parameters
 ONE_B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -116,6 +127,104 @@ def run_one(name: str, model: str, extra_backbone: list[str], extra_model: list[
     }
 
 
+def backbone_kwargs(cli: list[str]) -> dict:
+    """``--backbone.dtype bfloat16 --backbone.prepare_kbit false`` -> ``{"dtype": "bfloat16", "prepare_kbit": False}``."""
+    out = {}
+    for key, value in zip(cli[::2], cli[1::2]):
+        value = {"true": True, "false": False}.get(value, value)
+        out[key.removeprefix("--backbone.")] = value
+    return out
+
+
+def predict_one(name: str, model: str, extra_backbone: list[str], tuner_yaml: str, batch: int, seq: int,
+                steps: int, smoke: bool) -> dict:
+    """The estimate and a measured run of the same configuration, in a fresh process."""
+    spec = {"model": model, "backbone": backbone_kwargs(extra_backbone), "tuner": tuner_yaml, "batch": batch,
+            "seq": seq, "steps": steps, "device": "cpu" if smoke else "cuda"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"method": name, "status": f"exit {proc.returncode}", "error": (proc.stdout + proc.stderr)[-3000:]}
+    return {"method": name, "status": "ok", **json.loads(lines[-1])}
+
+
+def predict_worker(spec: dict) -> dict:
+    """Runs in the subprocess: estimate on meta, then train and measure (see the module docstring)."""
+    import functools
+
+    import lightning as L
+    import torch
+    from transformers import AutoConfig
+
+    from ftbench.backbone import Backbone
+    from ftbench.bench.measure import PeakMemory
+    from ftbench.bench.memory import MemoryBreakdown
+    from ftbench.estimate import estimate, instantiate_config
+    from ftbench.objectives import SFT
+    from ftbench.tuners.base import Tuner
+
+    bb_kwargs = {"model": spec["model"], **spec["backbone"]}
+    batch, seq = spec["batch"], spec["seq"]
+    est = estimate(Backbone(**bb_kwargs), instantiate_config("tuner", spec["tuner"], Tuner), batch_size=batch,
+                   seq_len=seq, precision="32-true", optimizer="adamw")
+    backbone = Backbone(**bb_kwargs)
+    objective = SFT(backbone=backbone, tuner=instantiate_config("tuner", spec["tuner"], Tuner),
+                    optimizer=functools.partial(torch.optim.AdamW, lr=1e-5, weight_decay=0.0))
+    vocab = AutoConfig.from_pretrained(backbone.resolve()).vocab_size
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(spec["steps"]):
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    breakdown, peak = MemoryBreakdown(batch_index=1), PeakMemory()
+    trainer = L.Trainer(accelerator=spec["device"], devices=1, precision="32-true", max_steps=spec["steps"],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        callbacks=[breakdown, peak])
+    trainer.fit(objective, train_dataloaders=torch.utils.data.DataLoader(rows, batch_size=None))
+    parts = ("weights", "gradients", "optimizer", "activations", "largest_transient")
+    measured = breakdown.results
+    return {
+        "estimate": {k: est[k]["bytes"] for k in parts} | {"predicted_peak_bytes": est["predicted_peak_bytes"],
+                                                         "seconds": est["seconds"]},
+        "breakdown": {k: measured.get(k, {}).get("bytes") for k in parts}
+        | {"predicted_peak_bytes": measured["predicted_peak_bytes"], "complete": measured["complete"]},
+        "peak": peak.results.get("train", {}),
+        "trainable": est["params"]["trainable"],
+    }
+
+
+def report_predictions(results: dict[str, dict[str, dict]], smoke: bool) -> int:
+    """Print predicted vs measured per model and method; 1 if a ratio is outside the tolerance."""
+    source = "host resident peak (--smoke: not comparable)" if smoke else "torch.cuda allocated peak"
+    print(f"\npredicted peak vs measured ({source}); target predicted / measured within "
+          f"{1 - PREDICT_TOLERANCE:.2f}..{1 + PREDICT_TOLERANCE:.2f}:")
+    print(f"  {'model':8s} {'method':10s} {'estimate':>12s} {'breakdown':>12s} {'measured':>12s} "
+          f"{'est/meas':>9s} {'est/breakdown':>13s}")
+    verdict = 0
+    for label, rs in results.items():
+        for name, r in rs.items():
+            if r.get("status") != "ok":
+                print(f"  {label:8s} {name:10s} {r.get('status')}")
+                print(r.get("error", ""), file=sys.stderr)
+                verdict = 1
+                continue
+            est, brk = r["estimate"]["predicted_peak_bytes"], r["breakdown"]["predicted_peak_bytes"]
+            meas = r["peak"].get("cuda_allocated_peak_bytes", r["peak"].get("peak_bytes"))
+            ratio = est / meas if meas else float("nan")
+            ok = abs(ratio - 1) <= PREDICT_TOLERANCE
+            if not smoke and not ok:
+                verdict = 1
+            print(f"  {label:8s} {name:10s} {fmt_bytes(est)} {fmt_bytes(brk)} {fmt_bytes(meas)} {ratio:9.3f} "
+                  f"{est / brk if brk else float('nan'):13.3f}{'' if ok or smoke else '  OUTSIDE TARGET'}")
+            parts = "  ".join(f"{k} {r['estimate'][k] / max(1, r['breakdown'][k] or 1):.3f}"
+                              for k in ("weights", "gradients", "optimizer", "activations", "largest_transient"))
+            print(f"  {'':8s} {'':10s} estimate / breakdown by part: {parts}")
+    return verdict
+
+
 def fmt_bytes(n) -> str:
     return "-" if n is None else f"{n / GiB:7.3f} GiB"
 
@@ -127,7 +236,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6, help="training steps a run (the first is left out of speed)")
     ap.add_argument("--out", type=Path, default=None, help="where the run records go (default: a temporary folder)")
     ap.add_argument("--smoke", action="store_true", help="check the plumbing on CPU with the tiny test model")
+    ap.add_argument("--part", choices=["fit", "predict", "both"], default="both",
+                    help="fit: ftbench fit runs on the instruction data; predict: predicted vs measured peak")
+    ap.add_argument("--predict_batch", type=int, default=8, help="rows a batch in the predict part")
+    ap.add_argument("--predict_seq", type=int, default=256, help="tokens a row in the predict part")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(predict_worker(json.loads(args.worker))), flush=True)
+        return 0
 
     import torch
 
@@ -151,6 +268,20 @@ def main(argv=None) -> int:
 
     table = methods(args.smoke)
     results: dict[str, dict[str, dict]] = {}
+    predictions: dict[str, dict[str, dict]] = {}
+    if args.part in ("predict", "both"):
+        batch, seq = (4, 64) if args.smoke else (args.predict_batch, args.predict_seq)
+        for label, model in models.items():
+            predictions[label] = {}
+            for name in PREDICT_METHODS:
+                bb, mm = table[name]
+                tuner_yaml = mm[mm.index("--tuner") + 1]
+                predictions[label][name] = predict_one(name, model, bb, tuner_yaml, batch, seq, 3, args.smoke)
+        (out / "predicted.json").write_text(json.dumps(predictions, indent=2))
+        predict_verdict = report_predictions(predictions, args.smoke)
+        if args.part == "predict":
+            print(f"\npredicted.json in {out}")
+            return predict_verdict
     for label, model in models.items():
         results[label] = {}
         for name in args.methods:
