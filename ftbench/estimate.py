@@ -165,20 +165,26 @@ def quantize_on_meta(model: torch.nn.Module, qconfig) -> torch.nn.Module:
     each weight on the meta device (packed weight, absmax, code, double-quant state, int8 row scales
     with exactly the shapes and dtypes it stores)."""
     import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_functional
     from transformers.quantizers import AutoHfQuantizer
 
     from ftbench.quantization import after_quantized_load
 
-    quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)
-    quantizer.preprocess_model(model, device_map=None)
-    for module in model.modules():
-        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-            module.weight._quantize("meta")
-        if isinstance(module, bnb.nn.Linear8bitLt):
-            # LLM.int8()'s outlier columns depend on the activations' values, which meta tensors do not
-            # have: no outlier decomposition here (bitsandbytes keeps those columns' inputs in ctx
-            # attributes, which autograd's saved-tensor hooks do not see in a real run either)
-            module.state.threshold = 0.0
+    with torch.device("cpu"):  # as in a real load: bitsandbytes' own tensors default to the host
+        if "dynamic" not in bnb_functional.name2qmap:
+            # double quantization caches its quantile map on the first input's device, for the whole
+            # process: made here on the host, a later real load never finds a meta map there
+            bnb_functional.name2qmap["dynamic"] = bnb_functional.create_dynamic_map()
+        quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)
+        quantizer.preprocess_model(model, device_map=None)
+        for module in model.modules():
+            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+                module.weight._quantize("meta")
+            if isinstance(module, bnb.nn.Linear8bitLt):
+                # LLM.int8()'s outlier columns depend on the activations' values, which meta tensors do
+                # not have: no outlier decomposition here (bitsandbytes keeps those columns' inputs in
+                # ctx attributes, which autograd's saved-tensor hooks do not see in a real run either)
+                module.state.threshold = 0.0
     quantizer.postprocess_model(model)
     model.hf_quantizer = quantizer
     return after_quantized_load(model)
@@ -454,7 +460,7 @@ def _load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def _instantiate(kind: str, spec: str, base: type):
+def instantiate_config(kind: str, spec: str, base: type):
     """A tuner or objective from a config YAML (``class_path`` + ``init_args``, as ``ftbench fit``
     takes it) or a shipped config's name (``lora`` -> ``configs/<kind>/lora.yaml``)."""
     from jsonargparse import ArgumentParser
@@ -582,7 +588,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         backbones = [_backbone(args, spec) for spec in (args.backbone or [None])]
-        tuners = [_instantiate("tuner", spec, Tuner) for spec in (args.tuner or ["full", "lora"])]
+        tuners = [instantiate_config("tuner", spec, Tuner) for spec in (args.tuner or ["full", "lora"])]
         objective_spec = args.objective
     except Exception as err:  # noqa: BLE001 - a config that cannot be read is the user's error to see
         print(f"ftbench estimate: {err}", file=sys.stderr)
@@ -602,7 +608,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 objective = None
                 try:
                     if objective_spec:
-                        objective = _instantiate("objective", objective_spec, Objective)
+                        objective = instantiate_config("objective", objective_spec, Objective)
                         objective.backbone, objective.tuner = bb, tuner
                         objective.optimizer_factory = optimizer_factory(args.optimizer)
                     r = estimate(bb, tuner, objective, batch_size=args.batch_size, seq_len=args.seq_len,

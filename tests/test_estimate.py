@@ -141,6 +141,25 @@ def test_weights_of_a_quantized_backbone_from_shapes(llama_dir):
         assert r["weights"]["by_format"] == {fmt: total, "float32": unquantized + lora}, (quant, dq)
 
 
+def test_estimate_leaves_no_meta_tensor_in_bitsandbytes_caches(llama_dir, tiny_model_dir):
+    """Double quantization caches a quantile map for the process on its first input's device: after an
+    estimate a real nf4 load still quantizes (the first call here may be the estimate's, on meta)."""
+    import bitsandbytes.functional as bnb_functional
+
+    from ftbench.estimate import MetaRun
+
+    saved = bnb_functional.name2qmap.pop("dynamic", None)
+    try:
+        with torch.device("meta"):  # even under a meta default device
+            MetaRun(backbone(llama_dir, quantization="nf4", double_quant=True), lora_tuner(), precision="32-true")
+        assert bnb_functional.name2qmap["dynamic"].device.type == "cpu"
+        model = backbone(tiny_model_dir, quantization="nf4", double_quant=True).load_model()
+        assert model.model.layers[0].mlp.up_proj.weight.quant_state.state2.code.device.type == "cpu"
+    finally:
+        if saved is not None:
+            bnb_functional.name2qmap["dynamic"] = saved
+
+
 def test_gradient_checkpointing_lowers_activations(llama_dir):
     from ftbench.estimate import estimate
 
