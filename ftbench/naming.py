@@ -25,6 +25,8 @@ NOT_IN_ID = ("out", "run_id", "config", "save_weights", "print_config", "trainer
 
 #: tuner classes whose label is not their lower-cased class name
 _TUNER_LABELS = {"NoTuning": "none"}
+#: peft configs whose label is not their lower-cased name (peft's own names for them)
+_PEFT_LABELS = {"PromptEncoder": "p_tuning", "AdaptionPrompt": "adaption_prompt", "TrainableTokens": "trainable_tokens"}
 
 
 def peft_label(config_class: str, use_dora: bool = False) -> str:
@@ -32,6 +34,8 @@ def peft_label(config_class: str, use_dora: bool = False) -> str:
     ``PrefixTuningConfig`` -> ``prefix_tuning``, ``AdaLoraConfig`` -> ``adalora``."""
     name = config_class.rsplit(".", 1)[-1]
     name = name[: -len("Config")] if name.endswith("Config") else name
+    if name in _PEFT_LABELS:
+        return _PEFT_LABELS[name]
     name = re.sub(r"(?<=.)Tuning$", "_tuning", name).lower()
     return "dora" if name == "lora" and use_dora else name
 

@@ -7,6 +7,7 @@ sees either the previous complete record or the new one, never half a file.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import os
@@ -59,6 +60,8 @@ def portable(obj: Any) -> Any:
 
 
 def jsonable(obj: Any) -> Any:
+    if isinstance(obj, enum.Enum):  # peft keeps some options as enums (prompt_tuning_init: RANDOM)
+        return jsonable(obj.value)
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set)):

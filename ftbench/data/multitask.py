@@ -165,6 +165,19 @@ class MixtureSampler(Sampler[int]):
             yield self.offsets[t] + perms[t].pop()
 
 
+class FixedBatches(torch.utils.data.Dataset):
+    """Evaluation batches as dataset items: item ``i`` is the list of examples of batch ``i``."""
+
+    def __init__(self, examples: Sequence[Example], batches: list[list[int]]):
+        self.examples, self.batches = examples, batches
+
+    def __getitem__(self, i: int) -> list[Example]:
+        return [self.examples[j] for j in self.batches[i]]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def eval_batches(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
     """Evaluation batches: tasks interleaved round-robin, examples with a reference answer never in a
     batch with examples without one (generation needs every row of a batch to have a prompt)."""
@@ -300,8 +313,10 @@ class MultiTaskData(SplitDataModule):
                           collate_fn=self.train_collator(), num_workers=self.num_workers)
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(self.splits[split], batch_sampler=eval_batches(self.splits[split], self.eval_batch_size),
-                          collate_fn=self.collator(), num_workers=self.num_workers)
+        # the batches are the dataset's items (batch_size=None: no automatic batching), so under DDP
+        # Lightning's DistributedSampler gives each rank its own batches, as it shards any other loader
+        batches = FixedBatches(self.splits[split], eval_batches(self.splits[split], self.eval_batch_size))
+        return DataLoader(batches, batch_size=None, collate_fn=self.collator(), num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
