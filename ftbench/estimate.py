@@ -367,6 +367,10 @@ class MetaRun:
                 self._optimizer = optimizer_breakdown([])
             else:
                 opt = self.optimizer_factory(params)
+                if getattr(opt, "is_paged", False):
+                    # bitsandbytes' paged states are CUDA unified memory of the same dtypes and shapes;
+                    # there is none on meta (or without CUDA), so they are made as plain tensors here
+                    opt.is_paged = False
                 opt.step()
                 self._optimizer = optimizer_breakdown([opt])
                 self._optimizer["class"] = f"{type(opt).__module__}.{type(opt).__name__}"
@@ -532,7 +536,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         if "max_batch_size" in r:
             line.append(str(r["max_batch_size"]))
         lines.append(line)
-    widths = [max(len(line[i]) for line in lines if i < len(line)) for i in range(len(head))]
+    widths = [max(len(line[i]) for line in lines if len(line) == len(head)) for i in range(len(head))]
     out = []
     for i, line in enumerate(lines):
         if len(line) < len(head):

@@ -182,6 +182,10 @@ def test_eight_bit_adamw_lowers_optimizer_state_by_the_expected_factor(llama_dir
                 + sum(2 * 4 * n for n in sizes if n < 4096) + 2 * 256 * 4)  # float32 states; two quantile maps
     assert eight["optimizer"]["bytes"] == expected
     assert eight["optimizer"]["bytes"] / adam["optimizer"]["bytes"] == pytest.approx(0.254, abs=0.002)
+    # paged states (CUDA unified memory, none on meta) have the same dtypes and shapes
+    paged = estimate(backbone(llama_dir), full_tuner(), batch_size=1, seq_len=16, precision="32-true",
+                     optimizer="paged_adamw8bit")
+    assert paged["optimizer"]["bytes"] == expected
 
 
 def test_largest_batch_for_a_budget(llama_dir):
