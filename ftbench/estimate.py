@@ -613,6 +613,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for quant in args.quantization or [backbone.quantization]:
             bb = copy.copy(backbone)
             bb.quantization = quant
+            if quant not in ("nf4", "fp4"):
+                bb.double_quant = False  # a 4-bit setting: crossed with int8 or none it does not apply
             for tuner in tuners:
                 label = method_label("sft" if not objective_spec else Path(objective_spec).stem,
                                      getattr(tuner, "name", "tuner"), quant)
