@@ -78,7 +78,8 @@ def parse_args(argv=None):
 
 
 class StepTimer:
-    """Per-step times: ``perf_counter`` on CPU, CUDA events read when asked (one sync per round)."""
+    """Per-step times: ``perf_counter`` on CPU, CUDA events read when asked (one sync per round); and the
+    process CPU time of each step."""
 
     def __init__(self, cuda: bool):
         import torch
@@ -86,9 +87,12 @@ class StepTimer:
         self.cuda, self.torch = cuda, torch
         self.pending: list = []
         self.host: list[float] = []
+        self.cpu: list[float] = []
         self._start = None
+        self._cpu0 = 0.0
 
     def start(self):
+        self._cpu0 = time.process_time()
         if self.cuda:
             self._start = self.torch.cuda.Event(enable_timing=True)
             self._start.record()
@@ -102,6 +106,7 @@ class StepTimer:
             self.pending.append((self._start, end))
         else:
             self.host.append(time.perf_counter() - self._start)
+        self.cpu.append(time.process_time() - self._cpu0)
 
     def times(self) -> list[float]:
         if self.cuda:
@@ -113,6 +118,12 @@ class StepTimer:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import logging
+    import warnings
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -170,7 +181,7 @@ def main(argv=None) -> int:
     timed_tokens = sum(trained[args.warmup:])
     on_device = [{k: v.to(device) for k, v in b.items()} for b in batches]
 
-    def ftbench_round() -> tuple[float, float]:
+    def ftbench_round() -> tuple[float, float, float]:
         tp = Throughput(warmup_steps=args.warmup)
         trainer = L.Trainer(max_steps=args.steps, accelerator="gpu" if cuda else "cpu", devices=1, precision="32-true",
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -180,11 +191,12 @@ def main(argv=None) -> int:
         trainer.fit(ft, train_dataloaders=DataLoader(batches, batch_size=None))
         wall = time.perf_counter() - t0
         assert tp.timed_batches == args.steps - args.warmup and tp.trained_tokens == timed_tokens
+        summary = tp.summary()
         if os.environ.get("BENCH_DEBUG"):
-            print("  ftbench step times", [round(x, 4) for x in tp.step_times], tp.summary()["contended_reasons"])
-        return tp.time, wall
+            print("  ftbench step times", [round(x, 4) for x in tp.step_times], summary["contended_reasons"])
+        return tp.time, summary["cpu_seconds"], wall
 
-    def bare_round() -> tuple[float, float]:
+    def bare_round() -> tuple[float, float, float]:
         opt = new_optimizer([p for p in bare_model.parameters() if p.requires_grad])
         timer = StepTimer(cuda)
         t0 = time.perf_counter()
@@ -196,10 +208,10 @@ def main(argv=None) -> int:
             opt.zero_grad()
             timer.stop()
         times = timer.times()
-        return sum(times[args.warmup:]), time.perf_counter() - t0
+        return sum(times[args.warmup:]), sum(timer.cpu[args.warmup:]), time.perf_counter() - t0
 
-    def hf_round() -> tuple[float, float]:
-        from transformers import Trainer, TrainerCallback, TrainingArguments
+    def hf_round() -> tuple[float, float, float]:
+        from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
         timer = StepTimer(cuda)
 
@@ -220,11 +232,12 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         trainer = Trainer(model=hf_model, args=targs, train_dataset=batches, data_collator=lambda items: items[0],
                           optimizers=(opt, None), callbacks=[Timed()])
+        trainer.remove_callback(PrinterCallback)  # it prints the end-of-training metrics
         trainer.train()
         wall = time.perf_counter() - t0
         times = timer.times()
         assert len(times) == args.steps, f"hf: {len(times)} steps timed, expected {args.steps}"
-        return sum(times[args.warmup:]), wall
+        return sum(times[args.warmup:]), sum(timer.cpu[args.warmup:]), wall
 
     run = {"ftbench": ftbench_round, "bare": bare_round, "hf": hf_round}
     counts = ft.parameter_counts()
@@ -233,27 +246,33 @@ def main(argv=None) -> int:
           f"batch={args.batch_size} steps/round={args.steps} (warm-up {args.warmup}) rounds={args.rounds} "
           f"trained tokens/round={timed_tokens} sides={','.join(args.sides)}", flush=True)
     times: dict[str, list[float]] = {s: [] for s in args.sides}
+    cpus: dict[str, list[float]] = {s: [] for s in args.sides}
     walls: dict[str, list[float]] = {s: [] for s in args.sides}
     orders = list(itertools.permutations(args.sides))
     for r in range(args.rounds):
         for side in orders[r % len(orders)]:
-            step_time, wall = run[side]()
+            step_time, cpu_time, wall = run[side]()
             times[side].append(step_time)
+            cpus[side].append(cpu_time)
             walls[side].append(wall)
         line = "   ".join(f"{s} {timed_tokens / times[s][-1]:8.1f} tok/s" for s in args.sides)
         ratios = "  ".join(f"{s}/bare {times['bare'][-1] / times[s][-1]:.3f}" for s in args.sides if s != "bare")
         print(f"round {r + 1:2d}: {line}   {ratios}", flush=True)
 
-    print(f"\ntrained tokens/s over all rounds: " + "   ".join(
+    print("\ntrained tokens/s over all rounds: " + "   ".join(
         f"{s} {timed_tokens * len(times[s]) / sum(times[s]):.1f}" for s in args.sides))
+    def ratios(figures: dict[str, list[float]], s: str) -> str:
+        per_round = [b / t for b, t in zip(figures["bare"], figures[s])]
+        return (f"median {statistics.median(per_round):.3f} over {len(per_round)} rounds (range "
+                f"{min(per_round):.3f}-{max(per_round):.3f}; pooled {sum(figures['bare']) / sum(figures[s]):.3f})")
+
     for s in args.sides:
         if s == "bare":
             continue
-        per_round = [b / t for b, t in zip(times["bare"], times[s])]
-        pooled = sum(times["bare"]) / sum(times[s])
-        print(f"{s} / bare tokens/s: median {statistics.median(per_round):.3f} over {len(per_round)} rounds "
-              f"(range {min(per_round):.3f}-{max(per_round):.3f}; pooled {pooled:.3f}); "
-              f"whole-run wall ratio {sum(walls['bare']) / sum(walls[s]):.3f}")
+        print(f"{s} / bare tokens/s: {ratios(times, s)}; whole-run wall ratio {sum(walls['bare']) / sum(walls[s]):.3f}")
+        # the CPU time each step took (all threads), against the bare loop's: the work a side adds, which
+        # waiting for a CPU on a busy machine hardly moves (on CUDA: the host's work, not the device's)
+        print(f"{s} / bare by process CPU time per step: {ratios(cpus, s)}")
 
     if args.profile:
         import cProfile
@@ -265,6 +284,8 @@ def main(argv=None) -> int:
         prof.disable()
         print(f"\ncProfile of one {args.profile} round ({args.steps} steps), by own time:")
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        print("the trainer's own frames (lightning, ftbench, transformers' trainer, accelerate), by cumulative time:")
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(r"lightning|ftbench|trainer|accelerate", 40)
     tmp.cleanup()
     return 0
 

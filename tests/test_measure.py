@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from ftbench.bench import measure
-from ftbench.bench.measure import LOAD_MARGIN, RUNQUEUE_WAIT_MAX, UTILISATION_MIN, Throughput, contention
+from ftbench.bench.measure import (LOAD_MARGIN, RUNQUEUE_WAIT_MAX, UTILISATION_MIN, Throughput, contention,
+                                   other_gpu_processes)
 
 
 class FakeClock:
@@ -198,6 +199,19 @@ def test_cuda_run_beside_another_gpu_process_is_contended(monkeypatch):
     s = tp.summary()
     assert s["gpu_other_processes"] == 1 and s["contended"]
     assert any("other process" in r for r in s["contended_reasons"])
+
+
+@pytest.mark.parametrize("listing, expected", [
+    ("GPU:0\nno processes are running", 0),
+    ("GPU:0\nprocess        111 uses     1200.000 MB GPU memory", 0),  # this process alone
+    ("GPU:0\nprocess        111 uses     1200.000 MB GPU memory\nprocess        222 uses 500.000 MB GPU memory", 1),
+    ("GPU:0\nprocess     900001 uses     1200.000 MB GPU memory", 0),  # a container: host PIDs; one is this process
+    ("GPU:0\nprocess     900001 uses 1.000 MB GPU memory\nprocess     900002 uses 1.000 MB GPU memory", 1),
+    ("pynvml module not found, please install nvidia-ml-py", None),
+    ("cuda driver can't be loaded, is cuda enabled?", None),
+])
+def test_other_gpu_processes(listing, expected):
+    assert other_gpu_processes(listing, pid=111) == expected
 
 
 # ---------------------------------------------------------------------------------- the rule

@@ -154,15 +154,22 @@ def _load_average() -> Optional[float]:
 
 
 def _gpu_other_processes(device: torch.device) -> Optional[int]:
-    """Processes other than this one that hold a context on ``device`` (None where NVML is unavailable)."""
+    """Processes other than this one computing on ``device`` (None where NVML is unavailable)."""
     try:
         text = torch.cuda.list_gpu_processes(device)
     except Exception:  # noqa: BLE001 - NVML missing or refusing: unknown, not an error of the run
         return None
-    if "not found" in text or "error" in text.lower():
-        return None
-    pids = {int(m) for m in re.findall(r"process\s+(\d+)", text)}
-    return len(pids - {os.getpid()})
+    return other_gpu_processes(text, os.getpid())
+
+
+def other_gpu_processes(listing: str, pid: int) -> Optional[int]:
+    """From ``torch.cuda.list_gpu_processes``'s text: how many processes besides ``pid`` compute on the GPU.
+    In a container NVML lists host PIDs, so this process may not appear under its own PID: it is then taken
+    to be one of those listed (it holds a context on the device while it trains)."""
+    if not listing.startswith("GPU:"):
+        return None  # "pynvml module not found", "cuda driver can't be loaded", ...
+    pids = {int(m) for m in re.findall(r"process\s+(\d+)", listing)}
+    return len(pids - {pid}) if pid in pids else max(0, len(pids) - 1)
 
 
 class _RunQueueClock:
