@@ -117,6 +117,11 @@ def _cli_class():
                                 help="Training batches left out of the throughput figures.")
             parser.add_argument("--overwrite", type=bool, default=False,
                                 help="Replace the completed record of the same run in --out (refused otherwise).")
+            from ftbench.evaluation.lm_eval import EvaluateOptions
+
+            parser.add_class_arguments(EvaluateOptions, "evaluate", fail_untyped=True, instantiate=False,
+                                       help="Evaluation besides the data set's metrics: the predictions file and "
+                                            "lm-evaluation-harness tasks (ftbench.evaluation).")
 
         def _cfg(self):
             return self.config[self.subcommand] if self.subcommand else self.config
@@ -138,6 +143,17 @@ def _cli_class():
             if not cfg.trainer.get("default_root_dir"):
                 cfg.trainer.default_root_dir = os.path.join(cfg.out, self.run_id)
             self.run_config = redact(portable(plain))
+            self.lm_eval_plan = None
+            ev = cfg.get("evaluate")
+            if ev is not None and ev.get("lm_eval_tasks") and self.subcommand in ("fit", "test"):
+                # resolved (data sets loaded) now: a missing task is an error before any training
+                from ftbench.evaluation import lm_eval
+                from ftbench.evaluation.lm_eval import EvaluateOptions
+
+                opts = EvaluateOptions(**ev.as_dict())
+                self.lm_eval_plan = lm_eval.plan(opts.lm_eval_tasks, opts.lm_eval_include_path, opts.lm_eval_limit,
+                                                 opts.lm_eval_num_fewshot, opts.lm_eval_batch_size,
+                                                 opts.lm_eval_apply_chat_template)
 
         @staticmethod
         def _seed(cfg):
@@ -162,6 +178,8 @@ def _cli_class():
                  "config": self.run_config},
                 save_weights_to=weights,
             )
+            ev = cfg.get("evaluate")
+            self.recorder.write_predictions = bool(ev.get("predictions", True)) if ev is not None else True
             from ftbench.bench.memory import MemoryBreakdown
 
             # the breakdown's step is the last warm-up batch: its hooks never slow a timed one
@@ -185,13 +203,31 @@ def _cli_class():
             cfg = self._cfg()
             if cfg.test_after_fit and hasattr(self.datamodule, "test_dataloader"):
                 self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            self._lm_eval()
             self._finish()
 
         def after_validate(self) -> None:
             self._finish()
 
         def after_test(self) -> None:
+            self._lm_eval()
             self._finish()
+
+        def _lm_eval(self) -> None:
+            """The planned lm-evaluation-harness tasks on the trained model (rank 0), into the record."""
+            plan = getattr(self, "lm_eval_plan", None)
+            if plan is None or not self.trainer.is_global_zero or self.recorder is None:
+                return
+            from ftbench.evaluation import lm_eval
+
+            try:
+                summary, final = lm_eval.run(self.model, plan)
+            except BaseException as err:
+                self.recorder.mark_failed(err)
+                raise
+            self.recorder.record_lm_eval(summary, final)
+            for logger in self.trainer.loggers:
+                logger.log_metrics(final, step=self.trainer.global_step)
 
         def _finish(self) -> None:
             if self.recorder is not None:

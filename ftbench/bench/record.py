@@ -151,6 +151,8 @@ class RunRecorder(L.Callback):
             "meta_info": meta_info(),
         }
         self.initial_phase = False  # set by the CLI around a validation before fit
+        self.write_predictions = True  # {out}/{run_id}.predictions.jsonl (--evaluate.predictions)
+        self._predictions: dict[str, list[dict[str, Any]]] = {}
         self._t_fit: Optional[float] = None
         self._t_test: Optional[float] = None
 
@@ -202,8 +204,40 @@ class RunRecorder(L.Callback):
         if trainer.is_global_zero:
             self.write()
 
+    def save_predictions(self, trainer, pl_module, stage: str) -> None:
+        """Write ``{out}/{run_id}.predictions.jsonl`` (the latest rows of each stage, atomically) and point
+        the record at it (``train_info.predictions``). Every rank calls it (the rows are gathered)."""
+        if not self.write_predictions or not hasattr(pl_module, "prediction_rows"):
+            return
+        rows = pl_module.prediction_rows(stage)
+        if not rows or not trainer.is_global_zero:
+            return
+        from ftbench.evaluation.predictions import predictions_path, write_predictions
+
+        self._predictions[stage] = rows
+        path = predictions_path(self.path)
+        counts = write_predictions(path, self._predictions)
+        self.train_info["predictions"] = {"path": path.name, "rows": counts}
+
+    def record_lm_eval(self, summary: dict[str, Any], final: dict[str, float]) -> None:
+        """lm-evaluation-harness results: the summary under ``train_info.lm_eval`` and the headline
+        numbers (``lm_eval/<task>/<metric>``) in ``train_info.final``."""
+        self.train_info["lm_eval"] = summary
+        self.train_info["final"].update(final)
+
+    def mark_failed(self, err: BaseException) -> None:
+        """A step after training (lm-eval) raised: the record says so, as :meth:`on_exception` does."""
+        info = self.train_info
+        info["status"] = classify_error(err)
+        info["ended"] = now()
+        info["error"] = {"type": type(err).__name__, "message": str(err)[:2000],
+                         "traceback": traceback.format_exc()[-4000:]}
+        self.write()
+
     def on_validation_end(self, trainer, pl_module):
         # after the module's on_validation_epoch_end has logged (callbacks' epoch-end hooks run first)
+        if not trainer.sanity_checking:
+            self.save_predictions(trainer, pl_module, "val")
         if trainer.state.fn == "validate":
             target = "initial" if self.initial_phase else "final"
             self.train_info.setdefault(target, {}).update(self._metrics(trainer, "val/"))
@@ -262,6 +296,7 @@ class RunRecorder(L.Callback):
             self._describe(trainer, pl_module)
 
     def on_test_end(self, trainer, pl_module):
+        self.save_predictions(trainer, pl_module, "test")
         info = self.train_info
         info["test_seconds"] = time.perf_counter() - (self._t_test or time.perf_counter())
         info["final"].update(self._metrics(trainer, "test/"))

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ftbench.backbone import Backbone
+from ftbench.evaluation.metrics import MetricConfig
 
 from ftbench.errors import FTBenchError
 
@@ -237,6 +238,27 @@ def check_conversation(row: Row, *fields: tuple[str, list[dict[str, str]]]) -> N
         raise row.error(f"{named[-1][0]}.role", "the last message must be from the assistant")
 
 
+def row_choices(row: Row) -> Optional[tuple[list[str], int]]:
+    """A multiple-choice row's ``(choices, gold)``: ``choices`` a list of at least two distinct strings,
+    ``gold`` the index of the right one (an int, or a string of digits as a CSV gives it). None for a
+    row with neither; one without the other is an error."""
+    has_c, has_g = "choices" in row.fields, "gold" in row.fields
+    if not has_c and not has_g:
+        return None
+    if not has_c or not has_g:
+        raise row.error("gold" if has_c else "choices", "missing (a multiple-choice row has both 'choices' and 'gold')")
+    choices, gold = row.fields["choices"], row.fields["gold"]
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise row.error("choices", "must be a list of at least two non-empty strings")
+    if len(set(choices)) != len(choices):
+        raise row.error("choices", "has the same option twice")
+    if isinstance(gold, str) and gold.strip().isdigit():
+        gold = int(gold.strip())
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+        raise row.error("gold", f"must be the index of the right choice, 0 to {len(choices) - 1}; got {gold!r}")
+    return list(choices), gold
+
+
 # ---------------------------------------------------------------------------- examples
 @dataclass
 class Example:
@@ -249,6 +271,9 @@ class Example:
     task: Optional[str] = None
     meta: dict[str, Any] = field(default_factory=dict)
     prompt_text: Optional[str] = None  # the rendered prompt (``prompt_ids`` as text), for prompt batches
+    choices: Optional[list[str]] = None  # multiple choice: the options (scored after ``prompt_ids``)
+    gold: Optional[int] = None  # multiple choice: the index of the right option
+    choice_ids: Optional[list[list[int]]] = None  # multiple choice: each option's tokens (as the answer's)
 
 
 @dataclass
@@ -321,8 +346,9 @@ def left_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 class Collator:
     """Dynamic padding: right-padded ``input_ids``/``labels``/``attention_mask`` for the loss, and,
     with ``generation`` (evaluation batches) when every example has a reference answer, the
-    left-padded prompts for greedy generation (``gen_input_ids``, ``gen_attention_mask``) and the
-    answers (``answers``)."""
+    left-padded prompts for greedy generation (``gen_input_ids``, ``gen_attention_mask``), the
+    answers (``answers``) and, when a row is multiple choice, ``choices``, ``gold`` and ``choice_ids``
+    (None for rows without options)."""
 
     def __init__(self, pad_id: int, pad_to_multiple_of: int = 1, generation: bool = True):
         self.pad_id = pad_id
@@ -340,6 +366,10 @@ class Collator:
         if self.generation and all(e.prompt_ids is not None and e.answer is not None for e in examples):
             batch["gen_input_ids"], batch["gen_attention_mask"] = left_padded([e.prompt_ids for e in examples], self.pad_id)
             batch["answers"] = [e.answer for e in examples]
+            if any(e.choices is not None for e in examples):  # multiple choice (None for rows without options)
+                batch["choices"] = [e.choices for e in examples]
+                batch["gold"] = [e.gold for e in examples]
+                batch["choice_ids"] = [e.choice_ids for e in examples]
         if any(e.task is not None for e in examples):
             batch["tasks"] = [e.task or "default" for e in examples]
         return batch
@@ -458,6 +488,7 @@ class SplitDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
         prompt_batches: bool = False,
+        metrics: Optional[list[MetricConfig]] = None,
     ):
         """
         Args:
@@ -484,6 +515,11 @@ class SplitDataModule(L.LightningDataModule):
             prompt_batches: Training batches hold prompts only, for online RL (``prompt_input_ids``,
                 ``prompt_attention_mask``, ``prompts``, ``answers``, ``tasks``); validation and test
                 batches are unchanged.
+            metrics: The answer metrics of validation and test (``ftbench.evaluation.metrics``): names
+                (``exact_match``, ``label_accuracy``, ``rouge_l``, ``chrf``, ``bleu``, ``mc_accuracy``,
+                ``mc_accuracy_norm``) or objects with options (``{metric: exact_match, ignore_case:
+                true, regex: '-?\\d+'}``). Default: ``[exact_match]`` (recorded as ``accuracy``), plus
+                ``mc_accuracy`` and ``mc_accuracy_norm`` when held-out rows carry ``choices``.
         """
         super().__init__()
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -508,6 +544,14 @@ class SplitDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
         self.prompt_batches = prompt_batches
+        from ftbench.evaluation.metrics import MetricError, build_metrics
+
+        try:  # checked now, before any data is read or any model loaded
+            build_metrics(metrics)
+        except MetricError as err:
+            raise ValueError(str(err)) from None
+        self.metrics = metrics
+        self._metric_suites: dict[Optional[str], list] = {}
         self.splits: dict[str, list] = {}
         self.max_answer_tokens: Optional[int] = None
         self.removed_as_held_out = 0
@@ -546,12 +590,67 @@ class SplitDataModule(L.LightningDataModule):
         n = self.max_train_rows if split == "train" else self.max_eval_rows
         return items if n is None else items[:n]
 
+    # ------------------------------------------------------------------ answer metrics
+    def metric_config(self, task: Optional[str]) -> Optional[list]:
+        """The ``metrics`` given for ``task``'s rows (a mixture overrides this per task); None = the default."""
+        return self.metrics
+
+    def metrics_for(self, task: Optional[str]) -> list:
+        """The resolved answer metrics of ``task``'s rows (``ftbench.evaluation.metrics``): the given
+        list, or ``[exact_match]`` plus ``mc_accuracy``/``mc_accuracy_norm`` when held-out rows of the
+        task carry options."""
+        if task not in self._metric_suites:
+            from ftbench.evaluation.metrics import build_metrics
+
+            given = self.metric_config(task)
+            if given is None:
+                given = ["exact_match"]
+                if any(getattr(e, "choices", None) is not None and e.task == task
+                       for split in ("val", "test") for e in self.splits.get(split, [])):
+                    given += ["mc_accuracy", "mc_accuracy_norm"]
+            self._metric_suites[task] = build_metrics(given, self._metrics_where(task))
+        return self._metric_suites[task]
+
+    def _metrics_where(self, task: Optional[str]) -> str:
+        return "data.metrics"
+
+    def check_metrics(self) -> None:
+        """Held-out rows fit their metrics: a ``label_accuracy`` reference is one of its labels, and a
+        multiple-choice metric has rows with options. A ValueError names the metric and the row."""
+        from ftbench.evaluation.metrics import LabelAccuracy
+
+        self._metric_suites = {}
+        rows = [(split, e) for split in ("val", "test") for e in self.splits.get(split, [])
+                if getattr(e, "answer", None) is not None]
+        for task in {e.task for _, e in rows}:
+            mine = [(split, e) for split, e in rows if e.task == task]
+            for m in self.metrics_for(task):
+                where = self._metrics_where(task)
+                if m.needs_choices and not any(e.choices is not None for _, e in mine):
+                    raise ValueError(f"{where}: {m.kind} scores options, but no held-out row"
+                                     f"{'' if task is None else f' of task {task!r}'} has 'choices' and 'gold'")
+                if isinstance(m, LabelAccuracy):
+                    for split, e in mine:
+                        if m.label(e.answer, reference=True) is None:
+                            raise ValueError(f"{where}: label_accuracy: the reference answer {e.answer!r} of a {split} "
+                                             f"row{'' if task is None else f' of task {task!r}'} is none of the labels "
+                                             f"{', '.join(m.labels)}")
+
+    def metric_names(self) -> "dict[str, list[str]] | list[str]":
+        """What the record says about the metrics: their record names (per task in a mixture)."""
+        tasks = sorted({e.task for split in ("val", "test") for e in self.splits.get(split, [])}, key=str)
+        if tasks and tasks != [None]:
+            return {str(t): [m.name for m in self.metrics_for(t)] for t in tasks}
+        return [m.name for m in self.metrics_for(None)]
+
     def finish_setup(self, stage: Optional[str]) -> None:
-        """After ``self.splits`` is filled: the generation budget, and an error if nothing is left to train on."""
+        """After ``self.splits`` is filled: the generation budget, the held-out rows checked against their
+        metrics, and an error if nothing is left to train on."""
         answers = [e.answer for split in ("val", "test") for e in self.splits.get(split, []) if getattr(e, "answer", None) is not None]
         if answers:  # greedy generation never needs more than the longest reference answer (+ EOS and slack)
             tok = self.backbone.tokenizer
             self.max_answer_tokens = max(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers) + ANSWER_SLACK
+        self.check_metrics()
         if not self.splits["train"] and stage in (None, "fit"):
             raise DataFormatError(self.source_name(), None, None, self.empty_train)
 

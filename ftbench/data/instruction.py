@@ -17,6 +17,7 @@ from ftbench.data.base import (
     check_conversation,
     load_rows,
     prompt_key,
+    row_choices,
     segments_to_example,
 )
 
@@ -49,14 +50,16 @@ class Formatted(NamedTuple):
 
 def conversation(row: Row) -> list[dict[str, str]]:
     """An instruction row as chat messages, validated by the shared chat check (roles known and
-    alternating, the last one the assistant's): its ``messages``, or the Alpaca fields as one turn."""
+    alternating, the last one the assistant's): its ``messages``, or the Alpaca fields as one turn.
+    A multiple-choice row (``choices`` and ``gold``) without ``output`` answers with its gold choice."""
     if "messages" in row.fields:
         msgs = chat_messages(row, "messages", row.fields["messages"])
         check_conversation(row, ("messages", msgs))
         return msgs
     instruction = row.get_str("instruction")
     inp = row.get_str("input", required=False)
-    output = row.get_str("output")
+    mc = row_choices(row)
+    output = row.get_str("output", required=mc is None, default=mc[0][mc[1]] if mc else "")
     user = f"{instruction}\n\n{inp}" if inp else instruction
     return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
@@ -162,7 +165,9 @@ class InstructionData(SplitDataModule):
         Args:
             source: ``builtin:TASK`` (see ``ftbench.data.tasks``), a .jsonl/.json/.csv file, ``hf:NAME``
                 for ``datasets.load_dataset`` or a ``save_to_disk`` folder (a list reads several).
-                Rows: ``{instruction, input?, output}`` or chat ``{messages: [{role, content}]}``.
+                Rows: ``{instruction, input?, output}`` or chat ``{messages: [{role, content}]}``;
+                a multiple-choice row adds ``choices`` (the options) and ``gold`` (the right one's index;
+                ``output`` defaults to that option).
             prompt_template: ``auto`` (the tokenizer's chat template if it has one, else ``alpaca``),
                 ``chat``, ``alpaca``, ``short``, or a format string with ``{instruction}`` and ``{input}``.
             system_prompt: A system message put before every row that has none.
@@ -196,6 +201,10 @@ class InstructionData(SplitDataModule):
             if ex is None:
                 continue
             ex.prompt_ids, ex.answer, ex.prompt_text = f.prompt_ids, f.answer, f.prompt_text
+            mc = row_choices(row)
+            if mc is not None:  # options scored as continuations of the prompt, tokenised as the answer is
+                ex.choices, ex.gold = mc
+                ex.choice_ids = [formatter._encode(c) for c in ex.choices]
             task = row.fields.get("task")
             ex.task = task if isinstance(task, str) else None
             out.append(ex)
@@ -225,4 +234,5 @@ class InstructionData(SplitDataModule):
             "max_length": self.max_length,
             "max_answer_tokens": self.max_answer_tokens,
             "truncation": {"policy": self.truncation, **self.stats.as_dict()},
+            "metrics": self.metric_names(),
         }

@@ -18,7 +18,8 @@ the same mixture.
 
 Validation and test examples are tagged with their task, so the method logs ``val/<task>/loss``,
 ``val/<task>/accuracy`` (exact match) and the macro averages ``val/macro_loss`` and
-``val/macro_accuracy``. Evaluation batches interleave the tasks round-robin (one batch of
+``val/macro_accuracy``; each task can name its own answer metrics (``tasks[i].metrics``, default the
+mixture's ``metrics``), logged as ``val/<task>/<metric>`` with a macro average over the tasks that have it. Evaluation batches interleave the tasks round-robin (one batch of
 ``eval_batch_size`` covers every task) and never mix examples with a reference answer with examples
 without one, so exact match is computed for every instruction task.
 """
@@ -34,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ftbench.data.base import Example, PackedCollator, SplitDataModule, refuse_arguments
+from ftbench.evaluation.metrics import MetricConfig, MetricError, build_metrics
 
 Sampling = Literal["proportional", "temperature", "uniform", "weights"]
 
@@ -49,6 +51,7 @@ class TaskSpec:
         val_source: Its validation data; when absent a share of ``source`` is held out.
         test_source: Its test data; when absent a share of ``source`` is held out.
         options: More init arguments of the regime's data module (e.g. ``builtin_size``, ``text_field``).
+        metrics: This task's answer metrics (as ``data.metrics``); default: the mixture's ``metrics``.
     """
 
     name: str
@@ -57,6 +60,7 @@ class TaskSpec:
     val_source: Optional[str] = None
     test_source: Optional[str] = None
     options: dict[str, Any] = field(default_factory=dict)
+    metrics: Optional[list[MetricConfig]] = None
 
 
 def builtin_tasks() -> list[TaskSpec]:
@@ -234,6 +238,12 @@ class MultiTaskData(SplitDataModule):
         if not self.tasks:
             raise ValueError("data.tasks: give at least one task")
         check_task_names([t.name for t in self.tasks])
+        for i, t in enumerate(self.tasks):
+            if t.metrics is not None:
+                try:
+                    build_metrics(t.metrics, f"data.tasks[{i}].metrics")
+                except MetricError as err:
+                    raise ValueError(str(err)) from None
         if self.prompt_batches:
             for i, t in enumerate(self.tasks):
                 if t.regime == "domain":
@@ -251,6 +261,15 @@ class MultiTaskData(SplitDataModule):
 
     def source_name(self) -> str:
         return ", ".join(t.source for t in self.tasks)
+
+    def metric_config(self, task: Optional[str]) -> Optional[list]:
+        """A task's own ``metrics``, else the mixture's."""
+        spec = next((t for t in self.tasks if t.name == task), None)
+        return spec.metrics if spec is not None and spec.metrics is not None else self.metrics
+
+    def _metrics_where(self, task: Optional[str]) -> str:
+        i = next((i for i, t in enumerate(self.tasks) if t.name == task), None)
+        return f"data.tasks[{i}].metrics" if i is not None and self.tasks[i].metrics is not None else "data.metrics"
 
     # ------------------------------------------------------------------ tasks
     def task_module(self, spec: TaskSpec) -> SplitDataModule:
@@ -345,6 +364,7 @@ class MultiTaskData(SplitDataModule):
             },
             "rows": {k: len(v) for k, v in self.splits.items()},
             "max_length": self.max_length,
+            "metrics": self.metric_names(),
         }
 
 

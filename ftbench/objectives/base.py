@@ -8,6 +8,7 @@ difference between two rows of a results table comes from the tuner or the objec
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -76,6 +77,7 @@ class Objective(L.LightningModule):
         self.model: Optional[torch.nn.Module] = None
         self._eval_metrics: dict[str, MeanMetric] = {}
         self._eval_tasks: dict[str, set[str]] = defaultdict(set)  # stage -> tasks seen (for macro averages)
+        self._predictions: dict[str, list[dict[str, Any]]] = defaultdict(list)  # stage -> evaluated rows
         self._nonfinite: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ identity
@@ -192,6 +194,116 @@ class Objective(L.LightningModule):
         return torch.tensor([float(normalize_answer(p) == normalize_answer(a)) for p, a in zip(preds, batch["answers"])],
                             device=self.device)
 
+    # ------------------------------------------------------------------ answer metrics (ftbench.evaluation)
+    def metrics_for(self, task: Optional[str]) -> list:
+        """The answer metrics of ``task``'s rows: what the data module names (``data.metrics``, per task
+        in a mixture), else ``[exact_match]`` (:mod:`ftbench.evaluation.metrics`)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "metrics_for"):
+            return dm.metrics_for(task)
+        from ftbench.evaluation.metrics import default_metrics
+
+        return default_metrics()
+
+    def choice_scores(self, batch: dict[str, Any]) -> list[Optional[list[float]]]:
+        """Per row, the summed log-probability of each option (``choice_ids``) after the row's generation
+        prompt; None for a row without options (:mod:`ftbench.evaluation.choices`)."""
+        from ftbench.evaluation.choices import score_choices
+
+        ids, mask = batch["gen_input_ids"], batch["gen_attention_mask"]
+        prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+        return score_choices(lambda i, a: self(i, a), prompts, batch["choice_ids"],
+                             self.backbone.tokenizer.pad_token_id, ids.device)
+
+    def answer_metrics(self, batch: dict[str, Any], stage: str, max_new_tokens: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """Each row's answer metrics (the metrics of its task), for :meth:`update_by_task`: a tensor per
+        metric name, NaN for rows whose task does not have it. Generates only when a metric needs a
+        generation, scores options only when one needs them; corpus-level metrics (BLEU, chrF) are
+        updated here and not returned; every row goes to the predictions file (:meth:`prediction_rows`)."""
+        answers = list(batch["answers"])
+        n = len(answers)
+        tasks = batch.get("tasks") or [None] * n
+        groups: dict[Optional[str], list[int]] = defaultdict(list)
+        for i, t in enumerate(tasks):
+            groups[t].append(i)
+        suites = {t: self.metrics_for(t) for t in groups}
+        gen_rows = [i for t, idx in groups.items() if any(m.needs_generation for m in suites[t]) for i in idx]
+        preds: list[Optional[str]] = [None] * n
+        if len(gen_rows) == n:
+            preds = list(self.predict_answers(batch, max_new_tokens))
+        elif gen_rows:
+            sel = torch.tensor(sorted(gen_rows), device=batch["gen_input_ids"].device)
+            texts = self.generate_texts(batch["gen_input_ids"][sel], batch["gen_attention_mask"][sel],
+                                        self.generation_budget(max_new_tokens))
+            for i, text in zip(sorted(gen_rows), texts):
+                preds[i] = text
+        scores: list[Optional[list[float]]] = [None] * n
+        if batch.get("choice_ids") is not None and any(m.needs_choices for s in suites.values() for m in s):
+            scores = self.choice_scores(batch)
+        rows = [self._prediction_row(batch, i, stage, preds[i]) for i in range(n)]
+        values: dict[str, list[float]] = {}
+        for t, idx in groups.items():
+            for m in suites[t]:
+                col = [math.nan] * n
+                if m.needs_choices:
+                    for i in idx:
+                        if scores[i] is None:
+                            continue
+                        picked = m.pick(scores[i], batch["choices"][i])
+                        col[i] = float(picked == batch["gold"][i])
+                        rows[i].setdefault("picked", {})[m.name] = picked
+                        if rows[i]["prediction"] is None:
+                            rows[i]["prediction"] = batch["choices"][i][picked]
+                else:
+                    p, r = [preds[i] for i in idx], [answers[i] for i in idx]
+                    for i, v in zip(idx, m.row_values(p, r)):
+                        col[i] = v
+                    if m.corpus:
+                        self.update_corpus(stage, t, m, p, r)
+                for i in idx:
+                    if not math.isnan(col[i]):
+                        rows[i]["metrics"][m.name] = col[i]
+                if not m.corpus:
+                    prev = values.get(m.name)
+                    values[m.name] = col if prev is None else [a if math.isnan(b) else b for a, b in zip(prev, col)]
+        self._predictions[stage].extend(rows)
+        return {name: torch.tensor(col, dtype=torch.float32, device=self.device) for name, col in values.items()}
+
+    def update_corpus(self, stage: str, task: Optional[str], metric, predictions: list[str], references: list[str]) -> None:
+        """Feed a corpus-level metric (torchmetrics' BLEU, chrF) under ``{stage}/{name}`` and, for rows with
+        a task, ``{stage}/{task}/{name}``."""
+        preds, refs = metric.corpus_inputs(predictions, references)
+        for prefix in [f"{stage}/"] + ([f"{stage}/{task}/"] if task is not None else []):
+            key = prefix + metric.name
+            if key not in self._eval_metrics:
+                self._eval_metrics[key] = metric.corpus_metric().to(self.device)
+            self._eval_metrics[key].update(preds, refs)
+
+    def _prediction_row(self, batch: dict[str, Any], i: int, stage: str, prediction: Optional[str]) -> dict[str, Any]:
+        prompts = batch.get("prompts")
+        if prompts is not None and prompts[i] is not None:
+            prompt = prompts[i]
+        else:
+            ids, mask = batch["gen_input_ids"][i], batch["gen_attention_mask"][i]
+            prompt = self.backbone.tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=False)
+        tasks = batch.get("tasks")
+        row: dict[str, Any] = {"stage": stage, "step": int(self.global_step) if self._trainer is not None else 0,
+                               "task": tasks[i] if tasks else None, "prompt": prompt,
+                               "reference": batch["answers"][i], "prediction": prediction, "metrics": {}}
+        if batch.get("choices") is not None and batch["choices"][i] is not None:
+            row["choices"], row["gold"] = batch["choices"][i], batch["gold"][i]
+        return row
+
+    def prediction_rows(self, stage: str) -> list[dict[str, Any]]:
+        """The rows of this stage's latest evaluation, from every rank (a collective under DDP: every
+        rank calls it)."""
+        rows = list(self._predictions.get(stage, []))
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in (part or [])]
+        return rows
+
     # ------------------------------------------------------------------ evaluation metrics
     def metric(self, name: str) -> MeanMetric:
         if name not in self._eval_metrics:
@@ -216,7 +328,11 @@ class Objective(L.LightningModule):
             for name, v in values.items():
                 w = (weights or {}).get(name)
                 if w is None:
-                    self.metric(prefix + name).update(v[idx])
+                    part = v[idx]
+                    if part.is_floating_point():  # NaN: a metric this row's task does not have
+                        part = part[~torch.isnan(part)]
+                    if part.numel():
+                        self.metric(prefix + name).update(part)
                 elif w[idx].sum() > 0:
                     self.metric(prefix + name).update(v[idx].sum() / w[idx].sum(), weight=w[idx].sum())
 
@@ -228,6 +344,7 @@ class Objective(L.LightningModule):
         # mode, validation inside fit under no_grad; a state made in one cannot be updated in the other)
         self._eval_metrics = {k: v for k, v in self._eval_metrics.items() if not k.startswith(stage + "/")}
         self._eval_tasks[stage] = set()
+        self._predictions[stage] = []
 
     def _eval_epoch_end(self, stage: str) -> None:
         results: dict[str, float] = {}

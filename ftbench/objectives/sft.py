@@ -1,7 +1,8 @@
 """Supervised fine-tuning: next-token loss on the response tokens (labels != -100).
 
-Evaluation: token-weighted loss and perplexity, and exact match of the greedy answer against the
-reference answer, overall and per task (with macro averages) when rows carry a task.
+Evaluation: token-weighted loss and perplexity, and the data set's answer metrics (default: exact
+match of the greedy answer against the reference answer, recorded as ``accuracy``; see
+:mod:`ftbench.evaluation.metrics`), overall and per task (with macro averages) when rows carry a task.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ class SFT(Objective):
     def __init__(self, max_new_tokens: Optional[int] = None, generate_in_validation: bool = True, **kwargs):
         """
         Args:
-            max_new_tokens: Greedy-generation budget for exact match. Default: what the data module
+            max_new_tokens: Greedy-generation budget for the answer metrics. Default: what the data module
                 says its longest reference answer needs (``max_answer_tokens``), else 32.
-            generate_in_validation: Also compute exact match during validation (not only test).
+            generate_in_validation: Also compute exact match during validation (not only test), and every
+                other answer metric of the data set.
         """
         super().__init__(**kwargs)
         self.max_new_tokens = max_new_tokens
@@ -62,7 +64,8 @@ class SFT(Objective):
         _, loss_sum, n_tok = self.loss(batch)
         values, weights = {"loss": loss_sum}, {"loss": n_tok}
         if "gen_input_ids" in batch and (stage == "test" or self.generate_in_validation):
-            values["accuracy"] = self.exact_match(batch, self.max_new_tokens)
+            # the data set's metrics (default: exact match, recorded as accuracy); ftbench.evaluation
+            values.update(self.answer_metrics(batch, stage, self.max_new_tokens))
         self.update_by_task(stage, batch.get("tasks"), values, weights)
 
     def derived_metrics(self, results: dict[str, float], stage: str) -> None:

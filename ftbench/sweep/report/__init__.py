@@ -11,7 +11,9 @@ the seed) and averages over seeds (:mod:`.stats`), and writes (:mod:`.table`, :m
   method (default ``full``), and Welch's t-test of accuracy against the reference when both have
   >= 2 seeds; ``columns`` (names or glob patterns) shows any other set of columns;
 * ``report.csv`` — every column with raw numbers (means and stds in their own columns);
-* ``accuracy_vs_memory.png`` (Pareto front marked), ``throughput.png``, ``loss_curves.png``.
+* ``accuracy_vs_memory.png`` (Pareto front marked), ``throughput.png``, ``loss_curves.png``;
+* with ``examples`` N (``--examples N``): up to N wrong answers per method, every method's answer to
+  the same rows side by side (:mod:`.examples`, from the predictions files the records point to).
 
 ``select="val/loss"`` keeps, per method, the grid point with the best seed-mean of that validation
 metric (never a test metric). Several results directories go into one markdown file, a section each.
@@ -113,9 +115,10 @@ def _safe(name: str) -> str:
 
 def report(directories: str | Path | Sequence[str | Path], out: Optional[str | Path] = None, reference: str = "full",
            plots: bool = True, wandb: bool = False, wandb_project: Optional[str] = None,
-           columns: Optional[Sequence[str]] = None, select: Optional[str] = None) -> str:
+           columns: Optional[Sequence[str]] = None, select: Optional[str] = None, examples: int = 0) -> str:
     """Write the report for the records in ``directories`` (one, or several studies); return the
-    markdown table (for several studies, a section per study).
+    markdown table (for several studies, a section per study), and with ``examples`` N up to N wrong
+    answers per method side by side (:mod:`.examples`, from the runs' predictions files).
 
     ``out``: where to write; a ``.md`` path names the markdown file, anything else a directory that
     gets ``report.md``. Without ``out`` each study's report goes into its own directory. With one
@@ -129,6 +132,8 @@ def report(directories: str | Path | Sequence[str | Path], out: Optional[str | P
         raise ReportError("no results directory given")
     if select:
         parse_select(select)
+    if examples < 0:
+        raise ReportError(f"--examples {examples}: give a number of rows >= 0")
     studies = [load_study(d, reference, select) for d in dirs]
     columns = [c for c in (columns or []) if c]
     bad = unmatched([s.points for s in studies], columns)
@@ -141,16 +146,16 @@ def report(directories: str | Path | Sequence[str | Path], out: Optional[str | P
         s.name = s.name if seen[s.name] == 1 else f"{s.name}-{seen[s.name]}"
     if out is None and len(studies) > 1:
         return "\n\n".join(f"## {s.name}\n\n" + _write([s], s.directory / "report.md", reference, plots, wandb,
-                                                      wandb_project, columns, select) for s in studies)
+                                                      wandb_project, columns, select, examples) for s in studies)
     if out is None:
         md = Path(dirs[0]) / "report.md"
     else:
         md = Path(out) if str(out).endswith(".md") else Path(out) / "report.md"
-    return _write(studies, md, reference, plots, wandb, wandb_project, columns, select)
+    return _write(studies, md, reference, plots, wandb, wandb_project, columns, select, examples)
 
 
 def _write(studies: list[Study], md: Path, reference: str, plots: bool, wandb: bool, wandb_project: Optional[str],
-           columns: list[str], select: Optional[str]) -> str:
+           columns: list[str], select: Optional[str], examples: int = 0) -> str:
     folder = md.parent
     folder.mkdir(parents=True, exist_ok=True)
     several = len(studies) > 1
@@ -165,6 +170,12 @@ def _write(studies: list[Study], md: Path, reference: str, plots: bool, wandb: b
             text += "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in written)
         csv_name = f"{md.stem}-{_safe(s.name)}.csv" if several else f"{md.stem}.csv"
         write_text_atomic(folder / csv_name, csv_text(s.points))
+        if examples:
+            from ftbench.sweep.report.examples import examples_section
+
+            section = examples_section(s.points, s.runs, examples)
+            text += "\n\n" + section.rstrip()
+            table += "\n\n" + section.rstrip()
         if wandb:
             where = log_to_wandb(s, keys, reference, written, folder, wandb_project)
             table += f"\n\n(W&B: logged the table and {len(written)} plot(s); run files in {where})"

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--select", metavar="METRIC", help="per method, keep the grid point with the best seed-mean "
                         "of this validation metric (val/loss: lower is better; val/accuracy: higher; "
                         "min:NAME / max:NAME to say); test metrics are refused")
+    parser.add_argument("--examples", type=int, default=0, metavar="N",
+                        help="print up to N wrong answers per method (test rows of its predictions file), with every "
+                             "method's answer to the same rows side by side")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     parser.add_argument("--wandb", action="store_true", help="also log the table (and plots) to W&B (offline without an API key)")
     parser.add_argument("--wandb-project", default=None, help="W&B project (default: $WANDB_PROJECT or ftbench)")
@@ -53,7 +56,8 @@ def report_for_cli(*args: Any, **kwargs: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
     print(report_for_cli(args.results_dirs, args.out, reference=args.reference, plots=not args.no_plots,
-                         wandb=args.wandb, wandb_project=args.wandb_project, columns=columns, select=args.select))
+                         wandb=args.wandb, wandb_project=args.wandb_project, columns=columns, select=args.select,
+                         examples=args.examples))
     return 0
 
 

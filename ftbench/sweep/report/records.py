@@ -11,6 +11,9 @@ not listed here:
   ``initial.val/general/loss`` (the metrics before training);
 * numbers at the top of ``train_info``: ``fit_seconds``, ``test_seconds``, ``global_steps``.
 
+The data set's answer metrics (``test/rouge_l``, ``test/<task>/chrf``, ``test/mc_accuracy``) and
+lm-evaluation-harness results (``lm_eval/<task>/acc``) are ``final`` entries like any other.
+
 On top of those, :data:`DERIVED` are the quantities the default table shows (peak memory in MB, wall
 time, perplexity, exact match, forgetting), each computed from the columns above in one place.
 """
@@ -30,7 +33,7 @@ import pandas as pd
 SECTIONS = ("throughput", "memory", "test_memory", "params", "memory_breakdown", "initial")
 #: per-run columns that are not metrics
 IDENTITY = ("run_id", "method", "label", "objective", "tuner", "subcommand", "seed", "status", "created",
-            "path", "point", "setting", "curve")
+            "path", "point", "setting", "curve", "predictions")
 #: config keys that do not make a different grid point (besides the seed)
 NOT_A_SETTING = ("seed_everything", "out", "run_id", "config", "save_weights", "print_config", "trainer.logger",
                  "trainer.enable_progress_bar", "trainer.default_root_dir", "trainer.callbacks",
@@ -108,6 +111,16 @@ def setting_of(rec: dict[str, Any]) -> Optional[dict[str, Any]]:
     flat = pd.json_normalize(cfg, sep=".").to_dict("records")[0] if cfg else {}
     return {k: v for k, v in sorted(flat.items())
             if "__path__" not in k and not any(k == e or k.startswith(e + ".") for e in NOT_A_SETTING)}
+
+
+def predictions_file(rec: dict[str, Any]) -> Optional[str]:
+    """The record's predictions file (``train_info.predictions.path``, relative to the record's folder),
+    when the record names one; None otherwise."""
+    pred = rec["train_info"].get("predictions")
+    name = pred.get("path") if isinstance(pred, dict) else None
+    if not isinstance(name, str) or not name:
+        return None
+    return str(Path(rec.get("_path") or ".").parent / name)
 
 
 # ---------------------------------------------------------------------------------- the frame
@@ -191,7 +204,7 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         rows.append({"run_id": run.get("run_id"), "method": method, "label": label, "objective": objective,
                      "tuner": tuner, "subcommand": sub, "seed": run.get("seed"), "status": info.get("status"),
                      "created": run.get("created"), "path": rec.get("_path"), "point": point, "setting": setting,
-                     "curve": info.get("metrics") or []})
+                     "curve": info.get("metrics") or [], "predictions": predictions_file(rec)})
     ident = pd.DataFrame(rows, columns=list(IDENTITY))
     metrics = metrics_frame([rec["train_info"] for rec in records])
     derived = pd.DataFrame({k: f(metrics) for k, f in DERIVED.items()}, index=metrics.index)

@@ -37,6 +37,11 @@ CONTENDED_NOTE = (f"{CONTENDED} Speed from a run that did not get the CPU/GPU it
                   "CPUs, the main thread waiting for a CPU, CPU utilisation below 0.8 of its torch threads, or another "
                   "process on the GPU). A ratio against a marked reference is as doubtful. Clean timings: README, "
                   "\"What is measured, and how\".")
+#: scores in [0, 1] printed as percentages: answer metrics (ftbench.evaluation) and lm-eval's (acc, acc_norm, ...)
+ANSWER_SCORES = ("exact_match", "rouge_l", "chrf", "bleu", "acc", "acc_norm", "f1", "mcc")
+#: the data set's answer metrics the default table shows when records have them (after exact match)
+DEFAULT_ANSWER_METRICS = ("test/label_accuracy", "test/mc_accuracy", "test/mc_accuracy_norm", "test/rouge_l",
+                          "test/chrf", "test/bleu")
 #: points-frame columns that are not for a table
 _INTERNAL = ("point", "label", "objective", "tuner", "subcommand", "runs", "seeds", "run_ids", "common", "acc_values",
              "is_reference")
@@ -58,7 +63,7 @@ def kind_of(key: str) -> str:
         return "params_pct" if last.endswith("pct") else "params"
     if key.startswith("memory_breakdown.") or last.endswith("bytes"):
         return "mb"
-    if "accurac" in last or last == "exact_match":
+    if "accurac" in last or last.split(",", 1)[0] in ANSWER_SCORES:
         return "percent"
     if "perplexity" in last:
         return "ppl"
@@ -94,13 +99,22 @@ def available(points: pd.DataFrame) -> list[str]:
 
 def default_keys(points: pd.DataFrame) -> list[str]:
     """Today's table: identity, parameters, memory and speed (relative to the reference), wall time,
-    losses, exact match and per task, forgetting and Welch's p where there are any."""
+    losses, exact match and per task, the data set's other answer metrics and lm-eval's numbers where
+    records have them, forgetting and Welch's p where there are any."""
     keys = ["method"] + (["setting"] if points["setting"].astype(bool).any() else [])
     keys += ["n", "status", "trainable", "trainable_pct", "peak_mem_mb", "mem_rel", "tokens_per_s", "speed_rel",
              "wall_s", "val_loss", "val_ppl", "test_loss", "accuracy"]
     keys += sorted((c for c in points.columns if _task(c)), key=_task)
+    keys += [k for k in DEFAULT_ANSWER_METRICS if k in points.columns and points[k].notna().any()]
+    keys += [c for c in points.columns if _lm_eval(c) and points[c].notna().any()]
     keys += [k for k in ("forgetting", "p") if points[k].notna().any()]
     return keys
+
+
+def _lm_eval(key: str) -> bool:
+    """An lm-evaluation-harness headline number (``lm_eval/<task>/<metric>``), not its std over seeds."""
+    parts = key.split("/")
+    return len(parts) == 3 and parts[0] == "lm_eval" and not key.endswith("_std")
 
 
 def choose_keys(points: pd.DataFrame, spec: Optional[list[str]] = None) -> list[str]:
