@@ -4,6 +4,7 @@ Crossed freely with the tuners (``ftbench.tuners``): a run is backbone x tuner x
 """
 
 from ftbench.objectives.base import NonFiniteLossError, Objective
+from ftbench.objectives.grpo import GRPO
 from ftbench.objectives.sft import SFT
 
-__all__ = ["Objective", "NonFiniteLossError", "SFT"]
+__all__ = ["Objective", "NonFiniteLossError", "SFT", "GRPO"]

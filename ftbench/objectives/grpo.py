@@ -1,0 +1,493 @@
+"""Online RL from a reward: GRPO (Shao et al. 2024), with RLOO (Ahmadian et al. 2024) as a switch.
+
+Why GRPO and not PPO
+    PPO needs a value model (a critic as large as the policy, trained alongside it), generalised
+    advantage estimation and about ten more hyper-parameters (value-loss coefficient, value clipping,
+    GAE's gamma and lambda, whitening, PPO epochs, mini-batches, ...); TRL deleted its PPO trainer, so
+    there is no maintained reference to check numbers against. GRPO needs none of it: for each prompt
+    it samples ``G`` completions and uses the group's own rewards as the baseline. RLOO differs from
+    GRPO in one function, the baseline: each completion's reward minus the mean of the other ``G - 1``
+    (``advantage: rloo``, :func:`~ftbench.objectives.losses.rloo_advantages`), where GRPO subtracts the
+    group mean and divides by a std (:func:`~ftbench.objectives.losses.grpo_advantages`,
+    ``scale_rewards``). Everything else in a step is shared, so a GRPO row and an RLOO row of a table
+    differ in that function only (both carry the method label ``grpo+<tuner>``; the setting says
+    ``advantage``).
+
+One training step (one batch of prompts, ``data.prompt_batches: true``)
+    1. Rollout, no grad, the model in eval mode (no dropout in sampling) and back in train mode
+       after: each prompt repeated ``G = num_generations`` times and continued by
+       ``tuner.generate(..., do_sample=True, temperature, top_p, top_k)`` for at most
+       ``max_completion_length`` new tokens.
+    2. The completion mask keeps the tokens up to and including the first EOS
+       (:func:`completion_masks`); with ``mask_truncated_completions`` a completion that never ends
+       is left out of the loss (it still has a reward and counts in its group's baseline, as in TRL).
+    3. Rewards: each reward function (:mod:`ftbench.objectives.rewards`) scores every completion;
+       the reward is the weighted sum over functions (``reward_weights``, default all 1; a ``None``
+       reward is left out of the sum, TRL's ``nansum``).
+    4. Advantages from the rewards (``advantage``, ``scale_rewards``).
+    5. Loss (:func:`~ftbench.objectives.losses.grpo_loss`): per completion token
+       ``-min(rho A, clip(rho, 1 - epsilon, 1 + epsilon_high) A) + beta k3`` with ``rho =
+       exp(logpi - logpi_old)``, aggregated by ``loss_type``. Log-probs are of the temperature-scaled
+       logits (``logits / temperature``, the distribution that was sampled), as TRL computes them.
+       The reference for ``beta > 0`` is ``tuner.reference(model)`` under no grad (LoRA: the adapter
+       switched off; full/freeze: a frozen copy kept before the first step); ``beta = 0`` (the
+       default, as TRL's GRPOConfig today; it was 0.04, DeepSeekMath's value) holds and computes no
+       reference at all.
+
+The loss is ~0 by construction
+    One optimisation step per rollout: ``pi_old`` is the policy itself, detached, so ``rho = 1``
+    and the loss value is ``-mean(A)`` over tokens, which is 0 for group-centred advantages with
+    equal lengths and small otherwise, while its gradient, ``-A grad logpi``, is not. A flat
+    ``train/loss`` says nothing; watch ``train/reward``. (``num_iterations > 1``, reusing a rollout
+    for several steps with stored old log-probs, is refused: Lightning's loader hands a new batch of
+    prompts to every step, and skipping batches to replay a rollout would silently change what an
+    epoch means.)
+
+Metrics (TRL's names, under ``train/``, per step)
+    ``loss``; ``reward`` (mean weighted reward), ``reward_std`` (the mean over groups of the group's
+    std: TRL's number under ``scale_rewards: group``), ``rewards/<func>/mean`` and ``/std`` for each
+    function, ``frac_reward_zero_std`` (groups whose rewards are all equal: no signal), ``kl`` (mean
+    k3 per completion token, only when ``beta > 0``), ``entropy`` (the policy's mean per-token entropy
+    over the completion tokens of the loss), ``clip_ratio`` (and ``clip_ratio/low_mean``,
+    ``clip_ratio/high_mean``), ``completions/mean_length``, ``/min_length``, ``/max_length`` (tokens
+    up to and including EOS), ``completions/clipped_ratio`` (the share that hit
+    ``max_completion_length`` without EOS); ``time/generation_s`` and ``time/optimisation_s``.
+
+Where the time goes
+    Each step is timed in two phases (with a CUDA synchronisation at the phase boundaries):
+    *generation* is the rollout: sampling, decoding, the reward functions (a reward model's forward
+    passes too; their share is also kept apart as ``reward_seconds``) and the advantages;
+    *optimisation* is the rest of the step: the reference forward (``beta > 0``), the policy forward,
+    backward and the optimizer step. Per step they are logged as ``train/time/generation_s`` and
+    ``train/time/optimisation_s``; the objective keeps the totals in ``generation_seconds``,
+    ``optimisation_seconds`` and ``reward_seconds``, the per-step lists in ``phase_seconds``, and
+    :meth:`GRPO.timing` returns them as one mapping (with warm-up steps left out on request).
+
+Evaluation (``val/``, ``test/``)
+    On the supervised evaluation batches: the greedy answer to each row with an exact answer
+    (``gen_input_ids``), generated once, gives the data set's answer metrics exactly as SFT and DPO
+    compute them (:meth:`~ftbench.objectives.base.Objective.answer_metrics`: ``data.metrics``,
+    default exact match recorded as ``accuracy``; the predictions file) and ``reward`` (its weighted
+    reward under the reward functions; per function ``rewards/<func>``), overall and per task.
+
+Batch size: ``data.batch_size`` counts prompts; a step trains on ``batch_size x num_generations``
+completions (TRL counts completions).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import torch
+
+from ftbench.errors import ConfigError
+from ftbench.objectives.base import Objective
+from ftbench.objectives.losses import (frac_reward_zero_std, grpo_advantages, grpo_loss, rloo_advantages,
+                                       token_logps)
+from ftbench.objectives.rewards import ExactAnswer, RewardFunction, as_reward_function, finite_or_nan
+
+ADVANTAGES = ("grpo", "rloo")
+
+
+def completion_masks(completion_ids: torch.Tensor, eos_token_id: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, ended)`` for sampled completions ``(B, T)``: ``mask`` (long) is 1 on the tokens up to
+    and including each row's first EOS (every token of a row without EOS), 0 after; ``ended`` (bool,
+    ``(B,)``) says whether the row has an EOS. Whatever follows the first EOS (padding, which is the
+    EOS itself when pad = EOS) is masked, as TRL's completion mask."""
+    B, T = completion_ids.shape
+    if eos_token_id is None:
+        return torch.ones_like(completion_ids), torch.zeros(B, dtype=torch.bool, device=completion_ids.device)
+    is_eos = completion_ids == eos_token_id
+    ended = is_eos.any(dim=1)
+    first = torch.full((B,), T, dtype=torch.long, device=completion_ids.device)
+    first[ended] = is_eos.int().argmax(dim=1)[ended]
+    positions = torch.arange(T, device=completion_ids.device).expand(B, -1)
+    return (positions <= first.unsqueeze(1)).long(), ended
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled completions, scored: what the optimisation phase needs."""
+
+    input_ids: torch.Tensor  # (N, Lp + T): left-padded prompt, then the completion
+    attention_mask: torch.Tensor  # (N, Lp + T): prompt mask, then ``completion_mask``
+    position_ids: torch.Tensor  # (N, Lp + T): from the attention mask, as ``generate`` numbers them
+    completion_ids: torch.Tensor  # (N, T)
+    completion_mask: torch.Tensor  # (N, T): up to and including the first EOS
+    loss_mask: torch.Tensor  # (N, T): completion_mask, without never-ending rows if they are masked
+    rewards: torch.Tensor  # (N,) weighted sum over the reward functions
+    advantages: torch.Tensor  # (N,)
+    metrics: dict[str, torch.Tensor]
+
+
+class GRPO(Objective):
+    """GRPO (``advantage: grpo``) or RLOO (``advantage: rloo``) against reward functions, sampling
+    inside the training step; see the module docstring."""
+
+    name = "grpo"
+
+    def __init__(
+        self,
+        reward_funcs: Optional[list[RewardFunction]] = None,
+        reward_weights: Optional[list[float]] = None,
+        num_generations: int = 8,
+        max_completion_length: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: Optional[int] = None,
+        advantage: Literal["grpo", "rloo"] = "grpo",
+        scale_rewards: Optional[Literal["group", "batch", "none"]] = None,
+        loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "bnpo",
+        beta: float = 0.0,
+        epsilon: float = 0.2,
+        epsilon_high: Optional[float] = None,
+        mask_truncated_completions: bool = False,
+        num_iterations: int = 1,
+        max_new_tokens: Optional[int] = None,
+        generate_in_validation: bool = True,
+        **kwargs,
+    ):
+        """
+        Args:
+            reward_funcs: The reward functions, a list of ``class_path`` entries:
+                ``ftbench.objectives.rewards.ExactAnswer`` (1 when the completion equals the row's
+                exact answer), ``ftbench.objectives.rewards.RewardModel`` (``init_args: {path: ...}``,
+                a reward run's saved weights) or ``ftbench.objectives.rewards.FromImport``
+                (``init_args: {name: module.function}``, TRL's ``f(prompts, completions, **columns)``).
+                Default: ``[ExactAnswer]``.
+            reward_weights: One weight per reward function (default: all 1.0); the reward is the
+                weighted sum.
+            num_generations: G, completions sampled per prompt (>= 2; TRL's default 8). A step trains
+                on ``data.batch_size x G`` completions.
+            max_completion_length: Most new tokens sampled per completion (TRL's default 256).
+            temperature: Sampling temperature (> 0); the log-probs are of ``logits / temperature``.
+            top_p: Nucleus sampling mass (0 < top_p <= 1; 1 = off).
+            top_k: Sample among the k most likely tokens (default: off, whatever the model's
+                generation config says).
+            advantage: ``grpo`` (the reward minus the group mean, scaled by ``scale_rewards``) or
+                ``rloo`` (the reward minus the mean of the other G - 1 rewards of its prompt, unscaled).
+            scale_rewards: What GRPO divides the centred rewards by: ``group`` (the group's std +
+                1e-4, TRL's default), ``batch`` (the batch's std), ``none`` (Dr. GRPO). Default:
+                ``group`` for ``grpo``; ``rloo`` allows only ``none``.
+            loss_type: ``bnpo`` (token sum / completion tokens of the batch: TRL 1.x's default
+                ``dapo`` on one process without accumulation), ``grpo`` (each completion's token mean,
+                then the mean over completions) or ``dr_grpo`` (token sum / (completions x
+                max_completion_length)).
+            beta: Weight of the k3 KL to the reference (the untouched backbone, ``tuner.reference``).
+                0 (TRL's GRPOConfig default; formerly 0.04) holds and computes no reference.
+            epsilon: Lower clip of the ratio, 1 - epsilon (TRL's 0.2).
+            epsilon_high: Upper clip 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); default epsilon.
+            mask_truncated_completions: Leave completions that hit max_completion_length without EOS
+                out of the loss (DAPO's overlong filtering); they keep their reward in the baseline.
+            num_iterations: Optimisation steps per rollout; only 1 is supported (see the module docstring).
+            max_new_tokens: Greedy-generation budget for evaluation (exact match, ``val/reward``);
+                default: what the data module says its longest reference answer needs, else 32.
+            generate_in_validation: Also generate in validation (exact match and reward), not only in test.
+        """
+        super().__init__(**kwargs)
+        if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 2:
+            raise ConfigError(f"objective grpo: num_generations must be an int >= 2 (the group is the baseline), "
+                              f"got {num_generations!r}")
+        if not isinstance(max_completion_length, int) or max_completion_length < 1:
+            raise ConfigError(f"objective grpo: max_completion_length must be >= 1, got {max_completion_length!r}")
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ConfigError(f"objective grpo: temperature must be > 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ConfigError(f"objective grpo: top_p must be in (0, 1], got {top_p}")
+        if top_k is not None and top_k < 0:
+            raise ConfigError(f"objective grpo: top_k must be >= 0, got {top_k}")
+        if advantage not in ADVANTAGES:
+            raise ConfigError(f"objective grpo: unknown advantage {advantage!r}; expected grpo or rloo")
+        if scale_rewards is None:
+            scale_rewards = "group" if advantage == "grpo" else "none"
+        if advantage == "rloo" and scale_rewards != "none":
+            raise ConfigError(f"objective grpo: scale_rewards {scale_rewards!r} applies to advantage: grpo; RLOO's "
+                              "leave-one-out baseline is not scaled", hint="leave scale_rewards out (or none) with rloo")
+        if num_iterations != 1:
+            raise ConfigError(f"objective grpo: num_iterations={num_iterations} is not supported (one optimisation step "
+                              "per rollout): every step gets a new batch of prompts from the data loader",
+                              hint="use num_iterations: 1; more prompts per step via data.batch_size")
+        try:  # the loss's own checks (loss type, beta, epsilons), now rather than at the first step
+            z = torch.zeros(1, 1)
+            grpo_loss(z, z, torch.zeros(1), torch.ones(1, 1), z if beta else None, beta, epsilon, epsilon_high,
+                      loss_type, max_completion_length)
+        except ValueError as err:
+            raise ConfigError(f"objective grpo: {str(err).removeprefix('grpo_loss: ')}") from None
+        if scale_rewards not in ("group", "batch", "none"):
+            raise ConfigError(f"objective grpo: unknown scale_rewards {scale_rewards!r}; expected group, batch or none")
+
+        funcs = [as_reward_function(f) for f in (reward_funcs if reward_funcs is not None else [ExactAnswer()])]
+        if not funcs:
+            raise ConfigError("objective grpo: reward_funcs is empty (give at least one reward function)")
+        names = [f.name for f in funcs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"objective grpo: two reward functions are named {dup[0]!r} (their metrics would mix)",
+                              hint="give one of them an alias (init_args.alias)")
+        if reward_weights is None:
+            reward_weights = [1.0] * len(funcs)
+        if len(reward_weights) != len(funcs):
+            raise ConfigError(f"objective grpo: {len(reward_weights)} reward_weights for {len(funcs)} reward_funcs")
+        if not all(math.isfinite(float(w)) for w in reward_weights):
+            raise ConfigError(f"objective grpo: reward_weights must be finite, got {reward_weights}")
+
+        self.reward_funcs: list[RewardFunction] = funcs  # a plain list: a reward model is no part of what trains
+        self.reward_weights = [float(w) for w in reward_weights]
+        self.num_generations = num_generations
+        self.max_completion_length = max_completion_length
+        self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), top_k
+        self.advantage, self.scale_rewards, self.loss_type = advantage, scale_rewards, loss_type
+        self.beta, self.epsilon, self.epsilon_high = float(beta), float(epsilon), epsilon_high
+        self.mask_truncated_completions = mask_truncated_completions
+        self.num_iterations = num_iterations
+        self.max_new_tokens = max_new_tokens
+        self.generate_in_validation = generate_in_validation
+        # where the time goes (see the module docstring)
+        self.generation_seconds = 0.0
+        self.optimisation_seconds = 0.0
+        self.reward_seconds = 0.0
+        self.phase_seconds: dict[str, list[float]] = {"generation": [], "optimisation": [], "reward": []}
+        self._t_step: Optional[float] = None
+        self._t_generated: Optional[float] = None
+        self._last_generation: Optional[tuple] = None  # (prompt ids, new ids, their mask, texts) of evaluation
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def needs_reference(self) -> bool:
+        return self.beta != 0.0
+
+    def configure_model(self) -> None:
+        if getattr(self.tuner, "is_prompt_learning", False):
+            raise ConfigError(f"objective grpo: tuner {self.tuner.name} (prompt learning) cannot sample completions: "
+                              "peft's cached generate differs from the training forward for it",
+                              hint="use LoRA or another peft method that is not prompt/prefix tuning")
+        super().configure_model()
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and dm is not None and getattr(dm, "prompt_batches", None) is False:
+            raise ConfigError("objective grpo: the data module gives supervised training batches; GRPO samples from "
+                              "prompts", hint="set data.init_args.prompt_batches: true (e.g. configs/data/instruction_prompts.yaml)")
+
+    # ------------------------------------------------------------------ rewards
+    def score(self, prompts: list[str], completions: list[str], **columns: Any) -> torch.Tensor:
+        """``(N, F)`` float32 rewards of each function (NaN where one returned None)."""
+        out = []
+        for func in self.reward_funcs:
+            func.bind(self)
+            values = func(prompts=prompts, completions=completions, **columns)
+            out.append(finite_or_nan(values, func.name, len(completions)))
+        return torch.tensor(out, dtype=torch.float32, device=self.device).T.reshape(len(completions), len(out))
+
+    def combine(self, per_func: torch.Tensor) -> torch.Tensor:
+        """The weighted sum over functions, NaN (``None``) entries left out (TRL's ``nansum``)."""
+        weights = torch.tensor(self.reward_weights, dtype=per_func.dtype, device=per_func.device)
+        return (per_func * weights).nansum(dim=1)
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        if self.advantage == "rloo":
+            return rloo_advantages(rewards, self.num_generations)
+        return grpo_advantages(rewards, self.num_generations, self.scale_rewards)
+
+    # ------------------------------------------------------------------ rollout
+    def decode(self, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        rows = [ids[: int(n)].tolist() for ids, n in zip(completion_ids, mask.sum(1))]
+        return self.backbone.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, **sampling: Any) -> torch.Tensor:
+        """New tokens after left-padded prompts, the model in eval mode (no dropout) for generation and
+        back in its previous mode after."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.tuner.generate(self.model, self.backbone.tokenizer, prompt_ids, prompt_mask,
+                                       sampling.pop("max_new_tokens"), **sampling)
+        finally:
+            self.model.train(was_training)
+
+    def rollout(self, batch: dict[str, Any]) -> Rollout:
+        """Sample G completions per prompt, score them and compute the advantages (no grad)."""
+        if "prompt_input_ids" not in batch:
+            raise ConfigError("objective grpo: the training batch has no prompts (prompt_input_ids)",
+                              hint="set data.init_args.prompt_batches: true (e.g. configs/data/instruction_prompts.yaml)")
+        G = self.num_generations
+        tok = self.backbone.tokenizer
+        prompt_ids = batch["prompt_input_ids"].repeat_interleave(G, dim=0)
+        prompt_mask = batch["prompt_attention_mask"].repeat_interleave(G, dim=0)
+        completion_ids = self.sample(prompt_ids, prompt_mask, max_new_tokens=self.max_completion_length,
+                                     do_sample=True, temperature=self.temperature, top_p=self.top_p,
+                                     top_k=self.top_k or 0)
+        completion_mask, ended = completion_masks(completion_ids, tok.eos_token_id)
+        loss_mask = completion_mask * ended.unsqueeze(1) if self.mask_truncated_completions else completion_mask
+
+        t_reward = time.perf_counter()
+        repeat = lambda values: [v for v in values for _ in range(G)]  # noqa: E731
+        unpadded = [ids[m.bool()].tolist() for ids, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
+        texts = self.decode(completion_ids, completion_mask)
+        columns = {
+            "answers": repeat(batch.get("answers") or [None] * len(unpadded)),
+            "tasks": repeat(batch.get("tasks") or ["default"] * len(unpadded)),
+            "prompt_ids": repeat(unpadded),
+            "completion_ids": [ids[: int(n)].tolist() for ids, n in zip(completion_ids, completion_mask.sum(1))],
+        }
+        prompts = repeat(batch.get("prompts") or tok.batch_decode(unpadded, skip_special_tokens=False))
+        per_func = self.score(prompts, texts, **columns)
+        self._sync()
+        reward_s = time.perf_counter() - t_reward
+        self.reward_seconds += reward_s
+        self.phase_seconds["reward"].append(reward_s)
+
+        rewards = self.combine(per_func)
+        advantages = self.advantages(rewards)
+        lengths = completion_mask.sum(1).float()
+        metrics: dict[str, torch.Tensor] = {
+            "reward": rewards.mean(),
+            "reward_std": rewards.view(-1, G).std(dim=1).mean(),
+            "frac_reward_zero_std": frac_reward_zero_std(rewards, G),
+            "completions/mean_length": lengths.mean(),
+            "completions/min_length": lengths.min(),
+            "completions/max_length": lengths.max(),
+            "completions/clipped_ratio": (~ended).float().mean(),
+        }
+        for i, func in enumerate(self.reward_funcs):
+            col = per_func[:, i]
+            metrics[f"rewards/{func.name}/mean"] = col.nanmean()
+            valid = col[~col.isnan()]
+            metrics[f"rewards/{func.name}/std"] = valid.std() if valid.numel() > 1 else torch.zeros((), device=col.device)
+
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        return Rollout(
+            input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
+            completion_ids=completion_ids, completion_mask=completion_mask, loss_mask=loss_mask,
+            rewards=rewards, advantages=advantages, metrics=metrics,
+        )
+
+    # ------------------------------------------------------------------ log-probs
+    def completion_logps(self, model: torch.nn.Module, r: Rollout, entropy: bool = False
+                         ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Per-token log-probs ``(N, T)`` of the completion tokens under ``model`` at the sampling
+        temperature (0 on masked positions), and, with ``entropy``, the per-token entropy (no grad)."""
+        T = r.completion_ids.shape[1]
+        out = model(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=r.position_ids,
+                    use_cache=False, logits_to_keep=T + 1)
+        logits = out.logits[:, -(T + 1):]  # the last prompt position predicts the first completion token
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        labels = torch.cat([r.completion_ids[:, :1], r.completion_ids.masked_fill(r.completion_mask == 0, -100)], dim=1)
+        logps, _ = token_logps(logits, labels)
+        ent = None
+        if entropy:
+            with torch.no_grad():
+                ent = torch.stack([-(lp.exp() * lp).sum(-1) for lp in
+                                   (torch.log_softmax(row[:-1].float(), dim=-1) for row in logits)])
+        return logps, ent
+
+    # ------------------------------------------------------------------ training
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._sync()
+        self._t_step = time.perf_counter()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        if self._t_step is None:
+            self._t_step = time.perf_counter()
+        rollout = self.rollout(batch)
+        self._sync()
+        self._t_generated = time.perf_counter()
+        generation_s = self._t_generated - self._t_step
+        self.generation_seconds += generation_s
+        self.phase_seconds["generation"].append(generation_s)
+
+        logps, entropy = self.completion_logps(self.model, rollout, entropy=True)
+        ref_logps = None
+        if self.beta != 0.0:
+            with torch.no_grad(), self.tuner.reference(self.model) as reference:
+                ref_logps, _ = self.completion_logps(reference, rollout)
+        loss, loss_metrics = grpo_loss(
+            logps, logps.detach(), rollout.advantages, rollout.loss_mask, ref_logps=ref_logps, beta=self.beta,
+            epsilon=self.epsilon, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
+            max_completion_length=self.max_completion_length,
+        )
+        extra = self.tuner.regularization(self.model)  # e.g. AdaLoRA's orthogonality penalty
+        if extra is not None:
+            loss = loss + extra
+        self.check_finite(loss, batch_idx)
+
+        mask = rollout.loss_mask.bool()
+        n = rollout.input_ids.shape[0]
+        metrics = dict(rollout.metrics)
+        metrics.update(loss_metrics)
+        metrics["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
+        metrics["time/generation_s"] = generation_s
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n)
+        self.log("train/reward", metrics.pop("reward"), on_step=True, prog_bar=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, batch_size=n)
+        return self.step_output(loss, rollout.loss_mask.sum(), rollout.input_ids, rollout.attention_mask)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)  # the tuner's after-step hook (AdaLoRA)
+        if self._t_generated is None:
+            return
+        self._sync()
+        optimisation_s = time.perf_counter() - self._t_generated
+        self.optimisation_seconds += optimisation_s
+        self.phase_seconds["optimisation"].append(optimisation_s)
+        self._t_step = self._t_generated = None
+        self.log("train/time/optimisation_s", optimisation_s, on_step=True,
+                 batch_size=batch["prompt_input_ids"].shape[0] * self.num_generations)
+
+    def timing(self, skip_steps: int = 0) -> dict[str, Any]:
+        """Seconds per phase: totals and per-step means over the steps after the first ``skip_steps``
+        (warm-up). ``reward`` is the part of ``generation`` spent in the reward functions."""
+        out: dict[str, Any] = {"steps": max(0, len(self.phase_seconds["optimisation"]) - skip_steps)}
+        for phase, values in self.phase_seconds.items():
+            kept = values[skip_steps:]
+            out[f"{phase}_seconds"] = sum(kept)
+            out[f"{phase}_seconds_per_step"] = sum(kept) / len(kept) if kept else None
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def generate_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                       **sampling: Any) -> list[str]:
+        """As :meth:`Objective.generate_texts` (the same texts), keeping the token ids of the last call so
+        that the evaluation's rewards score the answers the metrics were computed on, without a second
+        generation."""
+        sampling.setdefault("do_sample", False)
+        tok = self.backbone.tokenizer
+        new = self.tuner.generate(self.model, tok, input_ids, attention_mask, max_new_tokens, **sampling)
+        mask, _ = completion_masks(new, tok.eos_token_id)
+        texts = self.decode(new, mask)
+        self._last_generation = (input_ids, new, mask, texts)
+        return texts
+
+    def evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        if "gen_input_ids" not in batch or (stage == "val" and not self.generate_in_validation):
+            return
+        ids, mask = batch["gen_input_ids"], batch["gen_attention_mask"]
+        # the data set's answer metrics, as SFT and DPO compute them (default: exact match, as accuracy)
+        self._last_generation = None
+        values = self.answer_metrics(batch, stage, self.max_new_tokens)
+        if self._last_generation is None or self._last_generation[0] is not ids:  # no metric generated every row
+            self.generate_texts(ids, mask, self.generation_budget(self.max_new_tokens))
+        _, new, completion_mask, texts = self._last_generation
+        self._last_generation = None
+        unpadded = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+        columns = {"answers": list(batch["answers"]), "tasks": list(batch.get("tasks") or ["default"] * len(texts)),
+                   "prompt_ids": unpadded,
+                   "completion_ids": [row[: int(n)].tolist() for row, n in zip(new, completion_mask.sum(1))]}
+        prompts = self.backbone.tokenizer.batch_decode(unpadded, skip_special_tokens=False)
+        per_func = self.score(prompts, texts, **columns)
+        values["reward"] = self.combine(per_func)
+        for i, func in enumerate(self.reward_funcs):
+            values[f"rewards/{func.name}"] = per_func[:, i]  # NaN (None) rows are left out of the mean
+        self.update_by_task(stage, batch.get("tasks"), values)

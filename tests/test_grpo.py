@@ -1,0 +1,514 @@
+"""GRPO/RLOO (ftbench.objectives.GRPO) and the reward functions (ftbench.objectives.rewards) on the
+tiny Llama: the completion mask, the advantages wiring, the reference with LoRA, a seeded run whose
+reward rises (pinned), the reward functions on fixed strings, a reward model loaded from each
+tuner's saved output, and the shipped configs run through the CLI.
+
+The GRPO loss itself on fixed log-probs is tests/test_losses.py's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from ftbench.backbone import Backbone, last_token_scores, score_module
+from ftbench.data.instruction import InstructionData
+from ftbench.errors import ConfigError
+from ftbench.objectives import GRPO
+from ftbench.objectives.grpo import completion_masks
+from ftbench.objectives.losses import grpo_advantages, rloo_advantages
+from ftbench.objectives.rewards import (ExactAnswer, FromImport, RewardError, RewardModel, chat_turn_end,
+                                        load_reward_model)
+from ftbench.tuners import Adapters, Freeze, Full, Peft
+
+ROOT = Path(__file__).resolve().parent.parent
+EOS, PAD = 2, 3  # the tiny tokenizer's <|im_end|> and <pad>
+
+# The rule of the rising-reward run: the share of completion tokens whose id is one of 64 fixed ids
+# (1/8 of the 512-token vocabulary: an untrained model samples them 1 time in 8).
+TARGET_IDS = frozenset(range(100, 164))
+
+
+def target_share(prompts, completions, completion_ids, **columns):
+    """A user's reward function (imported by path as ``test_grpo.target_share``)."""
+    return [sum(t in TARGET_IDS for t in ids) / len(ids) for ids in completion_ids]
+
+
+def completion_length(prompts, completions, scale: float = 1.0, **columns):
+    return [scale * len(c) for c in completions]
+
+
+def lora(**kw) -> Peft:
+    from peft import LoraConfig
+
+    return Peft(peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), **kw)
+
+
+def make_data(backbone: Backbone, **kw) -> InstructionData:
+    kw = {"source": "builtin:instruction", "builtin_size": 200, "batch_size": 4, "max_length": 96,
+          "val_fraction": 0.1, "test_fraction": 0.1, "seed": 0, "prompt_batches": True, "eval_batch_size": 10, **kw}
+    return InstructionData(backbone=backbone, **kw)
+
+
+def first_batch(dm: InstructionData) -> dict:
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def trainer(max_steps: int, callbacks=(), **kw) -> L.Trainer:
+    kw = {"limit_val_batches": 0, **kw}
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, precision="32-true", logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, callbacks=list(callbacks), **kw)
+
+
+class Rewards(L.Callback):
+    def __init__(self):
+        self.rewards: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rewards.append(float(trainer.callback_metrics["train/reward"]))
+
+
+# ---------------------------------------------------------------------------- the completion mask
+def test_completion_mask_keeps_the_first_eos_and_masks_what_follows():
+    ids = torch.tensor([[5, EOS, EOS, 7],   # ended at 1: EOS kept, the rest masked (even another EOS)
+                        [5, 6, 7, 8],       # never ended: every token counts
+                        [EOS, 9, 9, 9],     # ended at once: only the EOS
+                        [5, 6, EOS, PAD]])  # padding after EOS
+    mask, ended = completion_masks(ids, EOS)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]]
+    assert ended.tolist() == [True, False, True, True]
+    mask, ended = completion_masks(ids, None)
+    assert mask.tolist() == [[1] * 4] * 4 and not ended.any()
+
+
+def fixed_rollout(tiny_model_dir, completions: list[list[int]], rewards=None, **kw):
+    """A rollout of one batch of 2 prompts whose sampled completions are ``completions`` (G = 4 per
+    prompt) instead of samples, scored by ``rewards`` (a list of reward functions) or a recorder."""
+    seen = {}
+
+    def record(prompts, completions, **columns):
+        seen.update(prompts=prompts, completions=completions, **columns)
+        return [float(i % 3) for i in range(len(completions))]
+
+    backbone = Backbone(model=str(tiny_model_dir))
+    m = GRPO(backbone=backbone, tuner=lora(), reward_funcs=rewards or [record], num_generations=4,
+             max_completion_length=4, **kw)
+    m.configure_model()
+    batch = first_batch(make_data(backbone, batch_size=2))
+    m.sample = lambda *a, **k: torch.tensor(completions)
+    return m.rollout(batch), seen, batch, m
+
+
+COMPLETIONS = [[5, EOS, PAD, PAD], [5, 6, 7, 8], [EOS, PAD, PAD, PAD], [9, 9, EOS, PAD],
+               [5, 6, 7, 8], [6, 6, 6, 6], [7, EOS, PAD, PAD], [8, 8, 8, EOS]]
+
+
+def test_rollout_masks_decodes_and_passes_the_columns(tiny_model_dir):
+    r, seen, batch, m = fixed_rollout(tiny_model_dir, COMPLETIONS)
+    assert r.completion_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0],
+                                          [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert torch.equal(r.loss_mask, r.completion_mask)
+    assert float(r.metrics["completions/clipped_ratio"]) == 3 / 8  # rows 1, 4, 5 never ended
+    assert float(r.metrics["completions/mean_length"]) == (2 + 4 + 1 + 3 + 4 + 4 + 2 + 4) / 8
+    assert float(r.metrics["completions/min_length"]) == 1 and float(r.metrics["completions/max_length"]) == 4
+    # each prompt's text, answer and task repeated for its G completions, in order
+    assert seen["prompts"] == [p for p in batch["prompts"] for _ in range(4)]
+    assert seen["answers"] == [a for a in batch["answers"] for _ in range(4)]
+    assert seen["tasks"] == [t for t in batch["tasks"] for _ in range(4)]
+    prompt0 = batch["prompt_input_ids"][0][batch["prompt_attention_mask"][0].bool()].tolist()
+    assert seen["prompt_ids"][0] == seen["prompt_ids"][3] == prompt0
+    # completion ids up to and including the first EOS; text without special tokens
+    assert seen["completion_ids"][0] == [5, EOS] and seen["completion_ids"][1] == [5, 6, 7, 8]
+    assert seen["completion_ids"][2] == [EOS]
+    tok = m.backbone.tokenizer
+    assert seen["completions"][0] == tok.decode([5]) and seen["completions"][2] == ""
+    # the model sees prompt + completion, the attention mask ending where the completion mask does
+    assert torch.equal(r.input_ids[:, -4:], torch.tensor(COMPLETIONS))
+    assert torch.equal(r.attention_mask[:, -4:], r.completion_mask)
+    assert r.position_ids[0, -4:].tolist()[:2] == [len(prompt0), len(prompt0) + 1]
+
+
+def test_truncated_completions_masked_out_of_the_loss_only(tiny_model_dir):
+    r, _, _, _ = fixed_rollout(tiny_model_dir, COMPLETIONS, mask_truncated_completions=True)
+    ended = [1, 0, 1, 1, 0, 0, 1, 1]
+    assert r.loss_mask.tolist() == [[m * e for m in row] for row, e in zip(r.completion_mask.tolist(), ended)]
+    assert r.completion_mask[1].tolist() == [1, 1, 1, 1]  # still attended to and rewarded
+    assert r.rewards.tolist() == [0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0]
+
+
+# ---------------------------------------------------------------------------- advantages
+@pytest.mark.parametrize("advantage,scale", [("grpo", None), ("grpo", "batch"), ("grpo", "none"), ("rloo", None)])
+def test_advantages_follow_the_switch(tiny_model_dir, advantage, scale):
+    r, _, _, _ = fixed_rollout(tiny_model_dir, COMPLETIONS, advantage=advantage, scale_rewards=scale)
+    rewards = torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0])
+    assert torch.equal(r.rewards, rewards)
+    expected = (rloo_advantages(rewards, 4) if advantage == "rloo"
+                else grpo_advantages(rewards, 4, scale or "group"))
+    assert torch.equal(r.advantages, expected)
+    # by hand: group 1 is [0, 1, 2, 0], mean 0.75
+    if advantage == "rloo":  # r_i - mean of the other three
+        assert r.advantages[:4].tolist() == pytest.approx([-1.0, 1 - 2 / 3, 2 - 1 / 3, -1.0], abs=1e-6)
+    elif scale == "none":
+        assert r.advantages[:4].tolist() == pytest.approx([-0.75, 0.25, 1.25, -0.75], abs=1e-6)
+    elif scale is None:  # the group's Bessel std: sqrt(2.75 / 3) = 0.957427
+        assert r.advantages[:4].tolist() == pytest.approx([x / (0.9574271 + 1e-4) for x in (-0.75, 0.25, 1.25, -0.75)], abs=1e-6)
+
+
+def test_rewards_are_a_weighted_sum_with_none_left_out(tiny_model_dir):
+    def ones(prompts, completions, **kw):
+        return [1.0] * len(completions)
+
+    def some(prompts, completions, **kw):
+        return [None if i % 2 else 2.0 for i in range(len(completions))]
+
+    r, _, _, m = fixed_rollout(tiny_model_dir, COMPLETIONS, rewards=[ones, some], reward_weights=[0.5, 3.0])
+    assert r.rewards.tolist() == [6.5, 0.5] * 4
+    assert float(r.metrics["rewards/ones/mean"]) == 1.0 and float(r.metrics["rewards/some/mean"]) == 2.0
+    assert float(r.metrics["rewards/some/std"]) == 0.0
+    assert float(r.metrics["frac_reward_zero_std"]) == 0.0
+
+
+def test_bad_arguments(tiny_model_dir):
+    def make(**kw):
+        return GRPO(backbone=Backbone(model=str(tiny_model_dir)), tuner=lora(), **kw)
+
+    for kw, text in [({"num_generations": 1}, "num_generations must be an int >= 2"),
+                     ({"advantage": "rloo", "scale_rewards": "group"}, "scale_rewards 'group' applies to advantage: grpo"),
+                     ({"num_iterations": 2}, "num_iterations=2 is not supported"),
+                     ({"loss_type": "dapo"}, "unknown loss_type 'dapo'"),
+                     ({"beta": -0.1}, "beta must be >= 0"),
+                     ({"temperature": 0.0}, "temperature must be > 0"),
+                     ({"reward_weights": [1.0, 2.0]}, "2 reward_weights for 1 reward_funcs"),
+                     ({"reward_funcs": [ExactAnswer(), ExactAnswer()]}, "two reward functions are named 'exact_answer'")]:
+        with pytest.raises(ConfigError, match=text.replace("(", r"\(").replace(")", r"\)")):
+            make(**kw)
+
+
+def test_supervised_batches_are_refused_with_the_fix(tiny_model_dir):
+    backbone = Backbone(model=str(tiny_model_dir))
+    m = GRPO(backbone=backbone, tuner=lora(), num_generations=2, max_completion_length=2)
+    with pytest.raises(ConfigError, match="supervised training batches") as err:
+        trainer(1).fit(m, datamodule=make_data(backbone, prompt_batches=False))
+    assert "prompt_batches: true" in err.value.hint
+    m.configure_model()
+    with pytest.raises(ConfigError, match="no prompts") as err:
+        m.rollout(first_batch(make_data(backbone, prompt_batches=False)))
+    assert "prompt_batches: true" in err.value.hint
+
+
+def test_prompt_learning_is_refused(tiny_model_dir):
+    from peft import PromptTuningConfig
+
+    m = GRPO(backbone=Backbone(model=str(tiny_model_dir)), tuner=Peft(peft_config=PromptTuningConfig(num_virtual_tokens=4)))
+    with pytest.raises(ConfigError, match="cannot sample completions"):
+        m.configure_model()
+
+
+# ---------------------------------------------------------------------------- the reference
+def test_lora_reference_logps_are_the_untouched_backbone(tiny_model_dir):
+    """With beta > 0 and LoRA, the reference is the same model with the adapter off: after training
+    has moved the adapter, its log-probs equal a fresh backbone's exactly, and the policy's differ."""
+    backbone = Backbone(model=str(tiny_model_dir))
+    m = GRPO(backbone=backbone, tuner=lora(lr=1e-2), reward_funcs=[target_share], num_generations=4,
+             max_completion_length=6, beta=0.1)
+    assert m.needs_reference and not GRPO(backbone=backbone, tuner=lora()).needs_reference
+    L.seed_everything(0, verbose=False)
+    trainer(3).fit(m, datamodule=make_data(backbone, batch_size=2))
+    assert float(trainer_metrics(m)["train/kl"]) > 0
+    m.model.eval()
+    torch.manual_seed(1)
+    r = m.rollout(first_batch(make_data(backbone, batch_size=2)))
+    with torch.no_grad():
+        with m.tuner.reference(m.model) as ref:
+            ref_logps, _ = m.completion_logps(ref, r)
+        policy_logps, _ = m.completion_logps(m.model, r)
+        fresh = backbone.load_model().eval()
+        fresh_logps, _ = m.completion_logps(fresh, r)
+    assert torch.equal(ref_logps, fresh_logps)
+    assert not torch.allclose(policy_logps, fresh_logps)
+
+
+def trainer_metrics(m: GRPO) -> dict:
+    return {k: float(v) for k, v in m.trainer.callback_metrics.items()}
+
+
+def test_log_probs_are_those_of_the_sampling_distribution(tiny_model_dir):
+    """The training forward (left-padded prompt + completion, positions from the mask, logits /
+    temperature) gives the log-probs of the distribution ``generate`` sampled from."""
+    backbone = Backbone(model=str(tiny_model_dir))
+    m = GRPO(backbone=backbone, tuner=lora(), reward_funcs=[target_share], num_generations=2,
+             max_completion_length=5, temperature=0.7)
+    m.configure_model()
+    m.model.eval()
+    batch = first_batch(make_data(backbone, batch_size=3))
+    ids, mask = (batch[k].repeat_interleave(2, 0) for k in ("prompt_input_ids", "prompt_attention_mask"))
+    torch.manual_seed(0)
+    out = m.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=True, temperature=0.7,
+                           top_k=0, pad_token_id=PAD, eos_token_id=EOS, output_logits=True,
+                           return_dict_in_generate=True)
+    new = out.sequences[:, ids.shape[1]:]
+    sampled = (torch.stack(out.logits, 1) / 0.7).log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+    m.sample = lambda *a, **k: new
+    r = m.rollout(batch)
+    with torch.no_grad():
+        logps, entropy = m.completion_logps(m.model, r, entropy=True)
+    keep = r.completion_mask.bool()
+    assert torch.allclose(logps[keep], sampled[keep], atol=1e-5)
+    assert (logps[~keep] == 0).all()
+    assert entropy.shape == logps.shape and (entropy[keep] > 0).all()
+
+
+# ---------------------------------------------------------------------------- a seeded run
+# Full tuning, lr 1e-2, 4 prompts x G=4 completions of 8 tokens, 16 steps: the mean reward of the
+# first 4 steps and of the last 4 (fp32, CPU, seed 0). Each step's reward is a multiple of 1/128
+# (16 completions x 8 tokens), so the pins are exact. Per step:
+# 0.109 0.133 0.109 0.148 | 0.117 0.172 0.156 0.180 0.242 0.328 0.375 0.430 | 0.438 0.500 0.586 0.594
+PINNED_RISE = {"start": 0.125, "end": 0.529296875}
+
+
+def rising_run(tiny_model_dir, steps: int = 16) -> tuple[list[float], GRPO]:
+    backbone = Backbone(model=str(tiny_model_dir))
+    m = GRPO(backbone=backbone, tuner=Full(lr=1e-2),
+             reward_funcs=[FromImport("test_grpo.target_share")], num_generations=4, max_completion_length=8,
+             lr_scheduler="constant")
+    rec = Rewards()
+    L.seed_everything(0, verbose=False)
+    trainer(steps, [rec]).fit(m, datamodule=make_data(backbone))
+    return rec.rewards, m
+
+
+def test_reward_rises_on_a_rule_pinned(tiny_model_dir):
+    rewards, m = rising_run(tiny_model_dir)
+    start, end = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert start == pytest.approx(PINNED_RISE["start"], abs=1e-6), rewards
+    assert end == pytest.approx(PINNED_RISE["end"], abs=1e-6), rewards
+    assert end > start + 0.3
+    metrics = trainer_metrics(m)
+    for name in ("train/loss", "train/reward", "train/reward_std", "train/rewards/target_share/mean",
+                 "train/rewards/target_share/std", "train/frac_reward_zero_std", "train/entropy", "train/clip_ratio",
+                 "train/completions/mean_length", "train/completions/clipped_ratio", "train/time/generation_s",
+                 "train/time/optimisation_s"):
+        assert name in metrics, name
+    assert "train/kl" not in metrics  # beta 0: no reference, no KL
+    assert abs(metrics["train/loss"]) < 0.5  # ~0 by construction (ratio 1), whatever the reward does
+    timing = m.timing()
+    assert timing["steps"] == 16 and len(m.phase_seconds["generation"]) == 16
+    assert m.generation_seconds > 0 and m.optimisation_seconds > 0
+    assert timing["generation_seconds"] == pytest.approx(m.generation_seconds)
+    assert m.timing(skip_steps=2)["steps"] == 14
+
+
+# ---------------------------------------------------------------------------- evaluation
+def test_evaluation_exact_match_and_reward(tiny_model_dir):
+    backbone = Backbone(model=str(tiny_model_dir))
+    m = GRPO(backbone=backbone, tuner=lora(), reward_funcs=[ExactAnswer(), completion_length], max_new_tokens=4,
+             num_generations=2)
+    dm = make_data(backbone)
+    t = trainer(1, limit_val_batches=None)
+    t.validate(m, datamodule=dm, verbose=False)
+    got = {k: float(v) for k, v in t.callback_metrics.items()}
+    # the same greedy answers through Objective.exact_match and the length reward by hand
+    dm.setup("validate")
+    m.model.eval()
+    acc, lengths = [], []
+    for batch in dm.val_dataloader():
+        acc += m.exact_match(batch, 4).tolist()
+        lengths += [len(p) for p in m.predict_answers(batch, 4)]
+    assert got["val/accuracy"] == pytest.approx(sum(acc) / len(acc))
+    assert got["val/rewards/exact_answer"] == pytest.approx(sum(acc) / len(acc))
+    assert got["val/rewards/completion_length"] == pytest.approx(sum(lengths) / len(lengths), rel=1e-6)
+    assert got["val/reward"] == pytest.approx(got["val/rewards/exact_answer"] + got["val/rewards/completion_length"], rel=1e-6)
+    assert "val/macro_accuracy" in got and "val/macro_reward" in got
+
+
+# ---------------------------------------------------------------------------- reward functions
+def test_exact_answer_on_fixed_strings():
+    f = ExactAnswer()
+    assert f(["q"] * 5, ["42", " 42 \n", "4 2", "42\nand more", "Paris"],
+             answers=["42", "42", "42", "42", "paris"]) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert f(["q"], ["A  B"], answers=["A B"]) == [1.0]  # inner white space folded, as exact match
+    with pytest.raises(RewardError, match=r"a training row has no exact answer \(task 'arithmetic'"):
+        f(["What is 2 + 2?"], ["4"], answers=[None], tasks=["arithmetic"])
+    with pytest.raises(RewardError, match="no 'answers' column"):
+        f(["q"], ["4"])
+
+
+def test_exact_answer_compares_as_the_data_metrics_say():
+    """Inside a run the reward is the held-out exact match of the row's task, with its options."""
+    from ftbench.evaluation.metrics import build_metric
+
+    class Run:
+        def metrics_for(self, task):
+            if task == "loose":
+                return [build_metric({"metric": "exact_match", "ignore_case": True, "first_line": True})]
+            return [build_metric("rouge_l")]  # no exact match: the default comparison
+
+    f = ExactAnswer()
+    f.bind(Run())
+    assert f(["q"] * 4, ["paris\nand more", "Lyon", "paris", "Paris"], answers=["Paris", "paris", "Paris", "Paris"],
+             tasks=["loose", "loose", "strict", "strict"]) == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_a_function_by_import_path():
+    f = FromImport("test_grpo.completion_length", kwargs={"scale": 0.5})
+    assert f.name == "completion_length"
+    assert f(["p", "p"], ["abcd", ""], answers=[None, None]) == [2.0, 0.0]
+    assert FromImport("test_grpo.target_share", alias="share").name == "share"
+    assert FromImport("test_grpo.target_share")(["p"], ["x"], completion_ids=[[100, 5, 163, 164]]) == [0.5]
+    with pytest.raises(ConfigError, match="has no 'nothing_here'"):
+        FromImport("test_grpo.nothing_here")
+    with pytest.raises(ConfigError, match="cannot import 'no_such_module.f'"):
+        FromImport("no_such_module.f")
+    with pytest.raises(ConfigError, match="not a callable"):
+        FromImport("test_grpo.TARGET_IDS")
+
+
+def test_a_function_that_returns_the_wrong_count_is_named(tiny_model_dir):
+    def short(prompts, completions, **kw):
+        return [1.0]
+
+    with pytest.raises(RewardError, match="reward short: returned 1 values for 8 completions"):
+        fixed_rollout(tiny_model_dir, COMPLETIONS, rewards=[short])
+
+
+# ---------------------------------------------------------------------------- reward model
+def score_model(backbone: Backbone, tuner) -> torch.nn.Module:
+    """A score-head model prepared by ``tuner`` as the Reward objective prepares it, with its trained
+    weights moved off their initial values (a stand-in for training)."""
+    model = tuner.prepare(backbone.load_model(head="score"), backbone)
+    score_module(model).requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def adapters():
+    return Adapters(placement="pfeiffer", bottleneck_size=8)
+
+
+@pytest.mark.parametrize("name,make_tuner", [("lora", lora), ("full", Full), ("freeze", Freeze), ("adapters", adapters)])
+def test_reward_model_loads_each_tuners_saved_output(tiny_model_dir, tmp_path, name, make_tuner):
+    backbone = Backbone(model=str(tiny_model_dir))
+    tuner = make_tuner()
+    model = score_model(backbone, tuner)
+    tuner.save(model, tmp_path / "rm")
+    loaded = load_reward_model(tmp_path / "rm", backbone)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    tok = backbone.tokenizer
+    from ftbench.data.base import pad_batch
+
+    ids = pad_batch([tok("What is 2 + 2? 4")["input_ids"] + [EOS], tok("hello there world")["input_ids"]], PAD)
+    mask = (ids != PAD).long()
+    assert mask.sum(1).tolist() != [ids.shape[1]] * 2  # one row is padded
+    with torch.no_grad():
+        assert torch.equal(last_token_scores(loaded, ids, mask), last_token_scores(model, ids, mask))
+
+
+def test_reward_model_refuses_a_folder_that_is_not_one(tiny_model_dir, tmp_path):
+    backbone = Backbone(model=str(tiny_model_dir))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="not the saved output of a reward run"):
+        load_reward_model(tmp_path / "empty", backbone)
+    with pytest.raises(ConfigError, match="is not a folder"):
+        load_reward_model(tmp_path / "missing", backbone)
+
+
+def test_reward_model_from_a_reward_run_scores_like_its_training_data(tiny_model_dir, tmp_path):
+    """A reward model trained by a short Reward run on builtin:capitals, saved by the tuner: scoring
+    a policy completion (prompt ids + completion ids through EOS + the chat template's end of turn)
+    gives exactly the score the trained model gives the preference data's chosen sequence."""
+    from ftbench.data.preference import PreferenceData
+
+    Reward = pytest.importorskip("ftbench.objectives.reward", reason="the Reward objective has not landed").Reward
+    backbone = Backbone(model=str(tiny_model_dir))
+    rm = Reward(backbone=backbone, tuner=lora(lr=1e-2))
+    dm = PreferenceData(backbone=backbone, source="builtin:capitals", builtin_size=64, batch_size=4,
+                        val_fraction=0.1, test_fraction=0.1, max_length=64, seed=0, prompt_batches=False)
+    L.seed_everything(0, verbose=False)
+    trainer(4).fit(rm, datamodule=dm)
+    rm.save_trained(tmp_path / "weights")
+    assert chat_turn_end(backbone.tokenizer) == "\n"
+
+    batch = next(iter(dm.train_dataloader()))
+    n = batch["chosen_input_ids"].shape[0]
+    rm.model.eval()
+    with torch.no_grad():
+        expected = last_token_scores(rm.model, batch["chosen_input_ids"], batch["chosen_attention_mask"])
+    tok = backbone.tokenizer
+    prompts, completions, prompt_ids, completion_ids = [], [], [], []
+    for i in range(n):
+        p_ids = batch["prompt_input_ids"][i][batch["prompt_attention_mask"][i].bool()].tolist()
+        full = batch["chosen_input_ids"][i][batch["chosen_attention_mask"][i].bool()].tolist()
+        assert full[: len(p_ids)] == p_ids
+        response = full[len(p_ids):]
+        c_ids = response[: response.index(EOS) + 1]  # what the policy would emit: up to its EOS
+        assert tok.decode(response[len(c_ids):]) == "\n"
+        prompts.append(tok.decode(p_ids))
+        completions.append(tok.decode(c_ids, skip_special_tokens=True))
+        prompt_ids.append(p_ids)
+        completion_ids.append(c_ids)
+
+    policy = GRPO(backbone=backbone, tuner=lora(), num_generations=2)
+    f = RewardModel(path=str(tmp_path / "weights"))
+    f.bind(policy)
+    scores = f(prompts, completions, prompt_ids=prompt_ids, completion_ids=completion_ids, answers=[None] * n)
+    assert torch.equal(torch.tensor(scores), expected.float())
+    # the text path (a reward model with another tokenizer) builds the same sequence here
+    f._same_tokenizer = False
+    assert f(prompts, completions, prompt_ids=prompt_ids, completion_ids=completion_ids) == pytest.approx(scores, abs=1e-6)
+    # without the end of turn the last token read is EOS, not the "\n" the model was trained on
+    plain = RewardModel(path=str(tmp_path / "weights"), end_of_turn="")
+    plain.bind(policy)
+    assert plain(prompts, completions, prompt_ids=prompt_ids, completion_ids=completion_ids) != scores
+
+
+# ---------------------------------------------------------------------------- shipped configs
+CONFIGS = ["grpo", "rloo", "grpo_reward_model"]
+
+
+@pytest.mark.parametrize("objective", CONFIGS)
+def test_shipped_grpo_yaml_runs_with_its_defaults(tiny_model_dir, tmp_path, monkeypatch, objective):
+    """Each shipped objective config, with configs/data/instruction_prompts.yaml, runs 2 steps and a
+    test on the tiny model with its shipped defaults (the reward-model config with its path pointed
+    at a saved reward model: the one value it cannot ship)."""
+    from ftbench.cli import cli_main
+
+    monkeypatch.chdir(ROOT)
+    config = ROOT / f"configs/objective/{objective}.yaml"
+    if objective == "grpo_reward_model":
+        backbone = Backbone(model=str(tiny_model_dir))
+        tuner = lora()
+        tuner.save(score_model(backbone, tuner), tmp_path / "rm")
+        content = yaml.safe_load(config.read_text())
+        content["init_args"]["reward_funcs"][0]["init_args"]["path"] = str(tmp_path / "rm")
+        config = tmp_path / "grpo_reward_model.yaml"
+        config.write_text(yaml.safe_dump(content))
+    out = tmp_path / "runs"
+    cli_main(["fit", "--backbone.model", str(tiny_model_dir), "--tuner", "configs/tuner/lora.yaml",
+              "--model", str(config), "--data", "configs/data/instruction_prompts.yaml",
+              "--trainer", "configs/trainer/cpu.yaml", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+              "--data.init_args.builtin_size", "60", "--data.init_args.batch_size", "2",
+              "--data.init_args.eval_batch_size", "3", "--data.init_args.max_eval_rows", "3",
+              "--trainer.enable_progress_bar", "false", "--out", str(out)])
+    [path] = out.glob("*.json")
+    record = json.loads(path.read_text())
+    info = record["train_info"]
+    assert info["status"] == "completed" and info["method"] == "grpo+lora", info.get("error")
+    assert info["global_steps"] == 2
+    [entry] = info["metrics"]
+    for name in ("train/reward", "train/time/generation_s", "train/time/optimisation_s", "val/accuracy", "val/reward"):
+        assert isinstance(entry[name], float), name
+    assert isinstance(info["final"]["test/accuracy"], float) and isinstance(info["final"]["test/reward"], float)
+    if objective == "grpo_reward_model":
+        assert "train/kl" in entry and "train/rewards/reward_model/mean" in entry
+    else:
+        assert "train/kl" not in entry and "train/rewards/exact_answer/mean" in entry
