@@ -160,6 +160,16 @@ class Objective(L.LightningModule):
                 raise NonFiniteLossError(self.global_step, float(loss))
             self._nonfinite = None
 
+    def should_log_step(self) -> bool:
+        """Whether this training step logs its metrics: every ``trainer.log_every_n_steps`` steps and
+        the last one. A ``self.log`` costs ~0.7 ms (5 % of a small model's step on a CPU) and, with the
+        progress bar on, a device sync on CUDA; Lightning writes to its loggers at that interval anyway."""
+        if self._trainer is None:
+            return True
+        step, every = self.trainer.global_step, max(1, int(self.trainer.log_every_n_steps or 1))
+        last = self.trainer.max_steps is not None and self.trainer.max_steps > 0 and step + 1 >= self.trainer.max_steps
+        return step % every == 0 or last
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         accumulate = max(1, int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1))
         if (batch_idx + 1) % accumulate == 0:  # once per optimizer step, after it and before zero_grad

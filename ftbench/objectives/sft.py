@@ -17,11 +17,14 @@ from ftbench.objectives.base import Objective
 
 
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence summed next-token loss (float32) and trained-token count (labels != -100 after the shift)."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
+    """Per-sequence summed next-token loss (float32) and trained-token count (labels != -100 after the shift).
+
+    Position t predicts label t+1: the labels are shifted left (the last position gets -100) rather
+    than the logits sliced, which would copy the B x T x vocabulary logits (as transformers'
+    ForCausalLMLoss does it too)."""
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+        logits.float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
         ignore_index=IGNORE_INDEX, reduction="none",
     ).view(shift_labels.shape)
     mask = shift_labels != IGNORE_INDEX
