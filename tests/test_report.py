@@ -419,3 +419,29 @@ def test_report_logs_a_wandb_table_offline(tmp_path, monkeypatch):
     t = json.loads(tables[0].read_text())
     assert t["columns"][:4] == ["method", "setting", "n", "status"] and len(t["data"]) == 5
     assert t["data"][1][:4] == ["lora", "lr=0.001, r=16", "3", "completed"]
+
+
+def test_memory_breakdown_columns_and_the_memory_ratio_on_cpu(tmp_path):
+    """Records with a memory breakdown show its parts and the predicted peak; on CPU runs the memory
+    ratio and the plot use the predicted device peak, not the process's resident peak."""
+    def breakdown(weights, grads, opt, act, transient):
+        return {"memory_breakdown": {"weights": {"bytes": weights * MB}, "gradients": {"bytes": grads * MB},
+                                     "optimizer": {"bytes": opt * MB},
+                                     "activations": {"bytes": act * MB, "other_live_bytes": 0},
+                                     "largest_transient": {"bytes": transient * MB},
+                                     "predicted_peak_bytes": (weights + grads + opt + act + transient) * MB}}
+    recs = [_record("f1", "full", 1, acc=0.5, mem_mb=4000, info=breakdown(500, 500, 1000, 100, 50), n=1),
+            _record("l1", "lora", 1, acc=0.4, mem_mb=3500, info=breakdown(520, 20, 40, 80, 50), n=2),
+            # a run without test rows: its validation accuracy is not shown as exact match
+            _record("v1", "lora", 1, lr=3e-4, final={"val/accuracy": 0.9}, mem_mb=3500, n=3)]
+    points, _ = summarise(runs_frame(recs))
+    table = markdown_table(points).splitlines()
+    assert table[0].startswith("| method | setting | n | status | trainable params | trainable % | weights (MB) | "
+                               "grads (MB) | optimizer (MB) | activations (MB) | predicted peak (MB) | peak mem (MB) | "
+                               "mem vs full |")
+    full, lora, val_only = table[2:5]
+    assert "| 500 | 500 | 1,000 | 100 | 2,150 | 4,000 | 1.00× (ref) |" in full
+    # LoRA's predicted peak 710 MB against full's 2,150: 0.33×, where the resident peaks say 0.88×
+    assert "| 520 | 20 | 40 | 80 | 710 | 3,500 | 0.33× |" in lora
+    assert val_only.split(" | ")[-1].strip(" |") == "–"  # exact match: no test rows, no figure
+    assert table[-1].startswith("Memory: weights, grads, optimizer and activations are the memory breakdown")

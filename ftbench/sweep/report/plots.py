@@ -62,20 +62,23 @@ def make_plots(points: pd.DataFrame, runs: pd.DataFrame, out: Path, prefix: str 
     written = []
     fit = points[points["subcommand"] == "fit"]
     # accuracy vs peak memory, the Pareto front marked
-    pts = fit[fit["accuracy"].notna() & fit["peak_mem_mb"].notna()]
+    pts = fit[fit["accuracy"].notna() & fit["device_mem_mb"].notna()]
     if len(pts):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        xy = list(zip(pts["peak_mem_mb"], 100 * pts["accuracy"]))
+        xy = list(zip(pts["device_mem_mb"], 100 * pts["accuracy"]))
         front = pareto_front(xy)
         for i, (_, r) in enumerate(pts.iterrows()):
-            ax.errorbar(xy[i][0], xy[i][1], xerr=_std(r["peak_mem_mb_std"]), yerr=100 * _std(r["accuracy_std"]),
+            ax.errorbar(xy[i][0], xy[i][1], xerr=_std(r["device_mem_mb_std"]), yerr=100 * _std(r["accuracy_std"]),
                         fmt="o", ms=9 if i in front else 6, mfc="none" if i not in front else None, capsize=3,
                         label=_name(r))
         ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "k--", lw=1, label="Pareto front")
         base = points[points["tuner"].isin(["baseline", "none"]) & points["accuracy"].notna()]  # no training
         if len(base):
             ax.axhline(100 * base["accuracy"].iloc[0], color="grey", ls=":", lw=1, label="baseline (no training)")
-        ax.set_xlabel("peak memory (MB)")
+        predicted = pts["pred_peak_mb"].notna() & pts["device_mem_mb"].eq(pts["pred_peak_mb"])
+        ax.set_xlabel("predicted device peak (MB, memory breakdown)" if predicted.all() else
+                      "peak memory (MB): CUDA allocated peak, or the predicted device peak on CPU runs" if predicted.any()
+                      else "peak memory (MB)")
         ax.set_ylabel("exact match (%)")
         ax.set_title("Accuracy vs peak memory (filled: Pareto front)")
         ax.legend(fontsize=7)

@@ -163,6 +163,24 @@ def _peak_mb(df: pd.DataFrame) -> pd.Series:
     return peak.where(peak > 0) / 2**20  # training phase; the test phase for test-only runs
 
 
+def _breakdown_mb(part: str) -> Callable[[pd.DataFrame], pd.Series]:
+    def column(df: pd.DataFrame) -> pd.Series:
+        value = _col(df, f"memory_breakdown.{part}.bytes")
+        if part == "activations":  # what the step keeps alive besides what autograd saves
+            value = value + _col(df, "memory_breakdown.activations.other_live_bytes").fillna(0)
+        return value / 2**20
+    return column
+
+
+def _device_mem_mb(df: pd.DataFrame) -> pd.Series:
+    """The memory a run stands for on its device: CUDA's allocated peak on a GPU; on a CPU the predicted
+    device peak of the memory breakdown (the process's resident peak also holds what loading and Python
+    left behind), else that resident peak for records without a breakdown."""
+    cuda = _col(df, "memory.cuda_allocated_peak_bytes")
+    predicted = _col(df, "memory_breakdown.predicted_peak_bytes")
+    return (cuda.where(cuda > 0) / 2**20).combine_first(predicted / 2**20).combine_first(_peak_mb(df))
+
+
 def _wall(df: pd.DataFrame) -> pd.Series:
     wall = _col(df, "fit_seconds").fillna(0) + _col(df, "test_seconds").fillna(0)
     return wall.where(wall > 0)
@@ -178,12 +196,19 @@ DERIVED: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
     "trainable_pct": lambda df: _col(df, "params.trainable_pct"),
     "total": lambda df: _col(df, "params.total"),
     "peak_mem_mb": _peak_mb,
+    "weights_mb": _breakdown_mb("weights"),
+    "grads_mb": _breakdown_mb("gradients"),
+    "optimizer_mb": _breakdown_mb("optimizer"),
+    "activations_mb": _breakdown_mb("activations"),
+    "pred_peak_mb": lambda df: _col(df, "memory_breakdown.predicted_peak_bytes") / 2**20,
+    "device_mem_mb": _device_mem_mb,
     "tokens_per_s": lambda df: _col(df, "throughput.trained_tokens_per_s"),
     "wall_s": _wall,
     "val_loss": lambda df: _col(df, "val/loss"),
     "val_ppl": _ppl,
     "test_loss": lambda df: _col(df, "test/loss"),
-    "accuracy": lambda df: _col(df, "test/accuracy").combine_first(_col(df, "val/accuracy")),
+    # held-out exact match: test only (a run without test rows shows none, rather than its val figure)
+    "accuracy": lambda df: _col(df, "test/accuracy"),
     # forgetting: the general-text loss after training minus before (positive = forgot)
     "forgetting": lambda df: _col(df, "val/general/loss") - _col(df, "initial.val/general/loss"),
 }

@@ -189,7 +189,7 @@ def compare(points: pd.DataFrame, reference: str = "full") -> pd.DataFrame:
     points = points.copy()
     refs = {i: pick_reference(points, i, reference) for i in points.index}
     points["is_reference"] = [refs[i] == i for i in points.index]
-    for key, rel in (("peak_mem_mb", "mem_rel"), ("tokens_per_s", "speed_rel")):
+    for key, rel in (("device_mem_mb", "mem_rel"), ("tokens_per_s", "speed_rel")):
         points[rel] = [(_ratio(points.at[i, key], points.at[r, key]) if r is not None and points.at[i, "subcommand"] == "fit"
                         else math.nan) for i, r in refs.items()]
     tests = [welch_t_test(points.at[i, "acc_values"], points.at[r, "acc_values"]) if r is not None and r != i else None

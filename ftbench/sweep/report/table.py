@@ -23,13 +23,25 @@ KNOWN = {
     "method": ("method", "text"), "setting": ("setting", "text"), "n": ("n", "n"), "status": ("status", "text"),
     "trainable": ("trainable params", "params"), "trainable_pct": ("trainable %", "params_pct"),
     "total": ("total params", "params"), "peak_mem_mb": ("peak mem (MB)", "count"),
+    "weights_mb": ("weights (MB)", "count"), "grads_mb": ("grads (MB)", "count"),
+    "optimizer_mb": ("optimizer (MB)", "count"), "activations_mb": ("activations (MB)", "count"),
+    "pred_peak_mb": ("predicted peak (MB)", "count"), "device_mem_mb": ("device mem (MB)", "count"),
     "mem_rel": ("mem vs {ref}", "ratio"), "tokens_per_s": ("trained tok/s", "count"),
     "speed_rel": ("speed vs {ref}", "ratio"), "wall_s": ("wall (s)", "int"), "val_loss": ("val loss", "loss"),
     "val_ppl": ("val ppl", "ppl"), "test_loss": ("test loss", "loss"), "accuracy": ("exact match", "percent"),
     "forgetting": ("forgetting (Δ general loss)", "delta"), "p": ("p vs {ref} (Welch)", "p"), "t": ("t vs {ref}", "num"),
 }
+#: the memory breakdown's columns, shown when records have one (ftbench.bench.memory)
+BREAKDOWN = ("weights_mb", "grads_mb", "optimizer_mb", "activations_mb", "pred_peak_mb")
+#: what the memory columns mean (under a table that shows the breakdown)
+MEMORY_NOTE = ("Memory: weights, grads, optimizer and activations are the memory breakdown of one training step, "
+               "measured from the tensors (device-independent); predicted peak = their sum + the largest transient. "
+               "peak mem = the measured peak: CUDA's allocated peak on a GPU, the process's resident (host) peak on a "
+               "CPU, which also holds what loading left behind. mem vs = the predicted peak on CPU runs, CUDA's "
+               "allocated peak on GPU runs.")
 #: what a summary line shows (after the run id, method and status)
-SUMMARY = ("trainable", "trainable_pct", "peak_mem_mb", "tokens_per_s", "wall_s", "val_loss", "test_loss", "accuracy")
+SUMMARY = ("trainable", "trainable_pct", "pred_peak_mb", "peak_mem_mb", "tokens_per_s", "wall_s", "val_loss",
+           "test_loss", "accuracy")
 #: the mark on the speed cells of a point with a contended run, and what it means (under the table)
 CONTENDED = "†"
 CONTENDED_NOTE = (f"{CONTENDED} Speed from a run that did not get the CPU/GPU it asked for (for several seeds: at least "
@@ -102,8 +114,10 @@ def default_keys(points: pd.DataFrame) -> list[str]:
     losses, exact match and per task, the data set's other answer metrics and lm-eval's numbers where
     records have them, forgetting and Welch's p where there are any."""
     keys = ["method"] + (["setting"] if points["setting"].astype(bool).any() else [])
-    keys += ["n", "status", "trainable", "trainable_pct", "peak_mem_mb", "mem_rel", "tokens_per_s", "speed_rel",
-             "wall_s", "val_loss", "val_ppl", "test_loss", "accuracy"]
+    keys += ["n", "status", "trainable", "trainable_pct"]
+    keys += [k for k in BREAKDOWN if k in points.columns and points[k].notna().any()]
+    keys += ["peak_mem_mb", "mem_rel", "tokens_per_s", "speed_rel", "wall_s", "val_loss", "val_ppl", "test_loss",
+             "accuracy"]
     keys += sorted((c for c in points.columns if _task(c)), key=_task)
     keys += [k for k in DEFAULT_ANSWER_METRICS if k in points.columns and points[k].notna().any()]
     keys += [c for c in points.columns if _lm_eval(c) and points[c].notna().any()]
@@ -207,7 +221,9 @@ def markdown_table(points: pd.DataFrame, keys: Optional[list[str]] = None, refer
     sep = "|" + "|".join("---" if c.kind == "text" else "---:" for c in cols) + "|"
     body = ["| " + " | ".join(cell(row, c) for c in cols) + " |" for _, row in points.iterrows()]
     marked = any(CONTENDED in line for line in body)
-    return "\n".join([head, sep, *body]) + (f"\n\n{CONTENDED_NOTE}" if marked else "")
+    notes = [MEMORY_NOTE] if any(c.key in BREAKDOWN for c in cols) else []
+    notes += [CONTENDED_NOTE] if marked else []
+    return "\n".join([head, sep, *body]) + "".join(f"\n\n{n}" for n in notes)
 
 
 def csv_text(points: pd.DataFrame) -> str:
