@@ -4,7 +4,9 @@ Crossed freely with the tuners (``ftbench.tuners``): a run is backbone x tuner x
 """
 
 from ftbench.objectives.base import NonFiniteLossError, Objective
+from ftbench.objectives.dpo import DPO
 from ftbench.objectives.grpo import GRPO
+from ftbench.objectives.reward import Reward
 from ftbench.objectives.sft import SFT
 
-__all__ = ["Objective", "NonFiniteLossError", "SFT", "GRPO"]
+__all__ = ["Objective", "NonFiniteLossError", "SFT", "Reward", "DPO", "GRPO"]

@@ -1,0 +1,326 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) and its variants, against a reference policy.
+
+Log-probabilities
+    A sequence's log-prob is the SUM of its completion tokens' log-probs (labels != -100 after the
+    causal shift; the prompt and padding are left out), with the log-softmax in float32
+    (:func:`ftbench.objectives.losses.sequence_logps`), as TRL, torchtune and LLaMA-Factory compute it.
+    Chosen and rejected go through ONE forward: ``cat([chosen, rejected])``, padded to one width.
+
+Losses (:func:`ftbench.objectives.losses.dpo_loss`), with ``D = (pi_c - ref_c) - (pi_r - ref_r)``:
+    * ``sigmoid``: ``-logsig(beta * D)``; with ``label_smoothing`` e > 0, conservative DPO,
+      ``-(1 - e) logsig(beta * D) - e logsig(-beta * D)``, as TRL <= 0.28, LLaMA-Factory and torchtune
+      define it. **TRL 1.x ignores label_smoothing for sigmoid** (its loss is ``-logsig(beta * D)``
+      whatever e is): ftbench applies it, so the numbers agree with TRL 1.x only at e = 0.
+    * ``ipo`` (Azar et al. 2023): ``((c / len_c - r / len_r) - 1 / (2 beta))^2``: the only loss that
+      AVERAGES the log-ratios per completion token (TRL does the same for IPO only); its implicit
+      rewards are built from those averages too.
+    * ``hinge`` (SLiC): ``relu(1 - beta * D)``.
+    * ``robust`` (Chowdhury et al. 2024): ``(-(1 - e) logsig(beta D) + e logsig(-beta D)) / (1 - 2e)``.
+    * ``sft_weight`` w > 0 adds ``w`` x the mean negative log-likelihood per token of the chosen
+      responses of the batch (token-weighted, as the SFT objective's loss; TRL's ``rpo_alpha``,
+      LLaMA-Factory's ``pref_ftx``).
+
+The reference policy, and what each option costs
+    * default (``precompute_reference: false``): the reference log-probs come from the tuner's
+      :meth:`~ftbench.tuners.base.Tuner.reference` under ``no_grad``, every step. LoRA, any peft method
+      and bottleneck adapters switch themselves off (no second copy of anything; one extra no-grad
+      forward per step, about a third more compute). Full and freeze tuning keep a frozen copy of the
+      whole model, made before the first step: one more set of weights in memory (SmolLM2-135M in
+      float32: 538 MB), and the extra forward. The copy is a submodule of the objective
+      (``reference_model``), so Lightning moves it to the device, a checkpoint keeps it and the record's
+      memory breakdown counts it with the weights; it stays in eval mode.
+    * ``precompute_reference: true``: one no-grad pass over every split of the data module (train,
+      val and test) before training stores the reference log-probs, 8 bytes a pair, matched to each
+      row by a hash of its tokens (never by batch position: the training order is shuffled). After it
+      no reference model is held (full and freeze make no frozen copy) and a training step is one
+      forward and backward. The table is cached on disk (``reference_cache_dir``), keyed by the
+      backbone, the tuner and its initial trainable weights, the precision and the data
+      (:mod:`ftbench.objectives.reference_cache`), written atomically, and reused by the next run with
+      the same key. For full and freeze tuning the pass reads the model itself, so it must run before
+      any step: a model restored from a checkpoint with no cache file for it is refused.
+
+Metrics, under TRL's names and meanings, for ``train/`` (per step), ``val/`` and ``test/`` (over the
+set): ``loss`` (the preference loss; ``sft_loss`` separately when ``sft_weight`` > 0),
+``rewards/chosen`` = mean of ``beta (pi_c - ref_c)``, ``rewards/rejected``, ``rewards/accuracies``
+(fraction of pairs with chosen reward > rejected, strict), ``rewards/margins``, ``logps/chosen``,
+``logps/rejected`` (means of the summed policy log-probs). Evaluation adds ``pairwise_accuracy``
+(= ``rewards/accuracies``, the reward model's name for it) and, for batches whose rows carry an exact
+answer (the built-in pairs do), ``accuracy``: exact match of the greedy answer, as SFT computes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from ftbench.objectives.base import Objective
+from ftbench.objectives.losses import DPO_LOSS_TYPES, dpo_loss, dpo_metrics, sequence_logps
+from ftbench.objectives.reference_cache import (ReferenceTable, cache_meta, cache_path, data_fingerprint,
+                                                default_cache_dir, row_keys, weights_hash)
+from ftbench.objectives.reward import concatenate_pairs
+from ftbench.tuners.base import Tuner
+
+SPLITS = ("train", "val", "test")
+
+
+def reference_is_a_copy(tuner: Tuner) -> bool:
+    """Whether the tuner's reference is a frozen copy of the weights (full, freeze), rather than the
+    model with its added modules switched off (peft, adapters) or the model itself (none)."""
+    return type(tuner).keep_reference is not Tuner.keep_reference
+
+
+class DPO(Objective):
+    """DPO and its variants (``loss_type``) against the untouched backbone as the reference policy."""
+
+    name = "dpo"
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid",
+        label_smoothing: float = 0.0,
+        sft_weight: float = 0.0,
+        precompute_reference: bool = False,
+        reference_cache_dir: Optional[str] = None,
+        max_new_tokens: Optional[int] = None,
+        generate_in_validation: bool = True,
+        **kwargs,
+    ):
+        """
+        Args:
+            beta: Strength of the tie to the reference policy (IPO's tau). TRL's default 0.1.
+            loss_type: ``sigmoid`` (DPO; conservative DPO with ``label_smoothing``), ``ipo``, ``hinge``
+                or ``robust``.
+            label_smoothing: e, the assumed rate of flipped preference labels: ``sigmoid`` [0, 0.5]
+                (applied, unlike TRL 1.x), ``robust`` [0, 0.5); must be 0 for ``ipo`` and ``hinge``.
+            sft_weight: Weight of the chosen responses' mean NLL per token added to the loss (RPO,
+                LLaMA-Factory's ``pref_ftx``); 0 = none.
+            precompute_reference: Compute the reference log-probs once before training (cached on
+                disk) and hold no reference model while training; see the module docstring.
+            reference_cache_dir: Where precomputed reference log-probs are cached (default
+                ``$FTBENCH_CACHE/reference_logps``, i.e. ``~/.cache/ftbench/reference_logps``).
+            max_new_tokens: Greedy-generation budget for exact match (default: what the data module
+                says its longest reference answer needs, else 32).
+            generate_in_validation: Also compute exact match during validation (not only test).
+        """
+        super().__init__(**kwargs)
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"objective dpo: unknown loss_type {loss_type!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")
+        if not sft_weight >= 0:
+            raise ValueError(f"objective dpo: sft_weight must be >= 0, got {sft_weight}")
+        try:  # the loss's own checks of beta and label_smoothing, now rather than at the first step
+            one = torch.zeros(1)
+            dpo_loss(one, one, one, one, beta, loss_type, label_smoothing, torch.ones(1), torch.ones(1))
+        except ValueError as err:
+            raise ValueError(f"objective dpo: {str(err).removeprefix('dpo_loss: ')}") from None
+        self.beta, self.loss_type, self.label_smoothing = float(beta), loss_type, float(label_smoothing)
+        self.sft_weight = float(sft_weight)
+        self.precompute_reference = precompute_reference
+        self.reference_cache_dir = reference_cache_dir
+        self.max_new_tokens = max_new_tokens
+        self.generate_in_validation = generate_in_validation
+        self.reference_table: Optional[ReferenceTable] = None
+        #: ``cache`` (read from disk) or ``computed`` once the precomputed table is there
+        self.reference_source: Optional[str] = None
+        self.reference_cache_file: Optional[Path] = None
+        self._initial_weights: Optional[str] = None
+        #: the tuner's frozen copy of the backbone, when its reference is one (full, freeze, on the fly)
+        self.reference_model: Optional[torch.nn.Module] = None
+
+    @property
+    def needs_reference(self) -> bool:
+        return not self.precompute_reference
+
+    def configure_model(self) -> None:
+        fresh = self.model is None
+        super().configure_model()
+        if not fresh:
+            return
+        if self.precompute_reference:
+            # before a checkpoint is restored or a step taken: these are the weights the reference starts from
+            self._initial_weights = weights_hash(self.model)
+        else:
+            with self.tuner.reference(self.model) as ref:
+                if ref is not self.model:
+                    # a frozen copy (full, freeze): a submodule, so that Lightning moves it with the model,
+                    # a checkpoint keeps it and the memory breakdown counts its weights
+                    self.reference_model = ref
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "reference_model", None) is not None:
+            self.reference_model.eval()  # the reference never drops out
+        return self
+
+    # ------------------------------------------------------------------ log-probs
+    def _precision_context(self):
+        trainer = self._trainer
+        return trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
+
+    def sequence_logps(self, cat: dict[str, torch.Tensor], model: Optional[torch.nn.Module] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed completion log-probs and completion lengths of the concatenated rows, ``(2 pairs,)``."""
+        logits = self(cat["input_ids"], cat["attention_mask"], model=model)
+        return sequence_logps(logits, cat["labels"])
+
+    def reference_logps(self, batch: dict[str, Any], cat: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's summed log-probs of the chosen and rejected completions, ``(pairs,)`` each."""
+        if self.precompute_reference:
+            if self.reference_table is None:
+                self.ensure_reference_table()
+            return self.reference_table.lookup(row_keys(batch), self.device)
+        n = batch["chosen_input_ids"].shape[0]
+        with torch.no_grad(), self.tuner.reference(self.model) as ref:
+            logps, _ = self.sequence_logps(cat, model=ref)
+        return logps[:n], logps[n:]
+
+    def compute(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Policy and reference log-probs, the per-pair losses and the implicit rewards of a batch."""
+        n = batch["chosen_input_ids"].shape[0]
+        cat = concatenate_pairs(batch, ("input_ids", "attention_mask", "labels"))
+        ref_c, ref_r = self.reference_logps(batch, cat)  # first: its no-grad activations are gone before the policy's
+        logps, lengths = self.sequence_logps(cat)
+        pol_c, pol_r = logps[:n], logps[n:]
+        losses, rew_c, rew_r = dpo_loss(pol_c, pol_r, ref_c, ref_r, self.beta, self.loss_type, self.label_smoothing,
+                                        lengths[:n], lengths[n:])
+        return {"cat": cat, "losses": losses, "chosen_rewards": rew_c, "rejected_rewards": rew_r,
+                "policy_chosen": pol_c, "policy_rejected": pol_r, "lengths": lengths,
+                # the chosen responses' NLL per token over the batch (the SFT term)
+                "sft_loss": -pol_c.sum() / lengths[:n].sum().clamp(min=1), "sft_rows": -pol_c, "sft_tokens": lengths[:n]}
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        out = self.compute(batch)
+        loss = out["losses"].mean()
+        if self.sft_weight > 0:
+            loss = loss + self.sft_weight * out["sft_loss"]
+        extra = self.tuner.regularization(self.model)  # e.g. AdaLoRA's orthogonality penalty
+        if extra is not None:
+            loss = loss + extra
+        self.check_finite(loss, batch_idx)
+        n = out["losses"].shape[0]
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n)
+        metrics = dpo_metrics(out["chosen_rewards"], out["rejected_rewards"], out["policy_chosen"], out["policy_rejected"])
+        if self.sft_weight > 0:
+            metrics["sft_loss"] = out["sft_loss"].detach()
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, batch_size=n)
+        cat = out["cat"]
+        return self.step_output(loss, out["lengths"].sum(), cat["input_ids"], cat["attention_mask"])
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        out = self.compute(batch)
+        rc, rr = out["chosen_rewards"], out["rejected_rewards"]
+        right = (rc > rr).float()
+        values = {"loss": out["losses"], "rewards/chosen": rc, "rewards/rejected": rr, "rewards/accuracies": right,
+                  "rewards/margins": rc - rr, "logps/chosen": out["policy_chosen"],
+                  "logps/rejected": out["policy_rejected"], "pairwise_accuracy": right}
+        weights = {}
+        if self.sft_weight > 0:
+            values["sft_loss"], weights["sft_loss"] = out["sft_rows"], out["sft_tokens"]
+        if "gen_input_ids" in batch and (stage == "test" or self.generate_in_validation):
+            values["accuracy"] = self.exact_match(batch, self.max_new_tokens)
+        self.update_by_task(stage, batch.get("tasks"), values, weights)
+
+    # ------------------------------------------------------------------ precomputed reference
+    def on_fit_start(self) -> None:
+        if self.precompute_reference:
+            self.ensure_reference_table()
+
+    def on_validation_start(self) -> None:
+        if self.precompute_reference:
+            self.ensure_reference_table()
+
+    def on_test_start(self) -> None:
+        if self.precompute_reference:
+            self.ensure_reference_table()
+
+    def _preference_batches(self, dm=None) -> Iterator[dict[str, Any]]:
+        """Every pair of the data module's splits, in batches (no shuffling, no RNG drawn)."""
+        if dm is None and self._trainer is not None:
+            dm = self.trainer.datamodule
+        if dm is None:
+            raise RuntimeError("objective dpo: precompute_reference needs a data module (trainer.fit(model, datamodule=...))")
+        splits = getattr(dm, "splits", None)
+        if splits and hasattr(dm, "collator"):
+            collate = dm.collator(generation=False)
+            size = getattr(dm, "eval_batch_size", None) or getattr(dm, "batch_size", None) or 8
+            for name in SPLITS:
+                items = splits.get(name) or []
+                for i in range(0, len(items), size):
+                    yield collate(items[i:i + size])
+            return
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        for name in SPLITS:
+            try:
+                loader = getattr(dm, f"{name}_dataloader")()
+            except (MisconfigurationException, NotImplementedError):
+                continue
+            yield from loader
+
+    def ensure_reference_table(self, datamodule=None) -> ReferenceTable:
+        """The reference log-probs of every pair of the data: read from the cache file made for this
+        backbone, tuner, precision and data, or computed now by one no-grad pass and written there.
+
+        Called by the hooks with the trainer's data module; ``datamodule`` (set up) lets it run without a
+        trainer, after :meth:`configure_model` (the precision is then ``32-true``)."""
+        if self.reference_table is not None:
+            return self.reference_table
+        assert self.model is not None, "configure_model() first"
+        keys = [k for batch in self._preference_batches(datamodule) for k in row_keys(batch)]
+        if not keys:
+            raise RuntimeError("objective dpo: precompute_reference: the data module has no preference pairs")
+        if self._initial_weights is None:
+            self._initial_weights = weights_hash(self.model)
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        meta = cache_meta(self.backbone, self.tuner, self._initial_weights, precision, data_fingerprint(keys))
+        path = cache_path(self.reference_cache_dir or default_cache_dir(), meta)
+        table = ReferenceTable.load(path, meta)
+        if table is not None and table.covers(keys):
+            self.reference_source = "cache"
+        else:
+            table = self._compute_reference_table(meta, datamodule)
+            if self._trainer is None or self.trainer.is_global_zero:
+                table.save(path)
+            self.reference_source = "computed"
+        self.reference_table, self.reference_cache_file = table, path
+        took = f"computed in {table.seconds:.1f} s" if table.seconds is not None else "computed"
+        how = took if self.reference_source == "computed" else f"read from the cache ({took} by an earlier run)"
+        rank_zero_info(f"dpo: reference log-probs of {len(table)} pairs {how}: {path}")
+        return table
+
+    @torch.no_grad()
+    def _compute_reference_table(self, meta: dict[str, Any], datamodule=None) -> ReferenceTable:
+        copy_tuner = reference_is_a_copy(self.tuner)
+        if copy_tuner and weights_hash(self.model) != self._initial_weights:
+            raise RuntimeError(
+                f"objective dpo: precompute_reference: tuner {self.tuner.name} changes the backbone's own weights and "
+                "they have changed already (restored from a checkpoint?), so the model is no longer the reference; "
+                "run the reference pass before training (the cache file of the first run is reused), or use "
+                "precompute_reference: false")
+        t0 = time.perf_counter()
+        keys, chosen, rejected = [], [], []
+        was_training = self.model.training
+        self.model.eval()  # no dropout: the reference is deterministic
+        try:
+            with contextlib.ExitStack() as stack:
+                # full/freeze: before any step the model is the untouched backbone; others switch off
+                ref = self.model if copy_tuner else stack.enter_context(self.tuner.reference(self.model))
+                stack.enter_context(self._precision_context())
+                for batch in self._preference_batches(datamodule):
+                    n = batch["chosen_input_ids"].shape[0]
+                    cat = {k: v.to(self.device) for k, v in
+                           concatenate_pairs(batch, ("input_ids", "attention_mask", "labels")).items()}
+                    logps, _ = self.sequence_logps(cat, model=ref)
+                    keys += row_keys(batch)
+                    chosen.append(logps[:n].float().cpu())
+                    rejected.append(logps[n:].float().cpu())
+        finally:
+            self.model.train(was_training)
+        return ReferenceTable(keys, torch.cat(chosen), torch.cat(rejected), meta, time.perf_counter() - t0)
