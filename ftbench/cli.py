@@ -202,7 +202,12 @@ def _cli_class():
         def after_fit(self) -> None:
             cfg = self._cfg()
             if cfg.test_after_fit and hasattr(self.datamodule, "test_dataloader"):
-                self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+                splits = getattr(self.datamodule, "splits", None) or {}
+                if "test" in splits and not splits["test"]:
+                    print("ftbench: warning: the data has no test rows (test_fraction 0 and no test_source): no test "
+                          "metrics, and the report's exact match column stays empty for this run", file=sys.stderr)
+                else:
+                    self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
             self._lm_eval()
             self._finish()
 

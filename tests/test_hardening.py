@@ -198,3 +198,14 @@ def test_wandb_with_a_key_and_no_server_goes_offline_quickly(capsys):
     explicit = {"WANDB_API_KEY": "k", "WANDB_MODE": "disabled"}
     offline_unless_reachable(explicit)
     assert explicit["WANDB_MODE"] == "disabled"
+
+
+def test_no_test_rows_is_said_not_hidden(tiny_model_dir, tmp_path, capsys):
+    argv = fit_argv(tiny_model_dir, tmp_path, "--data.init_args.test_fraction", "0")
+    argv[argv.index("--test_after_fit") + 1] = "true"
+    main(argv)
+    assert ("ftbench: warning: the data has no test rows (test_fraction 0 and no test_source): no test metrics, and "
+            "the report's exact match column stays empty for this run") in capsys.readouterr().err
+    (record,) = tmp_path.glob("*.json")
+    final = json.loads(record.read_text())["train_info"]["final"]
+    assert not [k for k in final if k.startswith("test/")] and "val/loss" in final

@@ -262,6 +262,10 @@ class RunRecorder(L.Callback):
             info["throughput"] = tp.summary()
         from ftbench.bench.memory import MemoryBreakdown
 
+        if hasattr(pl_module, "generation_seconds"):  # online RL: the step time split into its two phases
+            info["step_time_split"] = {"generation_s": pl_module.generation_seconds,
+                                       "optimisation_s": pl_module.optimisation_seconds,
+                                       "reward_s": getattr(pl_module, "reward_seconds", None)}
         breakdown = self._callback(trainer, MemoryBreakdown)
         if breakdown is not None and breakdown.results:
             info["memory_breakdown"] = breakdown.results

@@ -133,6 +133,7 @@ class GRPO(Objective):
         self,
         reward_funcs: Optional[list[RewardFunction]] = None,
         reward_weights: Optional[list[float]] = None,
+        reward_model: Optional[str] = None,
         num_generations: int = 8,
         max_completion_length: int = 256,
         temperature: float = 1.0,
@@ -160,6 +161,10 @@ class GRPO(Objective):
                 Default: ``[ExactAnswer]``.
             reward_weights: One weight per reward function (default: all 1.0); the reward is the
                 weighted sum.
+            reward_model: A reward-model run's saved weights (a folder): a ``RewardModel`` reward
+                function after ``reward_funcs`` (which then default to none). A sweep sets it from
+                ``reward_model: <run name>``. It is loaded on this run's backbone (so a reward model
+                trained from an SFT stage is scored on that stage: give this run the same ``init_from``).
             num_generations: G, completions sampled per prompt (>= 2; TRL's default 8). A step trains
                 on ``data.batch_size x G`` completions.
             max_completion_length: Most new tokens sampled per completion (TRL's default 256).
@@ -219,7 +224,13 @@ class GRPO(Objective):
         if scale_rewards not in ("group", "batch", "none"):
             raise ConfigError(f"objective grpo: unknown scale_rewards {scale_rewards!r}; expected group, batch or none")
 
-        funcs = [as_reward_function(f) for f in (reward_funcs if reward_funcs is not None else [ExactAnswer()])]
+        extra: list[RewardFunction] = []
+        if reward_model is not None:
+            from ftbench.objectives.rewards import RewardModel
+
+            extra = [RewardModel(path=reward_model)]
+        given = reward_funcs if reward_funcs is not None else ([] if extra else [ExactAnswer()])
+        funcs = [as_reward_function(f) for f in [*given, *extra]]
         if not funcs:
             raise ConfigError("objective grpo: reward_funcs is empty (give at least one reward function)")
         names = [f.name for f in funcs]
