@@ -540,3 +540,15 @@ def test_report_examples_are_pinned(tmp_path, capsys):
     assert report(tmp_path, plots=False).count("## Examples") == 0
     assert report_main([str(tmp_path), "--no-plots", "--examples", "2"]) == 0
     assert capsys.readouterr().out.rstrip().endswith(EXAMPLES.rstrip())
+
+
+def test_the_default_table_shows_the_new_metrics(tmp_path):
+    from ftbench.sweep.report import report
+
+    rec = _rec("lora-1", "sft+lora", 1, acc=0.25, predictions=False)
+    rec["train_info"]["final"].update({"test/rouge_l": 0.6125, "test/chrf": 0.5, "test/arithmetic/rouge_l": 0.7,
+                                       "lm_eval/arc_easy/acc": 0.3333, "lm_eval/arc_easy/acc_norm": 0.4})
+    (tmp_path / "lora-1.json").write_text(json.dumps(rec))
+    table = report(tmp_path, plots=False).splitlines()
+    assert table[0].endswith("| exact match | test/rouge_l | test/chrf | lm_eval/arc_easy/acc | lm_eval/arc_easy/acc_norm |")
+    assert table[2].endswith("| 25.0% | 61.3% | 50.0% | 33.3% | 40.0% |")

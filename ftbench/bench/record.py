@@ -3,6 +3,10 @@
 The layout follows PEFT's method-comparison suite. The file is rewritten atomically (temporary file
 + ``os.replace``) at every change of state, so a reader (or a sweep resuming after ``kill -9``)
 sees either the previous complete record or the new one, never half a file.
+
+Evaluation adds ``train_info.predictions`` (``{"path": "{run_id}.predictions.jsonl", "rows": {stage: n}}``:
+the file next to the record with every evaluated row, :mod:`ftbench.evaluation.predictions`) and, with
+``--evaluate.lm_eval_tasks``, ``train_info.lm_eval`` and ``lm_eval/<task>/<metric>`` in ``final``.
 """
 
 from __future__ import annotations
