@@ -605,7 +605,7 @@ class SplitDataModule(L.LightningDataModule):
             given = self.metric_config(task)
             if given is None:
                 given = ["exact_match"]
-                if any(getattr(e, "choices", None) is not None and e.task == task
+                if any(getattr(e, "choices", None) is not None and getattr(e, "task", None) == task
                        for split in ("val", "test") for e in self.splits.get(split, [])):
                     given += ["mc_accuracy", "mc_accuracy_norm"]
             self._metric_suites[task] = build_metrics(given, self._metrics_where(task))
@@ -622,11 +622,11 @@ class SplitDataModule(L.LightningDataModule):
         self._metric_suites = {}
         rows = [(split, e) for split in ("val", "test") for e in self.splits.get(split, [])
                 if getattr(e, "answer", None) is not None]
-        for task in {e.task for _, e in rows}:
-            mine = [(split, e) for split, e in rows if e.task == task]
+        for task in {getattr(e, "task", None) for _, e in rows}:
+            mine = [(split, e) for split, e in rows if getattr(e, "task", None) == task]
             for m in self.metrics_for(task):
                 where = self._metrics_where(task)
-                if m.needs_choices and not any(e.choices is not None for _, e in mine):
+                if m.needs_choices and not any(getattr(e, "choices", None) is not None for _, e in mine):
                     raise ValueError(f"{where}: {m.kind} scores options, but no held-out row"
                                      f"{'' if task is None else f' of task {task!r}'} has 'choices' and 'gold'")
                 if isinstance(m, LabelAccuracy):
@@ -638,7 +638,7 @@ class SplitDataModule(L.LightningDataModule):
 
     def metric_names(self) -> "dict[str, list[str]] | list[str]":
         """What the record says about the metrics: their record names (per task in a mixture)."""
-        tasks = sorted({e.task for split in ("val", "test") for e in self.splits.get(split, [])}, key=str)
+        tasks = sorted({getattr(e, "task", None) for split in ("val", "test") for e in self.splits.get(split, [])}, key=str)
         if tasks and tasks != [None]:
             return {str(t): [m.name for m in self.metrics_for(t)] for t in tasks}
         return [m.name for m in self.metrics_for(None)]
