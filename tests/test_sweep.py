@@ -365,10 +365,11 @@ def test_resume_after_kill_9(tmp_path, tiny_model_dir):
 
 
 def test_failures_are_isolated_and_reported(tmp_path, tiny_model_dir):
-    # lr 1e30 with no warm-up: the second step's loss is not finite (status nan); a LoRA rank of
-    # "many" fails to parse (status failed, from the exit code); the third run completes
+    # lr 1e30 with no warm-up: the second step's loss is not finite (status nan); max_steps 0 parses
+    # but is refused before the run starts, so no record (status failed, from the exit code); the
+    # third run completes
     sweep_file = _tiny_sweep(tmp_path, tiny_model_dir, "  tuner: [lora.yaml]\n  lr: [1.0e+30, 1.0e-3]\n",
-                             runs="runs:\n  - {tuner: lora.yaml, tuner.init_args.peft_config.init_args.r: many}\n")
+                             runs="runs:\n  - {tuner: lora.yaml, trainer.max_steps: 0}\n")
     out = tmp_path / "results"
     ids = [r.run_id for r in load_sweep(sweep_file).runs]
     res = subprocess.run(_sweep_cmd(sweep_file), env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -378,7 +379,7 @@ def test_failures_are_isolated_and_reported(tmp_path, tiny_model_dir):
     assert nan["error"]["type"] == "NonFiniteLossError" and nan["global_steps"] == 1
     assert "train/loss" in nan["last_metrics"]
     bad = json.loads((out / f"{ids[2]}.json").read_text())["train_info"]
-    assert bad["error"]["type"] == "ExitCode" and "many" in bad["error"]["log_tail"]
+    assert bad["error"]["type"] == "ExitCode" and "trainer.max_steps: 0 trains nothing" in bad["error"]["log_tail"]
     assert f"2 run(s) did not complete: {ids[0]} (nan), {ids[2]} (failed)" in res.stderr
     # a second invocation skips the failed runs (and still says they failed)
     again = subprocess.run(_sweep_cmd(sweep_file), env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
