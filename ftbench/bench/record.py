@@ -63,6 +63,20 @@ def portable(obj: Any) -> Any:
     return obj
 
 
+def portable_path(path: str) -> str:
+    """A path as a record keeps it: relative to the working directory when below it, ``~/...`` when
+    below the home folder (the model cache), else as given. A committed record names no folder of the
+    machine it ran on."""
+    if not os.path.isabs(path):
+        return path
+    cwd, home = os.getcwd(), os.path.expanduser("~")
+    if path == cwd or path.startswith(cwd + os.sep):
+        return os.path.relpath(path, cwd)
+    if home not in ("", "/") and path.startswith(home + os.sep):
+        return "~" + path[len(home):]
+    return path
+
+
 def jsonable(obj: Any) -> Any:
     if isinstance(obj, enum.Enum):  # peft keeps some options as enums (prompt_tuning_init: RANDOM)
         return jsonable(obj.value)
@@ -104,7 +118,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def meta_info() -> dict[str, Any]:
+def meta_info(results_dir: Optional[Path] = None) -> dict[str, Any]:
     versions = {}
     for pkg in PACKAGES:
         try:
@@ -112,7 +126,13 @@ def meta_info() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # dirty: tracked files changed, other than the results folder itself (a sweep rewriting committed
+    # records there is the run's own output, not a change to what computes it)
+    top = _git("rev-parse", "--show-toplevel")
+    exclude = []
+    if top and results_dir is not None and Path(results_dir).resolve().is_relative_to(top):
+        exclude = [f":(top,exclude){Path(results_dir).resolve().relative_to(top).as_posix() or '.'}"]
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ":/", *exclude)
     return {
         "versions": versions,
         "python": platform.python_version(),
@@ -152,7 +172,7 @@ class RunRecorder(L.Callback):
             "schema": SCHEMA_VERSION,
             "run_info": {**redact(run_info), "created": now()},
             "train_info": {"status": "running", "metrics": [], "final": {}},
-            "meta_info": meta_info(),
+            "meta_info": meta_info(self.path.parent),
         }
         self.initial_phase = False  # set by the CLI around a validation before fit
         self.write_predictions = True  # {out}/{run_id}.predictions.jsonl (--evaluate.predictions)
@@ -191,6 +211,9 @@ class RunRecorder(L.Callback):
         backbone = getattr(pl_module, "backbone", None)
         if backbone is not None:
             info["backbone"] = backbone.describe()
+            for key in ("resolved", "init_from"):
+                if isinstance(info["backbone"].get(key), str):
+                    info["backbone"][key] = portable_path(info["backbone"][key])
             if hasattr(backbone, "memory_footprint"):
                 info["backbone"].update(backbone.memory_footprint(pl_module.model))
         dm = trainer.datamodule
