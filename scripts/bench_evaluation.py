@@ -94,7 +94,7 @@ def mixture_config(folder: Path, numbers: Path, labels: Path) -> Path:
         "tasks": [{"name": "number_words", "source": str(numbers), "metrics": NUMBER_METRICS},
                   {"name": "fruit_or_animal", "source": str(labels), "metrics": LABEL_METRICS}],
         "sampling": "uniform", "max_length": 256, "val_fraction": 0.1, "test_fraction": 0.2,
-        "max_eval_rows": 40, "batch_size": 8, "eval_batch_size": 40, "prompt_template": "auto"}}
+        "max_eval_rows": 20, "batch_size": 8, "eval_batch_size": 40, "prompt_template": "auto"}}
     path = folder / "mixture.yaml"
     import yaml
 
@@ -129,8 +129,23 @@ def run(sub: str, tuner: str, data: Path, out: Path, steps: int) -> dict:
     return rec
 
 
-def timings(data: Path, repeats: int = 3) -> dict:
-    """Evaluation time of each part on the untuned model over the data set's test rows (seconds)."""
+def reusable(out: Path, sub: str, tuner: str, wait_s: float = 3600) -> dict | None:
+    """A record of this data set's run already in ``out`` (``--reuse``); one still running is waited for."""
+    label = "sft+" + Path(tuner).stem
+    deadline = time.time() + wait_s
+    while True:
+        found = None
+        for f in sorted(out.glob("*.json")):
+            rec = json.loads(f.read_text())
+            if rec["run_info"].get("subcommand") == sub and rec["train_info"].get("method") == label:
+                found = rec
+        if found is None or found["train_info"]["status"] != "running" or time.time() > deadline:
+            return found if found is not None and found["train_info"]["status"] == "completed" else None
+        time.sleep(20)
+
+
+def timings(data: Path, repeats: int = 3, max_rows: int = 40) -> dict:
+    """Evaluation time of each part on the untuned model over the first ``max_rows`` test rows (seconds)."""
     import importlib
 
     import torch
@@ -154,8 +169,12 @@ def timings(data: Path, repeats: int = 3) -> dict:
     method = SFT(backbone=backbone, tuner=NoTuning())
     method.configure_model()
     method.model.eval()
-    batches = list(dm.test_dataloader())
-    rows = sum(len(b["answers"]) for b in batches)
+    batches, rows = [], 0
+    for b in dm.test_dataloader():
+        if rows >= max_rows:
+            break
+        batches.append(b)
+        rows += len(b["answers"])
     out: dict = {"rows": rows}
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -199,16 +218,23 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/bench_evaluation")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--skip-runs", action="store_true", help="only the timings")
+    ap.add_argument("--reuse", action="store_true", help="take a completed record of a run from --out instead of "
+                    "running it again (one still running is waited for)")
+    ap.add_argument("--timing-rows", type=int, default=40, help="test rows the timings are taken on")
     args = ap.parse_args(argv)
     out = (ROOT / args.out).resolve()
     numbers, labels = write_data(out / "data")
     configs = {"instruction": instruction_config(out / "data"), "mixture": mixture_config(out / "data", numbers, labels)}
     summary: dict = {"steps": args.steps, "runs": {}, "timings": {}}
     if not args.skip_runs:
-        for name, data in configs.items():
+        for name, data in sorted(configs.items(), reverse=args.reuse):
             for label, sub, tuner in (("baseline", "test", "configs/tuner/none.yaml"),
                                       ("lora", "fit", "configs/tuner/lora.yaml")):
-                rec = run(sub, tuner, data, out / name, args.steps)
+                rec = reusable(out / name, sub, tuner) if args.reuse else None
+                if rec is None:
+                    rec = run(sub, tuner, data, out / name, args.steps)
+                else:
+                    rec["_wall"] = None
                 info = rec["train_info"]
                 summary["runs"][f"{name}/{label}"] = {
                     "final": {k: v for k, v in info["final"].items() if k.startswith("test/") and not k.endswith(("loss", "perplexity"))},
@@ -216,7 +242,7 @@ def main(argv=None) -> int:
                     "wall_s": rec["_wall"], "predictions": info.get("predictions"), "run_id": rec["run_info"]["run_id"]}
                 print(f"{name}/{label}: {rec['run_info']['run_id']} test {info.get('test_seconds', 0):.1f} s", flush=True)
     for name, data in configs.items():
-        summary["timings"][name] = timings(data)
+        summary["timings"][name] = timings(data, max_rows=args.timing_rows)
         print(f"timings {name}: {json.dumps(summary['timings'][name])}", flush=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(tables(summary))
