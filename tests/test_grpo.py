@@ -416,7 +416,7 @@ def test_reward_model_loads_each_tuners_saved_output(tiny_model_dir, tmp_path, n
 def test_reward_model_refuses_a_folder_that_is_not_one(tiny_model_dir, tmp_path):
     backbone = Backbone(model=str(tiny_model_dir))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="not the saved output of a reward run"):
+    with pytest.raises(ConfigError, match="holds no weights a run saved"):
         load_reward_model(tmp_path / "empty", backbone)
     with pytest.raises(ConfigError, match="is not a folder"):
         load_reward_model(tmp_path / "missing", backbone)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
@@ -210,77 +209,29 @@ def as_reward_function(func: Any) -> RewardFunction:
 
 # ---------------------------------------------------------------------------- reward model
 def load_reward_model(path: str | Path, backbone: "Backbone") -> torch.nn.Module:
-    """The score-head model a ``Reward`` run saved (``tuner.save``) in ``path``, on ``backbone``:
+    """The score-head model a ``Reward`` run saved (``tuner.save``) in ``path``, on ``backbone``: the
+    backbone loaded with a score head and the saved weights applied by :func:`ftbench.tuners.saved.apply_saved`
+    (the one reader of a tuner's saved folder: a peft adapter with its ``score`` layer, bottleneck
+    adapters with the head, the trained blocks and head of freeze-tuning, or a full model). Returned
+    in eval mode with no parameter requiring grad."""
+    from safetensors import safe_open
 
-    * peft (``adapter_config.json`` with a ``peft_type``): ``PeftModel.from_pretrained`` on the
-      backbone with a score head; peft restores the trained ``score`` layer (``modules_to_save``);
-    * bottleneck adapters (``adapter_config.json`` with ``method: adapters``): the tuner re-created
-      from that config on the score-head backbone, then its weights (adapters and head) loaded;
-    * full (``config.json`` + weights): the saved model itself, tokenizer from ``backbone``;
-    * freeze (``model.safetensors`` only: the trained blocks and the head, by parameter name):
-      loaded over the score-head backbone, every saved name required to exist in it.
-
-    Returned in eval mode with no parameter requiring grad.
-    """
-    from ftbench.backbone import Backbone, BackboneError, score_module
+    from ftbench.backbone import BackboneError, score_module
+    from ftbench.tuners.saved import apply_saved, saved_kind
 
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"reward_model.path: {str(path)!r} is not a folder (give the weights folder of a reward "
                           "run: ftbench fit ... --save_weights true writes {out}/{run_id}/weights)")
-    adapter_cfg = path / "adapter_config.json"
-    if adapter_cfg.is_file():
-        saved = json.loads(adapter_cfg.read_text())
-        if "peft_type" in saved:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(backbone.load_model(head="score"), str(path))
-        elif saved.get("method") == "adapters":
-            from ftbench.tuners.adapters import Adapters
-
-            tuner = Adapters(placement=saved["placement"], bottleneck_size=saved["bottleneck_size"],
-                             nonlinearity=saved.get("nonlinearity", "relu"), dropout=saved.get("dropout", 0.0),
-                             train_norms=saved.get("train_norms", False))
-            model = tuner.prepare(backbone.load_model(head="score"), backbone)
-            score_module(model).requires_grad_(True)  # saved with the adapters, as the Reward objective trains it
-            tuner.load(model, path)
-        else:
-            raise ConfigError(f"reward_model.path: {str(adapter_cfg)!r} is neither a peft adapter config "
-                              "(peft_type) nor ftbench's bottleneck adapters (method: adapters)")
-    elif (path / "config.json").is_file():
-        full = Backbone(model=str(path), tokenizer=backbone.tokenizer_path or backbone.resolve(), dtype=backbone.dtype,
-                        attn_implementation=backbone.attn_implementation, trust_remote_code=backbone.trust_remote_code)
-        model = full.load_model(head="score")
-        if getattr(model.config, "num_labels", 1) != 1:
-            raise ConfigError(f"reward_model.path: {str(path)!r} has num_labels={model.config.num_labels}, not a "
-                              "scalar score head")
-    elif (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        model = backbone.load_model(head="score")
-        tensors = load_file(str(path / "model.safetensors"))
-        params = dict(model.named_parameters())
-        unknown = sorted(set(tensors) - set(params))
-        if unknown:
-            raise ConfigError(f"reward_model.path: {str(path)!r} holds weights this backbone has no place for "
-                              f"({', '.join(unknown[:3])}): was it trained on another backbone?")
-        if not any(n == "score.weight" or n.endswith(".score.weight") for n in tensors):
-            raise ConfigError(f"reward_model.path: {str(path)!r} has no score head weights: not the output of a "
-                              "reward run")
-        with torch.no_grad():
-            for name, t in tensors.items():
-                if params[name].shape != t.shape:
-                    raise ConfigError(f"reward_model.path: {name} is {tuple(t.shape)} in {str(path)!r} but "
-                                      f"{tuple(params[name].shape)} in the backbone")
-                params[name].copy_(t.to(params[name].dtype))
-    else:
-        found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
-        raise ConfigError(f"reward_model.path: {str(path)!r} is not the saved output of a reward run (found: {found}; "
-                          "expected adapter_config.json, config.json or model.safetensors)")
     try:
+        if saved_kind(path) in ("full", "partial"):
+            names = [n for f in path.glob("*.safetensors") for n in safe_open(str(f), "pt").keys()]
+            if not any(n == "score.weight" or n.endswith(".score.weight") for n in names):
+                raise ConfigError(f"{str(path)!r} has no score head weights: not the output of a reward run")
+        model = apply_saved(backbone.load_model(head="score"), path, backbone, merge=False)
         score_module(model)
-    except BackboneError as err:
-        raise ConfigError(f"reward_model.path: {str(path)!r}: {err}") from None
+    except (ConfigError, BackboneError) as err:
+        raise ConfigError(f"reward_model.path: {str(err).removeprefix('backbone.init_from: ')}") from None
     model.requires_grad_(False)
     model.eval()
     return model

@@ -49,7 +49,9 @@ def saved_kind(path: str | Path) -> str:
             return "adapters"
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
-        raise ConfigError(f"backbone.init_from: {str(path)!r} holds no safetensors weights")
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+        raise ConfigError(f"backbone.init_from: {str(path)!r} holds no weights a run saved (found: {found}; expected "
+                          "adapter_config.json, or *.safetensors with or without config.json)")
     return "full" if (path / "config.json").is_file() else "partial"
 
 
@@ -62,14 +64,18 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def apply_saved(model: nn.Module, path: str | Path, backbone: "Backbone") -> nn.Module:
+def apply_saved(model: nn.Module, path: str | Path, backbone: "Backbone", merge: bool = True) -> nn.Module:
     """``model`` with the weights saved at ``path`` applied (see the module doc). Returns the model
-    (a new object for a merged peft adapter)."""
+    (a new object for a peft adapter). ``merge=False`` keeps a peft adapter as a frozen
+    ``PeftModel`` instead of merging it (exactly the saving run's numbers, for inference only; a
+    quantized backbone is then fine)."""
     path = Path(path)
     kind = saved_kind(path)
     if kind == "peft":
         from peft import PeftModel
 
+        if not merge:
+            return PeftModel.from_pretrained(model, str(path))
         if backbone.quantization != "none":
             raise ConfigError(f"backbone.init_from: merging the peft adapter in {str(path)!r} into a "
                               f"{backbone.quantization} backbone would round it into its quantized weights; "
@@ -83,6 +89,10 @@ def apply_saved(model: nn.Module, path: str | Path, backbone: "Backbone") -> nn.
                          nonlinearity=saved["nonlinearity"], dropout=saved.get("dropout", 0.0),
                          train_norms=saved.get("train_norms", False))
         model = tuner.prepare(model, backbone)
+        if getattr(model, "ftbench_head", None) == "score":  # a reward run trains and saves its head too
+            from ftbench.backbone import score_module
+
+            score_module(model).requires_grad_(True)
         tuner.load(model, path)
         model.requires_grad_(False)
         return model
