@@ -427,8 +427,8 @@ def test_reward_model_from_a_reward_run_scores_like_its_training_data(tiny_model
     a policy completion (prompt ids + completion ids through EOS + the chat template's end of turn)
     gives exactly the score the trained model gives the preference data's chosen sequence."""
     from ftbench.data.preference import PreferenceData
+    from ftbench.objectives import Reward
 
-    Reward = pytest.importorskip("ftbench.objectives.reward", reason="the Reward objective has not landed").Reward
     backbone = Backbone(model=str(tiny_model_dir))
     rm = Reward(backbone=backbone, tuner=lora(lr=1e-2))
     dm = PreferenceData(backbone=backbone, source="builtin:capitals", builtin_size=64, batch_size=4,
