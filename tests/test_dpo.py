@@ -272,6 +272,26 @@ def test_full_model_that_moved_is_refused_as_its_own_reference(tiny_model_dir, t
         method._compute_reference_table({})
 
 
+def test_estimate_counts_the_frozen_copy_and_not_a_precomputed_reference(tiny_model_dir):
+    """``ftbench estimate`` (the meta device) steps DPO on ``memory_batch``: full tuning's frozen copy
+    doubles the weights, a precomputed reference (carried by the batch) holds none; LoRA holds none either."""
+    from ftbench.estimate import estimate
+
+    def parts(tuner, **kw):
+        backbone = Backbone(model=str(tiny_model_dir))
+        method = DPO(backbone=backbone, tuner=TUNERS[tuner](), **kw)
+        return estimate(backbone, method.tuner, method, batch_size=2, seq_len=16, precision="32-true")
+
+    full, full_pre = parts("full"), parts("full", precompute_reference=True)
+    # one model: 139,584 float32 parameters + the rotary buffers inv_freq and original_inv_freq (8 floats each)
+    assert full_pre["weights"]["bytes"] == 4 * 139_584 + 2 * 4 * 8
+    assert full["weights"]["bytes"] == 2 * full_pre["weights"]["bytes"]
+    assert full_pre["predicted_peak_bytes"] < full["predicted_peak_bytes"]
+    lora_, lora_pre = parts("lora"), parts("lora", precompute_reference=True)
+    assert lora_["weights"]["bytes"] == lora_pre["weights"]["bytes"]
+    assert lora_["activations"]["bytes"] == lora_pre["activations"]["bytes"] > 0
+
+
 # ---------------------------------------------------------------------------- learning
 # LoRA r=8, lr 1e-3, 12 steps (one epoch) of 4 pairs on builtin:capitals; validation on its 8 held-out
 # pairs. Before: policy = reference, every implicit reward is 0 and a tie is not a win (strict).

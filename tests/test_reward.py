@@ -118,6 +118,20 @@ def test_evaluation_metrics_are_over_the_whole_set(tiny_model_dir):
         assert got[f"val/capitals/{name}"] == pytest.approx(float(value), abs=1e-6), name
 
 
+def test_estimate_steps_the_reward_model_on_pairs(tiny_model_dir):
+    """``ftbench estimate`` (the meta device) steps the reward model on its ``memory_batch`` (pairs)."""
+    from ftbench.estimate import estimate
+
+    backbone = Backbone(model=str(tiny_model_dir))
+    method = Reward(backbone=backbone, tuner=Full())
+    one = estimate(backbone, method.tuner, method, batch_size=1, seq_len=16, precision="32-true")
+    two = estimate(backbone, method.tuner, method, batch_size=2, seq_len=16, precision="32-true")
+    # the score head replaces the LM head: 139,584 - 512 x 64 + 64 parameters, all trained
+    assert one["params"] == {"trainable": 106_880, "total": 106_880}
+    assert one["gradients"]["bytes"] == 4 * 106_880
+    assert 0 < one["activations"]["bytes"] < two["activations"]["bytes"]
+
+
 # ---------------------------------------------------------------------------- saving the head
 def _saved_tensors(path: Path) -> dict[str, torch.Tensor]:
     out = {}

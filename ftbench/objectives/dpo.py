@@ -38,6 +38,9 @@ The reference policy, and what each option costs
       (:mod:`ftbench.objectives.reference_cache`), written atomically, and reused by the next run with
       the same key. For full and freeze tuning the pass reads the model itself, so it must run before
       any step: a model restored from a checkpoint with no cache file for it is refused.
+    * a batch that carries ``ref_chosen_logps`` and ``ref_rejected_logps`` (``(pairs,)``, as TRL's
+      precomputed datasets do) is taken at its word, whatever the option. ``ftbench estimate`` steps
+      DPO on such batches (:meth:`DPO.memory_batch`) when ``precompute_reference`` is on.
 
 Metrics, under TRL's names and meanings, for ``train/`` (per step), ``val/`` and ``test/`` (over the
 set): ``loss`` (the preference loss; ``sft_loss`` separately when ``sft_weight`` > 0),
@@ -62,7 +65,7 @@ from ftbench.objectives.base import Objective
 from ftbench.objectives.losses import DPO_LOSS_TYPES, dpo_loss, dpo_metrics, sequence_logps
 from ftbench.objectives.reference_cache import (ReferenceTable, cache_meta, cache_path, data_fingerprint,
                                                 default_cache_dir, row_keys, weights_hash)
-from ftbench.objectives.reward import concatenate_pairs
+from ftbench.objectives.reward import concatenate_pairs, pair_memory_batch
 from ftbench.tuners.base import Tuner
 
 SPLITS = ("train", "val", "test")
@@ -132,6 +135,14 @@ class DPO(Objective):
         #: the tuner's frozen copy of the backbone, when its reference is one (full, freeze, on the fly)
         self.reference_model: Optional[torch.nn.Module] = None
 
+    def memory_batch(self, batch_size: int, seq_len: int, device: str | torch.device = "meta") -> dict[str, torch.Tensor]:
+        """``ftbench estimate``'s batch: ``batch_size`` pairs of two ``seq_len``-token sequences; with
+        ``precompute_reference`` it carries the reference log-probs (a step then runs no reference)."""
+        batch = pair_memory_batch(batch_size, seq_len, device)
+        if self.precompute_reference:
+            batch["ref_chosen_logps"] = batch["ref_rejected_logps"] = torch.zeros(batch_size, device=device)
+        return batch
+
     @property
     def needs_reference(self) -> bool:
         return not self.precompute_reference
@@ -142,8 +153,10 @@ class DPO(Objective):
         if not fresh:
             return
         if self.precompute_reference:
-            # before a checkpoint is restored or a step taken: these are the weights the reference starts from
-            self._initial_weights = weights_hash(self.model)
+            # before a checkpoint is restored or a step taken: these are the weights the reference starts
+            # from (ftbench estimate builds the model on meta: no data, nothing to hash)
+            if not any(p.is_meta for p in self.model.parameters()):
+                self._initial_weights = weights_hash(self.model)
         else:
             with self.tuner.reference(self.model) as ref:
                 if ref is not self.model:
@@ -169,11 +182,17 @@ class DPO(Objective):
         return sequence_logps(logits, cat["labels"])
 
     def reference_logps(self, batch: dict[str, Any], cat: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reference's summed log-probs of the chosen and rejected completions, ``(pairs,)`` each."""
+        """The reference's summed log-probs of the chosen and rejected completions, ``(pairs,)`` each:
+        from the batch when it carries them (``ref_chosen_logps``/``ref_rejected_logps``, as TRL's
+        precomputed datasets do), else from the precomputed table, else from the reference model."""
+        device = cat["input_ids"].device
+        if "ref_chosen_logps" in batch and "ref_rejected_logps" in batch:
+            return (torch.as_tensor(batch["ref_chosen_logps"], dtype=torch.float32, device=device),
+                    torch.as_tensor(batch["ref_rejected_logps"], dtype=torch.float32, device=device))
         if self.precompute_reference:
             if self.reference_table is None:
                 self.ensure_reference_table()
-            return self.reference_table.lookup(row_keys(batch), self.device)
+            return self.reference_table.lookup(row_keys(batch), device)
         n = batch["chosen_input_ids"].shape[0]
         with torch.no_grad(), self.tuner.reference(self.model) as ref:
             logps, _ = self.sequence_logps(cat, model=ref)

@@ -54,6 +54,17 @@ def concatenate_pairs(batch: dict[str, Any], fields: tuple[str, ...] = ("input_i
     return out
 
 
+def pair_memory_batch(batch_size: int, seq_len: int, device: str | torch.device = "meta") -> dict[str, torch.Tensor]:
+    """``batch_size`` pairs whose chosen and rejected sides are ``seq_len`` real tokens, every one
+    trained: the batch ``ftbench estimate`` steps (``memory_batch``) for the pairwise objectives."""
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+    batch = {}
+    for side in ("chosen", "rejected"):
+        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": torch.ones_like(ids),
+                      f"{side}_labels": torch.zeros_like(ids)})
+    return batch
+
+
 class Reward(Objective):
     """Bradley-Terry reward model on the scalar score head (TRL ``RewardTrainer``'s loss and metrics)."""
 
@@ -71,6 +82,10 @@ class Reward(Objective):
         if center_rewards_coefficient is not None and not center_rewards_coefficient >= 0:
             raise ValueError(f"objective reward: center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
         self.center_rewards_coefficient = center_rewards_coefficient
+
+    def memory_batch(self, batch_size: int, seq_len: int, device: str | torch.device = "meta") -> dict[str, torch.Tensor]:
+        """``ftbench estimate``'s batch: ``batch_size`` pairs of two ``seq_len``-token sequences."""
+        return pair_memory_batch(batch_size, seq_len, device)
 
     # ------------------------------------------------------------------ scores
     def scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
