@@ -1,7 +1,8 @@
 """Quantized backbones through bitsandbytes: 4-bit NF4/FP4 (QLoRA) and 8-bit (LLM.int8()).
 
-QLoRA is not a method here: it is :class:`~ftbench.methods.LoRA` (or any adapter method) on a backbone
-loaded with ``quantization: nf4`` (a config, like LitGPT's ``qlora.yaml``). This module builds the
+QLoRA is not a tuner of its own: it is the LoRA tuner (:class:`~ftbench.tuners.Peft` with a
+``LoraConfig``, or any adapter tuner) on a backbone loaded with ``quantization: nf4`` (a config, like
+LitGPT's ``qlora.yaml``). This module builds the
 transformers ``BitsAndBytesConfig``, repairs what a quantized load needs on CPU, and measures how
 many bytes the backbone's weights take in memory and in which storage format.
 
