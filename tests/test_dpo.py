@@ -362,6 +362,10 @@ def test_dpo_record_has_trl_metrics(preference_runs):
         assert isinstance(entry[f"train/{name}"], float)
     assert info["throughput"]["trained_tokens"] > 0 and info["memory"]["peak_bytes"] > 0
     assert info["saved"]["bytes"] > 0
+    # exact match through the data set's answer metrics, as SFT: every evaluated row in the predictions file
+    assert info["predictions"]["rows"] == {"val": 6, "test": 6}  # 64 capitals pairs: 10 % val, 10 % test
+    rows = [json.loads(line) for line in (preference_runs / info["predictions"]["path"]).read_text().splitlines()]
+    assert {r["stage"] for r in rows} == {"val", "test"} and all(r["reference"].isupper() for r in rows)
 
 
 def test_reward_record_has_trl_metrics(preference_runs):

@@ -48,7 +48,10 @@ set): ``loss`` (the preference loss; ``sft_loss`` separately when ``sft_weight``
 (fraction of pairs with chosen reward > rejected, strict), ``rewards/margins``, ``logps/chosen``,
 ``logps/rejected`` (means of the summed policy log-probs). Evaluation adds ``pairwise_accuracy``
 (= ``rewards/accuracies``, the reward model's name for it) and, for batches whose rows carry an exact
-answer (the built-in pairs do), ``accuracy``: exact match of the greedy answer, as SFT computes it.
+answer (the built-in pairs do), the data set's answer metrics as SFT computes them
+(:meth:`~ftbench.objectives.base.Objective.answer_metrics`; by default ``accuracy``: exact match of the
+greedy answer). Training logs ``train/loss`` every step and the other metrics every
+``trainer.log_every_n_steps`` steps and at the last.
 """
 
 from __future__ import annotations
@@ -224,10 +227,12 @@ class DPO(Objective):
         self.check_finite(loss, batch_idx)
         n = out["losses"].shape[0]
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n)
-        metrics = dpo_metrics(out["chosen_rewards"], out["rejected_rewards"], out["policy_chosen"], out["policy_rejected"])
-        if self.sft_weight > 0:
-            metrics["sft_loss"] = out["sft_loss"].detach()
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, batch_size=n)
+        if self.should_log_step():  # every log_every_n_steps steps and the last
+            metrics = dpo_metrics(out["chosen_rewards"], out["rejected_rewards"], out["policy_chosen"],
+                                  out["policy_rejected"])
+            if self.sft_weight > 0:
+                metrics["sft_loss"] = out["sft_loss"].detach()
+            self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, batch_size=n)
         cat = out["cat"]
         return self.step_output(loss, out["lengths"].sum(), cat["input_ids"], cat["attention_mask"])
 
@@ -243,7 +248,8 @@ class DPO(Objective):
         if self.sft_weight > 0:
             values["sft_loss"], weights["sft_loss"] = out["sft_rows"], out["sft_tokens"]
         if "gen_input_ids" in batch and (stage == "test" or self.generate_in_validation):
-            values["accuracy"] = self.exact_match(batch, self.max_new_tokens)
+            # the data set's answer metrics, as SFT computes them (default: exact match, as accuracy)
+            values.update(self.answer_metrics(batch, stage, self.max_new_tokens))
         self.update_by_task(stage, batch.get("tasks"), values, weights)
 
     # ------------------------------------------------------------------ precomputed reference

@@ -13,8 +13,8 @@ pad = EOS a pad-id search would read the wrong token). The loss is TRL ``RewardT
 * ``center_rewards_coefficient`` (Eisenstein et al. 2023): pulls the scores towards mean 0, so that the
   model's rewards are comparable between runs (TRL suggests 0.01).
 
-Metrics, under TRL's names, for ``train/`` (per step, batch values), ``val/`` and ``test/`` (over the
-whole set): ``loss``, ``accuracy`` (fraction of pairs with ``r_c > r_r``, strict: a tie is wrong),
+Metrics, under TRL's names, for ``train/`` (batch values; ``loss`` every step, the others every
+``trainer.log_every_n_steps`` steps and at the last), ``val/`` and ``test/`` (over the whole set): ``loss``, ``accuracy`` (fraction of pairs with ``r_c > r_r``, strict: a tie is wrong),
 ``margin`` (mean ``r_c - r_r``), ``mean_reward``, ``min_reward``, ``max_reward`` (over chosen and
 rejected scores together; in evaluation the minimum and maximum of the whole set, where TRL logs the
 mean of per-batch extremes). Evaluation also logs ``pairwise_accuracy`` (= ``accuracy``), the name DPO
@@ -112,8 +112,9 @@ class Reward(Objective):
         self.check_finite(loss, batch_idx)
         n = chosen.shape[0]
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n)
-        self.log_dict({f"train/{k}": v for k, v in reward_metrics(chosen.detach(), rejected.detach()).items()},
-                      on_step=True, batch_size=n)
+        if self.should_log_step():  # every log_every_n_steps steps and the last
+            self.log_dict({f"train/{k}": v for k, v in reward_metrics(chosen.detach(), rejected.detach()).items()},
+                          on_step=True, batch_size=n)
         # every real token of both sequences feeds the scores
         return self.step_output(loss, cat["attention_mask"].sum(), cat["input_ids"], cat["attention_mask"])
 
