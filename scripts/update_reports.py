@@ -1,37 +1,126 @@
-"""Put the quickstart's report table into README.md, between its markers.
+"""Remake every study's report from its committed run records, and put the tables into the READMEs.
 
-    python scripts/update_readme.py [RESULTS_DIR]   (default: experiments/quickstart/results)
+    python scripts/update_reports.py            # every study in STUDIES
+    python scripts/update_reports.py params     # one study
 
-The table is made by ``ftbench report`` from the committed run records, never typed by hand.
+Each study's report (``experiments/<study>/results/report.md``, ``.csv`` and plots) is what
+``ftbench report`` makes with the options in :data:`STUDIES`; the table then goes between the
+study's markers in its README (and the top-level README's, for the studies it shows). No figure in
+a README is typed by hand; ``tests/test_studies.py`` checks that every committed report is what
+the records make.
 """
 
 from __future__ import annotations
 
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
-START, END = "<!-- quickstart-table:start -->", "<!-- quickstart-table:end -->"
+
+
+@dataclass(frozen=True)
+class Study:
+    results: str                                   # the committed records (relative to the repository)
+    readmes: tuple[str, ...]                       # files with <!-- NAME-table:start/end --> markers
+    columns: Optional[list[str]] = None            # ftbench report --columns (None: the default set)
+    select: Optional[str] = None                   # --select
+    select_over: list[str] = field(default_factory=list)  # --select-over
+
+    def command(self) -> str:
+        """The ``ftbench report`` command line that makes this report."""
+        args = [f"ftbench report {self.results}"]
+        if self.select:
+            args.append(f"--select {self.select}")
+        if self.select_over:
+            args.append(f"--select-over {','.join(self.select_over)}")
+        if self.columns:
+            args.append(f"--columns '{','.join(self.columns)}'")
+        return " ".join(args)
+
+
+STUDIES = {
+    "quickstart": Study("experiments/quickstart/results", ("README.md",)),
+    "efficiency": Study("experiments/efficiency/results", ("README.md", "experiments/efficiency/README.md"),
+                        columns=["method", "trainable", "trainable_pct", "weights_mb", "grads_mb", "optimizer_mb",
+                                 "activations_mb", "pred_peak_mb", "peak_mem_mb", "mem_rel", "tokens_per_s",
+                                 "speed_rel", "wall_s", "val_loss", "val_ppl"]),
+    "params": Study("experiments/params/results", ("experiments/params/README.md",),
+                    columns=["method", "setting", "n", "trainable", "trainable_pct", "val_loss", "accuracy", "p",
+                             "test/*/accuracy"],
+                    select="val/loss", select_over=["lr"]),
+    "regimes": Study("experiments/regimes/results", ("experiments/regimes/README.md",),
+                     columns=["run", "n", "test/*/accuracy", "accuracy", "val/loss", "val/general/loss", "wall_s"]),
+    "rlhf": Study("experiments/rlhf/results", ("experiments/rlhf/README.md",),
+                  columns=["run", "method", "trainable", "accuracy", "test/*/accuracy", "val/reward", "val/kl",
+                           "val/rewards/accuracies", "val/rewards/margins", "peak_mem_mb", "pred_peak_mb", "wall_s"]),
+}
+
+
+#: the paper's measured peaks for Gemma-2B on an A100 (GB = 1e9 bytes): Zheng et al. 2024, Table 4
+PAPER_PEAK_GB = {"sft+full": 17.06, "sft+lora": 7.91, "sft+lora+nf4": 5.21}
+ESTIMATE = "experiments/efficiency/estimate_gemma-2b.json"
+
+
+def estimate_table(path: Path = ROOT / ESTIMATE) -> str:
+    """``ftbench estimate``'s rows for Gemma-2B at the paper's settings next to the paper's figures."""
+    import json
+
+    rows = json.loads(path.read_text())["rows"]
+    head = ("| method | weights (GB) | grads (GB) | optimizer (GB) | activations (GB) | largest transient (GB) "
+            "| predicted peak (GB) | paper, measured (GB) | predicted / measured |")
+    lines = [head, "|---|" + "---:|" * 8]
+    for r in rows:
+        gb = {k: r[k]["bytes"] / 1e9 for k in ("weights", "gradients", "optimizer", "activations", "largest_transient")}
+        peak = r["predicted_peak_bytes"] / 1e9
+        paper = PAPER_PEAK_GB.get(r["method"])
+        lines.append(f"| {r['method']} | " + " | ".join(f"{v:.2f}" for v in gb.values()) + f" | {peak:.2f} | "
+                     + (f"{paper:.2f} | {peak / paper:.2f} |" if paper else "– | – |"))
+    return "\n".join(lines)
+
+
+def make_report(study: Study, root: Path = ROOT) -> str:
+    """Write the study's report next to its records; return the markdown table."""
+    from ftbench.sweep.report import report
+
+    return report(root / study.results, columns=study.columns, select=study.select, select_over=study.select_over)
+
+
+def put_table(readme: Path, name: str, made_by: str, table: str) -> bool:
+    """Replace the text between ``<!-- NAME-table:start -->`` and ``<!-- NAME-table:end -->``."""
+    from ftbench.fileio import write_text_atomic
+
+    start, end = f"<!-- {name}-table:start -->", f"<!-- {name}-table:end -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        print(f"{readme}: markers {start} / {end} not found", file=sys.stderr)
+        return False
+    block = f"{start}\n{made_by}\n\n{table}\n{end}"
+    write_text_atomic(readme, re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S))
+    return True
 
 
 def main(argv: list[str]) -> int:
-    from ftbench.fileio import write_text_atomic
-    from ftbench.sweep.report import report
-
-    results = Path(argv[0]) if argv else ROOT / "experiments" / "quickstart" / "results"
-    table = report(results)
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if START not in text or END not in text:
-        print(f"{readme}: markers {START} / {END} not found", file=sys.stderr)
-        return 1
-    rel = results.resolve().relative_to(ROOT) if results.resolve().is_relative_to(ROOT) else results
-    block = f"{START}\nMade by `ftbench report {rel}` from the run records committed there:\n\n{table}\n{END}"
-    text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    write_text_atomic(readme, text)
-    print(table)
-    return 0
+    names = argv or [n for n, s in STUDIES.items() if (ROOT / s.results).is_dir()]
+    unknown = [n for n in names if n not in STUDIES]
+    if unknown:
+        print(f"unknown study {', '.join(unknown)} (studies: {', '.join(STUDIES)})", file=sys.stderr)
+        return 2
+    ok = True
+    for name in names:
+        study = STUDIES[name]
+        table = make_report(study)
+        for readme in study.readmes:
+            ok &= put_table(ROOT / readme, name, f"Made by `{study.command()}` from the run records committed there:",
+                            table)
+        if name == "efficiency":
+            ok &= put_table(ROOT / "experiments/efficiency/README.md", "efficiency-estimate",
+                            f"Made by `scripts/update_reports.py` from `{ESTIMATE}` and the paper's Table 4:",
+                            estimate_table())
+        print(f"{name}: {study.results}/report.md")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -295,6 +295,61 @@ def test_select_picks_by_validation_never_by_test(tmp_path):
         report(tmp_path, plots=False, select="val/bleu")
 
 
+def test_select_over_the_learning_rate_keeps_one_row_per_rank(tmp_path):
+    # r 16: lr 1e-3 (val 1.1) beats 1e-4 (1.6); r 8: lr 1e-4 (val 0.9) beats 1e-3 (1.4)
+    _write(tmp_path, [
+        _record("a1", "lora", 1, r=16, lr=1e-3, val_loss=1.0, acc=0.3, n=1),
+        _record("a2", "lora", 2, r=16, lr=1e-3, val_loss=1.2, acc=0.4, n=2),
+        _record("b1", "lora", 1, r=16, lr=1e-4, val_loss=1.6, acc=0.9, n=3),
+        _record("c1", "lora", 1, r=8, lr=1e-3, val_loss=1.4, acc=0.6, n=4),
+        _record("d1", "lora", 1, r=8, lr=1e-4, val_loss=0.8, acc=0.2, n=5),
+        _record("d2", "lora", 2, r=8, lr=1e-4, val_loss=1.0, acc=0.1, n=6),
+    ])
+    cols = ["setting", "n", "val_loss", "accuracy"]
+    table = report(tmp_path, plots=False, select="val/loss", select_over=["lr"], columns=cols)
+    assert table == """\
+| method | setting | n | val loss | exact match |
+|---|---|---:|---:|---:|
+| lora | lr=0.001, r=16 | 2 | 1.100 ± 0.141 | 35.0 ± 7.1% |
+| lora | lr=0.0001, r=8 | 2 | 0.900 ± 0.141 | 15.0 ± 7.1% |"""
+    assert ("lora r=16: lr=0.001 (val/loss 1.1; best of 2 point(s) with it, 2 in all); lora r=8: lr=0.0001 "
+            "(val/loss 0.9; best of 2 point(s) with it, 2 in all).") in (tmp_path / "report.md").read_text()
+    # without --select-over one point is kept for the whole method
+    assert report(tmp_path, plots=False, select="val/loss", columns=cols).count("| lora |") == 1
+    with pytest.raises(ReportError, match=r"^--select-over rank: no setting of these records is named so"):
+        report(tmp_path, plots=False, select="val/loss", select_over=["rank"])
+    with pytest.raises(ReportError, match=r"^--select-over: say what chooses with --select"):
+        report(tmp_path, plots=False, select_over=["lr"])
+
+
+def test_a_reward_models_pairwise_accuracy_is_not_exact_match(tmp_path):
+    _write(tmp_path, [_record("rm-1", "reward+lora", 1, acc=0.8, n=1), _record("sft-1", "sft+lora", 1, acc=0.5, n=2)])
+    assert report(tmp_path, plots=False, columns=["accuracy", "test/accuracy"]) == """\
+| method | exact match | test/accuracy |
+|---|---:|---:|
+| reward+lora | – | 80.0% |
+| sft+lora | 50.0% | 50.0% |"""
+
+
+def test_a_sweeps_run_names_lead_the_table(tmp_path):
+    _write(tmp_path, [_record("lora-1", "lora", 1, acc=0.5, n=1), _record("full-1", "full", 1, acc=0.25, lr=5e-5, n=2)])
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "named", "runs": [
+        {"run_id": "lora-1", "name": "sft"}, {"run_id": "full-1", "name": None}]}))
+    assert report(tmp_path, plots=False, columns=["n", "accuracy"]) == """\
+| method | n | exact match |
+|---|---:|---:|
+| lora | 1 | 50.0% |
+| full | 1 | 25.0% |"""
+    assert report(tmp_path, plots=False, columns=["run", "accuracy"]) == """\
+| run | exact match |
+|---|---:|
+| sft | 50.0% |
+| – | 25.0% |"""
+    assert report(tmp_path, plots=False).startswith("| run | method | n |")
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert [(r["run"], r["method"]) for r in rows] == [("sft", "lora"), ("", "full")]
+
+
 def test_several_studies_in_one_file(tmp_path, capsys):
     write_records(tmp_path / "a", broken=False)
     _select_records(tmp_path / "b")
@@ -380,14 +435,6 @@ def test_report_cli_without_torch(tmp_path):
     alone = subprocess.run([sys.executable, "-m", "ftbench.sweep.report", str(tmp_path), "--no-plots", "--columns", "n"],
                            capture_output=True, text=True, env=env)
     assert alone.returncode == 0 and alone.stdout.startswith("| method | setting | n |"), alone.stderr
-
-
-def test_committed_quickstart_report_is_reproduced(tmp_path):
-    results = ROOT / "experiments" / "quickstart" / "results"
-    assert (results / "report.md").is_file(), "the README's table comes from this committed report"
-    copy = shutil.copytree(results, tmp_path / "results")
-    table = report(copy, plots=False)
-    assert (results / "report.md").read_text().startswith(table + "\n\n")
 
 
 def test_report_logs_a_wandb_table_offline(tmp_path, monkeypatch):

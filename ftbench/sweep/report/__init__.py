@@ -67,7 +67,17 @@ def study_name(directory: Path) -> str:
     return str(name or directory.resolve().name)
 
 
-def load_study(directory: str | Path, reference: str = "full", select: Optional[str] = None) -> Study:
+def run_names(directory: Path) -> dict[str, str]:
+    """Run id -> the name the sweep gave the run (``sweep.json``), for the ``run`` column."""
+    try:
+        runs = json.loads((directory / "sweep.json").read_text()).get("runs") or []
+        return {str(r["run_id"]): str(r["name"]) for r in runs if isinstance(r, dict) and r.get("name")}
+    except (OSError, ValueError, AttributeError, KeyError):
+        return {}
+
+
+def load_study(directory: str | Path, reference: str = "full", select: Optional[str] = None,
+               select_over: Sequence[str] = ()) -> Study:
     """Read, group and compare the records in ``directory``; an unreadable record is a
     :class:`RecordWarning` (and a note in the report); no records at all is a :class:`ReportError`."""
     directory = Path(directory)
@@ -80,8 +90,8 @@ def load_study(directory: str | Path, reference: str = "full", select: Optional[
     if not records:
         raise ReportError(f"{directory}: no run records (*.json with run_info and train_info)"
                           + (f"; {len(problems)} file(s) could not be read" if problems else ""))
-    runs = runs_frame(records)
-    points, selected = summarise(runs, reference, select)
+    runs = runs_frame(records, run_names(directory))
+    points, selected = summarise(runs, reference, select, select_over)
     return Study(study_name(directory), directory, runs, points, selected, problems)
 
 
@@ -115,7 +125,8 @@ def _safe(name: str) -> str:
 
 def report(directories: str | Path | Sequence[str | Path], out: Optional[str | Path] = None, reference: str = "full",
            plots: bool = True, wandb: bool = False, wandb_project: Optional[str] = None,
-           columns: Optional[Sequence[str]] = None, select: Optional[str] = None, examples: int = 0) -> str:
+           columns: Optional[Sequence[str]] = None, select: Optional[str] = None, examples: int = 0,
+           select_over: Sequence[str] = ()) -> str:
     """Write the report for the records in ``directories`` (one, or several studies); return the
     markdown table (for several studies, a section per study), and with ``examples`` N up to N wrong
     answers per method side by side (:mod:`.examples`, from the runs' predictions files).
@@ -125,16 +136,19 @@ def report(directories: str | Path | Sequence[str | Path], out: Optional[str | P
     markdown file for several studies, a study's CSV and plots are named after it
     (``report-STUDY.csv``, ``STUDY-throughput.png``). ``columns``: names or glob patterns of the
     table's columns (``default`` = the default set). ``select``: a validation metric (``val/loss``,
-    ``max:val/accuracy``) that picks one grid point per method. Every study is read and every option
+    ``max:val/accuracy``) that picks one grid point per method; with ``select_over`` (short setting
+    names, ``["lr"]``) one point per method and setting but those (a learning rate per LoRA rank). Every study is read and every option
     checked before anything is written."""
     dirs = [directories] if isinstance(directories, (str, Path)) else list(directories)
     if not dirs:
         raise ReportError("no results directory given")
     if select:
         parse_select(select)
+    if select_over and not select:
+        raise ReportError("--select-over: say what chooses with --select (e.g. --select val/loss --select-over lr)")
     if examples < 0:
         raise ReportError(f"--examples {examples}: give a number of rows >= 0")
-    studies = [load_study(d, reference, select) for d in dirs]
+    studies = [load_study(d, reference, select, select_over) for d in dirs]
     columns = [c for c in (columns or []) if c]
     bad = unmatched([s.points for s in studies], columns)
     if bad:

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--select", metavar="METRIC", help="per method, keep the grid point with the best seed-mean "
                         "of this validation metric (val/loss: lower is better; val/accuracy: higher; "
                         "min:NAME / max:NAME to say); test metrics are refused")
+    parser.add_argument("--select-over", metavar="KEYS", help="with --select: choose only among these settings "
+                        "(comma-separated short names, e.g. lr), one choice per method and every other setting "
+                        "(a learning rate per LoRA rank)")
     parser.add_argument("--examples", type=int, default=0, metavar="N",
                         help="print up to N wrong answers per method (test rows of its predictions file), with every "
                              "method's answer to the same rows side by side")
@@ -55,9 +58,10 @@ def report_for_cli(*args: Any, **kwargs: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+    over = [k.strip() for k in args.select_over.split(",") if k.strip()] if args.select_over else []
     print(report_for_cli(args.results_dirs, args.out, reference=args.reference, plots=not args.no_plots,
                          wandb=args.wandb, wandb_project=args.wandb_project, columns=columns, select=args.select,
-                         examples=args.examples))
+                         examples=args.examples, select_over=over))
     return 0
 
 

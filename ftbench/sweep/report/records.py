@@ -32,7 +32,7 @@ import pandas as pd
 #: train_info sections whose numbers are columns (``section.key``); ``final`` gives bare metric names
 SECTIONS = ("throughput", "memory", "test_memory", "params", "memory_breakdown", "initial")
 #: per-run columns that are not metrics
-IDENTITY = ("run_id", "method", "label", "objective", "tuner", "subcommand", "seed", "status", "created",
+IDENTITY = ("run_id", "run", "method", "label", "objective", "tuner", "subcommand", "seed", "status", "created",
             "path", "point", "setting", "curve", "predictions")
 #: config keys that do not make a different grid point (besides the seed)
 NOT_A_SETTING = ("seed_everything", "out", "run_id", "config", "save_weights", "print_config", "trainer.logger",
@@ -214,8 +214,10 @@ DERIVED: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
 }
 
 
-def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per run: :data:`IDENTITY`, then :data:`DERIVED`, then every discovered metric column."""
+def runs_frame(records: list[dict[str, Any]], names: Optional[dict[str, str]] = None) -> pd.DataFrame:
+    """One row per run: :data:`IDENTITY`, then :data:`DERIVED`, then every discovered metric column.
+    ``names``: run id -> the name its sweep gave it (``runs: - name: sft``), the ``run`` column."""
+    names = names or {}
     rows = []
     for rec in records:
         run, info = rec["run_info"], rec["train_info"]
@@ -226,13 +228,16 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         setting = setting_of(rec)
         point = json.dumps([method, sub, setting if setting is not None else run.get("run_id")],
                            sort_keys=True, default=str)
-        rows.append({"run_id": run.get("run_id"), "method": method, "label": label, "objective": objective,
+        rows.append({"run_id": run.get("run_id"), "run": names.get(str(run.get("run_id")), ""), "method": method, "label": label, "objective": objective,
                      "tuner": tuner, "subcommand": sub, "seed": run.get("seed"), "status": info.get("status"),
                      "created": run.get("created"), "path": rec.get("_path"), "point": point, "setting": setting,
                      "curve": info.get("metrics") or [], "predictions": predictions_file(rec)})
     ident = pd.DataFrame(rows, columns=list(IDENTITY))
     metrics = metrics_frame([rec["train_info"] for rec in records])
     derived = pd.DataFrame({k: f(metrics) for k, f in DERIVED.items()}, index=metrics.index)
+    # a reward model's test/accuracy is its pairwise accuracy (TRL's name), not exact match: the
+    # column of that name still shows it, the exact-match column does not
+    derived.loc[ident["objective"] == "reward", "accuracy"] = math.nan
     return pd.concat([ident, derived, metrics], axis=1)
 
 

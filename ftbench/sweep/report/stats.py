@@ -12,7 +12,7 @@ import math
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -107,6 +107,8 @@ def group_points(runs: pd.DataFrame) -> pd.DataFrame:
         "method": first["method"], "setting": labels, "label": first["label"], "objective": first["objective"],
         "tuner": first["tuner"], "subcommand": first["subcommand"], "status": everyone["status"].agg(_status),
         "n": done.size().reindex(first.index, fill_value=0), "runs": everyone.size(),
+        "run": everyone["run"].agg(lambda s: ", ".join(dict.fromkeys(x for x in s if x))),
+        "config": first["setting"],
     }
     for k in metrics:
         cols[k] = mean[k].reindex(first.index)
@@ -134,15 +136,42 @@ def parse_select(spec: str) -> tuple[str, str]:
     return name, mode or ("min" if _LOWER_IS_BETTER.search(name.rsplit("/", 1)[-1]) else "max")
 
 
-def select_points(points: pd.DataFrame, spec: str) -> tuple[pd.DataFrame, list[str]]:
-    """Per method, the grid point with the best seed-mean of the validation metric ``spec`` (see
-    :func:`parse_select`); returns the chosen points and a line per method saying which was chosen."""
+def _matches(key: str, short: str) -> bool:
+    """``tuner.init_args.lr`` matches ``lr`` (a key's last parts, as the setting labels name it)."""
+    return key == short or key.endswith("." + short)
+
+
+def selection_groups(points: pd.DataFrame, over: Sequence[str] = ()) -> pd.Series:
+    """What one choice is made among: the method, or with ``over`` (short key names such as ``lr``)
+    the method and every setting but those keys (one learning rate chosen per LoRA rank)."""
+    if not over:
+        return points["method"]
+
+    def rest(i: Any) -> str:
+        config = points.at[i, "config"] if isinstance(points.at[i, "config"], dict) else {}
+        kept = {k: v for k, v in config.items() if not any(_matches(k, o) for o in over)}
+        return points.at[i, "method"] + " " + json.dumps(kept, sort_keys=True, default=str)
+
+    return pd.Series({i: rest(i) for i in points.index})
+
+
+def select_points(points: pd.DataFrame, spec: str, over: Sequence[str] = ()) -> tuple[pd.DataFrame, list[str]]:
+    """Per method (with ``over``: per method and setting but the ``over`` keys, see
+    :func:`selection_groups`), the grid point with the best seed-mean of the validation metric ``spec``
+    (see :func:`parse_select`); returns the chosen points and a line per choice saying which was chosen."""
     name, mode = parse_select(spec)
+    if over:
+        known = {k for c in points["config"] if isinstance(c, dict) for k in c}
+        missing = [o for o in over if not any(_matches(k, o) for k in known)]
+        if missing:
+            raise ReportError(f"--select-over {','.join(missing)}: no setting of these records is named so "
+                              "(e.g. lr for tuner.init_args.lr)")
     if name not in points:
         have = sorted(c for c in points if c.startswith("val/") and not c.endswith("_std"))
         raise ReportError(f"--select {spec}: no record has {name}" + (f" (validation metrics: {', '.join(have)})" if have else ""))
     keep, said = [], []
-    for method, group in points.groupby("method", sort=False):
+    for _, group in points.groupby(selection_groups(points, over), sort=False):
+        method = group["method"].iloc[0]
         values = group[name].dropna()
         if values.empty:
             keep += list(group.index)
@@ -151,6 +180,12 @@ def select_points(points: pd.DataFrame, spec: str) -> tuple[pd.DataFrame, list[s
         best = values.idxmin() if mode == "min" else values.idxmax()
         keep.append(best)
         which = group.at[best, "setting"] or "its only setting"
+        if over:  # "sft+lora r=4: lr=0.003": the settings not chosen among name the group
+            parts = str(group.at[best, "setting"]).split(", ") if group.at[best, "setting"] else []
+            chosen = [q for q in parts if any(q.startswith(o + "=") for o in over)]
+            fixed = [q for q in parts if q not in chosen]
+            method = " ".join([method, ", ".join(fixed)]) if fixed else method
+            which = ", ".join(chosen) or "its only setting"
         said.append(f"{method}: {which} ({name} {values[best]:.4g}; best of {len(values)} point(s) with it, "
                     f"{len(group)} in all)")
     return points.loc[sorted(keep)], said
@@ -199,12 +234,13 @@ def compare(points: pd.DataFrame, reference: str = "full") -> pd.DataFrame:
     return points
 
 
-def summarise(runs: pd.DataFrame, reference: str = "full", select: Optional[str] = None) -> tuple[pd.DataFrame, list[str]]:
-    """The report's points (raw numbers), and what ``select`` chose."""
+def summarise(runs: pd.DataFrame, reference: str = "full", select: Optional[str] = None,
+              select_over: Sequence[str] = ()) -> tuple[pd.DataFrame, list[str]]:
+    """The report's points (raw numbers), and what ``select`` chose (among ``select_over`` values)."""
     points = group_points(runs)
     said: list[str] = []
     if select:
-        points, said = select_points(points, select)
+        points, said = select_points(points, select, select_over)
     return compare(points.reset_index(drop=True), reference), said
 
 

@@ -20,7 +20,7 @@ from ftbench.sweep.report.records import DERIVED, runs_frame
 _NO_STD = ("params", "params_pct", "ratio", "p", "text", "n")
 #: (title, kind) of the columns that are not named after a record entry
 KNOWN = {
-    "method": ("method", "text"), "setting": ("setting", "text"), "n": ("n", "n"), "status": ("status", "text"),
+    "run": ("run", "text"), "method": ("method", "text"), "setting": ("setting", "text"), "n": ("n", "n"), "status": ("status", "text"),
     "trainable": ("trainable params", "params"), "trainable_pct": ("trainable %", "params_pct"),
     "total": ("total params", "params"), "peak_mem_mb": ("peak mem (MB)", "count"),
     "weights_mb": ("weights (MB)", "count"), "grads_mb": ("grads (MB)", "count"),
@@ -55,7 +55,7 @@ ANSWER_SCORES = ("exact_match", "rouge_l", "chrf", "bleu", "acc", "acc_norm", "f
 DEFAULT_ANSWER_METRICS = ("test/label_accuracy", "test/mc_accuracy", "test/mc_accuracy_norm", "test/rouge_l",
                           "test/chrf", "test/bleu")
 #: points-frame columns that are not for a table
-_INTERNAL = ("point", "label", "objective", "tuner", "subcommand", "runs", "seeds", "run_ids", "common", "acc_values",
+_INTERNAL = ("point", "config", "label", "objective", "tuner", "subcommand", "runs", "seeds", "run_ids", "common", "acc_values",
              "is_reference")
 
 
@@ -104,16 +104,17 @@ def column(key: str, reference: str = "full") -> Column:
 # ---------------------------------------------------------------------------------- column choice
 def available(points: pd.DataFrame) -> list[str]:
     """Every key a table can show for these points."""
-    metrics = [c for c in points.columns if c not in _INTERNAL and c not in ("method", "setting", "n", "status")
+    metrics = [c for c in points.columns if c not in _INTERNAL and c not in ("run", "method", "setting", "n", "status")
                and not (c.endswith("_std") and c[:-4] in points.columns)]
-    return ["method", "setting", "n", "status", *metrics]
+    return ["run", "method", "setting", "n", "status", *metrics]
 
 
 def default_keys(points: pd.DataFrame) -> list[str]:
     """Today's table: identity, parameters, memory and speed (relative to the reference), wall time,
     losses, exact match and per task, the data set's other answer metrics and lm-eval's numbers where
     records have them, forgetting and Welch's p where there are any."""
-    keys = ["method"] + (["setting"] if points["setting"].astype(bool).any() else [])
+    keys = (["run"] if points["run"].astype(bool).any() else []) + ["method"]
+    keys += ["setting"] if points["setting"].astype(bool).any() else []
     keys += ["n", "status", "trainable", "trainable_pct"]
     keys += [k for k in BREAKDOWN if k in points.columns and points[k].notna().any()]
     keys += ["peak_mem_mb", "mem_rel", "tokens_per_s", "speed_rel", "wall_s", "val_loss", "val_ppl", "test_loss",
@@ -133,13 +134,16 @@ def _lm_eval(key: str) -> bool:
 
 def choose_keys(points: pd.DataFrame, spec: Optional[list[str]] = None) -> list[str]:
     """The default keys, or those ``spec`` names (names or glob patterns; ``default`` for the default
-    set), led by ``method`` (and ``setting`` where points differ) unless ``spec`` places them."""
+    set), led by ``method`` (and ``setting`` where points differ) unless ``spec`` places them or names
+    ``run`` (the sweep's name for a run says which it is)."""
     if not spec:
         return default_keys(points)
     have, keys = available(points), []
     for item in spec:
         found = default_keys(points) if item == "default" else [k for k in have if fnmatch.fnmatchcase(k, item)]
         keys += [k for k in found if k not in keys]
+    if "run" in keys:
+        return keys
     lead = [k for k in ("method", "setting") if k not in keys and (k == "method" or points["setting"].astype(bool).any())]
     return lead + keys
 
@@ -229,16 +233,17 @@ def markdown_table(points: pd.DataFrame, keys: Optional[list[str]] = None, refer
 def csv_text(points: pd.DataFrame) -> str:
     """Raw numbers: identity, the derived columns, the comparison, every discovered metric (each mean
     with its std), the seeds and run ids. Columns of whole numbers are written as integers."""
-    keys = ["method", "setting", "subcommand", "status", "n", "runs"]
+    named = int(points["run"].astype(bool).any())
+    keys = ["run"] * named + ["method", "setting", "subcommand", "status", "n", "runs"]
     for k in DERIVED:
         keys += [k, k + "_std"]
     keys += ["mem_rel", "speed_rel", "t", "p"]
-    for k in available(points)[4:]:
+    for k in available(points)[5:]:
         if k not in keys and k not in KNOWN:
             keys += [k, k + "_std"]
     out = points[[k for k in keys if k in points.columns]].copy()
     out["setting"] = out["setting"].fillna("")
-    for k in out.columns[6:]:
+    for k in out.columns[6 + named:]:
         values = out[k].dropna()
         if len(values) and (values == values.round()).all() and values.abs().max() < 2**53:
             out[k] = out[k].astype("Int64")
