@@ -148,6 +148,23 @@ def test_init_from_applies_the_upstream_weights_and_the_reference_is_the_upstrea
         assert torch.allclose(_logits(ref), want, atol=1e-5, rtol=0)
 
 
+def test_a_reward_model_starts_from_an_sft_lora_stage(tiny_model_dir, upstream):
+    # the rlhf pipeline's rm stage: the SFT adapter merged into a score-head model's body
+    from peft import PeftModel
+
+    from ftbench.backbone import Backbone
+
+    base = Backbone(model=str(tiny_model_dir))
+    sft = PeftModel.from_pretrained(base.load_model(), str(upstream)).merge_and_unload()
+    rm = Backbone(model=str(tiny_model_dir), init_from=str(upstream)).load_model(head="score")
+    assert rm.ftbench_head == "score"
+    body = {k: v for k, v in sft.state_dict().items() if not k.startswith("lm_head")}
+    got = rm.state_dict()
+    assert set(body) <= set(got) and all(torch.equal(got[k], v) for k, v in body.items())
+    cold = base.load_model(head="score").state_dict()
+    assert not torch.equal(cold["model.layers.0.self_attn.q_proj.weight"], got["model.layers.0.self_attn.q_proj.weight"])
+
+
 def test_init_from_refuses_what_it_cannot_apply(tiny_model_dir, upstream, tmp_path):
     from ftbench.backbone import Backbone
     from ftbench.errors import ConfigError

@@ -80,7 +80,15 @@ def apply_saved(model: nn.Module, path: str | Path, backbone: "Backbone", merge:
             raise ConfigError(f"backbone.init_from: merging the peft adapter in {str(path)!r} into a "
                               f"{backbone.quantization} backbone would round it into its quantized weights; "
                               "start from a backbone with quantization: none")
-        return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        from peft import PeftConfig
+
+        config = PeftConfig.from_pretrained(str(path))
+        if getattr(model, "ftbench_head", None) == "score":
+            # an SFT stage's adapter (task CAUSAL_LM) under a reward model: peft's causal-LM wrapper
+            # wants generation methods a score-head model lacks; the plain PeftModel merges the same
+            # body weights (the adapter never touches the LM head, which the score head replaces)
+            config.task_type = None
+        return PeftModel.from_pretrained(model, str(path), config=config).merge_and_unload()
     if kind == "adapters":
         from ftbench.tuners.adapters import CONFIG_NAME, Adapters
 
