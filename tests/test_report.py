@@ -331,6 +331,18 @@ def test_a_reward_models_pairwise_accuracy_is_not_exact_match(tmp_path):
 | sft+lora | 50.0% | 50.0% |"""
 
 
+def test_the_last_logged_training_metrics_and_the_step_split_are_columns(tmp_path):
+    curve = [{"step": 5, "train/loss": 0.3, "train/kl": 0.5, "train/reward": 0.25},
+             {"step": 10, "train/loss": 0.2, "train/kl": 0.0123, "train/reward": 0.75}]
+    rec = _record("grpo-1", "grpo+lora", 1, curve=curve, final={"train/loss": 0.1},
+                  info={"step_time_split": {"generation_s": 12.5, "optimisation_s": 20.0}})
+    _write(tmp_path, [rec])
+    assert report(tmp_path, plots=False, columns=["train/*", "step_time_split.*"]) == """\
+| method | train/loss | train/kl | train/reward | step_time_split.generation_s | step_time_split.optimisation_s |
+|---|---:|---:|---:|---:|---:|
+| grpo+lora | 0.100 | 0.0123 | 0.75 | 12.5 | 20 |"""
+
+
 def test_a_sweeps_run_names_lead_the_table(tmp_path):
     _write(tmp_path, [_record("lora-1", "lora", 1, acc=0.5, n=1), _record("full-1", "full", 1, acc=0.25, lr=5e-5, n=2)])
     (tmp_path / "sweep.json").write_text(json.dumps({"name": "named", "runs": [

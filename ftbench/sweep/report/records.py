@@ -9,7 +9,10 @@ not listed here:
 * the sections in :data:`SECTIONS` under a dotted prefix: ``throughput.trained_tokens_per_s``,
   ``memory.peak_bytes``, ``params.trainable``, ``memory_breakdown.optimizer_state``,
   ``initial.val/general/loss`` (the metrics before training);
-* numbers at the top of ``train_info``: ``fit_seconds``, ``test_seconds``, ``global_steps``.
+* numbers at the top of ``train_info``: ``fit_seconds``, ``test_seconds``, ``global_steps``;
+* the training metrics of the last logged step (``train_info.metrics[-1]``) that ``final`` lacks, by
+  their own names: GRPO's ``train/reward``, ``train/kl``, ``train/entropy`` ... (an online-RL run's
+  numbers are its training batches').
 
 The data set's answer metrics (``test/rouge_l``, ``test/<task>/chrf``, ``test/mc_accuracy``) and
 lm-evaluation-harness results (``lm_eval/<task>/acc``) are ``final`` entries like any other.
@@ -30,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 #: train_info sections whose numbers are columns (``section.key``); ``final`` gives bare metric names
-SECTIONS = ("throughput", "memory", "test_memory", "params", "memory_breakdown", "initial")
+SECTIONS = ("throughput", "memory", "test_memory", "params", "memory_breakdown", "initial", "step_time_split")
 #: per-run columns that are not metrics
 IDENTITY = ("run_id", "run", "method", "label", "objective", "tuner", "subcommand", "seed", "status", "created",
             "path", "point", "setting", "curve", "predictions")
@@ -136,9 +139,19 @@ def _flag(v: Any) -> float:
     return float(v) if isinstance(v, (bool, np.bool_)) else math.nan
 
 
+def _with_last_train_metrics(info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` with the ``train/`` metrics of its last logged curve row added to ``final``."""
+    curve = info.get("metrics")
+    last = curve[-1] if isinstance(curve, list) and curve and isinstance(curve[-1], dict) else {}
+    final = info.get("final") if isinstance(info.get("final"), dict) else {}
+    extra = {k: v for k, v in last.items() if k.startswith("train/") and k not in final}
+    return {**info, "final": {**final, **extra}} if extra else info
+
+
 def metrics_frame(infos: list[dict[str, Any]]) -> pd.DataFrame:
     """The numbers of each ``train_info`` as columns (see the module docstring), and :data:`FLAGS` as
     1.0/0.0; one row per record."""
+    infos = [_with_last_train_metrics(info) for info in infos]
     flat = pd.json_normalize(infos, sep=".") if infos else pd.DataFrame()
     keep = {}
     for col in flat.columns:
