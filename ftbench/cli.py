@@ -143,6 +143,13 @@ def _cli_class():
             if not cfg.trainer.get("default_root_dir"):
                 cfg.trainer.default_root_dir = os.path.join(cfg.out, self.run_id)
             self.run_config = redact(portable(plain))
+            seed = cfg.get("seed_everything")
+            data_args = (cfg.get("data") or {}).get("init_args")
+            if isinstance(seed, int) and not isinstance(seed, bool) and data_args is not None \
+                    and "order_seed" in data_args and data_args.get("order_seed") is None:
+                # the run's seed orders its training data (the split keeps data.seed); the record
+                # keeps order_seed as given (None = the run's seed), so seeds stay one grid point
+                data_args.order_seed = seed
             self.lm_eval_plan = None
             ev = cfg.get("evaluate")
             if ev is not None and ev.get("lm_eval_tasks") and self.subcommand in ("fit", "test"):

@@ -87,6 +87,27 @@ def test_one_backbone_and_tuner_object_is_shared(tiny_model_dir, tmp_path):
     assert not list(tmp_path.glob("*.json"))  # the record is written when the run starts, not before
 
 
+def test_the_runs_seed_orders_the_training_data_and_the_split_stays(tiny_model_dir, tmp_path):
+    def data(*extra):
+        cli = cli_main(["--backbone.model", str(tiny_model_dir), "--tuner", "configs/tuner/lora.yaml",
+                        "--model", "configs/objective/sft.yaml", "--data", "configs/data/instruction.yaml",
+                        "--data.init_args.builtin_size", "60", "--trainer", "configs/trainer/cpu.yaml",
+                        "--out", str(tmp_path), *extra], run=False)
+        dm = cli.datamodule
+        dm.setup("fit")
+        order = [b["input_ids"][0].tolist() for b in dm.train_dataloader()]
+        return dm, order, cli.run_config["data"]["init_args"]["order_seed"]
+
+    default, order42, recorded = data()
+    assert (default.seed, default.order_seed, recorded) == (42, 42, None)  # seed_everything defaults to 42
+    seeded, order7, recorded = data("--seed_everything", "7")
+    assert (seeded.seed, seeded.order_seed, recorded) == (42, 7, None)  # the record keeps it as given
+    assert seeded.splits["test"] == default.splits["test"] and seeded.splits["val"] == default.splits["val"]
+    assert order7 != order42
+    given, _, recorded = data("--seed_everything", "7", "--data.init_args.order_seed", "3")
+    assert (given.order_seed, recorded) == (3, 3)
+
+
 def test_run_id_is_stable_and_ignores_where_results_go():
     a = {"model": {"class_path": "ftbench.objectives.SFT"},
          "tuner": {"class_path": "ftbench.tuners.Peft",

@@ -487,6 +487,7 @@ class SplitDataModule(L.LightningDataModule):
         pad_to_multiple_of: int = 1,
         num_workers: int = 0,
         seed: int = 42,
+        order_seed: Optional[int] = None,
         prompt_batches: bool = False,
         metrics: Optional[list[MetricConfig]] = None,
     ):
@@ -511,7 +512,11 @@ class SplitDataModule(L.LightningDataModule):
             eval_batch_size: Validation/test batch size (default: ``batch_size``).
             pad_to_multiple_of: Round padded lengths up (8 helps tensor cores on GPU).
             num_workers: DataLoader workers.
-            seed: Seed of the split and of the training order.
+            seed: Seed of the split (and of generated data): the same held-out rows for every run.
+            order_seed: Seed of the training order (shuffling, mixture draws); None: ``seed``. The
+                CLI sets it to the run's ``seed_everything`` when it is not given, so that seeds vary
+                what a run sees and in which order (the only randomness of full fine-tuning without
+                dropout) while every seed keeps the same validation and test rows.
             prompt_batches: Training batches hold prompts only, for online RL (``prompt_input_ids``,
                 ``prompt_attention_mask``, ``prompts``, ``answers``, ``tasks``); validation and test
                 batches are unchanged.
@@ -543,6 +548,7 @@ class SplitDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
+        self.order_seed = seed if order_seed is None else order_seed
         self.prompt_batches = prompt_batches
         from ftbench.evaluation.metrics import MetricError, build_metrics
 
@@ -666,7 +672,7 @@ class SplitDataModule(L.LightningDataModule):
         return self.collator(generation=False)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        generator = torch.Generator().manual_seed(self.order_seed) if shuffle else None
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,

@@ -297,7 +297,7 @@ class DomainData(SplitDataModule):
         data = self.splits[split]
         lengths = [len(e.input_ids) for e in data]
         if split == "train":
-            sampler = RandomSampler(data, generator=torch.Generator().manual_seed(self.seed))
+            sampler = RandomSampler(data, generator=torch.Generator().manual_seed(self.order_seed))
             batches = BatchSampler(sampler, self.batch_size, drop_last=False)
         else:
             batches = BatchSampler(SequentialSampler(data), self.eval_batch_size, drop_last=False)

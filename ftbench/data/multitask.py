@@ -229,8 +229,8 @@ class MultiTaskData(SplitDataModule):
             max_length: Longest instruction example; block size of domain tasks.
             **kwargs: The arguments every regime shares (:class:`~ftbench.data.base.SplitDataModule`),
                 applied to each task: the fractions, ``builtin_size`` (a task's ``options`` override
-                it), ``truncation``, and ``max_train_rows``/``max_eval_rows`` per task; the seed
-                also seeds the mixture draws.
+                it), ``truncation``, and ``max_train_rows``/``max_eval_rows`` per task; ``order_seed``
+                seeds the mixture draws.
         """
         refuse_arguments(kwargs, **dict.fromkeys(("source", "val_source", "test_source"), "each task has its own (data.tasks[i].source, ...)"))
         super().__init__(source=None, val_source=None, test_source=None, max_length=max_length, **kwargs)
@@ -321,7 +321,7 @@ class MultiTaskData(SplitDataModule):
         n = self.examples_per_epoch
         if n is None:
             n = sum(min(s, self.cap) if self.cap is not None else s for s in sizes.values())
-        return MixtureSampler(list(sizes.values()), [self.proportions[k] for k in sizes], n, self.seed)
+        return MixtureSampler(list(sizes.values()), [self.proportions[k] for k in sizes], n, self.order_seed)
 
     # ------------------------------------------------------------------ loaders
     def collator(self, generation: bool = True) -> PackedCollator:
