@@ -54,8 +54,9 @@ STUDIES = {
     "regimes": Study("experiments/regimes/results", ("experiments/regimes/README.md",),
                      columns=["run", "n", "test/*/accuracy", "accuracy", "val/loss", "val/general/loss", "wall_s"]),
     "rlhf": Study("experiments/rlhf/results", ("experiments/rlhf/README.md",),
-                  columns=["run", "method", "trainable", "accuracy", "test/*/accuracy", "val/reward", "val/kl",
-                           "val/rewards/accuracies", "val/rewards/margins", "peak_mem_mb", "pred_peak_mb", "wall_s"]),
+                  columns=["run", "method", "trainable", "accuracy", "test/pairwise_accuracy", "test/reward",
+                           "train/reward", "train/kl", "train/entropy", "step_time_split.generation_s",
+                           "step_time_split.optimisation_s", "pred_peak_mb", "peak_mem_mb", "wall_s"]),
 }
 
 

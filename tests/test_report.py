@@ -134,9 +134,9 @@ def test_csv_has_raw_numbers(tmp_path):
         ("lora", "lr=0.001, r=8", "1", "completed"), ("lora", "lr=1e+30, r=16", "0", "nan"),
         ("baseline", "", "1", "completed")]
     full, lora = rows[0], rows[1]
-    assert float(full["accuracy"]) == pytest.approx(0.6) and float(full["accuracy_std"]) == pytest.approx(0.1)
+    assert float(full["accuracy"]) == pytest.approx(0.6) and float(full["accuracy_seed_std"]) == pytest.approx(0.1)
     assert float(full["peak_mem_mb"]) == 1000 and float(lora["mem_rel"]) == pytest.approx(0.4)
-    assert float(lora["speed_rel"]) == pytest.approx(2.0) and float(lora["tokens_per_s_std"]) == pytest.approx(20)
+    assert float(lora["speed_rel"]) == pytest.approx(2.0) and float(lora["tokens_per_s_seed_std"]) == pytest.approx(20)
     assert float(lora["p"]) == pytest.approx(0.021311641128756, abs=1e-9)
     assert float(lora["t"]) == pytest.approx(-3.6742346141747673)
     assert float(full["forgetting"]) == pytest.approx(0.6) and full["seeds"] == "1;2;3"
@@ -156,7 +156,7 @@ def test_speed_of_a_contended_run_is_marked(tmp_path):
     table = report(tmp_path, plots=False, columns=["tokens_per_s", "speed_rel", "wall_s", "throughput.contended"])
     rows = [line.split(" | ") for line in table.splitlines()[2:4]]
     assert rows[0][1:4] == ["100 ± 0", "1.00× (ref)", "10 ± 0"]  # full: clean
-    assert rows[1][1:4] == ["200 ± 141 †", "2.00× †", "5 ± 0"]  # only the speed cells
+    assert rows[1][1:4] == ["200 ± 141 †", "2.00× †", "5 ± 0 †"]  # the speed and time cells
     assert table.endswith(CONTENDED_NOTE) and "did not get the CPU/GPU it asked for" in CONTENDED_NOTE
     assert "†" in summary_line(recs[2]) and "†" not in summary_line(recs[3])
 

@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import io
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from ftbench.sweep.report import report
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("update_reports", ROOT / "scripts" / "update_reports.py")
 update_reports = importlib.util.module_from_spec(_spec)
+sys.modules["update_reports"] = update_reports  # dataclasses look their module up while the file runs
 _spec.loader.exec_module(update_reports)
 STUDIES = update_reports.STUDIES
 
@@ -47,7 +49,7 @@ def test_study_sweep_dry_runs(path, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = sweep_main([path, "--dry-run", "--out", str(tmp_path / "results")])
+        code = sweep_main(["sweep", path, "--dry-run", "--out", str(tmp_path / "results")])
     text = out.getvalue()
     assert code == 0, text
     n = SWEEPS[path]

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from ftbench.fileio import write_bytes_atomic
-from ftbench.sweep.report.stats import pareto_front
+from ftbench.sweep.report.stats import SEED_STD, pareto_front
 
 PLOTS = ("accuracy_vs_memory.png", "throughput.png", "loss_curves.png")
 
@@ -68,7 +68,7 @@ def make_plots(points: pd.DataFrame, runs: pd.DataFrame, out: Path, prefix: str 
         xy = list(zip(pts["device_mem_mb"], 100 * pts["accuracy"]))
         front = pareto_front(xy)
         for i, (_, r) in enumerate(pts.iterrows()):
-            ax.errorbar(xy[i][0], xy[i][1], xerr=_std(r["device_mem_mb_std"]), yerr=100 * _std(r["accuracy_std"]),
+            ax.errorbar(xy[i][0], xy[i][1], xerr=_std(r["device_mem_mb" + SEED_STD]), yerr=100 * _std(r["accuracy" + SEED_STD]),
                         fmt="o", ms=9 if i in front else 6, mfc="none" if i not in front else None, capsize=3,
                         label=_name(r))
         ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "k--", lw=1, label="Pareto front")
@@ -89,7 +89,7 @@ def make_plots(points: pd.DataFrame, runs: pd.DataFrame, out: Path, prefix: str 
     tp = fit[fit["tokens_per_s"].notna()]
     if len(tp):
         fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(tp) + 2), 4.0))
-        ax.bar(range(len(tp)), tp["tokens_per_s"], yerr=tp["tokens_per_s_std"].fillna(0), capsize=3)
+        ax.bar(range(len(tp)), tp["tokens_per_s"], yerr=tp["tokens_per_s" + SEED_STD].fillna(0), capsize=3)
         ax.set_xticks(range(len(tp)), [_name(r) for _, r in tp.iterrows()], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("trained tokens / s")
         ax.set_title("Training throughput")

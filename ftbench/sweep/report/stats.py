@@ -19,6 +19,10 @@ import pandas as pd
 
 from ftbench.sweep.report.records import ReportError, metric_columns
 
+#: the suffix of a column's sample std over seeds (``accuracy_seed_std``); not ``_std``, which
+#: metrics end in by their own names (TRL's ``reward_std``)
+SEED_STD = "_seed_std"
+
 #: keys that come with the method (its objective and tuner config): not what tells a reference apart
 _METHOD_KEYS = ("model.", "tuner.")
 _CLASS_KEYS = ("model.class_path", "tuner.class_path")
@@ -95,7 +99,7 @@ def _status(statuses: pd.Series) -> str:
 
 def group_points(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per grid point in first-seen order: method, setting label, n (completed), runs, status,
-    every metric column's mean over the completed runs (``key``) and its sample std (``key_std``),
+    every metric column's mean over the completed runs (``key``) and its sample std (``key`` + :data:`SEED_STD`),
     the seeds and run ids."""
     first = runs.drop_duplicates("point").set_index("point")
     labels, common = setting_labels(first)
@@ -112,7 +116,7 @@ def group_points(runs: pd.DataFrame) -> pd.DataFrame:
     }
     for k in metrics:
         cols[k] = mean[k].reindex(first.index)
-        cols[k + "_std"] = std[k].reindex(first.index)
+        cols[k + SEED_STD] = std[k].reindex(first.index)
     cols["seeds"] = done["seed"].agg(list).reindex(first.index).map(lambda v: v if isinstance(v, list) else [])
     cols["run_ids"] = everyone["run_id"].agg(list)
     cols["common"] = common
@@ -167,7 +171,7 @@ def select_points(points: pd.DataFrame, spec: str, over: Sequence[str] = ()) -> 
             raise ReportError(f"--select-over {','.join(missing)}: no setting of these records is named so "
                               "(e.g. lr for tuner.init_args.lr)")
     if name not in points:
-        have = sorted(c for c in points if c.startswith("val/") and not c.endswith("_std"))
+        have = sorted(c for c in points if c.startswith("val/") and not c.endswith(SEED_STD))
         raise ReportError(f"--select {spec}: no record has {name}" + (f" (validation metrics: {', '.join(have)})" if have else ""))
     keep, said = [], []
     for _, group in points.groupby(selection_groups(points, over), sort=False):

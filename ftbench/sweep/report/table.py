@@ -15,6 +15,7 @@ from typing import Any, Optional
 import pandas as pd
 
 from ftbench.sweep.report.records import DERIVED, runs_frame
+from ftbench.sweep.report.stats import SEED_STD
 
 #: kinds printed without ± std (parameter counts are the same for every seed)
 _NO_STD = ("params", "params_pct", "ratio", "p", "text", "n")
@@ -105,7 +106,7 @@ def column(key: str, reference: str = "full") -> Column:
 def available(points: pd.DataFrame) -> list[str]:
     """Every key a table can show for these points."""
     metrics = [c for c in points.columns if c not in _INTERNAL and c not in ("run", "method", "setting", "n", "status")
-               and not (c.endswith("_std") and c[:-4] in points.columns)]
+               and not (c.endswith(SEED_STD) and c[: -len(SEED_STD)] in points.columns)]
     return ["run", "method", "setting", "n", "status", *metrics]
 
 
@@ -129,7 +130,7 @@ def default_keys(points: pd.DataFrame) -> list[str]:
 def _lm_eval(key: str) -> bool:
     """An lm-evaluation-harness headline number (``lm_eval/<task>/<metric>``), not its std over seeds."""
     parts = key.split("/")
-    return len(parts) == 3 and parts[0] == "lm_eval" and not key.endswith("_std")
+    return len(parts) == 3 and parts[0] == "lm_eval" and not key.endswith(SEED_STD)
 
 
 def choose_keys(points: pd.DataFrame, spec: Optional[list[str]] = None) -> list[str]:
@@ -188,8 +189,10 @@ def _missing(v: Any) -> bool:
 
 
 def is_speed(key: str) -> bool:
-    """Columns that contention makes doubtful: tokens/s, the speed ratio, the throughput section's rates and times."""
-    return key in ("tokens_per_s", "speed_rel") or (key.startswith("throughput.") and key.endswith(("_per_s", "_s")))
+    """Columns that contention makes doubtful: tokens/s, the speed ratio, wall time, the throughput
+    section's rates and times, and the online-RL step split."""
+    return key in ("tokens_per_s", "speed_rel", "wall_s") or (
+        key.startswith(("throughput.", "step_time_split.")) and key.endswith(("_per_s", "_s")))
 
 
 def contended(row: pd.Series) -> bool:
@@ -211,7 +214,7 @@ def _cell(row: pd.Series, col: Column) -> str:
         return str(row["n"]) if row["n"] == row["runs"] else f"{row['n']}/{row['runs']}"
     if col.kind == "ratio" and row.get("is_reference") and not _missing(value):
         return "1.00× (ref)"
-    std = row.get(col.key + "_std")
+    std = row.get(col.key + SEED_STD)
     if _missing(value) or col.kind in _NO_STD or _missing(std):
         return fmt(col.kind, value)
     if col.kind == "percent":
@@ -236,11 +239,11 @@ def csv_text(points: pd.DataFrame) -> str:
     named = int(points["run"].astype(bool).any())
     keys = ["run"] * named + ["method", "setting", "subcommand", "status", "n", "runs"]
     for k in DERIVED:
-        keys += [k, k + "_std"]
+        keys += [k, k + SEED_STD]
     keys += ["mem_rel", "speed_rel", "t", "p"]
     for k in available(points)[5:]:
         if k not in keys and k not in KNOWN:
-            keys += [k, k + "_std"]
+            keys += [k, k + SEED_STD]
     out = points[[k for k in keys if k in points.columns]].copy()
     out["setting"] = out["setting"].fillna("")
     for k in out.columns[6 + named:]:
