@@ -52,7 +52,7 @@ STUDIES = {
                              "test/*/accuracy"],
                     select="val/loss", select_over=["lr"]),
     "regimes": Study("experiments/regimes/results", ("experiments/regimes/README.md",),
-                     columns=["run", "n", "test/*/accuracy", "accuracy", "val/loss", "val/general/loss", "wall_s"]),
+                     columns=["run", "method", "test/*/accuracy", "accuracy", "val/loss", "val/general/loss"]),
     "rlhf": Study("experiments/rlhf/results", ("experiments/rlhf/README.md",),
                   columns=["run", "method", "trainable", "accuracy", "test/pairwise_accuracy", "test/reward",
                            "train/reward", "train/kl", "train/entropy", "step_time_split.generation_s",
