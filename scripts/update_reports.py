@@ -55,8 +55,8 @@ STUDIES = {
                      columns=["run", "method", "test/*/accuracy", "accuracy", "val/loss", "val/general/loss"]),
     "rlhf": Study("experiments/rlhf/results", ("experiments/rlhf/README.md",),
                   columns=["run", "method", "trainable", "accuracy", "test/pairwise_accuracy", "test/reward",
-                           "train/reward", "train/kl", "train/entropy", "step_time_split.generation_s",
-                           "step_time_split.optimisation_s", "pred_peak_mb", "peak_mem_mb", "wall_s"]),
+                           "train/reward", "train/kl", "train/entropy", "step_time_split.*", "pred_peak_mb", "peak_mem_mb",
+                           "wall_s"]),
 }
 
 
