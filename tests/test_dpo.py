@@ -23,7 +23,7 @@ from ftbench.data.preference import PreferenceData
 from ftbench.objectives import DPO, SFT
 from ftbench.objectives.losses import dpo_loss, sequence_logps
 from ftbench.objectives.reference_cache import ReferenceTable, data_fingerprint, row_keys
-from ftbench.objectives.reward import concatenate_pairs
+from ftbench.data.pairs import concatenate_pairs
 from ftbench.objectives.sft import sequence_losses
 from ftbench.tuners import Adapters, Freeze, Full, NoTuning, Peft
 

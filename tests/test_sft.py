@@ -14,7 +14,7 @@ import torch
 from ftbench.backbone import Backbone
 from ftbench.data.instruction import InstructionData
 from ftbench.objectives import SFT
-from ftbench.objectives.base import normalize_answer
+from ftbench.evaluation.metrics import fold_whitespace
 from ftbench.tuners import Freeze, Full, NoTuning, Peft
 from pinning import load_pins
 
@@ -238,9 +238,9 @@ def test_greedy_generation_matches_a_hand_rolled_greedy_loop(tiny_model_dir):
     assert out == expected
 
 
-def test_normalize_answer():
-    assert normalize_answer("  1  2\n3 ") == "1 2 3"
-    assert normalize_answer("APPLE") != normalize_answer("apple")  # exact match is case-sensitive
+def test_fold_whitespace():
+    assert fold_whitespace("  1  2\n3 ") == "1 2 3"
+    assert fold_whitespace("APPLE") != fold_whitespace("apple")  # exact match is case-sensitive
 
 
 # ---------------------------------------------------------------------------- freeze

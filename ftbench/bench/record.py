@@ -289,10 +289,9 @@ class RunRecorder(L.Callback):
             info["throughput"] = tp.summary()
         from ftbench.bench.memory import MemoryBreakdown
 
-        if hasattr(pl_module, "generation_seconds"):  # online RL: the step time split into its two phases
-            info["step_time_split"] = {"generation_s": pl_module.generation_seconds,
-                                       "optimisation_s": pl_module.optimisation_seconds,
-                                       "reward_s": getattr(pl_module, "reward_seconds", None)}
+        split = pl_module.step_time_split()  # online RL: the step time split into its phases
+        if split is not None:
+            info["step_time_split"] = split
         breakdown = self._callback(trainer, MemoryBreakdown)
         if breakdown is not None and breakdown.results:
             info["memory_breakdown"] = breakdown.results

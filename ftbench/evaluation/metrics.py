@@ -110,7 +110,7 @@ _DEFAULTS = {f.name: f.default for f in fields(MetricSpec)}
 
 # ---------------------------------------------------------------------------------- text preparation
 def fold_whitespace(text: str) -> str:
-    """White space at the ends removed and inner runs folded to one space (``normalize_answer``)."""
+    """White space at the ends removed and inner runs folded to one space."""
     return " ".join(text.split())
 
 

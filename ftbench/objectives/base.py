@@ -1,17 +1,24 @@
-"""The shared loop of every objective: model set-up through the tuner, the optimizer and schedule,
-the non-finite check, evaluation metrics by task, and generation.
+"""The shared loop of every objective: model set-up through the tuner, the training-step skeleton,
+the optimizer and schedule, evaluation metrics by task, and generation.
 
 An objective (``sft``, ``reward``, ``dpo``, ``grpo``) is a subclass that says only what differs: its
-batch keys, its loss and its metrics. What trains is the tuner's business (``ftbench.tuners``), so a
-difference between two rows of a results table comes from the tuner or the objective and nothing else.
+settings (checked in its ``__init__``, each error a :class:`~ftbench.errors.ConfigError` naming the
+option), its loss (:meth:`Objective.training_loss`, returning a :class:`TrainingLoss`) and its
+evaluation (:meth:`Objective.evaluate`). The step around the loss is one, here
+(:meth:`Objective.training_step`): the tuner's regularization (AdaLoRA's orthogonality penalty) added,
+the non-finite check, ``train/loss`` logged every step and the objective's other training metrics every
+``trainer.log_every_n_steps`` steps and at the last (or every step, when the objective asks), and the
+token counts the throughput callback reads. What trains is the tuner's business (``ftbench.tuners``), so
+a difference between two rows of a results table comes from the tuner or the objective and nothing else.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import lightning as L
 import torch
@@ -34,9 +41,25 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(f"training loss is {value} at step {step}")
 
 
-def normalize_answer(text: str) -> str:
-    """Exact match compares answers with surrounding white space removed and inner runs folded."""
-    return " ".join(text.split())
+@dataclass
+class TrainingLoss:
+    """What an objective's :meth:`~Objective.training_loss` gives the shared step.
+
+    ``loss`` is what is backpropagated (before the tuner's regularization); ``trained_tokens`` the
+    tokens it is computed on (torchtune's tokens/s counts these); ``input_ids``/``attention_mask`` the
+    batch the model saw (padded and real token counts); ``rows`` the batch size the metrics are logged
+    with; ``metrics`` a callable returning the other training metrics (logged under ``train/``, called
+    only on a step that logs them); ``prog_bar`` the names among them shown in the progress bar;
+    ``metrics_every_step``: log them at every step, not only every ``log_every_n_steps``."""
+
+    loss: torch.Tensor
+    trained_tokens: torch.Tensor | int
+    input_ids: torch.Tensor
+    attention_mask: Optional[torch.Tensor]
+    rows: int
+    metrics: Optional[Callable[[], dict[str, Any]]] = None
+    prog_bar: tuple[str, ...] = ()
+    metrics_every_step: bool = False
 
 
 class Objective(L.LightningModule):
@@ -141,14 +164,36 @@ class Objective(L.LightningModule):
                                     use_cache=False)
         return self.tuner.align_logits(out.logits, input_ids.shape[1])
 
-    @staticmethod
-    def step_output(loss: torch.Tensor, trained_tokens: torch.Tensor | int, input_ids: torch.Tensor,
-                    attention_mask: Optional[torch.Tensor]) -> dict[str, Any]:
-        """What ``training_step`` returns: the loss and the token counts the throughput callback reads
-        (trained tokens: those the loss is computed on, torchtune's tokens/s; padded: the whole batch)."""
-        real = attention_mask.sum() if attention_mask is not None else input_ids.numel()
-        return {"loss": loss, "trained_tokens": trained_tokens, "padded_tokens": input_ids.numel(),
-                "real_tokens": real}
+    # ------------------------------------------------------------------ the training step
+    def training_loss(self, batch: dict[str, Any]) -> TrainingLoss:
+        """The objective's loss on one training batch, and what it logs (see :class:`TrainingLoss`)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """The step every objective shares around its :meth:`training_loss`. Returns the loss and the
+        token counts the throughput callback reads (trained: those the loss is computed on; padded: the
+        whole batch; real: the attention mask's ones)."""
+        out = self.training_loss(batch)
+        loss = out.loss
+        extra = self.tuner.regularization(self.model)  # e.g. AdaLoRA's orthogonality penalty
+        if extra is not None:
+            loss = loss + extra
+        self.check_finite(loss, batch_idx)
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=out.rows)
+        if out.metrics is not None and (out.metrics_every_step or self.should_log_step()):
+            metrics = out.metrics()
+            for name in out.prog_bar:
+                self.log(f"train/{name}", metrics.pop(name), on_step=True, prog_bar=True, batch_size=out.rows)
+            self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, batch_size=out.rows)
+        ids, mask = out.input_ids, out.attention_mask
+        real = mask.sum() if mask is not None else ids.numel()
+        return {"loss": loss, "trained_tokens": out.trained_tokens, "padded_tokens": ids.numel(), "real_tokens": real}
+
+    def step_time_split(self) -> Optional[dict[str, Optional[float]]]:
+        """Seconds of training spent per phase of the step, for objectives whose step has phases (online
+        RL: ``generation_s``, ``optimisation_s``, ``reward_s``); the record keeps it as
+        ``train_info.step_time_split``. None: one phase."""
+        return None
 
     def check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
         """Raise on a NaN/inf loss. On CUDA the flag stays on the device and is read every
@@ -200,9 +245,11 @@ class Objective(L.LightningModule):
 
     def exact_match(self, batch: dict[str, Any], max_new_tokens: Optional[int] = None) -> torch.Tensor:
         """1.0 per row whose greedy answer equals the reference answer (white space folded)."""
+        from ftbench.evaluation.metrics import default_metrics
+
+        exact = default_metrics()[0]  # exact_match, white space folded (ftbench.evaluation.metrics)
         preds = self.predict_answers(batch, max_new_tokens)
-        return torch.tensor([float(normalize_answer(p) == normalize_answer(a)) for p, a in zip(preds, batch["answers"])],
-                            device=self.device)
+        return torch.tensor(exact.row_values(preds, list(batch["answers"])), dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------------ answer metrics (ftbench.evaluation)
     def metrics_for(self, task: Optional[str]) -> list:
@@ -225,11 +272,13 @@ class Objective(L.LightningModule):
         return score_choices(lambda i, a: self(i, a), prompts, batch["choice_ids"],
                              self.backbone.tokenizer.pad_token_id, ids.device)
 
-    def answer_metrics(self, batch: dict[str, Any], stage: str, max_new_tokens: Optional[int] = None) -> dict[str, torch.Tensor]:
+    def answer_metrics(self, batch: dict[str, Any], stage: str, max_new_tokens: Optional[int] = None,
+                       predictions: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
         """Each row's answer metrics (the metrics of its task), for :meth:`update_by_task`: a tensor per
         metric name, NaN for rows whose task does not have it. Generates only when a metric needs a
-        generation, scores options only when one needs them; corpus-level metrics (BLEU, chrF) are
-        updated here and not returned; every row goes to the predictions file (:meth:`prediction_rows`)."""
+        generation (``predictions``: the greedy answers of every row, generated already by the caller),
+        scores options only when one needs them; corpus-level metrics (BLEU, chrF) are updated here and
+        not returned; every row goes to the predictions file (:meth:`prediction_rows`)."""
         answers = list(batch["answers"])
         n = len(answers)
         tasks = batch.get("tasks") or [None] * n
@@ -239,7 +288,10 @@ class Objective(L.LightningModule):
         suites = {t: self.metrics_for(t) for t in groups}
         gen_rows = [i for t, idx in groups.items() if any(m.needs_generation for m in suites[t]) for i in idx]
         preds: list[Optional[str]] = [None] * n
-        if len(gen_rows) == n:
+        if predictions is not None:
+            for i in gen_rows:
+                preds[i] = predictions[i]
+        elif len(gen_rows) == n:
             preds = list(self.predict_answers(batch, max_new_tokens))
         elif gen_rows:
             sel = torch.tensor(sorted(gen_rows), device=batch["gen_input_ids"].device)

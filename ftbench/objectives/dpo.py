@@ -64,14 +64,33 @@ from typing import Any, Iterator, Literal, Optional
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ftbench.objectives.base import Objective
+from ftbench.data.pairs import concatenate_pairs, pair_memory_batch, split_pairs
+from ftbench.errors import ConfigError
+from ftbench.objectives.base import Objective, TrainingLoss
 from ftbench.objectives.losses import DPO_LOSS_TYPES, dpo_loss, dpo_metrics, sequence_logps
 from ftbench.objectives.reference_cache import (ReferenceTable, cache_meta, cache_path, data_fingerprint,
                                                 default_cache_dir, row_keys, weights_hash)
-from ftbench.objectives.reward import concatenate_pairs, pair_memory_batch
 from ftbench.tuners.base import Tuner
 
 SPLITS = ("train", "val", "test")
+
+
+def check_settings(beta: float, loss_type: str, label_smoothing: float, sft_weight: float) -> None:
+    """The DPO options that cannot work, each a one-line :class:`~ftbench.errors.ConfigError` naming
+    the option (the same rules :func:`~ftbench.objectives.losses.dpo_loss` holds its arguments to)."""
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ConfigError(f"objective dpo: unknown loss_type {loss_type!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")
+    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and 0 < beta < float("inf")):
+        raise ConfigError(f"objective dpo: beta must be a positive finite number, got {beta!r}")
+    eps = float(label_smoothing)
+    if loss_type == "sigmoid" and not 0.0 <= eps <= 0.5:
+        raise ConfigError(f"objective dpo: label_smoothing must be in [0, 0.5] for loss_type 'sigmoid', got {eps}")
+    if loss_type == "robust" and not 0.0 <= eps < 0.5:
+        raise ConfigError(f"objective dpo: label_smoothing must be in [0, 0.5) for loss_type 'robust', got {eps}")
+    if loss_type in ("ipo", "hinge") and eps != 0.0:
+        raise ConfigError(f"objective dpo: label_smoothing is not used by loss_type {loss_type!r}; set it to 0 (got {eps})")
+    if not sft_weight >= 0:
+        raise ConfigError(f"objective dpo: sft_weight must be >= 0, got {sft_weight}")
 
 
 def reference_is_a_copy(tuner: Tuner) -> bool:
@@ -115,15 +134,7 @@ class DPO(Objective):
             generate_in_validation: Also compute exact match during validation (not only test).
         """
         super().__init__(**kwargs)
-        if loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"objective dpo: unknown loss_type {loss_type!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")
-        if not sft_weight >= 0:
-            raise ValueError(f"objective dpo: sft_weight must be >= 0, got {sft_weight}")
-        try:  # the loss's own checks of beta and label_smoothing, now rather than at the first step
-            one = torch.zeros(1)
-            dpo_loss(one, one, one, one, beta, loss_type, label_smoothing, torch.ones(1), torch.ones(1))
-        except ValueError as err:
-            raise ValueError(f"objective dpo: {str(err).removeprefix('dpo_loss: ')}") from None
+        check_settings(beta, loss_type, label_smoothing, sft_weight)
         self.beta, self.loss_type, self.label_smoothing = float(beta), loss_type, float(label_smoothing)
         self.sft_weight = float(sft_weight)
         self.precompute_reference = precompute_reference
@@ -196,10 +207,9 @@ class DPO(Objective):
             if self.reference_table is None:
                 self.ensure_reference_table()
             return self.reference_table.lookup(row_keys(batch), device)
-        n = batch["chosen_input_ids"].shape[0]
         with torch.no_grad(), self.tuner.reference(self.model) as ref:
             logps, _ = self.sequence_logps(cat, model=ref)
-        return logps[:n], logps[n:]
+        return split_pairs(logps, batch["chosen_input_ids"].shape[0])
 
     def compute(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Policy and reference log-probs, the per-pair losses and the implicit rewards of a batch."""
@@ -207,34 +217,31 @@ class DPO(Objective):
         cat = concatenate_pairs(batch, ("input_ids", "attention_mask", "labels"))
         ref_c, ref_r = self.reference_logps(batch, cat)  # first: its no-grad activations are gone before the policy's
         logps, lengths = self.sequence_logps(cat)
-        pol_c, pol_r = logps[:n], logps[n:]
+        (pol_c, pol_r), (len_c, len_r) = split_pairs(logps, n), split_pairs(lengths, n)
         losses, rew_c, rew_r = dpo_loss(pol_c, pol_r, ref_c, ref_r, self.beta, self.loss_type, self.label_smoothing,
-                                        lengths[:n], lengths[n:])
+                                        len_c, len_r)
         return {"cat": cat, "losses": losses, "chosen_rewards": rew_c, "rejected_rewards": rew_r,
                 "policy_chosen": pol_c, "policy_rejected": pol_r, "lengths": lengths,
                 # the chosen responses' NLL per token over the batch (the SFT term)
-                "sft_loss": -pol_c.sum() / lengths[:n].sum().clamp(min=1), "sft_rows": -pol_c, "sft_tokens": lengths[:n]}
+                "sft_loss": -pol_c.sum() / len_c.sum().clamp(min=1), "sft_rows": -pol_c, "sft_tokens": len_c}
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def training_loss(self, batch: dict[str, Any]) -> TrainingLoss:
         out = self.compute(batch)
         loss = out["losses"].mean()
         if self.sft_weight > 0:
             loss = loss + self.sft_weight * out["sft_loss"]
-        extra = self.tuner.regularization(self.model)  # e.g. AdaLoRA's orthogonality penalty
-        if extra is not None:
-            loss = loss + extra
-        self.check_finite(loss, batch_idx)
-        n = out["losses"].shape[0]
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n)
-        if self.should_log_step():  # every log_every_n_steps steps and the last
-            metrics = dpo_metrics(out["chosen_rewards"], out["rejected_rewards"], out["policy_chosen"],
-                                  out["policy_rejected"])
+
+        def metrics() -> dict[str, torch.Tensor]:
+            logged = dpo_metrics(out["chosen_rewards"], out["rejected_rewards"], out["policy_chosen"],
+                                 out["policy_rejected"])
             if self.sft_weight > 0:
-                metrics["sft_loss"] = out["sft_loss"].detach()
-            self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, batch_size=n)
+                logged["sft_loss"] = out["sft_loss"].detach()
+            return logged
+
         cat = out["cat"]
-        return self.step_output(loss, out["lengths"].sum(), cat["input_ids"], cat["attention_mask"])
+        return TrainingLoss(loss, out["lengths"].sum(), cat["input_ids"], cat["attention_mask"], out["losses"].shape[0],
+                            metrics=metrics)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, batch: dict[str, Any], stage: str) -> None:
@@ -339,13 +346,13 @@ class DPO(Objective):
                 ref = self.model if copy_tuner else stack.enter_context(self.tuner.reference(self.model))
                 stack.enter_context(self._precision_context())
                 for batch in self._preference_batches(datamodule):
-                    n = batch["chosen_input_ids"].shape[0]
                     cat = {k: v.to(self.device) for k, v in
                            concatenate_pairs(batch, ("input_ids", "attention_mask", "labels")).items()}
                     logps, _ = self.sequence_logps(cat, model=ref)
                     keys += row_keys(batch)
-                    chosen.append(logps[:n].float().cpu())
-                    rejected.append(logps[n:].float().cpu())
+                    c, r = split_pairs(logps.float().cpu(), batch["chosen_input_ids"].shape[0])
+                    chosen.append(c)
+                    rejected.append(r)
         finally:
             self.model.train(was_training)
         return ReferenceTable(keys, torch.cat(chosen), torch.cat(rejected), meta, time.perf_counter() - t0)

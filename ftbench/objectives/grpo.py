@@ -84,12 +84,49 @@ from typing import Any, Literal, Optional
 import torch
 
 from ftbench.errors import ConfigError
-from ftbench.objectives.base import Objective
-from ftbench.objectives.losses import (frac_reward_zero_std, grpo_advantages, grpo_loss, rloo_advantages,
-                                       token_logps)
+from ftbench.objectives.base import Objective, TrainingLoss
+from ftbench.objectives.losses import (GRPO_LOSS_TYPES, frac_reward_zero_std, grpo_advantages, grpo_loss,
+                                       rloo_advantages, token_logps)
 from ftbench.objectives.rewards import ExactAnswer, RewardFunction, as_reward_function, finite_or_nan
 
 ADVANTAGES = ("grpo", "rloo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def check_settings(num_generations: Any, max_completion_length: Any, temperature: float, top_p: float,
+                   top_k: Optional[int], advantage: str, scale_rewards: str, loss_type: str, beta: float,
+                   epsilon: float, epsilon_high: Optional[float], num_iterations: int) -> None:
+    """The GRPO options that cannot work, each a one-line :class:`~ftbench.errors.ConfigError` naming
+    the option (``scale_rewards`` already resolved from its default). The loss's own argument rules
+    (:func:`~ftbench.objectives.losses.grpo_loss`) are among them, so no setting reaches it unchecked."""
+    if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 2:
+        raise ConfigError(f"objective grpo: num_generations must be an int >= 2 (the group is the baseline), "
+                          f"got {num_generations!r}")
+    if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or max_completion_length < 1:
+        raise ConfigError(f"objective grpo: max_completion_length must be >= 1, got {max_completion_length!r}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ConfigError(f"objective grpo: temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"objective grpo: top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 0:
+        raise ConfigError(f"objective grpo: top_k must be >= 0, got {top_k}")
+    if advantage not in ADVANTAGES:
+        raise ConfigError(f"objective grpo: unknown advantage {advantage!r}; expected grpo or rloo")
+    if advantage == "rloo" and scale_rewards != "none":
+        raise ConfigError(f"objective grpo: scale_rewards {scale_rewards!r} applies to advantage: grpo; RLOO's "
+                          "leave-one-out baseline is not scaled", hint="leave scale_rewards out (or none) with rloo")
+    if num_iterations != 1:
+        raise ConfigError(f"objective grpo: num_iterations={num_iterations} is not supported (one optimisation step "
+                          "per rollout): every step gets a new batch of prompts from the data loader",
+                          hint="use num_iterations: 1; more prompts per step via data.batch_size")
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ConfigError(f"objective grpo: unknown loss_type {loss_type!r}; expected one of {', '.join(GRPO_LOSS_TYPES)}")
+    if not beta >= 0:
+        raise ConfigError(f"objective grpo: beta must be >= 0, got {beta}")
+    if not epsilon >= 0 or (epsilon_high is not None and not epsilon_high >= 0):
+        raise ConfigError(f"objective grpo: epsilon and epsilon_high must be >= 0, got {epsilon} and {epsilon_high}")
+    if scale_rewards not in SCALE_REWARDS:
+        raise ConfigError(f"objective grpo: unknown scale_rewards {scale_rewards!r}; expected group, batch or none")
 
 
 def completion_masks(completion_ids: torch.Tensor, eos_token_id: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,36 +230,10 @@ class GRPO(Objective):
             generate_in_validation: Also generate in validation (exact match and reward), not only in test.
         """
         super().__init__(**kwargs)
-        if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 2:
-            raise ConfigError(f"objective grpo: num_generations must be an int >= 2 (the group is the baseline), "
-                              f"got {num_generations!r}")
-        if not isinstance(max_completion_length, int) or max_completion_length < 1:
-            raise ConfigError(f"objective grpo: max_completion_length must be >= 1, got {max_completion_length!r}")
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise ConfigError(f"objective grpo: temperature must be > 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ConfigError(f"objective grpo: top_p must be in (0, 1], got {top_p}")
-        if top_k is not None and top_k < 0:
-            raise ConfigError(f"objective grpo: top_k must be >= 0, got {top_k}")
-        if advantage not in ADVANTAGES:
-            raise ConfigError(f"objective grpo: unknown advantage {advantage!r}; expected grpo or rloo")
         if scale_rewards is None:
             scale_rewards = "group" if advantage == "grpo" else "none"
-        if advantage == "rloo" and scale_rewards != "none":
-            raise ConfigError(f"objective grpo: scale_rewards {scale_rewards!r} applies to advantage: grpo; RLOO's "
-                              "leave-one-out baseline is not scaled", hint="leave scale_rewards out (or none) with rloo")
-        if num_iterations != 1:
-            raise ConfigError(f"objective grpo: num_iterations={num_iterations} is not supported (one optimisation step "
-                              "per rollout): every step gets a new batch of prompts from the data loader",
-                              hint="use num_iterations: 1; more prompts per step via data.batch_size")
-        try:  # the loss's own checks (loss type, beta, epsilons), now rather than at the first step
-            z = torch.zeros(1, 1)
-            grpo_loss(z, z, torch.zeros(1), torch.ones(1, 1), z if beta else None, beta, epsilon, epsilon_high,
-                      loss_type, max_completion_length)
-        except ValueError as err:
-            raise ConfigError(f"objective grpo: {str(err).removeprefix('grpo_loss: ')}") from None
-        if scale_rewards not in ("group", "batch", "none"):
-            raise ConfigError(f"objective grpo: unknown scale_rewards {scale_rewards!r}; expected group, batch or none")
+        check_settings(num_generations, max_completion_length, temperature, top_p, top_k, advantage, scale_rewards,
+                       loss_type, beta, epsilon, epsilon_high, num_iterations)
 
         extra: list[RewardFunction] = []
         if reward_model is not None:
@@ -263,7 +274,6 @@ class GRPO(Objective):
         self.phase_seconds: dict[str, list[float]] = {"generation": [], "optimisation": [], "reward": []}
         self._t_step: Optional[float] = None
         self._t_generated: Optional[float] = None
-        self._last_generation: Optional[tuple] = None  # (prompt ids, new ids, their mask, texts) of evaluation
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -408,7 +418,7 @@ class GRPO(Objective):
         self._sync()
         self._t_step = time.perf_counter()
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def training_loss(self, batch: dict[str, Any]) -> TrainingLoss:
         if self._t_step is None:
             self._t_step = time.perf_counter()
         rollout = self.rollout(batch)
@@ -428,21 +438,16 @@ class GRPO(Objective):
             epsilon=self.epsilon, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
             max_completion_length=self.max_completion_length,
         )
-        extra = self.tuner.regularization(self.model)  # e.g. AdaLoRA's orthogonality penalty
-        if extra is not None:
-            loss = loss + extra
-        self.check_finite(loss, batch_idx)
 
-        mask = rollout.loss_mask.bool()
-        n = rollout.input_ids.shape[0]
-        metrics = dict(rollout.metrics)
-        metrics.update(loss_metrics)
-        metrics["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
-        metrics["time/generation_s"] = generation_s
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n)
-        self.log("train/reward", metrics.pop("reward"), on_step=True, prog_bar=True, batch_size=n)
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, batch_size=n)
-        return self.step_output(loss, rollout.loss_mask.sum(), rollout.input_ids, rollout.attention_mask)
+        def metrics() -> dict[str, Any]:
+            mask = rollout.loss_mask.bool()
+            logged = {**rollout.metrics, **loss_metrics}
+            logged["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
+            logged["time/generation_s"] = generation_s
+            return logged
+
+        return TrainingLoss(loss, rollout.loss_mask.sum(), rollout.input_ids, rollout.attention_mask,
+                            rollout.input_ids.shape[0], metrics=metrics, prog_bar=("reward",), metrics_every_step=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)  # the tuner's after-step hook (AdaLoRA)
@@ -456,6 +461,10 @@ class GRPO(Objective):
         self.log("train/time/optimisation_s", optimisation_s, on_step=True,
                  batch_size=batch["prompt_input_ids"].shape[0] * self.num_generations)
 
+    def step_time_split(self) -> dict[str, Optional[float]]:
+        return {"generation_s": self.generation_seconds, "optimisation_s": self.optimisation_seconds,
+                "reward_s": self.reward_seconds}
+
     def timing(self, skip_steps: int = 0) -> dict[str, Any]:
         """Seconds per phase: totals and per-step means over the steps after the first ``skip_steps``
         (warm-up). ``reward`` is the part of ``generation`` spent in the reward functions."""
@@ -468,30 +477,23 @@ class GRPO(Objective):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def generate_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                       **sampling: Any) -> list[str]:
-        """As :meth:`Objective.generate_texts` (the same texts), keeping the token ids of the last call so
-        that the evaluation's rewards score the answers the metrics were computed on, without a second
-        generation."""
-        sampling.setdefault("do_sample", False)
+    def greedy_completions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Greedy continuations of left-padded prompts: ``(new ids, their mask up to the first EOS,
+        texts)``; the texts are :meth:`Objective.generate_texts`'s."""
         tok = self.backbone.tokenizer
-        new = self.tuner.generate(self.model, tok, input_ids, attention_mask, max_new_tokens, **sampling)
+        new = self.tuner.generate(self.model, tok, input_ids, attention_mask, max_new_tokens, do_sample=False)
         mask, _ = completion_masks(new, tok.eos_token_id)
-        texts = self.decode(new, mask)
-        self._last_generation = (input_ids, new, mask, texts)
-        return texts
+        return new, mask, self.decode(new, mask)
 
     def evaluate(self, batch: dict[str, Any], stage: str) -> None:
         if "gen_input_ids" not in batch or (stage == "val" and not self.generate_in_validation):
             return
         ids, mask = batch["gen_input_ids"], batch["gen_attention_mask"]
-        # the data set's answer metrics, as SFT and DPO compute them (default: exact match, as accuracy)
-        self._last_generation = None
-        values = self.answer_metrics(batch, stage, self.max_new_tokens)
-        if self._last_generation is None or self._last_generation[0] is not ids:  # no metric generated every row
-            self.generate_texts(ids, mask, self.generation_budget(self.max_new_tokens))
-        _, new, completion_mask, texts = self._last_generation
-        self._last_generation = None
+        # one greedy generation per row: the answer metrics (as SFT and DPO compute them; default exact
+        # match, as accuracy) and the rewards score the same texts
+        new, completion_mask, texts = self.greedy_completions(ids, mask, self.generation_budget(self.max_new_tokens))
+        values = self.answer_metrics(batch, stage, self.max_new_tokens, predictions=texts)
         unpadded = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
         columns = {"answers": list(batch["answers"]), "tasks": list(batch.get("tasks") or ["default"] * len(texts)),
                    "prompt_ids": unpadded,

@@ -30,40 +30,13 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torchmetrics import MaxMetric, MinMetric
 
 from ftbench.backbone import last_token_scores
-from ftbench.data.base import IGNORE_INDEX
-from ftbench.objectives.base import Objective
+from ftbench.data.pairs import concatenate_pairs, pair_memory_batch, split_pairs
+from ftbench.errors import ConfigError
+from ftbench.objectives.base import Objective, TrainingLoss
 from ftbench.objectives.losses import reward_loss, reward_metrics
-
-#: what a padded position holds in each concatenated field (ids: any id, the mask hides it)
-_PAD = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
-
-
-def concatenate_pairs(batch: dict[str, Any], fields: tuple[str, ...] = ("input_ids", "attention_mask")) -> dict[str, torch.Tensor]:
-    """``chosen_{field}`` on top of ``rejected_{field}`` for each field, right-padded to one width:
-    ``(2 * pairs, T)``, rows ``[:pairs]`` chosen and ``[pairs:]`` rejected, for one forward."""
-    out = {}
-    for f in fields:
-        c, r = batch[f"chosen_{f}"], batch[f"rejected_{f}"]
-        width = max(c.shape[1], r.shape[1])
-        c, r = (F.pad(t, (0, width - t.shape[1]), value=_PAD.get(f, 0)) for t in (c, r))
-        out[f] = torch.cat([c, r], dim=0)
-    return out
-
-
-def pair_memory_batch(batch_size: int, seq_len: int, device: str | torch.device = "meta") -> dict[str, torch.Tensor]:
-    """``batch_size`` pairs whose chosen and rejected sides are ``seq_len`` real tokens, every one
-    trained: the batch ``ftbench estimate`` steps (``memory_batch``) for the pairwise objectives."""
-    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
-    batch = {}
-    for side in ("chosen", "rejected"):
-        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": torch.ones_like(ids),
-                      f"{side}_labels": torch.zeros_like(ids)})
-    return batch
-
 
 class Reward(Objective):
     """Bradley-Terry reward model on the scalar score head (TRL ``RewardTrainer``'s loss and metrics)."""
@@ -80,7 +53,7 @@ class Reward(Objective):
         """
         super().__init__(**kwargs)
         if center_rewards_coefficient is not None and not center_rewards_coefficient >= 0:
-            raise ValueError(f"objective reward: center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
+            raise ConfigError(f"objective reward: center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
         self.center_rewards_coefficient = center_rewards_coefficient
 
     def memory_batch(self, batch_size: int, seq_len: int, device: str | torch.device = "meta") -> dict[str, torch.Tensor]:
@@ -92,8 +65,8 @@ class Reward(Objective):
         """(chosen scores, rejected scores, the concatenated inputs), scores in float32, ``(pairs,)``."""
         cat = concatenate_pairs(batch)
         s = last_token_scores(self.model, cat["input_ids"], cat["attention_mask"]).float()
-        n = batch["chosen_input_ids"].shape[0]
-        return s[:n], s[n:], cat
+        chosen, rejected = split_pairs(s, batch["chosen_input_ids"].shape[0])
+        return chosen, rejected, cat
 
     @staticmethod
     def margin(batch: dict[str, Any], like: torch.Tensor) -> Optional[torch.Tensor]:
@@ -103,20 +76,12 @@ class Reward(Objective):
         return torch.as_tensor(m, dtype=like.dtype, device=like.device).reshape(like.shape)
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def training_loss(self, batch: dict[str, Any]) -> TrainingLoss:
         chosen, rejected, cat = self.scores(batch)
         loss = reward_loss(chosen, rejected, self.margin(batch, chosen), self.center_rewards_coefficient)
-        extra = self.tuner.regularization(self.model)  # e.g. AdaLoRA's orthogonality penalty
-        if extra is not None:
-            loss = loss + extra
-        self.check_finite(loss, batch_idx)
-        n = chosen.shape[0]
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n)
-        if self.should_log_step():  # every log_every_n_steps steps and the last
-            self.log_dict({f"train/{k}": v for k, v in reward_metrics(chosen.detach(), rejected.detach()).items()},
-                          on_step=True, batch_size=n)
         # every real token of both sequences feeds the scores
-        return self.step_output(loss, cat["attention_mask"].sum(), cat["input_ids"], cat["attention_mask"])
+        return TrainingLoss(loss, cat["attention_mask"].sum(), cat["input_ids"], cat["attention_mask"], chosen.shape[0],
+                            metrics=lambda: reward_metrics(chosen.detach(), rejected.detach()))
 
     # ------------------------------------------------------------------ evaluation
     def metric(self, name: str):

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import torch
 
 from ftbench.errors import ConfigError, FTBenchError
-from ftbench.objectives.base import normalize_answer
+from ftbench.evaluation.metrics import fold_whitespace
 
 if TYPE_CHECKING:
     from ftbench.backbone import Backbone
@@ -86,7 +86,7 @@ class ExactAnswer(RewardFunction):
     version of the metric the run is judged by: inside a run, the data module's ``exact_match``
     metric for the row's task (``data.metrics`` with its options: ``ignore_case``, ``first_line``,
     ``regex``, ...; :mod:`ftbench.evaluation.metrics`); by default, and outside a run,
-    :func:`ftbench.objectives.base.normalize_answer` on both sides (white space at the ends removed,
+    :func:`ftbench.evaluation.metrics.fold_whitespace` on both sides (white space at the ends removed,
     inner runs folded). No first-line cut is made unless ``data.metrics`` asks for one: a completion
     that adds a second line after the right answer gets 0, as exact match scores it. The completion
     text is already cut at the first EOS and decoded without special tokens, so no EOS text is there
@@ -134,7 +134,7 @@ class ExactAnswer(RewardFunction):
             if metric is not None:
                 out.append(float(metric.row_values([completion], [answer])[0]))
             else:
-                out.append(float(normalize_answer(completion) == normalize_answer(answer)))
+                out.append(float(fold_whitespace(completion) == fold_whitespace(answer)))
         return out
 
 

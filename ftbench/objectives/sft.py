@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ftbench.data.base import IGNORE_INDEX
-from ftbench.objectives.base import Objective
+from ftbench.objectives.base import Objective, TrainingLoss
 
 
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,14 +54,9 @@ class SFT(Objective):
         loss_sum, n_tok = sequence_losses(logits, batch["labels"])
         return loss_sum.sum() / n_tok.sum().clamp(min=1), loss_sum, n_tok
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def training_loss(self, batch: dict[str, Any]) -> TrainingLoss:
         loss, _, n_tok = self.loss(batch)
-        extra = self.tuner.regularization(self.model)  # e.g. AdaLoRA's orthogonality penalty
-        if extra is not None:
-            loss = loss + extra
-        self.check_finite(loss, batch_idx)
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return self.step_output(loss, n_tok.sum(), batch["input_ids"], batch["attention_mask"])
+        return TrainingLoss(loss, n_tok.sum(), batch["input_ids"], batch["attention_mask"], batch["input_ids"].shape[0])
 
     def evaluate(self, batch: dict[str, Any], stage: str) -> None:
         _, loss_sum, n_tok = self.loss(batch)
