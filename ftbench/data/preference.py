@@ -51,6 +51,7 @@ from ftbench.data.base import (
     prompt_key,
     segments_to_example,
 )
+from ftbench.errors import ConfigError
 
 BUILTIN = "builtin:"
 MAX_WARNINGS = 10
@@ -104,7 +105,7 @@ def builtin_pairs(task: str, n: int, seed: int = 0) -> list[dict[str, str]]:
     if task == CAPITALS:
         return capitals_pairs(n, seed)
     if task != tasks.MIXTURE and task not in tasks.TASKS:
-        raise ValueError(f"unknown built-in preference set {task!r}; choose from {', '.join([CAPITALS, *tasks.task_names()])}")
+        raise ConfigError(f"unknown built-in preference set {task!r}; choose from {', '.join([CAPITALS, *tasks.task_names()])}")
     rows = tasks.generate(task, n, seed)
     rng = random.Random(f"preference:{task}:{seed}")
     out = []
@@ -288,7 +289,7 @@ class PreferenceData(SplitDataModule):
         if self.prompt_template == "auto":
             return "chat" if has_chat else "plain"
         if self.prompt_template == "chat" and not has_chat:
-            raise ValueError("data.prompt_template: 'chat' needs a tokenizer with a chat template (or backbone.chat_template)")
+            raise ConfigError("data.prompt_template: 'chat' needs a tokenizer with a chat template (or backbone.chat_template)")
         return self.prompt_template
 
     def _encode(self, text: str, special: bool = False) -> list[int]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import random
 from typing import Callable
 
+from ftbench.errors import ConfigError
+
 WORDS = (
     "apple river stone cloud garden window orange silver market planet candle forest pencil "
     "bridge summer winter rabbit castle ocean mirror ladder button island rocket violin "
@@ -72,7 +74,7 @@ def task_names() -> list[str]:
 def generate(task: str, n: int, seed: int = 0) -> list[dict[str, str]]:
     """``n`` rows of ``task`` (``instruction`` = round-robin over all tasks), deterministic in ``seed``."""
     if task != MIXTURE and task not in TASKS:
-        raise ValueError(f"unknown built-in task {task!r}; choose from {', '.join(task_names())}")
+        raise ConfigError(f"unknown built-in task {task!r}; choose from {', '.join(task_names())}")
     rng = random.Random(f"{task}:{seed}")
     names = list(TASKS) if task == MIXTURE else [task]
     rows = []

@@ -43,6 +43,8 @@ import unicodedata
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Optional, Sequence, Union
 
+from ftbench.errors import ConfigError
+
 MetricKind = Literal["exact_match", "label_accuracy", "rouge_l", "chrf", "bleu", "mc_accuracy", "mc_accuracy_norm"]
 KINDS: tuple[str, ...] = ("exact_match", "label_accuracy", "rouge_l", "chrf", "bleu", "mc_accuracy", "mc_accuracy_norm")
 #: the record name of a kind when the spec gives none
@@ -62,8 +64,10 @@ OPTIONS = {
 }
 
 
-class MetricError(ValueError):
-    """A metric spec that cannot be used (unknown kind, option of another kind, bad regex, ...)."""
+class MetricError(ConfigError):
+    """A metric spec that cannot be used (unknown kind, option of another kind, bad regex, ...); the
+    message names the option (``data.metrics[i]``, ``data.tasks[i].metrics``), so the CLI prints it as
+    one line."""
 
 
 @dataclass

@@ -17,10 +17,16 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from ftbench.errors import FTBenchError
 from ftbench.fileio import write_text_atomic
 
 SUFFIX = ".predictions.jsonl"
 STAGES = ("val", "test")
+
+
+class PredictionsFileError(FTBenchError):
+    """A predictions file that cannot be read back (a line that is not a JSON object); the message
+    names the file and the line, so the report prints it as one line."""
 
 
 def predictions_path(record_path: "str | Path") -> Path:
@@ -53,7 +59,7 @@ def write_predictions(path: "str | Path", by_stage: dict[str, list[dict[str, Any
 
 def read_predictions(path: "str | Path", stage: Optional[str] = None) -> list[dict[str, Any]]:
     """The rows of a predictions file (of one ``stage`` when given); a line that is not a JSON object
-    raises ValueError naming the file and the line."""
+    raises :class:`PredictionsFileError` naming the file and the line."""
     out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -62,9 +68,9 @@ def read_predictions(path: "str | Path", stage: Optional[str] = None) -> list[di
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not JSON ({err.msg})") from None
+                raise PredictionsFileError(f"{path}:{lineno}: not JSON ({err.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: not a JSON object")
+                raise PredictionsFileError(f"{path}:{lineno}: not a JSON object")
             if stage is None or row.get("stage") == stage:
                 out.append(row)
     return out
