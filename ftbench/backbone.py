@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 
-from ftbench.errors import FTBenchError
+from ftbench.errors import BackboneError
 
 EMBEDDED = "embedded"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -26,10 +26,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 Quantization = Literal["none", "nf4", "fp4", "int8"]
 Head = Literal["causal_lm", "score"]
-
-
-class BackboneError(FTBenchError):
-    """A backbone that cannot be loaded as configured."""
 
 
 class Backbone:
@@ -191,10 +187,15 @@ class Backbone:
 
         return weight_footprint(model, self.quantization)
 
-    def load_model(self, head: Head = "causal_lm") -> torch.nn.Module:
+    def load_model(self, head: Head = "causal_lm",
+                   init: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None) -> torch.nn.Module:
         """Load a fresh copy of the weights (safetensors only) with the objective's ``head``:
         ``causal_lm`` (the LM head) or ``score`` (a new scalar head for reward models, read with
-        :func:`last_token_scores`). The model says which in its ``ftbench_head`` attribute."""
+        :func:`last_token_scores`). The model says which in its ``ftbench_head`` attribute.
+
+        ``init`` runs on the weights as loaded, before gradient checkpointing and the pad ids are set.
+        ``init_from`` is applied there by :func:`ftbench.tuners.saved.load_backbone` (the tuners read
+        their own saved folders; the backbone knows no tuner), the one loader a run uses."""
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         source = self.resolve()
@@ -221,10 +222,8 @@ class Backbone:
             from ftbench.quantization import after_quantized_load
 
             after_quantized_load(model)
-        if self.init_from:
-            from ftbench.tuners.saved import apply_saved
-
-            model = apply_saved(model, self.init_from, self)
+        if init is not None:
+            model = init(model)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

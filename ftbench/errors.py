@@ -27,6 +27,10 @@ class ConfigError(FTBenchError):
         self.hint = hint
 
 
+class BackboneError(FTBenchError):
+    """A backbone that cannot be loaded as configured."""
+
+
 class OutputError(FTBenchError):
     """``--out`` cannot hold the run's records (not a folder, not writable), or holding them would
     replace a completed record."""

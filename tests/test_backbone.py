@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from ftbench.backbone import Backbone, BackboneError
+from ftbench.backbone import Backbone
+from ftbench.errors import BackboneError
 
 
 def error_of(fn) -> str:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ftbench.cli import cli_main, given_config
+from ftbench.cli import cli_main
+from ftbench.runcli import given_config
 from ftbench.naming import run_id
 
 ROOT = Path(__file__).resolve().parent.parent

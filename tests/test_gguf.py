@@ -245,7 +245,7 @@ def test_unreadable_gguf_is_a_clear_error(tmp_path):
 
 
 def test_missing_gguf_in_a_folder(tmp_path):
-    from ftbench.backbone import BackboneError
+    from ftbench.errors import BackboneError
 
     with pytest.raises(BackboneError) as e:
         Backbone(model=str(tmp_path), gguf_file="nope.gguf", cache_dir=str(tmp_path)).resolve()

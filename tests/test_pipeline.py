@@ -18,6 +18,7 @@ import yaml
 
 from ftbench.sweep.cli import record_status
 from ftbench.sweep.grid import SweepError, load_sweep
+from ftbench.tuners.saved import load_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -126,7 +127,7 @@ def test_init_from_applies_the_upstream_weights_and_the_reference_is_the_upstrea
     assert not torch.allclose(want, cold, atol=1e-3)  # the upstream run moved the model
 
     started = Backbone(model=str(tiny_model_dir), init_from=str(upstream))
-    merged = started.load_model().eval()
+    merged = load_backbone(started).eval()
     assert torch.allclose(_logits(merged), want, atol=1e-5, rtol=0)  # merged into the weights: float rounding only
 
     # a new LoRA on top: switched off, it is the upstream model (not the raw backbone)
@@ -156,7 +157,7 @@ def test_a_reward_model_starts_from_an_sft_lora_stage(tiny_model_dir, upstream):
 
     base = Backbone(model=str(tiny_model_dir))
     sft = PeftModel.from_pretrained(base.load_model(), str(upstream)).merge_and_unload()
-    rm = Backbone(model=str(tiny_model_dir), init_from=str(upstream)).load_model(head="score")
+    rm = load_backbone(Backbone(model=str(tiny_model_dir), init_from=str(upstream)), head="score")
     assert rm.ftbench_head == "score"
     body = {k: v for k, v in sft.state_dict().items() if not k.startswith("lm_head")}
     got = rm.state_dict()
@@ -170,10 +171,10 @@ def test_init_from_refuses_what_it_cannot_apply(tiny_model_dir, upstream, tmp_pa
     from ftbench.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        Backbone(model=str(tiny_model_dir), init_from=str(tmp_path / "none")).load_model()
+        load_backbone(Backbone(model=str(tiny_model_dir), init_from=str(tmp_path / "none")))
     assert str(e.value) == f"backbone.init_from: {str(tmp_path / 'none')!r} is not a folder saved by a run (--save_weights)"
     with pytest.raises(ConfigError) as e:
-        Backbone(model=str(tiny_model_dir), init_from=str(upstream), quantization="nf4").load_model()
+        load_backbone(Backbone(model=str(tiny_model_dir), init_from=str(upstream), quantization="nf4"))
     assert "would round it into its quantized weights" in str(e.value)
 
 

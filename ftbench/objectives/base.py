@@ -26,6 +26,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 
 from ftbench.errors import ConfigError
+from ftbench.tuners.saved import load_backbone
 from ftbench.backbone import Backbone, Head
 from ftbench.naming import method_label
 from ftbench.tuners.base import Tuner
@@ -122,7 +123,7 @@ class Objective(L.LightningModule):
             raise ConfigError(f"objective {self.name}: no tuner (give --tuner, e.g. configs/tuner/lora.yaml)")
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self.tuner.total_steps = int(self.trainer.estimated_stepping_batches)
-        model = self.tuner.prepare(self.backbone.load_model(head=self.head), self.backbone)
+        model = self.tuner.prepare(load_backbone(self.backbone, head=self.head), self.backbone)
         if self.head == "score":
             self.train_new_head(model)
         self.model = model

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -40,7 +39,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 def default_cache_dir() -> Path:
     """``$FTBENCH_CACHE/reference_logps`` (``~/.cache/ftbench/reference_logps``)."""
-    return Path(os.environ.get("FTBENCH_CACHE", Path.home() / ".cache" / "ftbench")) / "reference_logps"
+    from ftbench import gguf_cache
+
+    return gguf_cache.default_cache_dir() / "reference_logps"
 
 
 # ---------------------------------------------------------------------- keys

@@ -216,8 +216,9 @@ def load_reward_model(path: str | Path, backbone: "Backbone") -> torch.nn.Module
     in eval mode with no parameter requiring grad."""
     from safetensors import safe_open
 
-    from ftbench.backbone import BackboneError, score_module
-    from ftbench.tuners.saved import apply_saved, saved_kind
+    from ftbench.backbone import score_module
+    from ftbench.errors import BackboneError
+    from ftbench.tuners.saved import apply_saved, load_backbone, saved_kind
 
     path = Path(path)
     if not path.is_dir():
@@ -228,7 +229,7 @@ def load_reward_model(path: str | Path, backbone: "Backbone") -> torch.nn.Module
             names = [n for f in path.glob("*.safetensors") for n in safe_open(str(f), "pt").keys()]
             if not any(n == "score.weight" or n.endswith(".score.weight") for n in names):
                 raise ConfigError(f"{str(path)!r} has no score head weights: not the output of a reward run")
-        model = apply_saved(backbone.load_model(head="score"), path, backbone, merge=False)
+        model = apply_saved(load_backbone(backbone, head="score"), path, backbone, merge=False)
         score_module(model)
     except (ConfigError, BackboneError) as err:
         raise ConfigError(f"reward_model.path: {str(err).removeprefix('backbone.init_from: ')}") from None

@@ -23,9 +23,9 @@ class _Parsed(Exception):
 
 def parse_points(argvs: list[list[str]]) -> list[Optional[str]]:
     """For each command line, None when the CLI parses it, else the parser's error (one line)."""
-    from ftbench import cli
+    from ftbench.runcli import PARSER_KWARGS, cli_class
 
-    FTBenchCLI, Objective, DataModule, SaveConfig = cli._cli_class()
+    FTBenchCLI, Objective, DataModule, SaveConfig = cli_class()
 
     class ParseOnly(FTBenchCLI):
         def before_instantiate_classes(self) -> None:
@@ -38,7 +38,7 @@ def parse_points(argvs: list[list[str]]) -> list[Optional[str]]:
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
                 ParseOnly(Objective, DataModule, save_config_callback=SaveConfig, subclass_mode_model=True,
                           subclass_mode_data=True, seed_everything_default=42, args=argv,
-                          auto_configure_optimizers=False, parser_kwargs=cli.PARSER_KWARGS)
+                          auto_configure_optimizers=False, parser_kwargs=PARSER_KWARGS)
             results.append("the command did not parse to a run")
         except _Parsed:
             results.append(None)
@@ -62,7 +62,7 @@ def check_in_child(argvs: list[list[str]], python: str = sys.executable) -> list
 
 
 if __name__ == "__main__":
-    from ftbench.cli import _quiet_environment
+    from ftbench.runcli import quiet_environment
 
-    _quiet_environment()
+    quiet_environment()
     print(json.dumps(parse_points(json.loads(sys.stdin.read()))))

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ftbench.fileio import write_text_atomic
+from ftbench.runcli import die_with_parent
 from ftbench.wandb_mode import default_to_offline
 from ftbench.sweep.grid import (RunSpec, Sweep, SweepError, load_sweep, parse_overrides, parse_shard, shard,
                                 weights_dir)
@@ -231,17 +231,6 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------- running
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """SIGKILL the run when the sweep dies (kill -9 included): no orphan keeps writing the record,
-    and the record stays ``running`` so that the next invocation reruns it."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
 def child_env(sweep: Sweep, spec: RunSpec) -> dict[str, str]:
     """The run's environment: W&B groups every run of a sweep under its name and tags it with the
     method (honoured by ``wandb.init`` when the run's logger is W&B; inert otherwise). Values the
@@ -271,7 +260,7 @@ def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str
     max_steps = spec.max_steps() if spec.subcommand == "fit" else None
     with part.open("w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, preexec_fn=_die_with_parent if os.name == "posix" else None)
+                                env=env, preexec_fn=die_with_parent if os.name == "posix" else None)
         try:
             with part.open("r", errors="replace") as reader:
                 while proc.poll() is None:
@@ -360,7 +349,7 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
     if dry_run:
         print(f"{len(todo)} of {len(runs)} runs to do")
         return 0
-    from ftbench.cli import check_out
+    from ftbench.runcli import check_out
     from ftbench.errors import OutputError
 
     try:

@@ -124,6 +124,14 @@ def apply_saved(model: nn.Module, path: str | Path, backbone: "Backbone", merge:
     return model
 
 
+def load_backbone(backbone: "Backbone", head: str = "causal_lm") -> nn.Module:
+    """``backbone``'s weights with ``head``, and the folder ``backbone.init_from`` names applied
+    (merged: this is where a pipeline's later stage starts)."""
+    if not backbone.init_from:
+        return backbone.load_model(head=head)
+    return backbone.load_model(head=head, init=lambda model: apply_saved(model, backbone.init_from, backbone))
+
+
 def _tied(model: nn.Module, key: str) -> bool:
     """A weight ``save_pretrained`` leaves out because it is tied to another (the output head)."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

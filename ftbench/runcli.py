@@ -1,0 +1,306 @@
+"""The LightningCLI of a run (``ftbench fit|validate|test``) and the checks made before it starts.
+
+Both the command line (:mod:`ftbench.cli`, which dispatches) and the sweep (:mod:`ftbench.sweep`,
+which parses every point with this parser and checks ``--out`` before starting) build on this
+module; it imports neither of them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Optional
+
+# exact option names: argparse would take `--trainer.max_step 3` as `--trainer.max_steps 3`
+PARSER_KWARGS = {"allow_abbrev": False, **{sub: {"allow_abbrev": False} for sub in ("fit", "validate", "test", "predict")}}
+
+
+def given_config(argv: list[str]) -> tuple[str, dict[str, Any]]:
+    """(subcommand, the configuration the command line gives) normalised as a sweep point's is
+    (:func:`ftbench.sweep.grid.normalised_config`), so ``ftbench fit ARGS`` and the sweep point with
+    the same ARGS get the same run id."""
+    import yaml
+
+    from ftbench.sweep.grid import ALIASES, _coerce, normalised_config
+
+    subcommand = argv[0] if argv and not argv[0].startswith("-") else "run"
+    configs: list[str] = []
+    overrides: dict[str, Any] = {}
+    i = 1 if subcommand != "run" else 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-"):
+            i += 1
+            continue
+        if "=" in arg:
+            key, raw, i = arg.lstrip("-").split("=", 1)[0], arg.split("=", 1)[1], i + 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, raw, i = arg.lstrip("-"), argv[i + 1], i + 2
+        else:
+            key, raw, i = arg.lstrip("-"), "true", i + 1
+        if key in ("c", "config"):
+            configs.append(raw)
+            continue
+        try:
+            value = _coerce(yaml.safe_load(raw))
+        except yaml.YAMLError:
+            value = raw
+        key = ALIASES.get(key, key)
+        if key in overrides and isinstance(raw, str) and raw.endswith((".yaml", ".yml")):
+            prev = overrides[key]
+            overrides[key] = (prev if isinstance(prev, list) else [prev]) + [raw]
+        else:
+            overrides[key] = value
+    return subcommand, normalised_config(configs, overrides)
+
+
+def cli_class():
+    """(the run CLI class, the objective base, the data module base, the config saver) for
+    LightningCLI; built on demand so that importing this module needs no torch."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+    from ftbench.backbone import Backbone
+    from ftbench.bench import PeakMemory, RunRecorder, Throughput
+    from ftbench.bench.record import jsonable, portable, redact
+    from ftbench.errors import ConfigError
+    from ftbench.objectives.base import Objective
+    from ftbench.tuners.base import Tuner
+
+    class RedactedSaveConfig(SaveConfigCallback):
+        """Lightning's config.yaml in the log folder, with secret-looking values redacted."""
+
+        def setup(self, trainer, pl_module, stage) -> None:
+            if self.already_saved:
+                return
+            # trainer.log_dir broadcasts under DDP: every rank reads it, or the ranks' collectives pair up wrong and hang
+            log_dir = trainer.log_dir if self.save_to_log_dir else None
+            if self.save_to_log_dir and trainer.is_global_zero:
+                import yaml
+
+                from ftbench.fileio import write_text_atomic
+
+                text = yaml.safe_dump(jsonable(redact(self.config.clone().as_dict())), sort_keys=False)
+                write_text_atomic(os.path.join(log_dir, self.config_filename), text)
+            if trainer.is_global_zero:
+                self.save_config(trainer, pl_module, stage)
+                self.already_saved = True
+            self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+    class FTBenchCLI(LightningCLI):
+        """LightningCLI with a shared backbone and tuner, measurement callbacks and one record per run."""
+
+        recorder: Optional[RunRecorder] = None
+        argv: list[str] = []
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_class_arguments(Backbone, "backbone", fail_untyped=True)
+            parser.add_subclass_arguments(Tuner, "tuner", required=True, fail_untyped=True,
+                                          help="What trains: configs/tuner/*.yaml (full, freeze, lora, ..., none).")
+            parser.link_arguments("backbone", "model.init_args.backbone", apply_on="instantiate")
+            parser.link_arguments("tuner", "model.init_args.tuner", apply_on="instantiate")
+            parser.link_arguments("backbone", "data.init_args.backbone", apply_on="instantiate")
+            parser.add_argument("--out", type=str, default="runs", help="Directory of the run records.")
+            parser.add_argument("--run_id", type=Optional[str], default=None,
+                                help="Record name (default: derived from the resolved config).")
+            parser.add_argument("--save_weights", type=bool, default=False,
+                                help="Keep what the method trained under {out}/{run_id}/weights.")
+            parser.add_argument("--test_after_fit", type=bool, default=True,
+                                help="After fit, run test (exact match on the held-out set).")
+            parser.add_argument("--validate_before_fit", type=bool, default=False,
+                                help="Validate once before training; the record keeps it as 'initial' "
+                                     "(the before/after change, e.g. forgetting on a general-text set).")
+            parser.add_argument("--warmup_batches", type=int, default=2,
+                                help="Training batches left out of the throughput figures.")
+            parser.add_argument("--overwrite", type=bool, default=False,
+                                help="Replace the completed record of the same run in --out (refused otherwise).")
+            from ftbench.evaluation.lm_eval import EvaluateOptions
+
+            parser.add_class_arguments(EvaluateOptions, "evaluate", fail_untyped=True, instantiate=False,
+                                       help="Evaluation besides the data set's metrics: the predictions file and "
+                                            "lm-evaluation-harness tasks (ftbench.evaluation).")
+
+        def _cfg(self):
+            return self.config[self.subcommand] if self.subcommand else self.config
+
+        def before_instantiate_classes(self) -> None:
+            cfg = self._cfg()
+            plain = cfg.clone().as_dict()
+            if not cfg.run_id:
+                from ftbench.naming import run_id
+
+                self.run_id = run_id(*given_config(self.argv))
+            else:
+                self.run_id = cfg.run_id
+            check_out(cfg.out)
+            check_not_completed(os.path.join(cfg.out, f"{self.run_id}.json"), cfg.overwrite)
+            if self.subcommand == "fit" and cfg.trainer.get("max_steps") == 0:
+                raise ConfigError("trainer.max_steps: 0 trains nothing (a run recorded 'completed' with no step); "
+                                  "evaluate without training with `ftbench test`")
+            if not cfg.trainer.get("default_root_dir"):
+                cfg.trainer.default_root_dir = os.path.join(cfg.out, self.run_id)
+            self.run_config = redact(portable(plain))
+            seed = cfg.get("seed_everything")
+            data_args = (cfg.get("data") or {}).get("init_args")
+            if isinstance(seed, int) and not isinstance(seed, bool) and data_args is not None \
+                    and "order_seed" in data_args and data_args.get("order_seed") is None:
+                # the run's seed orders its training data (the split keeps data.seed); the record
+                # keeps order_seed as given (None = the run's seed), so seeds stay one grid point
+                data_args.order_seed = seed
+            self.lm_eval_plan = None
+            ev = cfg.get("evaluate")
+            if ev is not None and ev.get("lm_eval_tasks") and self.subcommand in ("fit", "test"):
+                # resolved (data sets loaded) now: a missing task is an error before any training
+                from ftbench.evaluation import lm_eval
+                from ftbench.evaluation.lm_eval import EvaluateOptions
+
+                opts = EvaluateOptions(**ev.as_dict())
+                self.lm_eval_plan = lm_eval.plan(opts.lm_eval_tasks, opts.lm_eval_include_path, opts.lm_eval_limit,
+                                                 opts.lm_eval_num_fewshot, opts.lm_eval_batch_size,
+                                                 opts.lm_eval_apply_chat_template)
+
+        @staticmethod
+        def _seed(cfg):
+            """The seed actually used (Lightning draws one for ``seed_everything: true``)."""
+            seed = cfg.get("seed_everything")
+            if isinstance(seed, bool) or seed is None:
+                drawn = os.environ.get("PL_GLOBAL_SEED")
+                return int(drawn) if drawn is not None else seed
+            return seed
+
+        def instantiate_trainer(self, **kwargs):
+            cfg = self._cfg()
+            if "wandb" in str(cfg.trainer.get("logger")).lower():
+                from ftbench.wandb_mode import offline_unless_reachable
+
+                offline_unless_reachable()
+            trainer = super().instantiate_trainer(**kwargs)
+            weights = os.path.join(cfg.out, self.run_id, "weights") if cfg.save_weights else None
+            self.recorder = RunRecorder(
+                os.path.join(cfg.out, f"{self.run_id}.json"),
+                {"run_id": self.run_id, "subcommand": self.subcommand, "seed": self._seed(cfg),
+                 "config": self.run_config},
+                save_weights_to=weights,
+            )
+            ev = cfg.get("evaluate")
+            self.recorder.write_predictions = bool(ev.get("predictions", True)) if ev is not None else True
+            from ftbench.bench.memory import MemoryBreakdown
+
+            # the breakdown's step is the last warm-up batch: its hooks never slow a timed one
+            breakdown = MemoryBreakdown(batch_index=max(0, cfg.warmup_batches - 1))
+            trainer.callbacks.extend([PeakMemory(), Throughput(cfg.warmup_batches), breakdown, self.recorder])
+            if os.environ.get("FTBENCH_PROGRESS_FILE"):  # set by `ftbench sweep` for its live view
+                from ftbench.sweep.progress import ProgressFile
+
+                trainer.callbacks.append(ProgressFile(os.environ["FTBENCH_PROGRESS_FILE"]))
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"config": self.run_config, "run_id": self.run_id})
+            return trainer
+
+        def before_fit(self) -> None:
+            if self._cfg().validate_before_fit:
+                self.recorder.initial_phase = True
+                self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+                self.recorder.initial_phase = False
+
+        def after_fit(self) -> None:
+            cfg = self._cfg()
+            if cfg.test_after_fit and hasattr(self.datamodule, "test_dataloader"):
+                splits = getattr(self.datamodule, "splits", None) or {}
+                if "test" in splits and not splits["test"]:
+                    print("ftbench: warning: the data has no test rows (test_fraction 0 and no test_source): no test "
+                          "metrics, and the report's exact match column stays empty for this run", file=sys.stderr)
+                else:
+                    self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            self._lm_eval()
+            self._finish()
+
+        def after_validate(self) -> None:
+            self._finish()
+
+        def after_test(self) -> None:
+            self._lm_eval()
+            self._finish()
+
+        def _lm_eval(self) -> None:
+            """The planned lm-evaluation-harness tasks on the trained model (rank 0), into the record."""
+            plan = getattr(self, "lm_eval_plan", None)
+            if plan is None or not self.trainer.is_global_zero or self.recorder is None:
+                return
+            from ftbench.evaluation import lm_eval
+
+            try:
+                summary, final = lm_eval.run(self.model, plan)
+            except BaseException as err:
+                self.recorder.mark_failed(err)
+                raise
+            self.recorder.record_lm_eval(summary, final)
+            for logger in self.trainer.loggers:
+                logger.log_metrics(final, step=self.trainer.global_step)
+
+        def _finish(self) -> None:
+            if self.recorder is not None:
+                self.recorder.finish(self.trainer)
+                if self.trainer.is_global_zero:
+                    from ftbench.sweep.report import summary_line
+
+                    print(summary_line(self.recorder.record), flush=True)
+
+    return FTBenchCLI, Objective, L.LightningDataModule, RedactedSaveConfig
+
+
+def check_out(out: str) -> None:
+    """``--out`` must be a folder this process can write in: checked before any work, so that a run
+    never trains for minutes and then fails to write its record."""
+    import tempfile
+
+    from ftbench.errors import OutputError
+
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputError(f"--out {out}: exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".ftbench-write-check-"):
+            pass
+    except OSError as err:
+        raise OutputError(f"--out {out}: cannot write there ({err.strerror or err})") from None
+
+
+def check_not_completed(record: str, overwrite: bool) -> None:
+    """A completed record is never replaced by a run that has not completed, unless asked."""
+    import json
+
+    from ftbench.errors import OutputError
+
+    try:
+        with open(record) as f:
+            status = json.load(f)["train_info"]["status"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if status == "completed" and not overwrite:
+        err = OutputError(f"{record}: this run has a completed record; running it again would replace it")
+        err.hint = "add --overwrite true to replace it, or give another --out"
+        raise err
+
+
+def quiet_environment() -> None:
+    from ftbench.wandb_mode import default_to_offline
+
+    default_to_offline()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def die_with_parent() -> None:  # pragma: no cover - a sweep runs it in the child between fork and exec
+    """SIGKILL this process when its parent dies (kill -9 included; Linux only, a no-op elsewhere).
+
+    A sweep's run dies with the sweep, so that no orphan keeps writing the record and the record
+    stays ``running`` for the next invocation to rerun; under DDP the ranks above 0 (children of
+    rank 0) die with rank 0 instead of waiting for a collective until gloo's/NCCL's timeout."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
