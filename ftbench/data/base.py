@@ -619,7 +619,7 @@ class SplitDataModule(L.LightningDataModule):
 
     def check_metrics(self) -> None:
         """Held-out rows fit their metrics: a ``label_accuracy`` reference is one of its labels, and a
-        multiple-choice metric has rows with options. A ValueError names the metric and the row."""
+        multiple-choice metric has rows with options. A ConfigError names the metric and the row."""
         from ftbench.evaluation.metrics import LabelAccuracy
 
         self._metric_suites = {}
