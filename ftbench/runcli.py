@@ -114,11 +114,17 @@ def cli_class():
                                 help="Training batches left out of the throughput figures.")
             parser.add_argument("--overwrite", type=bool, default=False,
                                 help="Replace the completed record of the same run in --out (refused otherwise).")
-            from ftbench.evaluation.lm_eval import EvaluateOptions
+            from ftbench.evaluation.evaluator import Evaluator
+            from ftbench.evaluation.options import EvaluationOptions
 
-            parser.add_class_arguments(EvaluateOptions, "evaluate", fail_untyped=True, instantiate=False,
-                                       help="Evaluation besides the data set's metrics: the predictions file and "
-                                            "lm-evaluation-harness tasks (ftbench.evaluation).")
+            parser.add_class_arguments(EvaluationOptions, "evaluate", fail_untyped=True,
+                                       help="How the run is evaluated: the generation budget, generation in "
+                                            "validation, the predictions file and lm-evaluation-harness tasks "
+                                            "(ftbench.evaluation).")
+            # one evaluator per run, from these options and the data module's metric specs, handed to the
+            # objective as the tuner is
+            parser.link_arguments(("evaluate", "data"), "model.init_args.evaluator", compute_fn=Evaluator,
+                                  apply_on="instantiate")
 
         def _cfg(self):
             return self.config[self.subcommand] if self.subcommand else self.config
@@ -152,9 +158,9 @@ def cli_class():
             if ev is not None and ev.get("lm_eval_tasks") and self.subcommand in ("fit", "test"):
                 # resolved (data sets loaded) now: a missing task is an error before any training
                 from ftbench.evaluation import lm_eval
-                from ftbench.evaluation.lm_eval import EvaluateOptions
+                from ftbench.evaluation.options import EvaluationOptions
 
-                opts = EvaluateOptions(**ev.as_dict())
+                opts = EvaluationOptions(**ev.as_dict())
                 self.lm_eval_plan = lm_eval.plan(opts.lm_eval_tasks, opts.lm_eval_include_path, opts.lm_eval_limit,
                                                  opts.lm_eval_num_fewshot, opts.lm_eval_batch_size,
                                                  opts.lm_eval_apply_chat_template)
@@ -182,8 +188,6 @@ def cli_class():
                  "config": self.run_config},
                 save_weights_to=weights,
             )
-            ev = cfg.get("evaluate")
-            self.recorder.write_predictions = bool(ev.get("predictions", True)) if ev is not None else True
             from ftbench.bench.memory import MemoryBreakdown
 
             # the breakdown's step is the last warm-up batch: its hooks never slow a timed one

@@ -114,7 +114,7 @@ def instruction_config(folder: Path) -> Path:
 
 def run(sub: str, tuner: str, data: Path, out: Path, steps: int) -> dict:
     argv = [sys.executable, "-m", "ftbench.cli", sub, "--backbone", "configs/backbone/embedded.yaml",
-            "--tuner", tuner, "--model", "configs/objective/sft.yaml", "--model.init_args.generate_in_validation",
+            "--tuner", tuner, "--model", "configs/objective/sft.yaml", "--evaluate.generate_in_validation",
             "false", "--data", str(data), "--trainer", "configs/trainer/quickstart.yaml", "--trainer.max_steps",
             str(steps), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--out", str(out),
             "--overwrite", "true"]

@@ -103,7 +103,7 @@ def run_one(name: str, model: str, extra_backbone: list[str], extra_model: list[
             "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "1",
             "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-            "--model.init_args.generate_in_validation", "false",
+            "--evaluate.generate_in_validation", "false",
             "--test_after_fit", "false", "--warmup_batches", "1", "--out", str(out), "--run_id", run_id]
     if smoke:
         args += ["--data.init_args.builtin_size", "80", "--data.init_args.max_length", "96",

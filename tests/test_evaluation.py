@@ -214,23 +214,23 @@ def test_each_task_gets_its_own_metrics(method, monkeypatch):
     tok = method.backbone.tokenizer
     suites = {"add": build_metrics(["exact_match", {"metric": "exact_match", "name": "em_num", "regex": r"-?\d+"}]),
               "define": build_metrics(["rouge_l", {"metric": "bleu", "n_gram": 2}])}
-    monkeypatch.setattr(method, "metrics_for", lambda task: suites[task])
+    monkeypatch.setattr(method.evaluator, "metrics_for", lambda task: suites[task])
     answers = ["42", "7", "a large body of water", "a small animal"]
     preds = ["The answer is 42.", "7", "a body of water", "an animal"]
-    monkeypatch.setattr(method, "generate_texts", lambda ids, mask, n, **kw: preds[: len(ids)])
+    monkeypatch.setattr(method.evaluator, "generate", lambda ids, mask, max_new_tokens=None, **kw: preds[: len(ids)])
     batch = gen_batch(tok, ["What is 40 + 2?", "What is 3 + 4?", "Define sea.", "Define mouse."], answers,
                       ["add", "add", "define", "define"])
-    method._eval_epoch_start("test")
-    vals = method.answer_metrics(batch, "test")
+    method.evaluator.start("test")
+    vals = method.evaluator.answer_metrics(batch, "test")
     assert set(vals) == {"accuracy", "em_num", "rouge_l"}  # bleu is corpus-level: not a per-row mean
     assert vals["accuracy"].tolist()[:2] == [0.0, 1.0] and all(math.isnan(v) for v in vals["accuracy"].tolist()[2:])
-    method.update_by_task("test", batch["tasks"], vals)
-    got = {k: float(v.compute()) for k, v in method._eval_metrics.items()}
+    method.evaluator.metrics.update("test", batch["tasks"], vals)
+    got = {k: float(v.compute()) for k, v in method.evaluator.metrics.states.items()}
     assert got == pytest.approx({
         "test/accuracy": 0.5, "test/add/accuracy": 0.5, "test/em_num": 1.0, "test/add/em_num": 1.0,
         "test/rouge_l": (8 / 9 + 0.4) / 2, "test/define/rouge_l": (8 / 9 + 0.4) / 2,
         "test/bleu": math.exp(-1 / 3) * math.sqrt(5 / 12), "test/define/bleu": math.exp(-1 / 3) * math.sqrt(5 / 12)})
-    rows = method.prediction_rows("test")
+    rows = method.evaluator.prediction_rows("test")
     assert [r["prediction"] for r in rows] == preds and [r["reference"] for r in rows] == answers
     assert rows[0]["metrics"] == {"accuracy": 0.0, "em_num": 1.0} and rows[0]["task"] == "add"
     assert rows[0]["prompt"] == "What is 40 + 2?" and rows[0]["stage"] == "test"
@@ -241,10 +241,11 @@ def test_each_task_gets_its_own_metrics(method, monkeypatch):
 
 def test_default_metrics_equal_exact_match(method, monkeypatch):
     tok = method.backbone.tokenizer
-    monkeypatch.setattr(method, "generate_texts", lambda ids, mask, n, **kw: ["42 ", "6"][: len(ids)])
+    monkeypatch.setattr(method.evaluator, "generate", lambda ids, mask, max_new_tokens=None, **kw: ["42 ", "6"][: len(ids)])
     batch = gen_batch(tok, ["What is 40 + 2?", "What is 3 + 4?"], ["42", "7"])
-    method._eval_epoch_start("val")
-    assert method.answer_metrics(batch, "val")["accuracy"].tolist() == method.exact_match(batch).tolist() == [1.0, 0.0]
+    method.evaluator.start("val")
+    exact = method.evaluator.exact_match(None).row_values(method.evaluator.predict_answers(batch), batch["answers"])
+    assert method.evaluator.answer_metrics(batch, "val")["accuracy"].tolist() == exact == [1.0, 0.0]
 
 
 # ---------------------------------------------------------------------------- multiple choice
@@ -275,7 +276,7 @@ def test_multiple_choice_picks_the_hand_computed_best_option(method, tmp_path, m
     batch = next(iter(dm.test_dataloader()))
     assert batch["choices"] == [r["choices"] for r in MC_ROWS] and batch["gold"] == [0, 0, 1]
     assert batch["answers"] == ["apple", "5", "yellow"]  # no output: the gold option is the answer
-    scores = method.choice_scores(batch)
+    scores = method.evaluator.choice_scores(batch)
     tok, model = method.backbone.tokenizer, method.model
     for ex, row_scores in zip(dm.splits["test"], scores):
         hand = []
@@ -291,14 +292,14 @@ def test_multiple_choice_picks_the_hand_computed_best_option(method, tmp_path, m
         best_norm = max(range(len(hand)), key=lambda i: hand[i] / len(ex.choices[i]))
         assert pick_choice(row_scores, ex.choices) == best
         assert pick_choice(row_scores, ex.choices, normalised=True) == best_norm
-    monkeypatch.setattr(method, "generate_texts", lambda ids, mask, n, **kw: ["apple", "five", "blue"][: len(ids)])
-    monkeypatch.setattr(method, "metrics_for", dm.metrics_for)  # what a trainer's datamodule gives
-    method._eval_epoch_start("test")
-    vals = method.answer_metrics(batch, "test")
+    monkeypatch.setattr(method.evaluator, "generate", lambda ids, mask, max_new_tokens=None, **kw: ["apple", "five", "blue"][: len(ids)])
+    monkeypatch.setattr(method.evaluator, "metrics_for", dm.metrics_for)  # what a trainer's datamodule gives
+    method.evaluator.start("test")
+    vals = method.evaluator.answer_metrics(batch, "test")
     picks = [pick_choice(s, c) for s, c in zip(scores, batch["choices"])]
     assert vals["mc_accuracy"].tolist() == [float(p == g) for p, g in zip(picks, batch["gold"])]
     assert vals["accuracy"].tolist() == [1.0, 0.0, 0.0]
-    rows = method.prediction_rows("test")
+    rows = method.evaluator.prediction_rows("test")
     assert rows[0]["choices"] == MC_ROWS[0]["choices"] and rows[0]["picked"]["mc_accuracy"] == picks[0]
 
 
@@ -405,7 +406,7 @@ def cli_args(tiny_model_dir, out, sub="fit", tuner="configs/tuner/lora.yaml", ex
     return [sub, "--backbone.model", str(tiny_model_dir), "--tuner", tuner, "--model", "configs/objective/sft.yaml",
             "--data", "configs/data/instruction.yaml", "--data.init_args.builtin_size", "60",
             "--data.init_args.val_fraction", "0.1", "--data.init_args.test_fraction", "0.1",
-            "--data.init_args.eval_batch_size", "4", "--model.init_args.max_new_tokens", "3",
+            "--data.init_args.eval_batch_size", "4", "--evaluate.max_new_tokens", "3",
             "--trainer", "configs/trainer/cpu.yaml", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
             "--trainer.logger", "false", "--out", str(out), *extra]
 
@@ -437,16 +438,16 @@ def test_predictions_file_of_fit_and_test(tiny_model_dir, tmp_path, at_root):
 
 
 def test_a_run_that_crashes_in_test_keeps_the_validation_predictions(tiny_model_dir, tmp_path, at_root, monkeypatch):
-    from ftbench.objectives.base import Objective
+    from ftbench.evaluation.evaluator import Evaluator
 
-    real = Objective.answer_metrics
+    real = Evaluator.answer_metrics
 
-    def crash_in_test(self, batch, stage, max_new_tokens=None):
+    def crash_in_test(self, batch, stage, predictions=None):
         if stage == "test":
             raise RuntimeError("boom")
-        return real(self, batch, stage, max_new_tokens)
+        return real(self, batch, stage, predictions)
 
-    monkeypatch.setattr(Objective, "answer_metrics", crash_in_test)
+    monkeypatch.setattr(Evaluator, "answer_metrics", crash_in_test)
     with pytest.raises(RuntimeError, match="boom"):
         run_cli(cli_args(tiny_model_dir, tmp_path))
     (record,) = tmp_path.glob("*.json")

@@ -15,6 +15,8 @@ from ftbench.backbone import Backbone
 from ftbench.data.instruction import InstructionData
 from ftbench.objectives import SFT
 from ftbench.evaluation.metrics import fold_whitespace
+from ftbench.evaluation.evaluator import Evaluator
+from ftbench.evaluation.options import EvaluationOptions
 from ftbench.tuners import Freeze, Full, NoTuning, Peft
 from pinning import load_pins
 
@@ -169,7 +171,7 @@ def _test_metrics(tiny_model_dir, answers) -> dict[str, float]:
     """Run ``trainer.test`` with generation replaced by ``answers(batch)``."""
     L.seed_everything(0, verbose=False)
     method = make_method("baseline", tiny_model_dir)
-    method.predict_answers = lambda batch, max_new_tokens=None: answers(batch)  # what the greedy decoder returned
+    method.evaluator.predict_answers = lambda batch: answers(batch)  # what the greedy decoder returned
     dm = make_data(method.backbone, builtin_size=100, test_fraction=0.2, eval_batch_size=8)
     trainer(1).test(method, datamodule=dm, verbose=False)
     return {k: float(v) for k, v in trainer_metrics(method).items()}
@@ -213,15 +215,15 @@ def test_exact_match_is_per_row_and_per_task(tiny_model_dir):
 
 
 def test_greedy_generation_matches_a_hand_rolled_greedy_loop(tiny_model_dir):
-    """``predict_answers`` on a left-padded batch = argmax decoding of each unpadded prompt alone."""
-    method = make_method("baseline", tiny_model_dir, max_new_tokens=3)
+    """The evaluator's ``predict_answers`` on a left-padded batch = argmax decoding of each unpadded prompt alone."""
+    method = make_method("baseline", tiny_model_dir, evaluator=Evaluator(EvaluationOptions(max_new_tokens=3)))
     method.configure_model()
     method.model.eval()
     dm = make_data(method.backbone, eval_batch_size=4)
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     assert len(set(len(e.prompt_ids) for e in dm.splits["test"][:4])) > 1  # some rows are left-padded
-    out = method.predict_answers(batch, 3)
+    out = method.evaluator.predict_answers(batch)
     tok = method.backbone.tokenizer
     expected = []
     with torch.no_grad():

@@ -175,7 +175,6 @@ class RunRecorder(L.Callback):
             "meta_info": meta_info(self.path.parent),
         }
         self.initial_phase = False  # set by the CLI around a validation before fit
-        self.write_predictions = True  # {out}/{run_id}.predictions.jsonl (--evaluate.predictions)
         self._predictions: dict[str, list[dict[str, Any]]] = {}
         self._t_fit: Optional[float] = None
         self._t_test: Optional[float] = None
@@ -234,9 +233,10 @@ class RunRecorder(L.Callback):
     def save_predictions(self, trainer, pl_module, stage: str) -> None:
         """Write ``{out}/{run_id}.predictions.jsonl`` (the latest rows of each stage, atomically) and point
         the record at it (``train_info.predictions``). Every rank calls it (the rows are gathered)."""
-        if not self.write_predictions or not hasattr(pl_module, "prediction_rows"):
+        evaluator = getattr(pl_module, "evaluator", None)
+        if evaluator is None or not evaluator.options.predictions:  # --evaluate.predictions false
             return
-        rows = pl_module.prediction_rows(stage)
+        rows = evaluator.prediction_rows(stage)
         if not rows or not trainer.is_global_zero:
             return
         from ftbench.evaluation.predictions import predictions_path, write_predictions

@@ -19,50 +19,11 @@ from __future__ import annotations
 import difflib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from ftbench.errors import ConfigError
 
 INSTALL_HINT = "pip install 'ftbench[eval]' (or: pip install lm-eval)"
-
-
-class EvaluateOptions:
-    """What is evaluated besides the data set's own metrics (the CLI's ``--evaluate.*`` group)."""
-
-    def __init__(
-        self,
-        lm_eval_tasks: Optional[list[str]] = None,
-        lm_eval_limit: Optional[Union[int, float]] = None,
-        lm_eval_include_path: Optional[str] = None,
-        lm_eval_num_fewshot: Optional[int] = None,
-        lm_eval_batch_size: int = 8,
-        lm_eval_apply_chat_template: bool = False,
-        predictions: bool = True,
-    ):
-        """
-        Args:
-            lm_eval_tasks: lm-evaluation-harness tasks, groups or tags to run on the trained model after
-                fit and after test (e.g. ``[arc_easy, hellaswag]``, ``[mmlu]``); resolved at start-up.
-            lm_eval_limit: At most this many documents per task (a fraction when below 1); all when null.
-            lm_eval_include_path: A folder of local task YAMLs (lm-eval's ``include_path``).
-            lm_eval_num_fewshot: Few-shot examples per prompt (default: each task's own).
-            lm_eval_batch_size: Batch size of lm-eval's requests.
-            lm_eval_apply_chat_template: Render lm-eval's prompts with the tokenizer's chat template.
-            predictions: Write ``{out}/{run_id}.predictions.jsonl`` with every evaluated row.
-        """
-        if lm_eval_limit is not None and not lm_eval_limit > 0:
-            raise ConfigError(f"evaluate.lm_eval_limit: must be > 0 (a count, or a fraction below 1), got {lm_eval_limit}")
-        if lm_eval_batch_size < 1:
-            raise ConfigError(f"evaluate.lm_eval_batch_size: must be at least 1, got {lm_eval_batch_size}")
-        if lm_eval_num_fewshot is not None and lm_eval_num_fewshot < 0:
-            raise ConfigError(f"evaluate.lm_eval_num_fewshot: must be >= 0, got {lm_eval_num_fewshot}")
-        self.lm_eval_tasks = list(lm_eval_tasks or [])
-        self.lm_eval_limit = lm_eval_limit
-        self.lm_eval_include_path = lm_eval_include_path
-        self.lm_eval_num_fewshot = lm_eval_num_fewshot
-        self.lm_eval_batch_size = lm_eval_batch_size
-        self.lm_eval_apply_chat_template = lm_eval_apply_chat_template
-        self.predictions = predictions
 
 
 @dataclass

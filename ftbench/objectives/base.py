@@ -1,10 +1,11 @@
 """The shared loop of every objective: model set-up through the tuner, the training-step skeleton,
-the optimizer and schedule, evaluation metrics by task, and generation.
+the optimizer and schedule, and the evaluation hooks (the run's :class:`~ftbench.evaluation.evaluator.Evaluator`
+generates, scores, aggregates by task and keeps the prediction rows).
 
 An objective (``sft``, ``reward``, ``dpo``, ``grpo``) is a subclass that says only what differs: its
 settings (checked in its ``__init__``, each error a :class:`~ftbench.errors.ConfigError` naming the
-option), its loss (:meth:`Objective.training_loss`, returning a :class:`TrainingLoss`) and its
-evaluation (:meth:`Objective.evaluate`). The step around the loss is one, here
+option), its loss (:meth:`Objective.training_loss`, returning a :class:`TrainingLoss`) and what its
+evaluation computes itself (:meth:`Objective.evaluate`, handing it to the evaluator). The step around the loss is one, here
 (:meth:`Objective.training_step`): the tuner's regularization (AdaLoRA's orthogonality penalty) added,
 the non-finite check, ``train/loss`` logged every step and the objective's other training metrics every
 ``trainer.log_every_n_steps`` steps and at the last (or every step, when the objective asks), and the
@@ -14,8 +15,6 @@ a difference between two rows of a results table comes from the tuner or the obj
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -23,9 +22,9 @@ from typing import Any, Callable, Literal, Optional
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from torchmetrics import MeanMetric
 
 from ftbench.errors import ConfigError
+from ftbench.evaluation.evaluator import Evaluator
 from ftbench.tuners.saved import load_backbone
 from ftbench.backbone import Backbone, Head
 from ftbench.naming import method_label
@@ -78,6 +77,7 @@ class Objective(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup",
         warmup_steps: int = 0,
+        evaluator: Optional[Evaluator] = None,
     ):
         """
         Args:
@@ -89,6 +89,8 @@ class Objective(L.LightningModule):
             lr_scheduler: Learning-rate schedule (``transformers.get_scheduler``), stepped per
                 optimizer step over ``trainer.estimated_stepping_batches``.
             warmup_steps: Linear warm-up steps of the schedule.
+            evaluator: The run's evaluation (built by the CLI from ``--evaluate.*`` and the data module;
+                default: exact match, no data module).
         """
         super().__init__()
         if warmup_steps < 0:
@@ -99,10 +101,18 @@ class Objective(L.LightningModule):
         self.lr_scheduler = lr_scheduler
         self.warmup_steps = warmup_steps
         self.model: Optional[torch.nn.Module] = None
-        self._eval_metrics: dict[str, MeanMetric] = {}
-        self._eval_tasks: dict[str, set[str]] = defaultdict(set)  # stage -> tasks seen (for macro averages)
-        self._predictions: dict[str, list[dict[str, Any]]] = defaultdict(list)  # stage -> evaluated rows
+        self.evaluator = evaluator or Evaluator()
         self._nonfinite: Optional[torch.Tensor] = None
+
+    @property
+    def evaluator(self) -> Evaluator:
+        """The run's evaluation (:mod:`ftbench.evaluation.evaluator`); setting one attaches it here."""
+        return self._evaluator
+
+    @evaluator.setter
+    def evaluator(self, evaluator: Evaluator) -> None:
+        evaluator.attach(self)
+        self._evaluator = evaluator
 
     # ------------------------------------------------------------------ identity
     @property
@@ -221,224 +231,14 @@ class Objective(L.LightningModule):
         if (batch_idx + 1) % accumulate == 0:  # once per optimizer step, after it and before zero_grad
             self.tuner.after_optimizer_step(self.model, self.global_step)
 
-    # ------------------------------------------------------------------ generation
-    def generation_budget(self, max_new_tokens: Optional[int] = None) -> int:
-        """``max_new_tokens`` when given, else what the data module says its longest reference answer
-        needs (``max_answer_tokens``), else 32."""
-        if max_new_tokens is not None:
-            return max_new_tokens
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        return int(getattr(dm, "max_answer_tokens", None) or 32)
-
-    @torch.no_grad()
-    def generate_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                       **sampling: Any) -> list[str]:
-        """Continuations of left-padded prompts, decoded without special tokens (greedy by default)."""
-        tok = self.backbone.tokenizer
-        sampling.setdefault("do_sample", False)
-        new = self.tuner.generate(self.model, tok, input_ids, attention_mask, max_new_tokens, **sampling)
-        return tok.batch_decode(new, skip_special_tokens=True)
-
-    def predict_answers(self, batch: dict[str, Any], max_new_tokens: Optional[int] = None) -> list[str]:
-        """The greedy answers to the batch's generation prompts (``gen_input_ids``)."""
-        return self.generate_texts(batch["gen_input_ids"], batch["gen_attention_mask"],
-                                   self.generation_budget(max_new_tokens))
-
-    def exact_match(self, batch: dict[str, Any], max_new_tokens: Optional[int] = None) -> torch.Tensor:
-        """1.0 per row whose greedy answer equals the reference answer (white space folded)."""
-        from ftbench.evaluation.metrics import default_metrics
-
-        exact = default_metrics()[0]  # exact_match, white space folded (ftbench.evaluation.metrics)
-        preds = self.predict_answers(batch, max_new_tokens)
-        return torch.tensor(exact.row_values(preds, list(batch["answers"])), dtype=torch.float32, device=self.device)
-
-    # ------------------------------------------------------------------ answer metrics (ftbench.evaluation)
-    def metrics_for(self, task: Optional[str]) -> list:
-        """The answer metrics of ``task``'s rows: what the data module names (``data.metrics``, per task
-        in a mixture), else ``[exact_match]`` (:mod:`ftbench.evaluation.metrics`)."""
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "metrics_for"):
-            return dm.metrics_for(task)
-        from ftbench.evaluation.metrics import default_metrics
-
-        return default_metrics()
-
-    def choice_scores(self, batch: dict[str, Any]) -> list[Optional[list[float]]]:
-        """Per row, the summed log-probability of each option (``choice_ids``) after the row's generation
-        prompt; None for a row without options (:mod:`ftbench.evaluation.choices`)."""
-        from ftbench.evaluation.choices import score_choices
-
-        ids, mask = batch["gen_input_ids"], batch["gen_attention_mask"]
-        prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-        return score_choices(lambda i, a: self(i, a), prompts, batch["choice_ids"],
-                             self.backbone.tokenizer.pad_token_id, ids.device)
-
-    def answer_metrics(self, batch: dict[str, Any], stage: str, max_new_tokens: Optional[int] = None,
-                       predictions: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
-        """Each row's answer metrics (the metrics of its task), for :meth:`update_by_task`: a tensor per
-        metric name, NaN for rows whose task does not have it. Generates only when a metric needs a
-        generation (``predictions``: the greedy answers of every row, generated already by the caller),
-        scores options only when one needs them; corpus-level metrics (BLEU, chrF) are updated here and
-        not returned; every row goes to the predictions file (:meth:`prediction_rows`)."""
-        answers = list(batch["answers"])
-        n = len(answers)
-        tasks = batch.get("tasks") or [None] * n
-        groups: dict[Optional[str], list[int]] = defaultdict(list)
-        for i, t in enumerate(tasks):
-            groups[t].append(i)
-        suites = {t: self.metrics_for(t) for t in groups}
-        gen_rows = [i for t, idx in groups.items() if any(m.needs_generation for m in suites[t]) for i in idx]
-        preds: list[Optional[str]] = [None] * n
-        if predictions is not None:
-            for i in gen_rows:
-                preds[i] = predictions[i]
-        elif len(gen_rows) == n:
-            preds = list(self.predict_answers(batch, max_new_tokens))
-        elif gen_rows:
-            sel = torch.tensor(sorted(gen_rows), device=batch["gen_input_ids"].device)
-            texts = self.generate_texts(batch["gen_input_ids"][sel], batch["gen_attention_mask"][sel],
-                                        self.generation_budget(max_new_tokens))
-            for i, text in zip(sorted(gen_rows), texts):
-                preds[i] = text
-        scores: list[Optional[list[float]]] = [None] * n
-        if batch.get("choice_ids") is not None and any(m.needs_choices for s in suites.values() for m in s):
-            scores = self.choice_scores(batch)
-        rows = [self._prediction_row(batch, i, stage, preds[i]) for i in range(n)]
-        values: dict[str, list[float]] = {}
-        for t, idx in groups.items():
-            for m in suites[t]:
-                col = [math.nan] * n
-                if m.needs_choices:
-                    for i in idx:
-                        if scores[i] is None:
-                            continue
-                        picked = m.pick(scores[i], batch["choices"][i])
-                        col[i] = float(picked == batch["gold"][i])
-                        rows[i].setdefault("picked", {})[m.name] = picked
-                        if rows[i]["prediction"] is None:
-                            rows[i]["prediction"] = batch["choices"][i][picked]
-                else:
-                    p, r = [preds[i] for i in idx], [answers[i] for i in idx]
-                    for i, v in zip(idx, m.row_values(p, r)):
-                        col[i] = v
-                    if m.corpus:
-                        self.update_corpus(stage, t, m, p, r)
-                for i in idx:
-                    if not math.isnan(col[i]):
-                        rows[i]["metrics"][m.name] = col[i]
-                if not m.corpus:
-                    prev = values.get(m.name)
-                    values[m.name] = col if prev is None else [a if math.isnan(b) else b for a, b in zip(prev, col)]
-        self._predictions[stage].extend(rows)
-        return {name: torch.tensor(col, dtype=torch.float32, device=self.device) for name, col in values.items()}
-
-    def update_corpus(self, stage: str, task: Optional[str], metric, predictions: list[str], references: list[str]) -> None:
-        """Feed a corpus-level metric (torchmetrics' BLEU, chrF) under ``{stage}/{name}`` and, for rows with
-        a task, ``{stage}/{task}/{name}``."""
-        preds, refs = metric.corpus_inputs(predictions, references)
-        for prefix in [f"{stage}/"] + ([f"{stage}/{task}/"] if task is not None else []):
-            key = prefix + metric.name
-            if key not in self._eval_metrics:
-                self._eval_metrics[key] = metric.corpus_metric().to(self.device)
-            self._eval_metrics[key].update(preds, refs)
-
-    def _prediction_row(self, batch: dict[str, Any], i: int, stage: str, prediction: Optional[str]) -> dict[str, Any]:
-        prompts = batch.get("prompts")
-        if prompts is not None and prompts[i] is not None:
-            prompt = prompts[i]
-        else:
-            ids, mask = batch["gen_input_ids"][i], batch["gen_attention_mask"][i]
-            prompt = self.backbone.tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=False)
-        tasks = batch.get("tasks")
-        row: dict[str, Any] = {"stage": stage, "step": int(self.global_step) if self._trainer is not None else 0,
-                               "task": tasks[i] if tasks else None, "prompt": prompt,
-                               "reference": batch["answers"][i], "prediction": prediction, "metrics": {}}
-        if batch.get("choices") is not None and batch["choices"][i] is not None:
-            row["choices"], row["gold"] = batch["choices"][i], batch["gold"][i]
-        return row
-
-    def prediction_rows(self, stage: str) -> list[dict[str, Any]]:
-        """The rows of this stage's latest evaluation, from every rank (a collective under DDP: every
-        rank calls it)."""
-        rows = list(self._predictions.get(stage, []))
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in (part or [])]
-        return rows
-
-    # ------------------------------------------------------------------ evaluation metrics
-    def metric(self, name: str) -> MeanMetric:
-        if name not in self._eval_metrics:
-            self._eval_metrics[name] = MeanMetric(sync_on_compute=True).to(self.device)
-        return self._eval_metrics[name]
-
-    def update_by_task(self, stage: str, tasks: Optional[list], values: dict[str, torch.Tensor],
-                       weights: Optional[dict[str, torch.Tensor]] = None) -> None:
-        """Per-row ``values`` into ``{stage}/{name}`` and, for rows with a task, ``{stage}/{task}/{name}``.
-        ``weights`` (per row) make a metric a weighted mean, e.g. a loss per token."""
-        n = len(next(iter(values.values())))
-        tasks = tasks or [None] * n
-        scopes: list[tuple[Optional[str], list[int]]] = [(None, list(range(n)))]
-        if any(t is not None for t in tasks):
-            groups: dict[Optional[str], list[int]] = defaultdict(list)
-            for i, t in enumerate(tasks):
-                groups[t].append(i)
-            scopes += list(groups.items())
-            self._eval_tasks[stage].update(str(t) for t in groups)
-        for task, idx in scopes:
-            prefix = f"{stage}/" if task is None else f"{stage}/{task}/"
-            for name, v in values.items():
-                w = (weights or {}).get(name)
-                if w is None:
-                    part = v[idx]
-                    if part.is_floating_point():  # NaN: a metric this row's task does not have
-                        part = part[~torch.isnan(part)]
-                    if part.numel():
-                        self.metric(prefix + name).update(part)
-                elif w[idx].sum() > 0:
-                    self.metric(prefix + name).update(v[idx].sum() / w[idx].sum(), weight=w[idx].sum())
+    # ------------------------------------------------------------------ evaluation (ftbench.evaluation)
+    def evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        """One evaluation batch: what the objective computes itself, handed to ``self.evaluator.update``
+        (which adds the data set's answer metrics)."""
+        raise NotImplementedError
 
     def derived_metrics(self, results: dict[str, float], stage: str) -> None:
         """Metrics computed from the others at the end of an evaluation (e.g. perplexity)."""
-
-    def _eval_epoch_start(self, stage: str) -> None:
-        # fresh metric states in the grad mode of this loop (validate/test run under inference
-        # mode, validation inside fit under no_grad; a state made in one cannot be updated in the other)
-        self._eval_metrics = {k: v for k, v in self._eval_metrics.items() if not k.startswith(stage + "/")}
-        self._eval_tasks[stage] = set()
-        self._predictions[stage] = []
-
-    def _eval_epoch_end(self, stage: str) -> None:
-        results: dict[str, float] = {}
-        tasks = self._eval_tasks[stage]
-        kinds: set[str] = set()
-        for name, metric in list(self._eval_metrics.items()):
-            if not name.startswith(stage + "/") or metric.update_count == 0:
-                continue
-            results[name] = float(metric.compute())
-            parts = name.split("/", 2)
-            if len(parts) == 3 and parts[1] in tasks:
-                kinds.add(parts[2])
-        self.derived_metrics(results, stage)
-        for kind in sorted(kinds):  # macro average over tasks
-            vals = [results[f"{stage}/{t}/{kind}"] for t in sorted(tasks) if f"{stage}/{t}/{kind}" in results]
-            if vals:
-                results[f"{stage}/macro_{kind}"] = sum(vals) / len(vals)
-        for name, value in results.items():
-            self.log(name, value, prog_bar=name in (f"{stage}/loss", f"{stage}/accuracy"), sync_dist=False)
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_epoch_start("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_epoch_start("test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.evaluate(batch, "val")
@@ -446,8 +246,21 @@ class Objective(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.evaluate(batch, "test")
 
-    def evaluate(self, batch: dict[str, Any], stage: str) -> None:
-        raise NotImplementedError
+    def on_validation_epoch_start(self) -> None:
+        self.evaluator.start("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.evaluator.start("test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_results("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_results("test")
+
+    def log_results(self, stage: str) -> None:
+        for name, value in self.evaluator.results(stage, self.derived_metrics).items():
+            self.log(name, value, prog_bar=name in (f"{stage}/loss", f"{stage}/accuracy"), sync_dist=False)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -112,8 +112,6 @@ class DPO(Objective):
         sft_weight: float = 0.0,
         precompute_reference: bool = False,
         reference_cache_dir: Optional[str] = None,
-        max_new_tokens: Optional[int] = None,
-        generate_in_validation: bool = True,
         **kwargs,
     ):
         """
@@ -129,9 +127,6 @@ class DPO(Objective):
                 disk) and hold no reference model while training; see the module docstring.
             reference_cache_dir: Where precomputed reference log-probs are cached (default
                 ``$FTBENCH_CACHE/reference_logps``, i.e. ``~/.cache/ftbench/reference_logps``).
-            max_new_tokens: Greedy-generation budget for exact match (default: what the data module
-                says its longest reference answer needs, else 32).
-            generate_in_validation: Also compute exact match during validation (not only test).
         """
         super().__init__(**kwargs)
         check_settings(beta, loss_type, label_smoothing, sft_weight)
@@ -139,8 +134,6 @@ class DPO(Objective):
         self.sft_weight = float(sft_weight)
         self.precompute_reference = precompute_reference
         self.reference_cache_dir = reference_cache_dir
-        self.max_new_tokens = max_new_tokens
-        self.generate_in_validation = generate_in_validation
         self.reference_table: Optional[ReferenceTable] = None
         #: ``cache`` (read from disk) or ``computed`` once the precomputed table is there
         self.reference_source: Optional[str] = None
@@ -254,10 +247,7 @@ class DPO(Objective):
         weights = {}
         if self.sft_weight > 0:
             values["sft_loss"], weights["sft_loss"] = out["sft_rows"], out["sft_tokens"]
-        if "gen_input_ids" in batch and (stage == "test" or self.generate_in_validation):
-            # the data set's answer metrics, as SFT computes them (default: exact match, as accuracy)
-            values.update(self.answer_metrics(batch, stage, self.max_new_tokens))
-        self.update_by_task(stage, batch.get("tasks"), values, weights)
+        self.evaluator.update(batch, stage, values, weights)
 
     # ------------------------------------------------------------------ precomputed reference
     def on_fit_start(self) -> None:

@@ -66,8 +66,8 @@ Where the time goes
 Evaluation (``val/``, ``test/``)
     On the supervised evaluation batches: the greedy answer to each row with an exact answer
     (``gen_input_ids``), generated once, gives the data set's answer metrics exactly as SFT and DPO
-    compute them (:meth:`~ftbench.objectives.base.Objective.answer_metrics`: ``data.metrics``,
-    default exact match recorded as ``accuracy``; the predictions file) and ``reward`` (its weighted
+    compute them (the run's :class:`~ftbench.evaluation.evaluator.Evaluator`, given the texts:
+    ``data.metrics``, default exact match recorded as ``accuracy``; the predictions file) and ``reward`` (its weighted
     reward under the reward functions; per function ``rewards/<func>``), overall and per task.
 
 Batch size: ``data.batch_size`` counts prompts; a step trains on ``batch_size x num_generations``
@@ -184,8 +184,6 @@ class GRPO(Objective):
         epsilon_high: Optional[float] = None,
         mask_truncated_completions: bool = False,
         num_iterations: int = 1,
-        max_new_tokens: Optional[int] = None,
-        generate_in_validation: bool = True,
         **kwargs,
     ):
         """
@@ -225,9 +223,6 @@ class GRPO(Objective):
             mask_truncated_completions: Leave completions that hit max_completion_length without EOS
                 out of the loss (DAPO's overlong filtering); they keep their reward in the baseline.
             num_iterations: Optimisation steps per rollout; only 1 is supported (see the module docstring).
-            max_new_tokens: Greedy-generation budget for evaluation (exact match, ``val/reward``);
-                default: what the data module says its longest reference answer needs, else 32.
-            generate_in_validation: Also generate in validation (exact match and reward), not only in test.
         """
         super().__init__(**kwargs)
         if scale_rewards is None:
@@ -265,8 +260,6 @@ class GRPO(Objective):
         self.beta, self.epsilon, self.epsilon_high = float(beta), float(epsilon), epsilon_high
         self.mask_truncated_completions = mask_truncated_completions
         self.num_iterations = num_iterations
-        self.max_new_tokens = max_new_tokens
-        self.generate_in_validation = generate_in_validation
         # where the time goes (see the module docstring)
         self.generation_seconds = 0.0
         self.optimisation_seconds = 0.0
@@ -480,27 +473,26 @@ class GRPO(Objective):
     def greedy_completions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
                            ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Greedy continuations of left-padded prompts: ``(new ids, their mask up to the first EOS,
-        texts)``; the texts are :meth:`Objective.generate_texts`'s."""
+        texts)``, decoded as the evaluator decodes its own (special tokens left out)."""
         tok = self.backbone.tokenizer
         new = self.tuner.generate(self.model, tok, input_ids, attention_mask, max_new_tokens, do_sample=False)
         mask, _ = completion_masks(new, tok.eos_token_id)
         return new, mask, self.decode(new, mask)
 
     def evaluate(self, batch: dict[str, Any], stage: str) -> None:
-        if "gen_input_ids" not in batch or (stage == "val" and not self.generate_in_validation):
+        if "gen_input_ids" not in batch or not self.evaluator.generates(stage):
             return
         ids, mask = batch["gen_input_ids"], batch["gen_attention_mask"]
         # one greedy generation per row: the answer metrics (as SFT and DPO compute them; default exact
         # match, as accuracy) and the rewards score the same texts
-        new, completion_mask, texts = self.greedy_completions(ids, mask, self.generation_budget(self.max_new_tokens))
-        values = self.answer_metrics(batch, stage, self.max_new_tokens, predictions=texts)
+        new, completion_mask, texts = self.greedy_completions(ids, mask, self.evaluator.generation_budget(ids.shape[1]))
         unpadded = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
         columns = {"answers": list(batch["answers"]), "tasks": list(batch.get("tasks") or ["default"] * len(texts)),
                    "prompt_ids": unpadded,
                    "completion_ids": [row[: int(n)].tolist() for row, n in zip(new, completion_mask.sum(1))]}
         prompts = self.backbone.tokenizer.batch_decode(unpadded, skip_special_tokens=False)
         per_func = self.score(prompts, texts, **columns)
-        values["reward"] = self.combine(per_func)
+        values = {"reward": self.combine(per_func)}
         for i, func in enumerate(self.reward_funcs):
             values[f"rewards/{func.name}"] = per_func[:, i]  # NaN (None) rows are left out of the mean
-        self.update_by_task(stage, batch.get("tasks"), values)
+        self.evaluator.update(batch, stage, values, predictions=texts)

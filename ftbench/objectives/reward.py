@@ -30,7 +30,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from torchmetrics import MaxMetric, MinMetric
 
 from ftbench.backbone import last_token_scores
 from ftbench.data.pairs import concatenate_pairs, pair_memory_batch, split_pairs
@@ -84,13 +83,6 @@ class Reward(Objective):
                             metrics=lambda: reward_metrics(chosen.detach(), rejected.detach()))
 
     # ------------------------------------------------------------------ evaluation
-    def metric(self, name: str):
-        # the set's extremes, not the mean of per-batch extremes
-        if name not in self._eval_metrics and name.endswith(("/min_reward", "/max_reward")):
-            kind = MinMetric if name.endswith("/min_reward") else MaxMetric
-            self._eval_metrics[name] = kind(sync_on_compute=True).to(self.device)
-        return super().metric(name)
-
     def evaluate(self, batch: dict[str, Any], stage: str) -> None:
         chosen, rejected, _ = self.scores(batch)
         margin = self.margin(batch, chosen)
@@ -103,4 +95,5 @@ class Reward(Objective):
         values = {"loss": losses, "accuracy": right, "pairwise_accuracy": right, "margin": chosen - rejected,
                   "mean_reward": (chosen + rejected) / 2, "min_reward": torch.minimum(chosen, rejected),
                   "max_reward": torch.maximum(chosen, rejected)}
-        self.update_by_task(stage, batch.get("tasks"), values)
+        # the set's extremes, not the mean of per-batch extremes
+        self.evaluator.update(batch, stage, values, reductions={"min_reward": "min", "max_reward": "max"})

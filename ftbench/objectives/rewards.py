@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import torch
 
 from ftbench.errors import ConfigError, FTBenchError
-from ftbench.evaluation.metrics import fold_whitespace
 
 if TYPE_CHECKING:
     from ftbench.backbone import Backbone
@@ -83,11 +82,10 @@ class ExactAnswer(RewardFunction):
     """1.0 when the completion equals the row's exact answer, else 0.0.
 
     The comparison is the held-out exact match's, so that the training reward is the training-set
-    version of the metric the run is judged by: inside a run, the data module's ``exact_match``
-    metric for the row's task (``data.metrics`` with its options: ``ignore_case``, ``first_line``,
-    ``regex``, ...; :mod:`ftbench.evaluation.metrics`); by default, and outside a run,
-    :func:`ftbench.evaluation.metrics.fold_whitespace` on both sides (white space at the ends removed,
-    inner runs folded). No first-line cut is made unless ``data.metrics`` asks for one: a completion
+    version of the metric the run is judged by: the run's evaluator's ``exact_match`` metric for the
+    row's task (:meth:`ftbench.evaluation.evaluator.Evaluator.exact_match`: ``data.metrics`` with its
+    options, ``ignore_case``, ``first_line``, ``regex``, ...; by default, and outside a run, white space
+    at the ends removed and inner runs folded on both sides). No first-line cut is made unless ``data.metrics`` asks for one: a completion
     that adds a second line after the right answer gets 0, as exact match scores it. The completion
     text is already cut at the first EOS and decoded without special tokens, so no EOS text is there
     to strip.
@@ -96,25 +94,12 @@ class ExactAnswer(RewardFunction):
     name = "exact_answer"
 
     def __init__(self):
-        self._metrics_for = None
-        self._by_task: dict[Any, Any] = {}
+        from ftbench.evaluation.evaluator import Evaluator
+
+        self.evaluator = Evaluator()  # outside a run: the default exact match
 
     def bind(self, objective: Any) -> None:
-        metrics_for = getattr(objective, "metrics_for", None)
-        if metrics_for is not self._metrics_for:
-            self._metrics_for, self._by_task = metrics_for, {}
-
-    def metric(self, task: Any):
-        """The data's ``exact_match`` metric of ``task`` (None: the default comparison)."""
-        if self._metrics_for is None:
-            return None
-        if task not in self._by_task:
-            try:
-                suite = self._metrics_for(task)
-            except Exception:  # no data module to ask (an objective used outside a trainer)
-                suite = []
-            self._by_task[task] = next((m for m in suite if getattr(m, "kind", None) == "exact_match"), None)
-        return self._by_task[task]
+        self.evaluator = objective.evaluator
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         answers = columns.get("answers")
@@ -130,11 +115,7 @@ class ExactAnswer(RewardFunction):
                     f"reward exact_answer: a training row has no exact answer (task {tasks[i]!r}, prompt "
                     f"{prompt[-80:]!r}): every row of data.source needs one (the built-in tasks have one; a "
                     "preference file row needs an 'answer' field); use another reward function for rows without")
-            metric = self.metric(tasks[i])
-            if metric is not None:
-                out.append(float(metric.row_values([completion], [answer])[0]))
-            else:
-                out.append(float(fold_whitespace(completion) == fold_whitespace(answer)))
+            out.append(float(self.evaluator.exact_match(tasks[i]).row_values([completion], [answer])[0]))
         return out
 
 

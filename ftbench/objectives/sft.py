@@ -7,7 +7,7 @@ match of the greedy answer against the reference answer, recorded as ``accuracy`
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,18 +36,6 @@ class SFT(Objective):
 
     name = "sft"
 
-    def __init__(self, max_new_tokens: Optional[int] = None, generate_in_validation: bool = True, **kwargs):
-        """
-        Args:
-            max_new_tokens: Greedy-generation budget for the answer metrics. Default: what the data module
-                says its longest reference answer needs (``max_answer_tokens``), else 32.
-            generate_in_validation: Also compute exact match during validation (not only test), and every
-                other answer metric of the data set.
-        """
-        super().__init__(**kwargs)
-        self.max_new_tokens = max_new_tokens
-        self.generate_in_validation = generate_in_validation
-
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean loss over the batch's trained tokens, per-row summed losses, per-row token counts)."""
         logits = self(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
@@ -60,11 +48,7 @@ class SFT(Objective):
 
     def evaluate(self, batch: dict[str, Any], stage: str) -> None:
         _, loss_sum, n_tok = self.loss(batch)
-        values, weights = {"loss": loss_sum}, {"loss": n_tok}
-        if "gen_input_ids" in batch and (stage == "test" or self.generate_in_validation):
-            # the data set's metrics (default: exact match, recorded as accuracy); ftbench.evaluation
-            values.update(self.answer_metrics(batch, stage, self.max_new_tokens))
-        self.update_by_task(stage, batch.get("tasks"), values, weights)
+        self.evaluator.update(batch, stage, {"loss": loss_sum}, weights={"loss": n_tok})
 
     def derived_metrics(self, results: dict[str, float], stage: str) -> None:
         import math
