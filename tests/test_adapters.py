@@ -16,6 +16,8 @@ import pytest
 import torch
 from torch import nn
 
+from ftbench.evaluation.evaluator import Evaluator
+from ftbench.evaluation.options import EvaluationOptions
 from pinning import four_step_losses, load_pins
 
 PIN_NAME = "adapters"
@@ -39,7 +41,8 @@ def adapters(backbone, placement="houlsby", **kw):
     from ftbench.objectives import SFT
 
     optimizer = functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.0)
-    return SFT(backbone=backbone, tuner=tuner(placement, **kw), optimizer=optimizer, max_new_tokens=4)
+    return SFT(backbone=backbone, tuner=tuner(placement, **kw), optimizer=optimizer,
+               evaluator=Evaluator(EvaluationOptions(max_new_tokens=4)))
 
 
 def tiny_data(backbone):
@@ -260,7 +263,7 @@ def test_cli_run_records_and_saves_adapters(tiny_model_dir, tmp_path):
     from ftbench.cli import cli_main
 
     cli_main(["fit", "--backbone.model", str(tiny_model_dir), "--tuner", str(SHIPPED[0]),
-              "--model", str(ROOT / "configs/objective/sft.yaml"), "--model.init_args.max_new_tokens", "4",
+              "--model", str(ROOT / "configs/objective/sft.yaml"), "--evaluate.max_new_tokens", "4",
               "--data", str(ROOT / "configs/data/instruction.yaml"), "--data.init_args.builtin_size", "80",
               "--data.init_args.max_length", "96", "--data.init_args.batch_size", "4",
               "--data.init_args.eval_batch_size", "4",

@@ -17,7 +17,7 @@ DATA = ["--data", str(ROOT / "configs" / "data" / "instruction.yaml"), "--data.i
         "--data.init_args.val_fraction", "0.1", "--data.init_args.max_length", "64", "--data.init_args.batch_size", "2"]
 LORA = ["--tuner", "ftbench.tuners.Peft", "--tuner.init_args.peft_config", "peft.LoraConfig",
         "--tuner.init_args.peft_config.init_args.r", "4", "--tuner.init_args.peft_config.init_args.target_modules",
-        "all-linear", "--model", "ftbench.objectives.SFT", "--model.init_args.generate_in_validation", "false",
+        "all-linear", "--model", "ftbench.objectives.SFT", "--evaluate.generate_in_validation", "false",
         "--model.init_args.warmup_steps", "0"]
 
 

@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from ftbench.backbone import Backbone
+from ftbench.evaluation.evaluator import Evaluator
+from ftbench.evaluation.options import EvaluationOptions
 from ftbench.data.preference import PreferenceData
 from ftbench.objectives import DPO, SFT
 from ftbench.objectives.losses import dpo_loss, sequence_logps
@@ -299,7 +301,7 @@ PINNED_RISE = {"start": 0.0, "end": 1.0, "end_margin": 0.418115, "end_loss": 0.5
 
 
 def test_rewards_accuracies_rise_on_the_easy_pairs(tiny_model_dir):
-    method = make_dpo(tiny_model_dir, "lora", max_new_tokens=4)
+    method = make_dpo(tiny_model_dir, "lora", evaluator=Evaluator(EvaluationOptions(max_new_tokens=4)))
     dm = make_data(method.backbone)
     L.seed_everything(0, verbose=False)
     t = trainer(12, limit_val_batches=None, val_check_interval=12)
@@ -342,7 +344,7 @@ def preference_runs(tiny_model_dir, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.chdir(ROOT)
     try:
-        cli_main(fit_args(tiny_model_dir, out, "dpo", "--model.init_args.max_new_tokens", "4"))
+        cli_main(fit_args(tiny_model_dir, out, "dpo", "--evaluate.max_new_tokens", "4"))
         cli_main(fit_args(tiny_model_dir, out, "reward"))
     finally:
         mp.undo()
@@ -413,7 +415,7 @@ def test_shipped_dpo_yaml_runs_with_its_defaults(tiny_model_dir, tmp_path, monke
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("FTBENCH_CACHE", str(tmp_path / "cache"))  # precomputed reference log-probs go here
-    cli_main(fit_args(tiny_model_dir, tmp_path, objective, "--model.init_args.max_new_tokens", "4",
+    cli_main(fit_args(tiny_model_dir, tmp_path, objective, "--evaluate.max_new_tokens", "4",
                       "--test_after_fit", "false"))
     info = only_record(tmp_path, "dpo+lora-")["train_info"]
     assert info["status"] == "completed" and info["global_steps"] == 3

@@ -18,6 +18,8 @@ import yaml
 from ftbench.backbone import Backbone, last_token_scores, score_module
 from ftbench.data.instruction import InstructionData
 from ftbench.errors import ConfigError
+from ftbench.evaluation.evaluator import Evaluator
+from ftbench.evaluation.options import EvaluationOptions
 from ftbench.objectives import GRPO
 from ftbench.objectives.grpo import completion_masks
 from ftbench.objectives.losses import grpo_advantages, rloo_advantages
@@ -307,19 +309,20 @@ def test_reward_rises_on_a_rule_pinned(tiny_model_dir):
 # ---------------------------------------------------------------------------- evaluation
 def test_evaluation_exact_match_and_reward(tiny_model_dir):
     backbone = Backbone(model=str(tiny_model_dir))
-    m = GRPO(backbone=backbone, tuner=lora(), reward_funcs=[ExactAnswer(), completion_length], max_new_tokens=4,
-             num_generations=2)
+    m = GRPO(backbone=backbone, tuner=lora(), reward_funcs=[ExactAnswer(), completion_length], num_generations=2,
+             evaluator=Evaluator(EvaluationOptions(max_new_tokens=4)))
     dm = make_data(backbone)
     t = trainer(1, limit_val_batches=None)
     t.validate(m, datamodule=dm, verbose=False)
     got = {k: float(v) for k, v in t.callback_metrics.items()}
-    # the same greedy answers through Objective.exact_match and the length reward by hand
+    # the same greedy answers through the evaluator's exact match and the length reward by hand
     dm.setup("validate")
     m.model.eval()
     acc, lengths = [], []
     for batch in dm.val_dataloader():
-        acc += m.exact_match(batch, 4).tolist()
-        lengths += [len(p) for p in m.predict_answers(batch, 4)]
+        answers = m.evaluator.predict_answers(batch)
+        acc += m.evaluator.exact_match(None).row_values(answers, batch["answers"])
+        lengths += [len(p) for p in answers]
     assert got["val/accuracy"] == pytest.approx(sum(acc) / len(acc))
     assert got["val/rewards/exact_answer"] == pytest.approx(sum(acc) / len(acc))
     assert got["val/rewards/completion_length"] == pytest.approx(sum(lengths) / len(lengths), rel=1e-6)
@@ -343,11 +346,14 @@ def test_exact_answer_compares_as_the_data_metrics_say():
     """Inside a run the reward is the held-out exact match of the row's task, with its options."""
     from ftbench.evaluation.metrics import build_metric
 
-    class Run:
+    class Data:
         def metrics_for(self, task):
             if task == "loose":
                 return [build_metric({"metric": "exact_match", "ignore_case": True, "first_line": True})]
             return [build_metric("rouge_l")]  # no exact match: the default comparison
+
+    class Run:
+        evaluator = Evaluator(data=Data())
 
     f = ExactAnswer()
     f.bind(Run())

@@ -58,7 +58,7 @@ def at_root(monkeypatch):
 def args(tiny_model_dir, out, tasks_dir, sub="test", tuner="configs/tuner/none.yaml"):
     return [sub, "--backbone.model", str(tiny_model_dir), "--tuner", tuner, "--model", "configs/objective/sft.yaml",
             "--data", "configs/data/instruction.yaml", "--data.init_args.builtin_size", "40",
-            "--data.init_args.eval_batch_size", "4", "--model.init_args.max_new_tokens", "2",
+            "--data.init_args.eval_batch_size", "4", "--evaluate.max_new_tokens", "2",
             "--trainer", "configs/trainer/cpu.yaml", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
             "--trainer.logger", "false", "--out", str(out),
             "--evaluate.lm_eval_tasks", f"[{TASK}]", "--evaluate.lm_eval_include_path", str(tasks_dir)]

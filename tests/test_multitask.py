@@ -123,7 +123,7 @@ def test_per_task_validation_metrics_through_a_trainer(backbone, tmp_path):
 
     method = SFT(backbone=backbone, tuner=NoTuning())
     # exact match with a fixed "model": right on alpha, wrong on beta
-    method.predict_answers = lambda batch, max_new_tokens=None: [
+    method.evaluator.predict_answers = lambda batch: [
         a if t == "alpha" else "wrong" for a, t in zip(batch["answers"], batch["tasks"])]
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     with warnings.catch_warnings():
@@ -274,7 +274,7 @@ def test_lora_fit_on_multitask_data_writes_per_task_results(tiny_model_dir, tmp_
         warnings.simplefilter("ignore")
         cli_main([
             "fit", "--backbone.model", str(tiny_model_dir), "--tuner", str(CONFIGS / "tuner" / "lora.yaml"),
-            "--model", str(CONFIGS / "objective" / "sft.yaml"), "--model.max_new_tokens", "4",
+            "--model", str(CONFIGS / "objective" / "sft.yaml"), "--evaluate.max_new_tokens", "4",
             "--data", str(CONFIGS / "data" / "multitask.yaml"), "--data.max_train_rows", "20",
             "--data.max_eval_rows", "2", "--data.eval_batch_size", "8",
             "--trainer", str(CONFIGS / "trainer" / "cpu.yaml"), "--trainer.max_steps", "2",

@@ -17,6 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ftbench.evaluation.evaluator import Evaluator
+from ftbench.evaluation.options import EvaluationOptions
 from pinning import four_step_losses, load_pins
 
 PIN_NAME = "peft_methods"
@@ -38,7 +40,7 @@ def method_from_config(name: str, model_dir: Path, out: Path):
     from ftbench.cli import cli_main
 
     cli = cli_main(["--backbone.model", str(model_dir), "--tuner", str(config_path(name)),
-                    "--model", str(SFT_YAML), "--model.init_args.max_new_tokens", "4",
+                    "--model", str(SFT_YAML), "--evaluate.max_new_tokens", "4",
                     "--data", str(ROOT / "configs/data/instruction.yaml"), "--data.init_args.builtin_size", "80",
                     "--trainer.logger", "false", "--out", str(out)], run=False)
     return cli.model
@@ -79,11 +81,12 @@ def peft_method(backbone, config, max_new_tokens: int = 6, **tuner_kw):
     from ftbench.objectives import SFT
     from ftbench.tuners import Peft
 
-    return SFT(backbone=backbone, tuner=Peft(peft_config=config, **tuner_kw), max_new_tokens=max_new_tokens)
+    return SFT(backbone=backbone, tuner=Peft(peft_config=config, **tuner_kw),
+               evaluator=Evaluator(EvaluationOptions(max_new_tokens=max_new_tokens)))
 
 
 def generate_answers(m, batch, max_new_tokens: int = 6) -> list[str]:
-    return m.generate_texts(batch["gen_input_ids"], batch["gen_attention_mask"], max_new_tokens)
+    return m.evaluator.generate(batch["gen_input_ids"], batch["gen_attention_mask"], max_new_tokens)
 
 
 # ---------------------------------------------------------------------- every shipped config

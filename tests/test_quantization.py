@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ftbench.evaluation.evaluator import Evaluator
+from ftbench.evaluation.options import EvaluationOptions
 from pinning import four_step_losses, load_pins
 
 PIN_NAME = "quantization"
@@ -53,7 +55,7 @@ def lora(backbone, r: int = 4, optimizer=None):
     from ftbench.tuners import Peft
 
     tuner = Peft(peft_config=LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear"))
-    return SFT(backbone=backbone, tuner=tuner, optimizer=optimizer or adamw(), max_new_tokens=4)
+    return SFT(backbone=backbone, tuner=tuner, optimizer=optimizer or adamw(), evaluator=Evaluator(EvaluationOptions(max_new_tokens=4)))
 
 
 def trainable(objective) -> dict[str, torch.Tensor]:
@@ -283,7 +285,7 @@ def test_bnb_optimizer_from_config(tiny_model_dir, tmp_path, name):
     args = ["--backbone.model", str(tiny_model_dir), "--backbone.quantization", "nf4",
             "--tuner", str(LORA_YAML), "--model", str(SFT_YAML),
             "--model.init_args.optimizer", str(ROOT / f"configs/optim/{name}.yaml"),
-            "--model.init_args.optimizer.init_args.min_8bit_size", "256", "--model.init_args.max_new_tokens", "4",
+            "--model.init_args.optimizer.init_args.min_8bit_size", "256", "--evaluate.max_new_tokens", "4",
             "--model.init_args.warmup_steps", "0",  # (the config's warm-up starts at lr 0)
             "--data", str(ROOT / "configs/data/instruction.yaml"), "--data.init_args.builtin_size", "80",
             "--data.init_args.max_length", "96", "--data.init_args.batch_size", "4",
@@ -308,7 +310,7 @@ def test_record_has_quantization_and_memory(tiny_model_dir, tmp_path, pins, q):
     from ftbench.cli import cli_main
 
     cli_main(["fit", "--backbone.model", str(tiny_model_dir), "--backbone.quantization", q,
-              "--tuner", str(LORA_YAML), "--model", str(SFT_YAML), "--model.init_args.max_new_tokens", "4",
+              "--tuner", str(LORA_YAML), "--model", str(SFT_YAML), "--evaluate.max_new_tokens", "4",
               "--data", str(ROOT / "configs/data/instruction.yaml"), "--data.init_args.builtin_size", "80",
               "--data.init_args.max_length", "96", "--data.init_args.batch_size", "4",
               "--data.init_args.eval_batch_size", "4",

@@ -31,7 +31,7 @@ def fit_args(tiny: Path, out: Path, *extra: str, method: str = "lora") -> list[s
             "--data", "configs/data/instruction.yaml", "--trainer", "configs/trainer/cpu.yaml",
             "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
             "--data.init_args.builtin_size", "200", "--trainer.enable_progress_bar", "false",
-            "--model.init_args.max_new_tokens", "8",  # exact match needs only a few tokens here
+            "--evaluate.max_new_tokens", "8",  # exact match needs only a few tokens here
             "--out", str(out), *extra]
 
 

@@ -2,9 +2,9 @@
 (2 steps and a validation with exact match) then ``test`` (exact match by greedy generation), through
 the CLI with configs/objective/sft.yaml on the tiny Llama. A parse (tests/test_configs.py) cannot catch
 a default that crashes at run time, e.g. prompt and prefix tuning once failed at test time because the
-objective's ``max_new_tokens: null`` reached their greedy loop unresolved.
+evaluation's ``max_new_tokens: null`` reached their greedy loop unresolved.
 
-The objective's shipped generation budget (``max_new_tokens: null``: the data module's longest answer)
+The shipped generation budget (``evaluate.max_new_tokens: null``: the data module's longest answer)
 is left as it ships; only the run's size is cut (80 built-in rows, batch 4, 2 steps, one validation
 and one test batch). ``none`` (nothing trains) is run as it is meant to be, with ``ftbench test``.
 """
