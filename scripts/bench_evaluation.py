@@ -152,6 +152,7 @@ def timings(data: Path, repeats: int = 3, max_rows: int = 40) -> dict:
     import yaml
 
     from ftbench.backbone import Backbone
+    from ftbench.evaluation.evaluator import Evaluator
     from ftbench.objectives import SFT
     from ftbench.tuners import NoTuning
 
@@ -166,7 +167,7 @@ def timings(data: Path, repeats: int = 3, max_rows: int = 40) -> dict:
         init["tasks"] = [TaskSpec(**t) for t in init["tasks"]]
     dm = getattr(importlib.import_module(module), cls)(backbone=backbone, **init)
     dm.setup("test")
-    method = SFT(backbone=backbone, tuner=NoTuning())
+    method = SFT(backbone=backbone, tuner=NoTuning(), evaluator=Evaluator(data=dm))
     method.configure_model()
     method.model.eval()
     batches, rows = [], 0
@@ -182,13 +183,13 @@ def timings(data: Path, repeats: int = 3, max_rows: int = 40) -> dict:
             method.loss(b)
         out["loss forward"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        preds = [method.predict_answers(b, dm.max_answer_tokens) for b in batches]
+        preds = [method.evaluator.predict_answers(b) for b in batches]
         out["generation"] = time.perf_counter() - t0
         if any(b.get("choice_ids") is not None for b in batches):
             t0 = time.perf_counter()
             for b in batches:
                 if b.get("choice_ids") is not None:
-                    method.choice_scores(b)
+                    method.evaluator.choice_scores(b)
             out["choice scoring (mc_*)"] = time.perf_counter() - t0
     per_metric: dict = {}
     for b, p in zip(batches, preds):

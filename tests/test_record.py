@@ -13,7 +13,7 @@ import pytest
 from ftbench.bench.record import REDACTED, classify_error, redact
 from ftbench.cli import cli_main
 from ftbench.data.base import DataFormatError
-from ftbench.objectives.base import NonFiniteLossError
+from ftbench.objectives.step import NonFiniteLossError
 
 SECRET = "sk-test-0123456789abcdef"
 

@@ -150,7 +150,7 @@ def meta_info(results_dir: Optional[Path] = None) -> dict[str, Any]:
 
 def classify_error(err: BaseException) -> str:
     """Status for a run that raised: ``oom``, ``nan``, ``interrupted`` (Ctrl-C/SIGTERM; a sweep reruns it) or ``failed``."""
-    from ftbench.objectives.base import NonFiniteLossError
+    from ftbench.objectives.step import NonFiniteLossError
 
     if isinstance(err, NonFiniteLossError):
         return "nan"

@@ -3,7 +3,8 @@
 Crossed freely with the tuners (``ftbench.tuners``): a run is backbone x tuner x objective x data x trainer.
 """
 
-from ftbench.objectives.base import NonFiniteLossError, Objective
+from ftbench.objectives.base import Objective
+from ftbench.objectives.step import NonFiniteLossError
 from ftbench.objectives.dpo import DPO
 from ftbench.objectives.grpo import GRPO
 from ftbench.objectives.reward import Reward

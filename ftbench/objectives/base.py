@@ -15,9 +15,8 @@ a difference between two rows of a results table comes from the tuner or the obj
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
@@ -28,39 +27,9 @@ from ftbench.evaluation.evaluator import Evaluator
 from ftbench.tuners.saved import load_backbone
 from ftbench.backbone import Backbone, Head
 from ftbench.naming import method_label
+from ftbench.objectives.optim import optimization
+from ftbench.objectives.step import FiniteCheck, TrainingLoss, logs_this_step
 from ftbench.tuners.base import Tuner
-
-FINITE_CHECK_EVERY = 10  # batches between host reads of the non-finite-loss flag on CUDA
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
-
-    def __init__(self, step: int, value: float):
-        self.step, self.value = step, value
-        super().__init__(f"training loss is {value} at step {step}")
-
-
-@dataclass
-class TrainingLoss:
-    """What an objective's :meth:`~Objective.training_loss` gives the shared step.
-
-    ``loss`` is what is backpropagated (before the tuner's regularization); ``trained_tokens`` the
-    tokens it is computed on (torchtune's tokens/s counts these); ``input_ids``/``attention_mask`` the
-    batch the model saw (padded and real token counts); ``rows`` the batch size the metrics are logged
-    with; ``metrics`` a callable returning the other training metrics (logged under ``train/``, called
-    only on a step that logs them); ``prog_bar`` the names among them shown in the progress bar;
-    ``metrics_every_step``: log them at every step, not only every ``log_every_n_steps``."""
-
-    loss: torch.Tensor
-    trained_tokens: torch.Tensor | int
-    input_ids: torch.Tensor
-    attention_mask: Optional[torch.Tensor]
-    rows: int
-    metrics: Optional[Callable[[], dict[str, Any]]] = None
-    prog_bar: tuple[str, ...] = ()
-    metrics_every_step: bool = False
-
 
 class Objective(L.LightningModule):
     """Base of the objectives: what is optimised, on whatever the tuner makes trainable."""
@@ -102,7 +71,7 @@ class Objective(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.model: Optional[torch.nn.Module] = None
         self.evaluator = evaluator or Evaluator()
-        self._nonfinite: Optional[torch.Tensor] = None
+        self._finite_check = FiniteCheck()
 
     @property
     def evaluator(self) -> Evaluator:
@@ -191,7 +160,7 @@ class Objective(L.LightningModule):
             loss = loss + extra
         self.check_finite(loss, batch_idx)
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=out.rows)
-        if out.metrics is not None and (out.metrics_every_step or self.should_log_step()):
+        if out.metrics is not None and (out.metrics_every_step or logs_this_step(self._trainer)):
             metrics = out.metrics()
             for name in out.prog_bar:
                 self.log(f"train/{name}", metrics.pop(name), on_step=True, prog_bar=True, batch_size=out.rows)
@@ -207,24 +176,8 @@ class Objective(L.LightningModule):
         return None
 
     def check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
-        """Raise on a NaN/inf loss. On CUDA the flag stays on the device and is read every
-        ``FINITE_CHECK_EVERY`` batches, so the check costs no host sync per step."""
-        bad = ~torch.isfinite(loss.detach())
-        self._nonfinite = bad if self._nonfinite is None else (self._nonfinite | bad)
-        if self.device.type != "cuda" or batch_idx % FINITE_CHECK_EVERY == 0:
-            if bool(self._nonfinite):
-                raise NonFiniteLossError(self.global_step, float(loss))
-            self._nonfinite = None
-
-    def should_log_step(self) -> bool:
-        """Whether this training step logs its metrics: every ``trainer.log_every_n_steps`` steps and
-        the last one. A ``self.log`` costs ~0.7 ms (5 % of a small model's step on a CPU) and, with the
-        progress bar on, a device sync on CUDA; Lightning writes to its loggers at that interval anyway."""
-        if self._trainer is None:
-            return True
-        step, every = self.trainer.global_step, max(1, int(self.trainer.log_every_n_steps or 1))
-        last = self.trainer.max_steps is not None and self.trainer.max_steps > 0 and step + 1 >= self.trainer.max_steps
-        return step % every == 0 or last
+        """Raise :class:`~ftbench.objectives.step.NonFiniteLossError` on a NaN/inf loss (see ``FiniteCheck``)."""
+        self._finite_check(loss, self.global_step, batch_idx)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         accumulate = max(1, int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1))
@@ -264,18 +217,8 @@ class Objective(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        from transformers import get_scheduler
-
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ConfigError(f"{self.method_label}: nothing to train (no parameter requires grad)")
-        try:
-            optimizer = self.optimizer_factory(params)
-        except ValueError as err:  # torch's own checks: "Invalid learning rate: -0.1", ...
-            raise ConfigError(f"model.init_args.optimizer: {err}") from None
-        if self.tuner.lr is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = self.tuner.lr
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_scheduler(self.lr_scheduler, optimizer, num_warmup_steps=self.warmup_steps, num_training_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimization(params, self.optimizer_factory, self.tuner.lr, self.lr_scheduler, self.warmup_steps,
+                            max(1, int(self.trainer.estimated_stepping_batches)))

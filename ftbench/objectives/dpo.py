@@ -49,7 +49,7 @@ set): ``loss`` (the preference loss; ``sft_loss`` separately when ``sft_weight``
 ``logps/rejected`` (means of the summed policy log-probs). Evaluation adds ``pairwise_accuracy``
 (= ``rewards/accuracies``, the reward model's name for it) and, for batches whose rows carry an exact
 answer (the built-in pairs do), the data set's answer metrics as SFT computes them
-(:meth:`~ftbench.objectives.base.Objective.answer_metrics`; by default ``accuracy``: exact match of the
+(the run's :class:`~ftbench.evaluation.evaluator.Evaluator`; by default ``accuracy``: exact match of the
 greedy answer). Training logs ``train/loss`` every step and the other metrics every
 ``trainer.log_every_n_steps`` steps and at the last.
 """
@@ -66,7 +66,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ftbench.data.pairs import concatenate_pairs, pair_memory_batch, split_pairs
 from ftbench.errors import ConfigError
-from ftbench.objectives.base import Objective, TrainingLoss
+from ftbench.objectives.base import Objective
+from ftbench.objectives.step import TrainingLoss
 from ftbench.objectives.losses import DPO_LOSS_TYPES, dpo_loss, dpo_metrics, sequence_logps
 from ftbench.objectives.reference_cache import (ReferenceTable, cache_meta, cache_path, data_fingerprint,
                                                 default_cache_dir, row_keys, weights_hash)

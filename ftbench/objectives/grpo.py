@@ -84,7 +84,8 @@ from typing import Any, Literal, Optional
 import torch
 
 from ftbench.errors import ConfigError
-from ftbench.objectives.base import Objective, TrainingLoss
+from ftbench.objectives.base import Objective
+from ftbench.objectives.step import TrainingLoss
 from ftbench.objectives.losses import (GRPO_LOSS_TYPES, frac_reward_zero_std, grpo_advantages, grpo_loss,
                                        rloo_advantages, token_logps)
 from ftbench.objectives.rewards import ExactAnswer, RewardFunction, as_reward_function, finite_or_nan

@@ -34,7 +34,8 @@ import torch
 from ftbench.backbone import last_token_scores
 from ftbench.data.pairs import concatenate_pairs, pair_memory_batch, split_pairs
 from ftbench.errors import ConfigError
-from ftbench.objectives.base import Objective, TrainingLoss
+from ftbench.objectives.base import Objective
+from ftbench.objectives.step import TrainingLoss
 from ftbench.objectives.losses import reward_loss, reward_metrics
 
 class Reward(Objective):

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ftbench.data.base import IGNORE_INDEX
-from ftbench.objectives.base import Objective, TrainingLoss
+from ftbench.objectives.base import Objective
+from ftbench.objectives.step import TrainingLoss
 
 
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
