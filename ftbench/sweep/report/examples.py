@@ -45,7 +45,7 @@ def _key(row: dict[str, Any]) -> tuple:
     return (row.get("task"), row.get("prompt"), row.get("reference"))
 
 
-def _text(value: Any, limit: int, tail: bool = False) -> str:
+def cell_text(value: Any, limit: int, tail: bool = False) -> str:
     """A table cell: newlines as ↵, white space folded, cut to ``limit`` characters (``tail``: the end
     of a prompt, without its special tokens), ``|`` escaped."""
     text = "" if value is None else str(value)
@@ -108,15 +108,15 @@ def examples_section(points: pd.DataFrame, runs: pd.DataFrame, n: int) -> str:
         out.append("| " + " | ".join(h.replace("|", "\\|") for h in head) + " |")
         out.append("|" + "|".join("---" for _ in head) + "|")
         for row in wrong[:n]:
-            cells = [_text(row.get("task") or "–", 30), _text(row.get("prompt"), PROMPT_CHARS, tail=True),
-                     _text(row.get("reference"), ANSWER_CHARS)]
+            cells = [cell_text(row.get("task") or "–", 30), cell_text(row.get("prompt"), PROMPT_CHARS, tail=True),
+                     cell_text(row.get("reference"), ANSWER_CHARS)]
             for table in lookup:
                 other = table.get(_key(row))
                 if other is None:
                     cells.append("–")
                     continue
                 mark = {True: " ✗", False: " ✓", None: ""}[is_wrong(other)]
-                cells.append(_text(other.get("prediction"), ANSWER_CHARS) + mark)
+                cells.append(cell_text(other.get("prediction"), ANSWER_CHARS) + mark)
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
