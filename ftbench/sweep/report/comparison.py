@@ -144,7 +144,7 @@ def notes(points: pd.DataFrame, reference: str) -> list[str]:
                        "graded scores, or the mean over seeds)")
         out.append(f"Paired (Δ, p paired): each row against {reference} on the rows both answered, matched by task, "
                    f"prompt and reference: {'; '.join(how)}. Δ: the mean difference with its 95% percentile "
-                   f"bootstrap interval ({RESAMPLES:,} resamples of the rows, seed {SEED}).")
+                   f"bootstrap interval ({RESAMPLES:,} resamples of the rows, seed {SEED}; like the p, not adjusted).")
         out.append(f"Holm p: adjusted by Holm's method over the {k} paired test{'s' * (k != 1)} of this table "
                    f"(statsmodels multipletests). Verdict: better / worse where Holm p < {ALPHA:g}, else no evidence; "
                    f"MDD: the smallest difference the paired test detects with {POWER:.0%} power at level "

@@ -271,7 +271,7 @@ def _paired_cell(row: pd.Series, col: Column) -> str:
 def markdown_table(points: pd.DataFrame, keys: Optional[list[str]] = None, reference: str = "full") -> str:
     cols = [column(k, reference) for k in (keys or default_keys(points))]
     head = "| " + " | ".join(c.title for c in cols) + " |"
-    sep = "|" + "|".join("---" if c.kind == "text" else "---:" for c in cols) + "|"
+    sep = "|" + "|".join("---" if c.kind in ("text", "verdict") else "---:" for c in cols) + "|"
     body = ["| " + " | ".join(cell(row, c) for c in cols) + " |" for _, row in points.iterrows()]
     marked = any(CONTENDED in line for line in body)
     notes = [MEMORY_NOTE] if any(c.key in BREAKDOWN for c in cols) else []
