@@ -547,11 +547,19 @@ def test_paired_comparison_against_the_reference(tmp_path):
 |---|---:|---:|---:|---:|---:|---:|---|
 | full | 1 | 60.0% | [38.7, 78.1]% | – | – | – | (ref) |
 | lora | 1 | 20.0% | [8.1, 41.6]% | -40.0 [-70.0, -10.0] | 0.039 * | 0.077 | no evidence (MDD 53.4) |
-| adapters | 1 | 60.0% | [38.7, 78.1]% | +0.0 [-15.0, +15.0] | 1.000 | 1.000 | no evidence (MDD 21.8) |"""
-    text = (tmp_path / "report.md").read_text()
-    assert "McNemar's exact test on the rows one got right and the other wrong" in text
-    assert "Holm p: adjusted by Holm's method over the 2 paired tests of this table (statsmodels multipletests)" in text
-    assert "at level 0.05/2 on these rows" in text
+| adapters | 1 | 60.0% | [38.7, 78.1]% | +0.0 [-15.0, +15.0] | 1.000 | 1.000 | no evidence (MDD 21.8) |
+
+95% CI: Wilson's interval of each point's exact match over its test rows (the predictions files; per row the mean \
+over seeds). Paired, against full on the test rows both answered (matched by task, prompt and reference): Δ, the mean \
+difference with its 95% bootstrap interval (9,999 resamples of the rows, seed 0); p, McNemar's exact test on the rows \
+only one of the two got right (0/1 scores); Holm p, adjusted by Holm's method over the 2 paired tests of this table \
+(statsmodels multipletests). Verdict: better / worse where Holm p < 0.05, else no evidence, with MDD: the smallest \
+difference the test detects with 80% power at level 0.05/2 on these rows."""
+    assert (tmp_path / "report.md").read_text().startswith(table)
+    # only the interval shown: only the interval said
+    assert report(tmp_path, plots=False, columns=["score_ci"]).endswith("\n\n95% CI: Wilson's interval of each "
+                                                                         "point's exact match over its test rows (the "
+                                                                         "predictions files; per row the mean over seeds).")
     row = {r["method"]: r for r in csv.DictReader((tmp_path / "report.csv").open())}["lora"]
     assert float(row["p_paired"]) == pytest.approx(158 / 4096) and float(row["p_holm"]) == pytest.approx(316 / 4096)
     assert (row["paired_test"], row["paired_rows"], row["verdict"]) == ("McNemar", "20", "no evidence")
@@ -659,3 +667,21 @@ def test_columns_accept_the_titles_the_table_shows(tmp_path):
     assert report_main([str(tmp_path), "--no-plots", "--columns", "n, exact match, EM add"]) == 0
     with pytest.raises(ReportError, match="exact matches match"):
         report(tmp_path, plots=False, columns=["exact matches"])
+
+
+def test_committed_comparison_blocks_are_what_the_records_make():
+    """The studies' ``--compare`` blocks in their READMEs (scripts/update_reports.py), like the tables that
+    tests/test_studies.py checks."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("update_reports_for_compare", ROOT / "scripts" / "update_reports.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    studies = {name: s for name, s in module.STUDIES.items() if s.compare}
+    assert set(studies) == {"regimes", "rlhf"}
+    for name, study in studies.items():
+        text = (ROOT / study.readmes[0]).read_text()
+        block = text.split(f"<!-- {name}-compare:start -->", 1)[1].split(f"<!-- {name}-compare:end -->", 1)[0]
+        made = module.make_comparison(study)
+        assert block == f"\nMade by `{study.compare_command()}` from the same records:\n\n{made}\n", name

@@ -122,9 +122,9 @@ def notes(study: Study, reference: str, select: Optional[str] = None) -> str:
         lines.append(f"One grid point per method, chosen by the best mean {name} over seeds "
                      f"({'lower' if mode == 'min' else 'higher'} is better; test metrics never choose): "
                      + "; ".join(study.selected) + ".")
-    from ftbench.sweep.report.comparison import notes as paired_notes
+    from ftbench.sweep.report.comparison import refusals
 
-    lines += paired_notes(points, reference)
+    lines += refusals(points)
     lines += [f"Skipped {Path(path).name}: {reason}." for path, reason in study.problems]
     return "\n".join(f"- {x}" for x in lines)
 

@@ -22,12 +22,16 @@ from ftbench.sweep.report.records import ReportError
 from ftbench.sweep.report.rowscores import STAGE_NAMES, PairingError, RowScores, point_scores, shared_rows
 
 #: the points-frame columns this module adds (raw numbers and words; the CSV keeps them all)
-COLUMNS = ("paired_metric", "paired_stage", "paired_rows", "score_ci_low", "score_ci_high", "diff", "diff_ci_low",
-           "diff_ci_high", "paired_test", "p_paired", "p_holm", "mdd", "verdict", "paired_note")
+COLUMNS = ("paired_metric", "paired_stage", "paired_rows", "score_ci_low", "score_ci_high", "score_ci_proportion",
+           "diff", "diff_ci_low", "diff_ci_high", "paired_test", "p_paired", "p_holm", "mdd", "verdict", "paired_note")
 
 
 def point_name(point: pd.Series) -> str:
-    """``method (setting)`` as the examples and --compare name a point."""
+    """How a comparison names a point: the sweep's name for its run when it has one (``dpo.lr1e-4``),
+    else ``method (setting)`` as the examples do."""
+    run = str(point.get("run") or "")
+    if run and ", " not in run:
+        return run
     return str(point["method"]) + (f" ({point['setting']})" if point.get("setting") else "")
 
 
@@ -68,6 +72,7 @@ def paired_columns(points: pd.DataFrame, runs: Optional[pd.DataFrame], refs: dic
             cols["paired_metric"][pos], cols["paired_stage"][pos] = s.metric, s.stage
             low, high = score_interval(list(s.scores.values()), s.proportion)
             cols["score_ci_low"][pos], cols["score_ci_high"][pos] = low, high
+            cols["score_ci_proportion"][pos] = float(s.proportion)
     tests: dict[int, tuple] = {}
     for pos, i in enumerate(index):
         r = refs.get(i)
@@ -124,34 +129,37 @@ def interval_text(low: Any, high: Any, metric: Any, sign: bool = False) -> str:
     return f"[{number(low, metric, sign)}, {number(high, metric, sign)}]{unit}"
 
 
-def notes(points: pd.DataFrame, reference: str) -> list[str]:
-    """What the paired columns mean, under the table (nothing when there are none)."""
+def table_note(points: pd.DataFrame, keys: Sequence[str], reference: str) -> Optional[str]:
+    """What the paired columns among ``keys`` mean, as a paragraph under the table (None without them)."""
     out = []
-    if "score_ci_low" in points and points["score_ci_low"].notna().any():
-        metrics = ", ".join(dict.fromkeys(metric_title(m) for m in points["paired_metric"].dropna()))
-        out.append(f"95% CI: of each point's {metrics} over its rows (the predictions files; per row the mean over "
-                   "seeds): Wilson's interval for a 0/1 score, a percentile bootstrap otherwise.")
+    if "score_ci" in keys and "score_ci_low" in points and points["score_ci_low"].notna().any():
+        metrics = " / ".join(dict.fromkeys(metric_title(m) for m in points["paired_metric"].dropna()))
+        kinds = {bool(p) for p in points["score_ci_proportion"].dropna()} if "score_ci_proportion" in points else {True}
+        how = " or ".join(x for x, k in (("Wilson's interval", True), ("a percentile bootstrap interval", False)) if k in kinds)
+        out.append(f"95% CI: {how} of each point's {metrics} over its test rows (the predictions files; per row "
+                   "the mean over seeds).")
     tested = points["p_paired"].notna() if "p_paired" in points else pd.Series(False, index=points.index)
-    if tested.any():
+    if tested.any() and any(k in keys for k in ("diff", "p_paired", "p_holm", "verdict")):
         k = int(tested.sum())
         tests = set(points.loc[tested, "paired_test"])
         how = []
         if "McNemar" in tests:
-            how.append("McNemar's exact test on the rows one got right and the other wrong (scipy binomtest; 0/1 "
-                       "scores)")
+            how.append("McNemar's exact test on the rows only one of the two got right (0/1 scores)")
         if "permutation" in tests:
             how.append(f"a paired permutation test of the mean difference ({RESAMPLES:,} resamples, seed {SEED}; "
-                       "graded scores, or the mean over seeds)")
-        out.append(f"Paired (Δ, p paired): each row against {reference} on the rows both answered, matched by task, "
-                   f"prompt and reference: {'; '.join(how)}. Δ: the mean difference with its 95% percentile "
-                   f"bootstrap interval ({RESAMPLES:,} resamples of the rows, seed {SEED}; like the p, not adjusted).")
-        out.append(f"Holm p: adjusted by Holm's method over the {k} paired test{'s' * (k != 1)} of this table "
-                   f"(statsmodels multipletests). Verdict: better / worse where Holm p < {ALPHA:g}, else no evidence; "
-                   f"MDD: the smallest difference the paired test detects with {POWER:.0%} power at level "
-                   f"{ALPHA:g}/{k} on these rows (from the spread of the per-row differences).")
-    if "paired_note" in points:
-        out += [f"{note}." for note in points["paired_note"].dropna()]
-    return out
+                       "per row the mean over seeds, or a graded score)")
+        out.append(f"Paired, against {reference} on the test rows both answered (matched by task, prompt and "
+                   f"reference): Δ, the mean difference with its 95% bootstrap interval ({RESAMPLES:,} resamples of the "
+                   f"rows, seed {SEED}); p, {' / '.join(how)}; Holm p, adjusted by Holm's method over the {k} paired "
+                   f"test{'s' * (k != 1)} of this table (statsmodels multipletests). Verdict: better / worse where "
+                   f"Holm p < {ALPHA:g}, else no evidence, with MDD: the smallest difference the test detects with "
+                   f"{POWER:.0%} power at level {ALPHA:g}/{k} on these rows.")
+    return " ".join(out) or None
+
+
+def refusals(points: pd.DataFrame) -> list[str]:
+    """The pairs of the table that were not compared, and why (a line each)."""
+    return [f"{note}." for note in points["paired_note"].dropna()] if "paired_note" in points else []
 
 
 # ---------------------------------------------------------------------------------- --compare
@@ -161,15 +169,15 @@ def find_point(points: pd.DataFrame, name: str) -> Any:
     def names(i: Any) -> set[str]:
         p = points.loc[i]
         runs = {x for x in str(p.get("run") or "").split(", ") if x}
-        return runs | {str(x) for x in p["run_ids"]} | {point_name(p)}
+        method = str(p["method"]) + (f" ({p['setting']})" if p.get("setting") else "")
+        return runs | {str(x) for x in p["run_ids"]} | {point_name(p), method}
 
     found = [i for i in points.index if name in names(i)]
     if not found:
         found = [i for i in points.index if points.at[i, "method"] == name]
     if len(found) == 1:
         return found[0]
-    listed = "; ".join(point_name(points.loc[i]) + (f" [{points.at[i, 'run']}]" if points.at[i, "run"] else "")
-                       for i in (found or points.index))
+    listed = "; ".join(point_name(points.loc[i]) for i in (found or points.index))
     if found:
         raise ReportError(f"--compare {name}: names {len(found)} points ({listed}); name one as 'method (setting)', "
                           "by its run name or by a run id")

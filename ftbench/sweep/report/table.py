@@ -64,7 +64,7 @@ DEFAULT_ANSWER_METRICS = ("test/label_accuracy", "test/mc_accuracy", "test/mc_ac
 #: points-frame columns that are not for a table
 _INTERNAL = ("point", "config", "label", "objective", "tuner", "subcommand", "runs", "seeds", "run_ids", "common", "acc_values",
              "is_reference", "paired_metric", "paired_stage", "paired_note", "score_ci_low", "score_ci_high",
-             "diff_ci_low", "diff_ci_high")
+             "score_ci_proportion", "diff_ci_low", "diff_ci_high")
 
 
 @dataclass(frozen=True)
@@ -276,6 +276,11 @@ def markdown_table(points: pd.DataFrame, keys: Optional[list[str]] = None, refer
     marked = any(CONTENDED in line for line in body)
     notes = [MEMORY_NOTE] if any(c.key in BREAKDOWN for c in cols) else []
     notes += [CONTENDED_NOTE] if marked else []
+    if any(c.key in PAIRED for c in cols):
+        from ftbench.sweep.report.comparison import table_note
+
+        paired = table_note(points, [c.key for c in cols], reference)
+        notes += [paired] if paired else []
     return "\n".join([head, sep, *body]) + "".join(f"\n\n{n}" for n in notes)
 
 
