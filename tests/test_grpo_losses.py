@@ -280,6 +280,15 @@ def test_mask_truncated_completions_row_adds_nothing_but_counts_in_b():
     close(m["clip_ratio/low_mean"], 1 / 4)  # row 1 only (w = .905); row 3 (w = 1) is counted, not clipped
 
 
+def test_dapo_with_every_row_left_out_is_zero_not_nan():
+    loss, _ = run("dapo", truncated=(0, 1, 2, 3))
+    close(loss, 0.0)
+
+
+def test_dapo_is_bnpo_when_the_generation_batch_is_the_micro_batch():
+    assert torch.equal(run("dapo")[0], run("bnpo")[0])
+
+
 def test_entropy_metric_is_the_masked_mean():
     _, m = run("grpo", entropy=t(ENTROPY))
     close(m["entropy"], (1 + 2 + 3 + 0.5 + 0.5 + 8 + 4) / 13)

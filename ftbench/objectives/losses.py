@@ -543,7 +543,9 @@ def _grpo_aggregate(per_token: Tensor, mask: Tensor, loss_type: str, max_complet
     if loss_type == "luspo":
         return per_token.sum(-1).mean() / G
     # dapo, cispo, vespo: N counts the active tokens of the whole generation batch (S micro-batches)
-    N = mask.sum() if num_items_in_batch is None else num_items_in_batch
+    # N at least 1, as the other types' token counts: a generation batch whose completions are all
+    # left out (mask_truncated_completions, none ended) gives 0 (TRL: 0 / 0 = NaN)
+    N = torch.as_tensor(mask.sum() if num_items_in_batch is None else num_items_in_batch).clamp(min=1)
     S = G if steps_per_generation is None else steps_per_generation
     return per_token.sum() / (N * G / S)
 
