@@ -560,8 +560,8 @@ def variant_run(tiny_model_dir, repeats: int = 1, **kw) -> tuple[list[float], GR
 
 # 4 updates of variant_run (fp32, CPU, seed 0). Updates 1 and 3 generate; 2 and 4 reuse the rollout
 # with pi_old stored at generation, after an optimizer step: their ratios differ from 1.
-PINNED_DAPO_S2 = [1.2417634032146907e-08, -0.010852019302546978, 2.9802322387695312e-08, -0.025708863511681557]
-PINNED_MU2 = [7.450580596923828e-09, 0.004996707197278738, 0.0, 0.013216744177043438]
+PINNED_DAPO_S2 = [1.2417634032146907e-08, -0.054897528141736984, 2.9802322387695312e-08, 0.05633026361465454]
+PINNED_MU2 = [7.450580596923828e-09, 0.0002446373400744051, -1.7384687467369986e-08, 0.003906314726918936]
 PINNED_RLOO_MU2 = [-9.313225746154785e-10, -8.333474397659302e-05, 0.0, -0.00016666948795318604]
 
 
@@ -599,6 +599,19 @@ def test_rloo_reused_pinned(tiny_model_dir):
     assert losses == pytest.approx(PINNED_RLOO_MU2, abs=1e-6), losses
     check_reused(seen, m, "clip_ratio/region_mean")
     assert "kl" not in seen[0]  # beta 0: no reference, no KL in the reward
+
+
+def test_repeated_batches_keep_the_order(tiny_model_dir):
+    """data.train_batch_repeats = 3 gives each batch of the unrepeated loader 3 times in a row, in its order."""
+    backbone = Backbone(model=str(tiny_model_dir))
+    plain, repeated = make_data(backbone, batch_size=2), make_data(backbone, batch_size=2)
+    repeated.train_batch_repeats = 3
+    for dm in (plain, repeated):
+        dm.setup("fit")
+    once = [b["prompt_input_ids"] for b in plain.train_dataloader()]
+    thrice = [b["prompt_input_ids"] for b in repeated.train_dataloader()]
+    assert len(thrice) == 3 * len(once) == 3 * len(plain.train_dataloader())
+    assert all(torch.equal(batch, thrice[3 * i + k]) for i, batch in enumerate(once) for k in range(3))
 
 
 def test_a_reuse_that_gets_new_prompts_is_refused(tiny_model_dir):

@@ -693,8 +693,10 @@ class SplitDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.order_seed) if shuffle else None
         if split == "train" and self.train_batch_repeats > 1:  # the same order as shuffle=True, each batch repeated
             sampler = RandomSampler(self.splits[split], generator=generator)
+            # generator given to the loader too: its iterator draws a base seed from it before the sampler
+            # does, as with shuffle=True, so the order is the unrepeated loader's
             return DataLoader(self.splits[split], batch_sampler=self.repeated(sampler), collate_fn=self.train_collator(),
-                              num_workers=self.num_workers)
+                              num_workers=self.num_workers, generator=generator)
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,

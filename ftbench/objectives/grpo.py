@@ -1,19 +1,43 @@
-"""Online RL from a reward: GRPO (Shao et al. 2024), with RLOO (Ahmadian et al. 2024) as a switch.
+"""Online RL from a reward: GRPO (Shao et al. 2024) and its TRL 1.16 variants (DAPO, GSPO, CISPO,
+SAPO, LUSPO, VESPO, Dr. GRPO), with RLOO (Ahmadian et al. 2024) as a switch.
 
-Why GRPO and not PPO
-    PPO needs a value model (a critic as large as the policy, trained alongside it), generalised
-    advantage estimation and about ten more hyper-parameters (value-loss coefficient, value clipping,
-    GAE's gamma and lambda, whitening, PPO epochs, mini-batches, ...); TRL deleted its PPO trainer, so
-    there is no maintained reference to check numbers against. GRPO needs none of it: for each prompt
-    it samples ``G`` completions and uses the group's own rewards as the baseline. RLOO differs from
-    GRPO in one function, the baseline: each completion's reward minus the mean of the other ``G - 1``
-    (``advantage: rloo``, :func:`~ftbench.objectives.losses.rloo_advantages`), where GRPO subtracts the
-    group mean and divides by a std (:func:`~ftbench.objectives.losses.grpo_advantages`,
-    ``scale_rewards``). Everything else in a step is shared, so a GRPO row and an RLOO row of a table
-    differ in that function only (both carry the method label ``grpo+<tuner>``; the setting says
-    ``advantage``).
+GRPO, its variants, RLOO
+    For each prompt the objective samples ``G`` completions and uses the group's own rewards as the
+    baseline (no value model: PPO with a critic is its own objective). The variants are settings of
+    one loss, :func:`~ftbench.objectives.losses.grpo_loss` (TRL's names and formulas): ``loss_type``
+    (grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo, vespo), ``importance_sampling_level`` (token, or
+    sequence: GSPO), ``epsilon``/``epsilon_high`` (DAPO's clip-higher), ``delta`` (two-sided clipping)
+    and ``use_bias_correction_kl``. Defaults: ftbench's ``loss_type`` is ``bnpo`` and TRL 1.16's
+    ``dapo``: the same numbers whenever ``steps_per_generation`` is 1 (the generated batch is the
+    update's micro-batch, so dapo's token count is bnpo's), ftbench's default; kept so that earlier
+    runs and pins stand. ``use_bias_correction_kl``: ftbench false, TRL true (it changes the KL
+    term's gradient when ``beta > 0``). Shipped: ``configs/objective/{grpo,dapo,gspo,cispo,grpo_mu2,rloo}.yaml``.
 
-One training step (one batch of prompts, ``data.prompt_batches: true``)
+    ``advantage: rloo`` is TRL's RLOOTrainer: the leave-one-out baseline
+    (:func:`~ftbench.objectives.losses.rloo_advantages`), ``beta`` times each completion's summed k1
+    KL to the reference taken off its reward before it, and its own loss,
+    :func:`~ftbench.objectives.losses.rloo_loss` (one clipped ratio of SUMMED log-probs per completion,
+    mean over completions, no KL term). It stays a switch here, not an objective of its own, because
+    everything else is shared (sampling, rewards, reuse of rollouts, timing, evaluation): two branches
+    of a few lines (the reward's KL in :meth:`GRPO.rollout`, the loss call in :meth:`GRPO.training_loss`).
+    ``loss_type``, ``importance_sampling_level`` and ``delta`` are GRPO's and refused with rloo.
+
+Reusing a rollout (``num_iterations``, ``steps_per_generation``; TRL's names and order)
+    A generated batch (``data.batch_size`` prompts x ``G``) is split into ``steps_per_generation``
+    micro-batches and trained ``num_iterations`` times over (updates on micro-batches 0, 1, ...,
+    S - 1, 0, 1, ...), one training step each. The per-token log-probs of the policy that sampled
+    it are stored at generation as pi_old (no grad; TRL's rule: whenever an update of it comes after
+    an optimizer step), so from the second update on the ratios differ from 1 and clipping acts. The
+    data module gives each prompt batch ``num_iterations x steps_per_generation`` steps in a row (TRL's
+    ``RepeatSampler``; the CLI sets ``data.train_batch_repeats`` from :attr:`GRPO.train_batch_repeats`),
+    so ``trainer.max_steps`` counts updates, an epoch uses each prompt in each of its updates and the lr
+    schedule counts every update; a step that is handed other prompts while the rollout is not used up
+    is refused. dapo, cispo and vespo divide by the completion tokens of the whole generated batch
+    (TRL's ``num_items_in_batch``) over ``steps_per_generation``; Lightning divides every loss by
+    ``accumulate_grad_batches`` itself (TRL divides inside the loss), so the loss is called with
+    ``gradient_accumulation_steps=1``: the gradients are TRL's.
+
+One generating step (one batch of prompts, ``data.prompt_batches: true``)
     1. Rollout, no grad, the model in eval mode (no dropout in sampling) and back in train mode
        after: each prompt repeated ``G = num_generations`` times and continued by
        ``tuner.generate(..., do_sample=True, temperature, top_p, top_k)`` for at most
@@ -24,39 +48,38 @@ One training step (one batch of prompts, ``data.prompt_batches: true``)
     3. Rewards: each reward function (:mod:`ftbench.objectives.rewards`) scores every completion;
        the reward is the weighted sum over functions (``reward_weights``, default all 1; a ``None``
        reward is left out of the sum, TRL's ``nansum``).
-    4. Advantages from the rewards (``advantage``, ``scale_rewards``).
-    5. Loss (:func:`~ftbench.objectives.losses.grpo_loss`): per completion token
-       ``-min(rho A, clip(rho, 1 - epsilon, 1 + epsilon_high) A) + beta k3`` with ``rho =
-       exp(logpi - logpi_old)``, aggregated by ``loss_type``. Log-probs are of the temperature-scaled
-       logits (``logits / temperature``, the distribution that was sampled), as TRL computes them.
-       The reference for ``beta > 0`` is ``tuner.reference(model)`` under no grad (LoRA: the adapter
-       switched off; full/freeze: a frozen copy kept before the first step); ``beta = 0`` (the
-       default, as TRL's GRPOConfig today; it was 0.04, DeepSeekMath's value) holds and computes no
-       reference at all.
+    4. pi_old's per-token log-probs when the rollout is reused (and RLOO's KL in the reward).
+    5. Advantages from the rewards (``advantage``, ``scale_rewards``).
+    6. Loss of the first micro-batch (:func:`~ftbench.objectives.losses.grpo_loss` or ``rloo_loss``).
+       Log-probs are of the temperature-scaled logits (``logits / temperature``, the distribution that
+       was sampled), as TRL computes them. The reference for ``beta > 0`` is ``tuner.reference(model)``
+       under no grad (LoRA: the adapter switched off; full/freeze: a frozen copy kept before the first
+       step); ``beta = 0`` (the default, as TRL's GRPOConfig today; it was 0.04, DeepSeekMath's value)
+       holds and computes no reference at all.
 
-The loss is ~0 by construction
-    One optimisation step per rollout: ``pi_old`` is the policy itself, detached, so ``rho = 1``
-    and the loss value is ``-mean(A)`` over tokens, which is 0 for group-centred advantages with
-    equal lengths and small otherwise, while its gradient, ``-A grad logpi``, is not. A flat
-    ``train/loss`` says nothing; watch ``train/reward``. (``num_iterations > 1``, reusing a rollout
-    for several steps with stored old log-probs, is refused: Lightning's loader hands a new batch of
-    prompts to every step, and skipping batches to replay a rollout would silently change what an
-    epoch means.)
+The loss is ~0 on an update that generates
+    pi_old is then the policy itself (detached), so the ratio is 1 and the loss value is ``-mean(A)``
+    over tokens, 0 for group-centred advantages with equal lengths and small otherwise, while its
+    gradient, ``-A grad logpi``, is not. A flat ``train/loss`` says nothing; watch ``train/reward``.
 
 Metrics (TRL's names, under ``train/``, per step)
     ``loss``; ``reward`` (mean weighted reward), ``reward_std`` (the mean over groups of the group's
     std: TRL's number under ``scale_rewards: group``), ``rewards/<func>/mean`` and ``/std`` for each
     function, ``frac_reward_zero_std`` (groups whose rewards are all equal: no signal), ``kl`` (mean
     k3 per completion token, only when ``beta > 0``), ``entropy`` (the policy's mean per-token entropy
-    over the completion tokens of the loss), ``clip_ratio`` (and ``clip_ratio/low_mean``,
-    ``clip_ratio/high_mean``), ``completions/mean_length``, ``/min_length``, ``/max_length`` (tokens
-    up to and including EOS), ``completions/clipped_ratio`` (the share that hit
-    ``max_completion_length`` without EOS); ``time/generation_s`` and ``time/optimisation_s``.
+    over the completion tokens of the loss), for the clipped loss types ``clip_ratio/low_mean``,
+    ``low_min``, ``high_mean``, ``high_max``, ``region_mean`` (and ``clip_ratio``, the region),
+    ``cispo_clip_ratio`` for cispo, ``vespo/phi_seq_mean`` for vespo; ``completions/mean_length``,
+    ``/min_length``, ``/max_length`` (tokens up to and including EOS), ``completions/clipped_ratio``
+    (the share that hit ``max_completion_length`` without EOS); ``time/generation_s`` and
+    ``time/optimisation_s``. The rollout's metrics are logged at each update that trains on it; with
+    ``advantage: rloo`` and ``beta > 0``, ``kl`` is the mean summed k1 KL taken off the rewards.
 
 Where the time goes
-    Each step is timed in two phases (with a CUDA synchronisation at the phase boundaries):
-    *generation* is the rollout: sampling, decoding, the reward functions (a reward model's forward
-    passes too; their share is also kept apart as ``reward_seconds``) and the advantages;
+    Each step (one update) is timed in two phases (with a CUDA synchronisation at the phase
+    boundaries): *generation* is the rollout: sampling, decoding, the reward functions (a reward
+    model's forward passes too; their share is also kept apart as ``reward_seconds``), pi_old's
+    log-probs when stored, and the advantages; 0 on an update that reuses a rollout;
     *optimisation* is the rest of the step: the reference forward (``beta > 0``), the policy forward,
     backward and the optimizer step. Per step they are logged as ``train/time/generation_s`` and
     ``train/time/optimisation_s``; the objective keeps the totals in ``generation_seconds``,
@@ -70,8 +93,8 @@ Evaluation (``val/``, ``test/``)
     ``data.metrics``, default exact match recorded as ``accuracy``; the predictions file) and ``reward`` (its weighted
     reward under the reward functions; per function ``rewards/<func>``), overall and per task.
 
-Batch size: ``data.batch_size`` counts prompts; a step trains on ``batch_size x num_generations``
-completions (TRL counts completions).
+Batch size: ``data.batch_size`` counts prompts of a generated batch; a step trains on ``batch_size x
+num_generations / steps_per_generation`` completions (TRL counts completions).
 """
 
 from __future__ import annotations
