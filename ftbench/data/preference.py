@@ -46,11 +46,11 @@ from ftbench.data.base import (
     chat_messages,
     check_conversation,
     left_padded,
-    load_rows,
     pad_batch,
     prompt_key,
     segments_to_example,
 )
+from ftbench.data.formats import Format, read_source
 from ftbench.errors import ConfigError
 
 BUILTIN = "builtin:"
@@ -137,13 +137,6 @@ def parse_pair(row: Row) -> Pair:
     answer = f.get("answer")
     if answer is not None and not isinstance(answer, str):
         raise row.error("answer", f"must be a string, got {type(answer).__name__}")
-    if "conversations" in f:  # LLaMA-Factory ShareGPT
-        prompt = chat_messages(row, "conversations", f["conversations"], sharegpt=True)
-        chosen = chat_messages(row, "chosen", f["chosen"], sharegpt=True)
-        rejected = chat_messages(row, "rejected", f["rejected"], sharegpt=True)
-        for name, msgs in (("chosen", chosen), ("rejected", rejected)):
-            check_conversation(row, ("conversations", prompt), (name, msgs))
-        return Pair(prompt, chosen, rejected, True, row, answer)
     if isinstance(f["chosen"], list) or isinstance(f.get("prompt"), list):
         chosen = chat_messages(row, "chosen", f["chosen"])
         rejected = chat_messages(row, "rejected", f["rejected"])
@@ -244,6 +237,7 @@ class PreferenceData(SplitDataModule):
         self,
         *,
         source: Source = "builtin:instruction",
+        format: Format = "auto",
         prompt_template: Literal["auto", "chat", "plain"] = "auto",
         system_prompt: Optional[str] = None,
         identical: Literal["warn", "drop", "error"] = "warn",
@@ -255,7 +249,13 @@ class PreferenceData(SplitDataModule):
                 case rejected), ``builtin:TASK`` (pairs from ``ftbench.data.tasks``: chosen = the right
                 answer, rejected = a plausible wrong one), a .jsonl/.json/.csv file, ``hf:NAME`` or a
                 ``save_to_disk`` folder (a list reads several); rows in TRL's or LLaMA-Factory's
-                preference forms, with an optional exact ``answer``.
+                preference forms, with an optional exact ``answer``; ``dataset_info:PATH#NAME`` reads the
+                ranking set ``NAME`` of LLaMA-Factory's ``dataset_info.json``.
+            format: The rows' form (``ftbench.data.formats``): ``auto`` (each row's by its fields), ``trl``
+                (``prompt``/``chosen``/``rejected``, or ``chosen``/``rejected`` with the prompt their common
+                prefix; strings or chat messages), ``alpaca`` (LLaMA-Factory's ``instruction``/``input``/
+                ``system``/``history`` with ``chosen``/``rejected`` strings) or ``sharegpt``
+                (``conversations`` ending with the user, ``chosen``/``rejected`` messages).
             prompt_template: ``chat`` (the tokenizer's chat template), ``plain`` (prompt text, then
                 the response and EOS; chat rows need ``chat``), or ``auto`` (``chat`` when the
                 tokenizer has a chat template).
@@ -267,6 +267,9 @@ class PreferenceData(SplitDataModule):
                 and a pair is truncated or dropped when either of its sequences is too long.
         """
         super().__init__(source=source, **kwargs)
+        if format not in ("auto", "trl", "alpaca", "sharegpt"):
+            raise ConfigError(f"data.format: {format!r} is not one of auto, trl, alpaca, sharegpt")
+        self.format = format
         self.prompt_template, self.system_prompt, self.identical = prompt_template, system_prompt, identical
         self.stats = TruncationStats()
         self.identical_count = {"seen": 0, "dropped": 0}
@@ -276,7 +279,7 @@ class PreferenceData(SplitDataModule):
         if source.startswith(BUILTIN):
             name = source[len(BUILTIN):]
             return [Row(r, f"{source}#{i + 1}", None) for i, r in enumerate(builtin_pairs(name, self.builtin_size, self.seed))]
-        return load_rows(source)
+        return read_source(source, "preference", self.format)
 
     def split_rows(self) -> dict[str, list[Row]]:
         """Train/val/test rows under the shared split rule (pairs with the same prompt share a split)."""
