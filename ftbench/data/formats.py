@@ -112,6 +112,9 @@ def convert(row: Row, kind: Kind, form: Format = "auto", columns: Columns = Colu
     """``row`` in ftbench's native form for ``kind`` (see the module docstring), with the same file and line."""
     if form == "auto":
         form = detect(row, kind)
+    elif columns == Columns() and detect(row, kind) != form:  # a dataset_info.json mapping names its own columns
+        have = ", ".join(repr(k) for k in row.fields)
+        raise row.error(None, f"a row not in the {form} form (data.format): it has the fields {have}")
     if form == "trl":
         new = trl_instruction(row) if kind == "instruction" else trl_pair(row)
     elif form == "alpaca":
