@@ -372,3 +372,29 @@ def test_a_row_in_no_known_form_ends_the_cli_in_one_line(data, objective, rows, 
     lines = [line for line in res.stderr.splitlines() if line.startswith("ftbench: ")]
     assert lines and lines[0].startswith("ftbench: error: " + expected.format(src=src)), res.stderr[-3000:]
     assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("ftbench: hint: ")), res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name, regime, train_rows", [
+    ("instruction_llamafactory", InstructionData, 48), ("preference_llamafactory", PreferenceData, 48),
+    ("instruction_trl", InstructionData, 48), ("preference_trl", PreferenceData, 48),
+])
+def test_the_shipped_format_examples_read_as_the_builtin_rows(backbone, name, regime, train_rows, monkeypatch):
+    """configs/data/*_{llamafactory,trl}.yaml: 60 arithmetic rows each, split 48/6/6, every training
+    example the built-in one (the same pair, or the same question and answer) in its own form."""
+    import yaml
+
+    from ftbench.data.preference import builtin_pairs
+
+    monkeypatch.chdir(ROOT)  # the configs name their files relative to the repository root
+    config = yaml.safe_load((ROOT / "configs/data" / f"{name}.yaml").read_text())
+    assert config["class_path"] == f"ftbench.data.{regime.__name__}"
+    dm = regime(backbone=backbone, **config["init_args"])
+    dm.setup("fit")
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": train_rows, "val": 6, "test": 6}
+    pairs = {p["prompt"]: p for p in builtin_pairs("arithmetic", 60, seed=0)}
+    for e in dm.splits["train"]:
+        question = e.prompt_text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        chosen = trained_text(backbone, e.chosen if regime is PreferenceData else e)
+        assert chosen == pairs[question]["chosen"] + "<|im_end|>\n"
+        if regime is PreferenceData:
+            assert trained_text(backbone, e.rejected) == pairs[question]["rejected"] + "<|im_end|>\n"
