@@ -234,6 +234,17 @@ def test_dataset_info_sharegpt_tags_and_ranking(backbone, tmp_path):
     assert (pair.chosen.input_ids, pair.chosen.labels, pair.rejected.input_ids) == (want.chosen.input_ids, want.chosen.labels, want.rejected.input_ids)
 
 
+def test_dataset_info_file_name_a_folder_of_files(backbone, tmp_path):
+    """LLaMA-Factory reads every file of a ``file_name`` folder; ftbench in name order."""
+    folder = dataset_info(tmp_path, {"s": {"file_name": "parts"}})
+    (folder / "parts").mkdir()
+    write(folder / "parts" / "b.jsonl", [{"instruction": "q2", "output": "a2"}])
+    write(folder / "parts" / "a.jsonl", [{"instruction": "q1", "output": "a1"}])
+    dm = InstructionData(backbone=backbone, source=f"dataset_info:{folder}#s", val_fraction=0.0, test_fraction=0.0)
+    assert [(r.fields["instruction"], r.source) for r in dm.split_rows()["train"]] == [
+        ("q1", str(folder / "parts" / "a.jsonl")), ("q2", str(folder / "parts" / "b.jsonl"))]
+
+
 def test_a_format_in_a_mixture_task(backbone, tmp_path):
     from ftbench.data import MultiTaskData, TaskSpec
 
@@ -374,11 +385,11 @@ def test_a_row_in_no_known_form_ends_the_cli_in_one_line(data, objective, rows, 
     assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("ftbench: hint: ")), res.stderr[-3000:]
 
 
-@pytest.mark.parametrize("name, regime, train_rows", [
-    ("instruction_llamafactory", InstructionData, 48), ("preference_llamafactory", PreferenceData, 48),
-    ("instruction_trl", InstructionData, 48), ("preference_trl", PreferenceData, 48),
+@pytest.mark.parametrize("name, regime, form", [
+    ("instruction_llamafactory", InstructionData, "sharegpt"), ("preference_llamafactory", PreferenceData, "alpaca"),
+    ("instruction_trl", InstructionData, "trl"), ("preference_trl", PreferenceData, "trl"),
 ])
-def test_the_shipped_format_examples_read_as_the_builtin_rows(backbone, name, regime, train_rows, monkeypatch):
+def test_the_shipped_format_examples_read_as_the_builtin_rows(backbone, name, regime, form, monkeypatch):
     """configs/data/*_{llamafactory,trl}.yaml: 60 arithmetic rows each, split 48/6/6, every training
     example the built-in one (the same pair, or the same question and answer) in its own form."""
     import yaml
@@ -390,7 +401,8 @@ def test_the_shipped_format_examples_read_as_the_builtin_rows(backbone, name, re
     assert config["class_path"] == f"ftbench.data.{regime.__name__}"
     dm = regime(backbone=backbone, **config["init_args"])
     dm.setup("fit")
-    assert {k: len(v) for k, v in dm.splits.items()} == {"train": train_rows, "val": 6, "test": 6}
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 48, "val": 6, "test": 6}
+    assert dm.describe()["forms"] == {form: 60}
     pairs = {p["prompt"]: p for p in builtin_pairs("arithmetic", 60, seed=0)}
     for e in dm.splits["train"]:
         question = e.prompt_text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]

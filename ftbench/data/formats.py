@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from ftbench.data.base import DataFormatError, Row, chat_messages, check_conversation, load_rows, read_rows
+from ftbench.data.base import DataFormatError, Row, chat_messages, check_conversation, load_rows, read_rows, read_text_file
 from ftbench.errors import ConfigError
 
 FORMATS = ("auto", "trl", "alpaca", "sharegpt")
@@ -86,6 +86,8 @@ LLAMAFACTORY_DEFAULTS = Columns(history=None, system=None, chosen=None, rejected
 UNSUPPORTED_COLUMNS = {"tools": "tool descriptions", "images": "images", "videos": "videos", "audios": "audio",
                        "kto_tag": "KTO labels (an unpaired set)"}
 UNSUPPORTED_SOURCES = ("ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+UNSUPPORTED_KEYS = {"num_samples": "LLaMA-Factory samples rows at random; use data.max_train_rows",
+                    "folder": "a folder of a hub repository; give file_name"}
 
 
 # ---------------------------------------------------------------------------- detection
@@ -312,8 +314,9 @@ def parse_dataset_info(source: str) -> DatasetInfoSet:
     for key in UNSUPPORTED_SOURCES:
         if key in entry and "hf_hub_url" not in entry and "file_name" not in entry:
             raise DataFormatError(where, None, key, "not supported (ftbench reads file_name or hf_hub_url)")
-    if "num_samples" in entry:
-        raise DataFormatError(where, None, "num_samples", "not supported (LLaMA-Factory samples rows at random; use data.max_train_rows)")
+    for key, why in UNSUPPORTED_KEYS.items():
+        if entry.get(key) is not None:
+            raise DataFormatError(where, None, key, f"not supported ({why})")
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt"):
         raise DataFormatError(where, None, "formatting", f"{formatting!r} is not alpaca or sharegpt")
@@ -344,8 +347,7 @@ def parse_dataset_info(source: str) -> DatasetInfoSet:
 
 
 def read_text_json(path: Path) -> dict[str, Any]:
-    from ftbench.data.base import read_text_file
-
+    """A dataset_info.json: a JSON object of data sets; errors name the file and the line."""
     text = read_text_file(path)
     try:
         obj = json.loads(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from collections import Counter
 from typing import Any, NamedTuple, Optional
 
 from ftbench.data import tasks
@@ -188,6 +189,7 @@ class InstructionData(SplitDataModule):
         if format not in ("auto", "trl", "alpaca", "sharegpt"):
             raise ConfigError(f"data.format: {format!r} is not one of auto, trl, alpaca, sharegpt")
         self.format = format
+        self.forms: dict[str, int] = {}
         self.prompt_template, self.system_prompt = prompt_template, system_prompt
         self.stats = TruncationStats()
 
@@ -229,6 +231,8 @@ class InstructionData(SplitDataModule):
             return
         formatter = self.formatter()
         rows = self.split_rows()
+        # the forms the rows came in (ftbench.data.formats), for the record: {"sharegpt": 60}
+        self.forms = dict(Counter(row.form or "builtin" for part in rows.values() for row in part))
         self.stats = TruncationStats()
         self.splits = {name: self.encode(r, formatter) for name, r in rows.items()}
         self.finish_setup(stage)
@@ -242,6 +246,8 @@ class InstructionData(SplitDataModule):
         return {
             "regime": self.regime,
             "source": self.source,
+            "format": self.format,
+            "forms": self.forms,
             "rows": {k: len(v) for k, v in self.splits.items()},
             "removed_as_held_out": self.removed_as_held_out,
             "prompt_template": Formatter(self.backbone.tokenizer, self.prompt_template).template,

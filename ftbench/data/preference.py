@@ -1,15 +1,20 @@
 """Preference pairs: a prompt with a chosen and a rejected response, for reward models and DPO.
 
-Accepted rows (the forms TRL and LLaMA-Factory read):
+Accepted rows (the forms TRL and LLaMA-Factory read, detected row by row or named by ``format``;
+:mod:`ftbench.data.formats` converts the LLaMA-Factory forms and TRL's standard implicit prompt into
+the native ones below):
 
 - TRL standard, explicit prompt: ``{"prompt": str, "chosen": str, "rejected": str}``
+- TRL standard, implicit prompt: ``{"chosen": str, "rejected": str}``; the prompt is their common
+  prefix (TRL's ``extract_prompt``)
 - TRL conversational, explicit prompt: ``{"prompt": [messages], "chosen": [assistant message],
   "rejected": [assistant message]}`` (messages are ``{"role", "content"}``)
 - TRL conversational, implicit prompt: ``{"chosen": [messages], "rejected": [messages]}``; the
   prompt is the longest common run of leading messages
-- LLaMA-Factory Alpaca: ``{"instruction", "input"?, "chosen": str, "rejected": str}``
-- LLaMA-Factory ShareGPT: ``{"conversations": [{"from", "value"}], "chosen": {"from": "gpt",
+- LLaMA-Factory alpaca: ``{"instruction", "input"?, "system"?, "history"?, "chosen": str, "rejected": str}``
+- LLaMA-Factory sharegpt: ``{"conversations": [{"from", "value"}], "chosen": {"from": "gpt",
   "value"}, "rejected": {...}}``
+- a ranking set of LLaMA-Factory's ``dataset_info.json``: ``source: dataset_info:PATH#NAME``
 
 Any form may add ``answer`` (a string): the exact answer, for exact-match evaluation and for the
 rewards of online RL (the built-in pairs set it to the chosen response). Chat messages are checked by
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
@@ -270,6 +276,7 @@ class PreferenceData(SplitDataModule):
         if format not in ("auto", "trl", "alpaca", "sharegpt"):
             raise ConfigError(f"data.format: {format!r} is not one of auto, trl, alpaca, sharegpt")
         self.format = format
+        self.forms: dict[str, int] = {}
         self.prompt_template, self.system_prompt, self.identical = prompt_template, system_prompt, identical
         self.stats = TruncationStats()
         self.identical_count = {"seen": 0, "dropped": 0}
@@ -355,6 +362,8 @@ class PreferenceData(SplitDataModule):
             return
         template = self.template()
         rows = self.split_rows()
+        # the forms the rows came in (ftbench.data.formats), for the record: {"sharegpt": 60}
+        self.forms = dict(Counter(row.form or "builtin" for part in rows.values() for row in part))
         self.stats = TruncationStats()
         self.identical_count = {"seen": 0, "dropped": 0}
         self.splits = {name: self.encode(r, template) for name, r in rows.items()}
@@ -369,6 +378,8 @@ class PreferenceData(SplitDataModule):
         return {
             "regime": self.regime,
             "source": self.source,
+            "format": self.format,
+            "forms": self.forms,
             "rows": {k: len(v) for k, v in self.splits.items()},
             "removed_as_held_out": self.removed_as_held_out,
             "prompt_template": self.template(),
