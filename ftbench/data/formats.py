@@ -110,7 +110,7 @@ def detect(row: Row, kind: Kind) -> str:
     raise row.error(None, f"a row in no known {kind} form: it has the fields {have} (expected {expected})")
 
 
-def convert(row: Row, kind: Kind, form: Format = "auto", columns: Columns = Columns(), ranking: Optional[bool] = None) -> Row:
+def convert(row: Row, kind: Kind, form: Format = "auto", columns: Columns = Columns()) -> Row:
     """``row`` in ftbench's native form for ``kind`` (see the module docstring), with the same file and line."""
     if form == "auto":
         form = detect(row, kind)
@@ -156,7 +156,8 @@ def trl_instruction(row: Row) -> Row:
 def extract_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
     """TRL's ``extract_prompt`` on strings: the prompt is the common prefix of ``chosen`` and
     ``rejected`` up to their first difference, less a space right before it (which stays with the
-    answers); when one is a prefix of the other, the loop ends one character short, as TRL's does."""
+    answers); when one is a prefix of the other, the loop ends one character short, as TRL's does.
+    Two strings that differ in their first character have no prompt (TRL's then reads ``chosen[-1]``)."""
     idx = 0
     for idx in range(min(len(chosen), len(rejected))):
         if chosen[idx] != rejected[idx]:

@@ -53,7 +53,9 @@ class Formatted(NamedTuple):
 def conversation(row: Row) -> list[dict[str, str]]:
     """An instruction row as chat messages, validated by the shared chat check (roles known and
     alternating, the last one the assistant's): its ``messages``, or the Alpaca fields as one turn.
-    A multiple-choice row (``choices`` and ``gold``) without ``output`` answers with its gold choice."""
+    A multiple-choice row (``choices`` and ``gold``) without ``output`` answers with its gold choice.
+    Rows of other forms (TRL's prompt-completion, LLaMA-Factory's) arrive converted to these two
+    (:mod:`ftbench.data.formats`)."""
     if "messages" in row.fields:
         msgs = chat_messages(row, "messages", row.fields["messages"])
         check_conversation(row, ("messages", msgs))
