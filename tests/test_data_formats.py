@@ -245,6 +245,19 @@ def test_dataset_info_file_name_a_folder_of_files(backbone, tmp_path):
         ("q1", str(folder / "parts" / "a.jsonl")), ("q2", str(folder / "parts" / "b.jsonl"))]
 
 
+def test_dataset_info_file_name_a_saved_dataset(backbone, tmp_path):
+    """A ``save_to_disk`` folder is read through ``datasets`` (as ``hf_hub_url`` sets are), its rows
+    converted as a file's."""
+    import datasets
+
+    folder = dataset_info(tmp_path, {"s": {"file_name": "saved", "formatting": "sharegpt"}})
+    datasets.Dataset.from_list([{"conversations": [{"from": "system", "value": "Be brief."}, *SHAREGPT_TURNS]}]).save_to_disk(
+        str(folder / "saved"))
+    (ex,) = examples(InstructionData, backbone, f"dataset_info:{folder}#s")
+    (native,) = examples(InstructionData, backbone, write(tmp_path / "n.jsonl", [HISTORY_NATIVE]))
+    assert (ex.input_ids, ex.labels) == (native.input_ids, native.labels)
+
+
 def test_a_format_in_a_mixture_task(backbone, tmp_path):
     from ftbench.data import MultiTaskData, TaskSpec
 
