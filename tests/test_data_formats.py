@@ -184,6 +184,15 @@ def test_extract_prompt_as_trl(chosen, rejected, expected):
     assert extract_prompt(chosen, rejected) == expected
 
 
+def test_unpaired_rows_pass_through_the_preference_reading(tmp_path):
+    """TRL's unpaired rows (KTO's) are read by a subclass of the preference regime: kept as they are."""
+    from ftbench.data.formats import read_source
+
+    rows = [{"prompt": Q, "completion": A5, "label": True}, {"prompt": [user(Q)], "completion": [assistant("16")], "label": False}]
+    got = read_source(write(tmp_path / "u.jsonl", rows), "preference")
+    assert [(r.fields, r.form, r.checked) for r in got] == [(rows[0], "trl", False), (rows[1], "trl", False)]
+
+
 # ---------------------------------------------------------------------------- dataset_info.json
 def dataset_info(tmp_path: Path, sets: dict) -> Path:
     folder = tmp_path / "lf"
@@ -284,8 +293,8 @@ ROW_ERRORS = {
                       "or prompt/completion, alpaca's instruction/output or sharegpt's conversations)"),
     "no-known-pair-form": (PreferenceData, {"question": "q", "good": "a"}, {},
                            "a row in no known preference form: it has the fields 'question', 'good' (expected TRL's "
-                           "prompt/chosen/rejected or chosen/rejected, alpaca's instruction/chosen/rejected or sharegpt's "
-                           "conversations/chosen/rejected)"),
+                           "prompt/chosen/rejected, chosen/rejected or prompt/completion/label, alpaca's "
+                           "instruction/chosen/rejected or sharegpt's conversations/chosen/rejected)"),
     "not-the-named-form": (InstructionData, {"instruction": Q, "output": A5}, {"format": "sharegpt"},
                            "a row not in the sharegpt form (data.format): it has the fields 'instruction', 'output'"),
     "sharegpt-position": (InstructionData, {"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q"}]}, {},

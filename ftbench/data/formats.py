@@ -5,7 +5,8 @@ Forms (as TRL's ``docs/source/dataset_formats.md`` and LLaMA-Factory's ``data/RE
 - ``trl``: language modeling ``{"messages": [...]}``; prompt-completion ``{"prompt", "completion"}``;
   preference ``{"prompt", "chosen", "rejected"}`` or, with an implicit prompt, ``{"chosen",
   "rejected"}`` (the prompt is their common prefix, as TRL's ``extract_prompt``); strings (standard) or
-  chat messages ``[{role, content}]`` (conversational).
+  chat messages ``[{role, content}]`` (conversational). Unpaired preference rows (``{"prompt",
+  "completion", "label"}``) pass through as they are, for the regime that reads them.
 - ``alpaca`` (LLaMA-Factory): ``instruction``, ``input``, ``output``, ``system``, ``history`` (``[[q,
   a], ...]``); preference (``ranking``): ``chosen``/``rejected`` strings instead of ``output``.
 - ``sharegpt`` (LLaMA-Factory): ``conversations: [{from, value}]`` with the roles human, gpt, system,
@@ -100,12 +101,12 @@ def detect(row: Row, kind: Kind) -> str:
         return "alpaca"
     if kind == "instruction" and ("messages" in f or "prompt" in f or "completion" in f):
         return "trl"
-    if kind == "preference" and ("chosen" in f or "rejected" in f):
-        return "trl"
+    if kind == "preference" and ("chosen" in f or "rejected" in f or "completion" in f):
+        return "trl"  # paired, or unpaired (prompt/completion/label: KTO's rows, read by a subclass of the regime)
     expected = ("TRL's messages or prompt/completion, alpaca's instruction/output or sharegpt's conversations"
                 if kind == "instruction" else
-                "TRL's prompt/chosen/rejected or chosen/rejected, alpaca's instruction/chosen/rejected or "
-                "sharegpt's conversations/chosen/rejected")
+                "TRL's prompt/chosen/rejected, chosen/rejected or prompt/completion/label, alpaca's "
+                "instruction/chosen/rejected or sharegpt's conversations/chosen/rejected")
     have = ", ".join(repr(k) for k in f) or "none"
     raise row.error(None, f"a row in no known {kind} form: it has the fields {have} (expected {expected})")
 
