@@ -97,7 +97,7 @@ def check_settings(beta: float, loss_type: str, label_smoothing: float, sft_weig
 def reference_is_a_copy(tuner: Tuner) -> bool:
     """Whether the tuner's reference is a frozen copy of the weights (full, freeze), rather than the
     model with its added modules switched off (peft, adapters) or the model itself (none)."""
-    return type(tuner).keep_reference is not Tuner.keep_reference
+    return tuner.trains_backbone_weights
 
 
 class DPO(Objective):

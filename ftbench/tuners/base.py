@@ -68,7 +68,7 @@ def freeze_backbone(model: nn.Module, backbone: "Backbone") -> nn.Module:
 
 
 def refuse_quantized(tuner: "Tuner", backbone: "Backbone") -> None:
-    if backbone.quantization != "none":
+    if tuner.trains_backbone_weights and backbone.quantization != "none":
         raise ConfigError(
             f"tuner {tuner.name}: a {backbone.quantization} backbone cannot train its own weights "
             "(quantized weights take no gradient); use backbone.quantization: none, or LoRA on it (QLoRA)"
@@ -80,6 +80,9 @@ class Tuner:
 
     #: the tuner part of the method label (``ftbench.naming``): ``full``, ``lora``, ``adapters``, ...
     name = "tuner"
+    #: whether it trains the backbone's own weights (full, freeze) rather than added modules: then it
+    #: cannot train a quantized backbone, and its reference (:meth:`reference`) is a frozen copy
+    trains_backbone_weights = False
 
     def __init__(self, lr: Optional[float] = None):
         """
@@ -112,8 +115,10 @@ class Tuner:
 
     # ------------------------------------------------------------------ the untouched backbone
     def keep_reference(self, model: nn.Module) -> None:
-        """Called by an objective that needs :meth:`reference`, once, before the first step. Tuners
-        that change the backbone's own weights keep a frozen copy here; the others need nothing."""
+        """Called by an objective that needs :meth:`reference`, once, before the first step. A tuner
+        that trains the backbone's own weights keeps a frozen copy here; the others need nothing."""
+        if self.trains_backbone_weights:
+            self._frozen_copy(model)
 
     @contextlib.contextmanager
     def reference(self, model: nn.Module) -> Iterator[nn.Module]:

@@ -20,14 +20,12 @@ class Full(Tuner):
     of the weights as they were, made only when an objective asks for one."""
 
     name = "full"
+    trains_backbone_weights = True
 
     def prepare(self, model: nn.Module, backbone: "Backbone") -> nn.Module:
         refuse_quantized(self, backbone)
         model.requires_grad_(True)
         return model
-
-    def keep_reference(self, model: nn.Module) -> None:
-        self._frozen_copy(model)
 
 
 class Freeze(Tuner):
@@ -36,6 +34,7 @@ class Freeze(Tuner):
     the rest of the backbone stays frozen. Saves only the trained weights."""
 
     name = "freeze"
+    trains_backbone_weights = True
 
     def __init__(self, trainable_layers: int = 1, trainable_modules: Optional[list[str]] = None,
                  extra_modules: Optional[list[str]] = None, **kwargs):
@@ -91,9 +90,6 @@ class Freeze(Tuner):
         tensors = {n: t.contiguous().cpu() for n, t in self.trained_state_dict(model).items()}
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
         return path
-
-    def keep_reference(self, model: nn.Module) -> None:
-        self._frozen_copy(model)
 
 
 class NoTuning(Tuner):
