@@ -40,13 +40,14 @@ it in the record.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Optional
 
 import lightning as L
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from ftbench.storage import dtype_name, numel, quant_state_tensors, storage_key, storage_of
 
 try:  # a weak reference to a storage: its address is not reused while we hold it
     from torch.multiprocessing.reductions import StorageWeakRef
@@ -55,45 +56,6 @@ except ImportError:  # pragma: no cover - every supported torch has it
 
 
 # ---------------------------------------------------------------------- storages
-def storage_key(t: torch.Tensor) -> tuple[int, int]:
-    """(identity of the tensor's storage, its bytes). Works on meta tensors (no data pointer there)."""
-    try:
-        st = t.untyped_storage()
-        return st._cdata, st.nbytes()
-    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested or other storage-less tensors
-        return id(t), t.numel() * t.element_size()
-
-
-def _quant_state_tensors(param: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors a bitsandbytes 4-bit weight keeps besides its packed bytes (absmax, code, offset,
-    and the nested state of double quantisation), or an 8-bit weight's row scales."""
-    out: list[torch.Tensor] = []
-    state = getattr(param, "quant_state", None)
-    while state is not None:
-        for attr in ("absmax", "code", "offset"):
-            t = getattr(state, attr, None)
-            if isinstance(t, torch.Tensor):
-                out.append(t)
-        state = getattr(state, "state2", None)
-    scb = getattr(param, "SCB", None)
-    if isinstance(scb, torch.Tensor):
-        out.append(scb)
-    return out
-
-
-def _numel(p: torch.Tensor) -> int:
-    try:
-        from ftbench.tuners.base import numel
-    except ImportError:  # pragma: no cover
-        shape = getattr(getattr(p, "quant_state", None), "shape", None)
-        return int(math.prod(shape)) if shape is not None else p.numel()
-    return numel(p)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def _add(d: dict[str, int], key: str, n: int) -> None:
     d[key] = d.get(key, 0) + n
 
@@ -102,8 +64,6 @@ def _add(d: dict[str, int], key: str, n: int) -> None:
 def weight_breakdown(model: torch.nn.Module) -> dict[str, Any]:
     """Bytes of every parameter and buffer of ``model``, each storage once, by storage format and
     by trainable/frozen, with quantisation state included in its weight's format."""
-    from ftbench.quantization import _storage_of
-
     owners = {id(p): mod for mod in model.modules() for p in mod.parameters(recurse=False)}
     seen: set[int] = set()
     by_format: dict[str, int] = {}
@@ -114,12 +74,8 @@ def weight_breakdown(model: torch.nn.Module) -> dict[str, Any]:
         if key in seen:
             continue
         seen.add(key)
-        fmt, _ = _storage_of(p, owners.get(id(p)))
-        scb_owner = getattr(getattr(owners.get(id(p)), "state", None), "SCB", None)
-        extra = _quant_state_tensors(p)
-        if isinstance(scb_owner, torch.Tensor) and getattr(p, "SCB", None) is None:
-            extra.append(scb_owner)  # an int8 layer moves its row scales to the module at the first forward
-        for t in extra:
+        fmt, _ = storage_of(p, owners.get(id(p)))
+        for t in quant_state_tensors(p, owners.get(id(p))):
             k, n = storage_key(t)
             if k not in seen:
                 seen.add(k)
@@ -128,7 +84,7 @@ def weight_breakdown(model: torch.nn.Module) -> dict[str, Any]:
         _add(by_format, fmt, nbytes)
         kind = "trainable" if p.requires_grad else "frozen"
         out[f"{kind}_bytes"] += nbytes
-        out[f"{kind}_params"] += _numel(p)
+        out[f"{kind}_params"] += numel(p)
     for b in model.buffers():
         key, nbytes = storage_key(b)
         if key not in seen:
@@ -153,7 +109,7 @@ def gradient_breakdown(params: Iterable[torch.Tensor]) -> dict[str, Any]:
             continue
         seen.add(key)
         tensors += 1
-        _add(by_dtype, _dtype_name(g.dtype), nbytes)
+        _add(by_dtype, dtype_name(g.dtype), nbytes)
     return {"bytes": sum(by_dtype.values()), "tensors": tensors, "by_dtype": by_dtype}
 
 
@@ -176,7 +132,7 @@ def optimizer_breakdown(optimizers: Iterable[torch.optim.Optimizer]) -> dict[str
                         continue
                     seen.add(key)
                     tensors += 1
-                    _add(by_dtype, _dtype_name(t.dtype), nbytes)
+                    _add(by_dtype, dtype_name(t.dtype), nbytes)
                     _add(by_device, t.device.type, nbytes)
                     if name == "step":
                         step_tensors += 1
@@ -232,7 +188,7 @@ class ActivationMeter:
         key, nbytes = storage_key(t)
         if key in self._exclude or key in self._made:
             return
-        self._made[key] = (_weak(t), nbytes, _dtype_name(t.dtype), tuple(t.shape), str(func))
+        self._made[key] = (_weak(t), nbytes, dtype_name(t.dtype), tuple(t.shape), str(func))
 
     @property
     def active(self) -> bool:

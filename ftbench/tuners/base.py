@@ -27,17 +27,10 @@ import torch
 from torch import nn
 
 from ftbench.errors import ConfigError
+from ftbench.storage import numel
 
 if TYPE_CHECKING:
     from ftbench.backbone import Backbone
-
-
-def numel(p: torch.Tensor) -> int:
-    """Parameters a tensor stands for: a bitsandbytes 4-bit weight packs two into each byte and keeps
-    its real shape in ``quant_state``."""
-    quant_state = getattr(p, "quant_state", None)
-    shape = getattr(quant_state, "shape", None)
-    return int(math.prod(shape)) if shape is not None else p.numel()
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
