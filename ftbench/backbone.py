@@ -284,6 +284,13 @@ def score_module(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_submodule(found[0])
 
 
+def train_score_head(model: torch.nn.Module) -> None:
+    """A score head is new (randomly initialised): it trains under every tuner, and is saved with what
+    the tuner trained (peft: as a ``modules_to_save`` layer; others: it requires grad)."""
+    if not any(p.requires_grad for p in score_module(model).parameters()):
+        score_module(model).requires_grad_(True)
+
+
 def last_token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """One scalar per row: the score head's output at the row's last real token, found from the
     attention mask (the rightmost position with mask 1).

@@ -296,3 +296,37 @@ def test_rows_of_one_tuner_with_two_settings_are_labelled_apart(llama_dir, tmp_p
     assert [r["params"]["trainable"] for r in rows] == [LAYERS * r * sum(o + i for o, i in LINEARS) for r in (8, 16)]
     table = capsys.readouterr().out
     assert "sft+lora r8 " in table and "sft+lora r16 " in table
+
+
+# ---------------------------------------------------------------------- what an objective holds
+def test_what_an_objective_declares_it_holds_is_measured_and_estimated(tiny_model_dir):
+    """An objective that only declares ``needs_reference`` holds a frozen copy under full tuning: the
+    run's breakdown and the estimate count it under ``weights.held``, equally. One that declares
+    ``holds_reward_model`` and builds none before its first step gets a stand-in in the estimate: the
+    backbone with a score head, frozen."""
+    from ftbench.estimate import estimate
+    from ftbench.objectives import SFT
+    from test_memory import BUFFERS, F32, H, PARAMS, V
+
+    class WithReference(SFT):
+        needs_reference = True
+
+    class WithRewardModel(SFT):
+        holds_reward_model = True
+
+    one = PARAMS * F32 + BUFFERS
+    real = measure(tiny_model_dir, full_tuner(), objective_class=WithReference, steps=2)
+    assert real["weights"]["held"] == {"reference": one} and real["weights"]["bytes"] == 2 * one
+    bb, tuner = backbone(tiny_model_dir), full_tuner()
+    est = estimate(bb, tuner, WithReference(backbone=bb, tuner=tuner, optimizer=adamw()), batch_size=B, seq_len=T,
+                   precision="32-true", optimizer=adamw())
+    assert est["weights"] == real["weights"]
+    assert est["gradients"] == real["gradients"]  # the copy takes no gradient
+
+    bb, tuner = backbone(tiny_model_dir), lora_tuner()
+    est = estimate(bb, tuner, WithRewardModel(backbone=bb, tuner=tuner), batch_size=1, seq_len=8, precision="32-true")
+    score = one - V * H * F32 + H * F32  # the LM head (V x H) replaced by a score head (1 x H)
+    assert est["weights"]["held"] == {"reward_model": score}
+    plain = estimate(backbone(tiny_model_dir), lora_tuner(), batch_size=1, seq_len=8, precision="32-true")
+    assert "held" not in plain["weights"]
+    assert est["weights"]["bytes"] == plain["weights"]["bytes"] + score

@@ -9,7 +9,9 @@ and storages, never at an allocator:
   by storage format (``float32``, ``bfloat16``, ``bnb-nf4``, ``bnb-int8`` ...) and by
   trainable/frozen. A 4-bit weight counts its packed bytes plus its quantisation state (absmax, code,
   and with double quantisation the 8-bit absmax, its offset and the second-level absmax and code); an
-  8-bit weight its int8 bytes plus its float32 row scales (``SCB``).
+  8-bit weight its int8 bytes plus its float32 row scales (``SCB``). ``held``: the bytes of each
+  model the objective holds besides the policy (``Objective.held_models``: a frozen reference copy, a
+  reward model, a critic), which are in the totals too.
 * **gradients** - the ``.grad`` tensors after the backward of the measured batch (read in
   ``on_before_optimizer_step``), each storage once.
 * **optimizer** - every tensor in ``optimizer.state`` after the optimizer's first step: AdamW's two
@@ -47,6 +49,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ftbench.objectives.base import Objective
 from ftbench.storage import dtype_name, numel, quant_state_tensors, storage_key, storage_of
 
 try:  # a weak reference to a storage: its address is not reused while we hold it
@@ -61,14 +64,29 @@ def _add(d: dict[str, int], key: str, n: int) -> None:
 
 
 # ---------------------------------------------------------------------- the parts
-def weight_breakdown(model: torch.nn.Module) -> dict[str, Any]:
+def weight_breakdown(model: torch.nn.Module, held: Optional[dict[str, torch.nn.Module]] = None) -> dict[str, Any]:
     """Bytes of every parameter and buffer of ``model``, each storage once, by storage format and
-    by trainable/frozen, with quantisation state included in its weight's format."""
-    owners = {id(p): mod for mod in model.modules() for p in mod.parameters(recurse=False)}
+    by trainable/frozen, with quantisation state included in its weight's format.
+
+    ``held``: the models an objective holds besides the policy, by role (``Objective.held_models``):
+    ``held`` gives each one's bytes; one that is not part of ``model`` (a reward model a reward
+    function keeps) is counted in the totals too."""
     seen: set[int] = set()
     by_format: dict[str, int] = {}
     out = {"trainable_bytes": 0, "frozen_bytes": 0, "trainable_params": 0, "frozen_params": 0,
            "quant_state_bytes": 0, "buffer_bytes": 0}
+    for module in [model, *(held or {}).values()]:
+        _count_weights(module, seen, by_format, out)
+    out["bytes"] = out["trainable_bytes"] + out["frozen_bytes"] + out["buffer_bytes"]
+    out["by_format"] = dict(sorted(by_format.items()))
+    if held:
+        out["held"] = {role: weight_breakdown(module)["bytes"] for role, module in held.items()}
+    return out
+
+
+def _count_weights(model: torch.nn.Module, seen: set[int], by_format: dict[str, int], out: dict[str, Any]) -> None:
+    """Add the storages of ``model``'s parameters and buffers not in ``seen`` to ``by_format`` and ``out``."""
+    owners = {id(p): mod for mod in model.modules() for p in mod.parameters(recurse=False)}
     for p in model.parameters():
         key, nbytes = storage_key(p)
         if key in seen:
@@ -90,9 +108,6 @@ def weight_breakdown(model: torch.nn.Module) -> dict[str, Any]:
         if key not in seen:
             seen.add(key)
             out["buffer_bytes"] += nbytes
-    out["bytes"] = out["trainable_bytes"] + out["frozen_bytes"] + out["buffer_bytes"]
-    out["by_format"] = dict(sorted(by_format.items()))
-    return out
 
 
 def gradient_breakdown(params: Iterable[torch.Tensor]) -> dict[str, Any]:
@@ -283,7 +298,8 @@ class MemoryBreakdown(L.Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._batches == self.batch_index and "activations" not in self._parts:
-            self._parts["weights"] = weight_breakdown(pl_module)
+            held = pl_module.held_models() if isinstance(pl_module, Objective) else None
+            self._parts["weights"] = weight_breakdown(pl_module, held)
             self._parts["device"] = pl_module.device.type
             shape = _batch_shape(batch)
             if shape is not None:

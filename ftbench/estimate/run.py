@@ -22,7 +22,8 @@ import torch
 from ftbench.bench.memory import (ActivationMeter, gradient_breakdown, optimizer_breakdown, predicted_peak,
                                   weight_breakdown)
 from ftbench.errors import EstimateError
-from ftbench.estimate.meta import MetaKernels, convert_true_precision, loading_on_meta, precision_context, sized_config
+from ftbench.estimate.meta import (MetaKernels, convert_true_precision, loading_on_meta, meta_model, precision_context,
+                                  sized_config)
 from ftbench.estimate.options import optimizer_factory
 
 PRECISIONS = {"32-true": "32-true", "32": "32-true", "fp32": "32-true", "bf16-mixed": "bf16-mixed",
@@ -62,7 +63,12 @@ class MetaRun:
             convert_true_precision(self.objective, torch.bfloat16)
         self.objective.check_finite = lambda *a, **k: None  # reads the loss's value
         self.objective.log = lambda *a, **k: None  # no trainer to log to
-        self.weights = weight_breakdown(self.objective)
+        held = self.objective.held_models()
+        if self.objective.holds_reward_model and not any(role.startswith("reward_model") for role in held):
+            # a run loads it at its first score (GRPO's reward functions): the backbone with a score head,
+            # frozen, stands for it here
+            held["reward_model"] = meta_model(backbone, head="score", config=config).requires_grad_(False)
+        self.weights = weight_breakdown(self.objective, held)
         self.params = self.objective.parameter_counts()
         self._optimizer: Optional[dict[str, Any]] = None
 

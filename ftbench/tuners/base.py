@@ -68,6 +68,11 @@ def refuse_quantized(tuner: "Tuner", backbone: "Backbone") -> None:
         )
 
 
+#: the tuner class that reads each kind of saved folder back (:mod:`ftbench.tuners.saved`), registered
+#: by each class that sets ``saved_kind``
+SAVED_KINDS: dict[str, type["Tuner"]] = {}
+
+
 class Tuner:
     """Base of the tuners. Subclasses implement :meth:`prepare` and say what differs."""
 
@@ -76,6 +81,14 @@ class Tuner:
     #: whether it trains the backbone's own weights (full, freeze) rather than added modules: then it
     #: cannot train a quantized backbone, and its reference (:meth:`reference`) is a frozen copy
     trains_backbone_weights = False
+    #: the kind of folder :meth:`save` writes (:func:`ftbench.tuners.saved.saved_kind` tells it by its
+    #: files); the class that sets it reads such a folder back (:meth:`load_saved`)
+    saved_kind: Optional[str] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("saved_kind"):
+            SAVED_KINDS[cls.saved_kind] = cls
 
     def __init__(self, lr: Optional[float] = None):
         """
@@ -106,12 +119,21 @@ class Tuner:
         model.save_pretrained(path, safe_serialization=True)
         return path
 
+    @classmethod
+    def load_saved(cls, model: nn.Module, path: Path, backbone: "Backbone", merge: bool = True) -> nn.Module:
+        """``model`` with what a tuner of this class saved at ``path`` applied, frozen (a pipeline's
+        later stage starts from it); ``merge=False`` keeps added modules apart where they can be
+        merged (for inference only). Returns the model (a new object where the method wraps it)."""
+        raise NotImplementedError(f"tuner {cls.name}: saves no folder of its own kind")
+
     # ------------------------------------------------------------------ the untouched backbone
-    def keep_reference(self, model: nn.Module) -> None:
+    def keep_reference(self, model: nn.Module) -> Optional[nn.Module]:
         """Called by an objective that needs :meth:`reference`, once, before the first step. A tuner
-        that trains the backbone's own weights keeps a frozen copy here; the others need nothing."""
+        that trains the backbone's own weights keeps a frozen copy here and returns it (the objective
+        holds it); the others need nothing (None)."""
         if self.trains_backbone_weights:
             self._frozen_copy(model)
+        return self._reference
 
     @contextlib.contextmanager
     def reference(self, model: nn.Module) -> Iterator[nn.Module]:
