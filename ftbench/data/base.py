@@ -67,7 +67,10 @@ class Row:
 
 
 # ---------------------------------------------------------------------------- reading
-def _read_text(path: Path) -> str:
+def read_text_file(path: str | Path) -> str:
+    """The text of a file, decoded as UTF-8; a :class:`DataFormatError` names the file and the line
+    of the first byte that is not UTF-8."""
+    path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -82,7 +85,7 @@ def _read_text(path: Path) -> str:
 def read_rows(path: str | Path) -> list[Row]:
     """Read ``.jsonl``/``.json``/``.csv`` rows, each with its file and line. Empty files are errors."""
     path = Path(path)
-    text = _read_text(path)
+    text = read_text_file(path)
     src = str(path)
     suffix = path.suffix.lower()
     rows: list[Row] = []
@@ -428,12 +431,6 @@ def padding_stats(lengths: Sequence[int], batches: Iterable[Sequence[int]], mult
         padded += width * len(lens) - sum(lens)
     total = real + padded
     return {"tokens": real, "padded": padded, "fraction": padded / total if total else 0.0}
-
-
-def read_text_file(path: str | Path) -> str:
-    """The text of a file, decoded as UTF-8; a :class:`DataFormatError` names the file and the line
-    of the first byte that is not UTF-8."""
-    return _read_text(Path(path))
 
 
 # ---------------------------------------------------------------------------- the shared data module
