@@ -166,7 +166,9 @@ def test_loss_is_dpo_loss_plus_the_sft_term(tiny_model_dir):
 def test_bad_arguments():
     with pytest.raises(ValueError) as e:
         DPO(loss_type="kto")
-    assert str(e.value) == "objective dpo: unknown loss_type 'kto'; expected one of sigmoid, ipo, hinge, robust"
+    assert str(e.value) == ("objective dpo: unknown loss_type 'kto'; expected one of sigmoid, ipo, hinge, robust, "
+                            "exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm, aot, "
+                            "aot_unpaired, sft")
     with pytest.raises(ValueError) as e:
         DPO(beta=0.0)
     assert str(e.value) == "objective dpo: beta must be a positive finite number, got 0.0"

@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
+from ftbench.data.unpaired import kl_completion_order
 from ftbench.objectives.losses import (CPO_LOSS_TYPES, DPO_LOSS_TYPES, DPO_PAIR_LOSS_TYPES, cpo_loss, dpo_batch_loss,
-                                       dpo_loss, kl_completion_order, kto_loss, orpo_loss)
+                                       dpo_loss, kto_loss, orpo_loss)
 
 
 def t(*xs, dtype=torch.float64):
@@ -206,7 +207,7 @@ LABELS = torch.tensor([True, False, True, False])
 def test_kl_completion_order_is_the_previous_example_cyclic():
     assert kl_completion_order(4) == [3, 0, 1, 2]
     assert kl_completion_order(2) == [1, 0]
-    with pytest.raises(ValueError, match="needs a batch of at least 2 examples, got 1"):
+    with pytest.raises(ValueError, match="needs a batch of at least 2 rows, got 1"):
         kl_completion_order(1)
 
 

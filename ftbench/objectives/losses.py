@@ -40,7 +40,7 @@ DPO (:func:`dpo_loss` per pair, :func:`dpo_batch_loss` for the batch, :func:`dpo
 
     Implicit rewards: ``chosen = b * c``, ``rejected = b * r`` (summed log-ratios), detached.
 
-KTO (:func:`kto_loss`, :func:`kl_completion_order`), CPO/SimPO/AlphaPO (:func:`cpo_loss`), ORPO (:func:`orpo_loss`)
+KTO (:func:`kto_loss`), CPO/SimPO/AlphaPO (:func:`cpo_loss`), ORPO (:func:`orpo_loss`)
     TRL 1.16's formulas, written at each function.
 
 Reward model (:func:`reward_loss`, :func:`reward_metrics`), TRL ``RewardTrainer``
@@ -80,7 +80,6 @@ __all__ = [
     "frac_reward_zero_std",
     "grpo_advantages",
     "grpo_loss",
-    "kl_completion_order",
     "kto_loss",
     "orpo_loss",
     "reward_loss",
@@ -437,7 +436,8 @@ def kto_loss(
         policy_logps, ref_logps: ``(B,)`` summed completion log-probs under the policy and reference.
         labels: ``(B,)`` bool, True = desirable.
         kl_logps, ref_kl_logps: ``(B,)`` summed log-probs of each example's MISMATCHED completion
-            (the previous example's, cyclic: :func:`kl_completion_order`) under policy and reference.
+            (the previous example's of the batch, cyclic:
+            :func:`ftbench.data.unpaired.kl_completion_order`) under policy and reference.
         beta: ``b > 0``. desirable_weight, undesirable_weight: the per-example weights (>= 0).
 
     Returns:
@@ -486,16 +486,6 @@ def kto_loss(
         if "rewards/chosen" in metrics and "rewards/rejected" in metrics:
             metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return losses, kl.detach(), metrics
-
-
-def kl_completion_order(batch_size: int) -> list[int]:
-    """For each example ``i`` of a KTO batch, the example whose completion it is paired with for the
-    KL estimate: the previous one, cyclic (``x_1`` gets ``y_n``, ``x_i`` gets ``y_(i-1)``), TRL 1.16's
-    rule. A batch of one has no mismatched completion: refused."""
-    if batch_size < 2:
-        raise ValueError(f"kto: the KL estimate pairs each prompt with another example's completion and needs a batch "
-                         f"of at least 2 examples, got {batch_size}")
-    return [(i - 1) % batch_size for i in range(batch_size)]
 
 
 # --------------------------------------------------------------------------------------------
