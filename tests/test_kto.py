@@ -234,3 +234,19 @@ def test_errors_are_one_line(tiny_model_dir, tmp_path):
         "of its batch and needs at least 2 rows, got 1")
     assert one_line(cli(tiny_model_dir, tmp_path / "d", "--model.init_args.desirable_weight", "-1")) == (
         "ftbench: error: model.init_args.desirable_weight: must be a finite number >= 0, got -1.0")
+
+
+def test_estimate_steps_kto_with_its_kl_rows_and_counts_the_frozen_copy(tiny_model_dir):
+    """``ftbench estimate`` steps KTO on ``memory_batch`` (rows and their KL rows): full tuning's frozen
+    reference copy doubles the weights, LoRA's reference (the adapter switched off) adds none."""
+    from ftbench.estimate import estimate
+    from ftbench.tuners import Full
+
+    def parts(tuner):
+        backbone = Backbone(model=str(tiny_model_dir))
+        method = KTO(backbone=backbone, tuner=tuner)
+        return estimate(backbone, method.tuner, method, batch_size=2, seq_len=16, precision="32-true")
+
+    one_model = 4 * 139_584 + 2 * 4 * 8  # float32 parameters + the rotary buffers (as tests/test_dpo.py)
+    assert parts(Full(lr=1e-3))["weights"]["bytes"] == 2 * one_model
+    assert parts(lora())["weights"]["bytes"] < 2 * one_model

@@ -150,7 +150,7 @@ class KTO(Objective):
 
     # ------------------------------------------------------------------ the loss
     def compute(self, batch: dict[str, Any], training: bool) -> dict[str, Any]:
-        labels = batch["kto_labels"].to(self.device)
+        labels = torch.as_tensor(batch["kto_labels"], device=batch["input_ids"].device)
         rows = labels.shape[0]
         has_kl = "kl_input_ids" in batch
         if self.loss_type == "kto" and not has_kl and training:

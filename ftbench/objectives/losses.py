@@ -480,9 +480,11 @@ def kto_loss(
         rewards = beta * logratios.detach()
         metrics: dict[str, Tensor] = {"kl": kl.detach()}
         for name, rows in (("chosen", labels), ("rejected", ~labels)):
-            if bool(rows.any()):
-                metrics[f"rewards/{name}"] = rewards[rows].mean()
-                metrics[f"logps/{name}"] = policy_logps.detach()[rows].mean()
+            # (on the meta device, ftbench estimate's step, nothing can be read: both kinds are kept)
+            if rows.device.type == "meta" or bool(rows.any()):
+                count = rows.sum()  # masked means (boolean indexing has no meta kernel)
+                metrics[f"rewards/{name}"] = torch.where(rows, rewards, 0.0).sum() / count
+                metrics[f"logps/{name}"] = torch.where(rows, policy_logps.detach(), 0.0).sum() / count
         if "rewards/chosen" in metrics and "rewards/rejected" in metrics:
             metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return losses, kl.detach(), metrics
