@@ -60,7 +60,7 @@ def setup_rows(backbone, source, **kw) -> UnpairedData:
 
 
 # ---------------------------------------------------------------------------- data
-def test_unpaired_rows_strings_chat_and_csv(backbone, tmp_path):
+def test_unpaired_rows_strings_chat_csv_json_and_saved_datasets(backbone, tmp_path):
     dm = setup_rows(backbone, write_jsonl(tmp_path / "u.jsonl", ROWS))
     train = dm.splits["train"]
     assert len(train) == 8 and dm.labels_count == {"desirable": 5, "undesirable": 3}
@@ -79,6 +79,15 @@ def test_unpaired_rows_strings_chat_and_csv(backbone, tmp_path):
                                                           for r in ROWS))
     dm_csv = setup_rows(backbone, str(csv))
     assert [e.label for e in dm_csv.splits["train"]] == [e.label for e in dm.splits["train"]]
+
+    as_json = tmp_path / "u.json"
+    as_json.write_text(json.dumps(ROWS))
+    import datasets
+
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+    for source in (str(as_json), str(tmp_path / "saved")):
+        other = setup_rows(backbone, source)
+        assert [e.label for e in other.splits["train"]] == [e.label for e in dm.splits["train"]], source
 
 
 def test_a_paired_set_is_unpaired(backbone, tmp_path):

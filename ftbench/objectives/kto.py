@@ -18,7 +18,9 @@ is warned about once, with the numbers.
 What it holds: the reference as DPO's on-the-fly reference (the tuner's
 :meth:`~ftbench.tuners.base.Tuner.reference`: LoRA, peft and adapters switch themselves off, full and
 freeze keep a frozen copy, ``reference_model``). A step runs three forwards: the policy on the rows
-(with gradient), and with no gradient the policy on the KL rows and the reference on both.
+(with gradient), and with no gradient the policy on the KL rows and the reference on both. There is no
+``precompute_reference`` (DPO's): the KL rows pair each prompt with whichever row precedes it in the
+shuffled batch, so their reference log-probs cannot be computed before training.
 
 Metrics, under TRL's names: ``loss``, ``kl`` (= z), ``rewards/chosen`` and ``logps/chosen`` (means of
 ``beta * rho`` and ``pi`` over the desirable rows; only when the batch has one), the same ``/rejected``,
