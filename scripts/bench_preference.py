@@ -1,7 +1,8 @@
 """What do preference objectives cost, and what does DPO do on the built-in pairs? Measured on the embedded
 SmolLM2-135M-Instruct (float32) on the built-in preference pairs (builtin:instruction, chat template).
 
-    python scripts/bench_preference.py                        # ~15 minutes on 2 idle CPU cores
+    python scripts/bench_preference.py                        # all 14 configurations (the six reward/DPO ones: ~15 min on 2 idle CPU cores)
+    python scripts/bench_preference.py --runs dpo+lora,kto+lora,cpo+lora,simpo+lora,orpo+lora --parts memory,time
     python scripts/bench_preference.py --rounds 5 --quality-steps 40 --out /tmp/bench
 
 Every preference objective under LoRA (configs/tuner/lora.yaml) and full fine-tuning (configs/tuner/full.yaml):
