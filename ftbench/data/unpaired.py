@@ -214,12 +214,14 @@ class UnpairedData(PreferenceData):
         return UnpairedCollator(self.backbone.tokenizer.pad_token_id, self.max_length, self.pad_to_multiple_of, generation)
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader("train", shuffle=True)
-        if len(self.splits["train"]) % self.batch_size == 1 and self.batch_size > 1:
-            # a last batch of one row has no other completion for the KL estimate: dropped
-            loader = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True, generator=loader.generator,
-                                collate_fn=loader.collate_fn, num_workers=loader.num_workers, drop_last=True)
-        return loader
+        rows = len(self.splits["train"])
+        if self.batch_size > 1 and self.train_batch_repeats == 1 and rows % self.batch_size == 1:
+            # a last batch of one row has no other completion for the KL estimate: dropped (the same
+            # order as the shared loader's: shuffled by a generator seeded with order_seed)
+            return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True, drop_last=True,
+                              generator=torch.Generator().manual_seed(self.order_seed),
+                              collate_fn=self.train_collator(), num_workers=self.num_workers)
+        return super().train_dataloader()
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
