@@ -1,12 +1,15 @@
 """What do preference objectives cost, and what does DPO do on the built-in pairs? Measured on the embedded
 SmolLM2-135M-Instruct (float32) on the built-in preference pairs (builtin:instruction, chat template).
 
-    python scripts/bench_preference.py                        # ~15 minutes on 2 idle CPU cores
+    python scripts/bench_preference.py                        # all 14 configurations (the six reward/DPO ones: ~15 min on 2 idle CPU cores)
+    python scripts/bench_preference.py --runs dpo+lora,kto+lora,cpo+lora,simpo+lora,orpo+lora --parts memory,time
     python scripts/bench_preference.py --rounds 5 --quality-steps 40 --out /tmp/bench
 
-Six configurations: reward model and DPO under LoRA (configs/tuner/lora.yaml) and full fine-tuning
-(configs/tuner/full.yaml), DPO with the reference on the fly (configs/objective/dpo.yaml) and precomputed
-(dpo_precomputed.yaml), ``--batch-size`` pairs a step.
+Every preference objective under LoRA (configs/tuner/lora.yaml) and full fine-tuning (configs/tuner/full.yaml):
+the reward model, DPO with the reference on the fly (configs/objective/dpo.yaml) and precomputed
+(dpo_precomputed.yaml), KTO (kto.yaml, on the same pairs unpaired: ``2 x --batch-size`` rows a step, the
+same number of sequences), and the reference-free CPO (cpo.yaml), SimPO (simpo.yaml) and ORPO (orpo.yaml);
+``--batch-size`` pairs a step. The ratios set the reference-free methods' memory and time against DPO's.
 
 Part 1, memory: each configuration is a real ``ftbench fit`` of ``--steps`` steps in its own process (a
 clean peak), read from its record: ``memory.peak_bytes`` (on CPU the process's resident high-water mark,
@@ -57,11 +60,25 @@ COST_RUNS = {
     "dpo+lora precomputed": ("dpo_precomputed", "lora", []),
     "dpo+full": ("dpo", "full", []),
     "dpo+full precomputed": ("dpo_precomputed", "full", []),
+    "kto+lora": ("kto", "lora", []),
+    "kto+full": ("kto", "full", []),
+    "cpo+lora": ("cpo", "lora", []),
+    "cpo+full": ("cpo", "full", []),
+    "simpo+lora": ("simpo", "lora", []),
+    "simpo+full": ("simpo", "full", []),
+    "orpo+lora": ("orpo", "lora", []),
+    "orpo+full": ("orpo", "full", []),
 }
+#: the data config of an objective (default: the pairs); KTO reads them unpaired, two rows a pair
+DATA = {"kto": "unpaired"}
+ROWS_PER_PAIR = {"kto": 2}
 #: part 2 builds each group's configurations side by side (one process's memory holds a group, not all six);
 #: ratios across groups compare fastest steps of different rounds
 GROUPS = [("reward+lora", "dpo+lora", "dpo+lora precomputed"),
-          ("reward+full", "dpo+full", "dpo+full precomputed", "dpo+lora")]
+          ("reward+full", "dpo+full", "dpo+full precomputed", "dpo+lora"),
+          ("dpo+lora", "kto+lora", "cpo+lora", "simpo+lora", "orpo+lora"),
+          ("dpo+full", "cpo+full", "orpo+full", "dpo+lora"),
+          ("dpo+full", "kto+full", "simpo+full", "dpo+lora")]
 RATIOS = [  # (numerator, denominator, what it says)
     ("dpo+lora precomputed", "dpo+lora", "DPO LoRA: precomputed / on the fly"),
     ("dpo+full precomputed", "dpo+full", "DPO full: precomputed / on the fly (frozen copy)"),
@@ -69,6 +86,14 @@ RATIOS = [  # (numerator, denominator, what it says)
     ("dpo+full", "reward+full", "full: DPO / reward model"),
     ("dpo+full", "dpo+lora", "DPO: full / LoRA"),
     ("reward+full", "reward+lora", "reward model: full / LoRA"),
+    ("kto+lora", "dpo+lora", "LoRA: KTO / DPO"),
+    ("cpo+lora", "dpo+lora", "LoRA: CPO / DPO (no reference)"),
+    ("simpo+lora", "dpo+lora", "LoRA: SimPO / DPO (no reference)"),
+    ("orpo+lora", "dpo+lora", "LoRA: ORPO / DPO (no reference)"),
+    ("kto+full", "dpo+full", "full: KTO / DPO"),
+    ("cpo+full", "dpo+full", "full: CPO / DPO (no reference, no frozen copy)"),
+    ("simpo+full", "dpo+full", "full: SimPO / DPO (no reference, no frozen copy)"),
+    ("orpo+full", "dpo+full", "full: ORPO / DPO (no reference, no frozen copy)"),
 ]
 
 
@@ -95,8 +120,9 @@ def fit(args: argparse.Namespace, out: Path, objective: str, tuner: str, extra: 
     before = set(out.glob("*.json"))
     cmd = [sys.executable, "-m", "ftbench.cli", "fit", "--backbone", args.backbone,
            "--tuner", f"configs/tuner/{tuner}.yaml", "--model", f"configs/objective/{objective}.yaml",
-           "--data", "configs/data/preference.yaml", "--trainer", "configs/trainer/cpu.yaml",
-           "--data.init_args.batch_size", str(args.batch_size), "--trainer.enable_progress_bar", "false",
+           "--data", f"configs/data/{DATA.get(objective, 'preference')}.yaml", "--trainer", "configs/trainer/cpu.yaml",
+           "--data.init_args.batch_size", str(args.batch_size * ROWS_PER_PAIR.get(objective, 1)),
+           "--trainer.enable_progress_bar", "false",
            "--out", str(out), *extra]
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -155,38 +181,49 @@ def interleaved_step_times(args: argparse.Namespace, names: list[str], out: Path
 
     from ftbench.backbone import Backbone
     from ftbench.data.preference import PreferenceData
+    from ftbench.data.unpaired import UnpairedData
     from ftbench.estimate import instantiate_config
-    from ftbench.objectives import DPO, Reward
+    from ftbench.objectives import CPO, DPO, KTO, ORPO, Reward
     from ftbench.tuners.base import Tuner
 
     warnings.filterwarnings("ignore")  # self.log outside a trainer, peft's and transformers' notices
     spec = yaml.safe_load((ROOT / args.backbone).read_text())
     backbone = Backbone(**(spec.get("init_args", spec) or {}))
-    data = yaml.safe_load((ROOT / "configs/data/preference.yaml").read_text())["init_args"]
-    data.update(builtin_size=args.builtin_size, batch_size=args.batch_size)
-    dm = PreferenceData(backbone=backbone, **data)
-    dm.setup("fit")
-    batches = list(itertools.islice(itertools.cycle(dm.train_dataloader()), rounds + 1))
+    batches = {}
+    for kind, cls in (("preference", PreferenceData), ("unpaired", UnpairedData)):
+        data = yaml.safe_load((ROOT / f"configs/data/{kind}.yaml").read_text())["init_args"]
+        data.update(builtin_size=args.builtin_size, batch_size=args.batch_size * (2 if kind == "unpaired" else 1))
+        dm = cls(backbone=backbone, **data)
+        dm.setup("fit")
+        batches[kind] = list(itertools.islice(itertools.cycle(dm.train_dataloader()), rounds + 1))
+        if kind == "preference":
+            pair_dm = dm
+    classes = {"kto": KTO, "cpo": CPO, "simpo": CPO, "orpo": ORPO}
     sides = {}
     for name in names:
         objective, tuner_name, _ = COST_RUNS[name]
         tuner = instantiate_config("tuner", tuner_name, Tuner)
         if objective == "reward":
             obj = Reward(backbone=backbone, tuner=tuner)
+        elif objective in classes:  # the shipped YAML's loss settings
+            settings = yaml.safe_load((ROOT / f"configs/objective/{objective}.yaml").read_text())["init_args"]
+            settings = {k: v for k, v in settings.items() if k not in ("optimizer", "lr_scheduler", "warmup_steps")}
+            obj = classes[objective](backbone=backbone, tuner=tuner, **settings)
         else:  # the memory run's cache: the same backbone, data, precision and (seeded alike) initial weights
             obj = DPO(backbone=backbone, tuner=tuner, precompute_reference=objective == "dpo_precomputed",
                       reference_cache_dir=str(cache_dir(out, name)))
         L.seed_everything(42, verbose=False)  # as `ftbench fit` seeds before the model is built
         obj.configure_model()
         if objective == "dpo_precomputed":
-            obj.ensure_reference_table(dm)
+            obj.ensure_reference_table(pair_dm)
         opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=tuner.lr, weight_decay=0.0)
         sides[name] = (obj, opt)
-    for r, batch in enumerate(batches):
+    for r in range(rounds + 1):
         k = r % len(names)
         took = {}
         for name in names[k:] + names[:k]:
             obj, opt = sides[name]
+            batch = batches[DATA.get(COST_RUNS[name][0], "preference")][r]
             t0 = time.perf_counter()
             loss = obj.training_step(batch, r)["loss"]
             loss.backward()

@@ -23,7 +23,8 @@ from ftbench.evaluation.evaluator import Evaluator
 from ftbench.evaluation.options import EvaluationOptions
 from ftbench.data.preference import PreferenceData
 from ftbench.objectives import DPO, SFT
-from ftbench.objectives.losses import dpo_loss, sequence_logps
+from ftbench.objectives.dpo import ConservativeDPOWarning
+from ftbench.objectives.losses import DPO_LOSS_TYPES, dpo_batch_loss, dpo_loss, sequence_logps, token_logps
 from ftbench.objectives.reference_cache import ReferenceTable, data_fingerprint, row_keys
 from ftbench.data.pairs import concatenate_pairs
 from ftbench.objectives.sft import sequence_losses
@@ -166,7 +167,9 @@ def test_loss_is_dpo_loss_plus_the_sft_term(tiny_model_dir):
 def test_bad_arguments():
     with pytest.raises(ValueError) as e:
         DPO(loss_type="kto")
-    assert str(e.value) == "objective dpo: unknown loss_type 'kto'; expected one of sigmoid, ipo, hinge, robust"
+    assert str(e.value) == ("objective dpo: unknown loss_type 'kto'; expected one of sigmoid, ipo, hinge, robust, "
+                            "exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm, aot, "
+                            "aot_unpaired, sft")
     with pytest.raises(ValueError) as e:
         DPO(beta=0.0)
     assert str(e.value) == "objective dpo: beta must be a positive finite number, got 0.0"
@@ -409,7 +412,7 @@ def test_report_on_a_dpo_and_reward_model_folder(preference_runs, tmp_path):
         assert title in table
 
 
-@pytest.mark.parametrize("objective", ["ipo", "dpo_precomputed"])
+@pytest.mark.parametrize("objective", ["ipo", "dpo_precomputed", "mpo", "apo_zero"])
 def test_shipped_dpo_yaml_runs_with_its_defaults(tiny_model_dir, tmp_path, monkeypatch, objective):
     from ftbench.cli import cli_main
 
@@ -422,3 +425,60 @@ def test_shipped_dpo_yaml_runs_with_its_defaults(tiny_model_dir, tmp_path, monke
     assert isinstance(info["final"]["val/rewards/accuracies"], float)
     if objective == "dpo_precomputed":
         assert len(list((tmp_path / "cache" / "reference_logps").glob("*.pt"))) == 1
+
+
+# ---------------------------------------------------------------------------- every TRL loss type
+@pytest.mark.parametrize("loss_type", [t for t in DPO_LOSS_TYPES if t != "sigmoid"] + [["sigmoid", "bco_pair", "sft"]],
+                         ids=lambda t: t if isinstance(t, str) else "mpo")
+def test_every_loss_type_is_dpo_batch_loss_on_the_model(tiny_model_dir, loss_type):
+    """The objective's loss is dpo_batch_loss on the model's summed log-probs (and, for sft, its per-token ones)."""
+    smoothing = {"exo_pair": 0.1, "aot": 0.1, "robust": 0.1}.get(loss_type if isinstance(loss_type, str) else "", 0.0)
+    weights = None if isinstance(loss_type, str) else [0.8, 0.2, 1.0]
+    method = make_dpo(tiny_model_dir, "none", beta=0.3, loss_type=loss_type, label_smoothing=smoothing,
+                      loss_weights=weights, discopop_tau=0.5)
+    method.configure_model()
+    batch = first_batch(method.backbone)
+    n = batch["chosen_input_ids"].shape[0]
+    with torch.no_grad():
+        out = method.compute(batch)
+        cat = out["cat"]
+        ref = untouched_logps(tiny_model_dir, batch)  # NoTuning: the policy is the reference
+        tokens, mask = token_logps(method(cat["input_ids"], cat["attention_mask"]), cat["labels"])
+        lengths = mask.sum(-1)
+        want = dpo_batch_loss(out["policy_chosen"], out["policy_rejected"], ref[:n], ref[n:], 0.3, loss_type, smoothing,
+                              lengths[:n], lengths[n:], 0.5, weights, tokens[:n], mask[:n])
+    assert float(out["loss"]) == pytest.approx(float(want), abs=1e-5)
+    assert float(out["losses"].mean()) == pytest.approx(float(out["loss"]), abs=1e-5)  # evaluation's rows average to it
+
+
+def test_new_settings_are_checked():
+    with pytest.raises(ValueError) as e:
+        DPO(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2])
+    assert str(e.value) == ("objective dpo: loss_weights has 2 weights for the 3 loss types ['sigmoid', 'bco_pair', "
+                            "'sft']; give one weight per type")
+    with pytest.raises(ValueError) as e:
+        DPO(loss_type="exo_pair")
+    assert str(e.value) == "objective dpo: loss_type 'exo_pair' needs label_smoothing in (0, 1) (its log(e) term), got 0.0"
+    with pytest.raises(ValueError) as e:
+        DPO(loss_type=["bco_pair", "sft"], label_smoothing=0.1)
+    assert str(e.value) == ("objective dpo: label_smoothing is not used by loss_type any of ['bco_pair', 'sft']; "
+                            "set it to 0 (got 0.1)")
+    with pytest.raises(ValueError) as e:
+        DPO(loss_type="discopop", discopop_tau=0.0)
+    assert str(e.value) == "objective dpo: discopop_tau must be > 0, got 0.0"
+    with pytest.warns(ConservativeDPOWarning) as caught:
+        DPO(label_smoothing=0.1)
+    assert len(caught) == 1 and str(caught[0].message) == (
+        "objective dpo: label_smoothing 0.1 with loss_type sigmoid is conservative DPO (as TRL <= 0.28, LLaMA-Factory "
+        "and torchtune compute it); TRL 1.x ignores label_smoothing for sigmoid, so its numbers differ")
+
+
+# 4 seeded fp32 steps of full MPO (sigmoid + bco_pair + sft, 0.8 / 0.2 / 1.0, beta 0.1, lr 1e-3), 4 pairs a batch.
+# Step 0: sigmoid and bco_pair at policy = reference: 0.8 log 2 + 0.2 x 2 log 2, plus the random backbone's NLL.
+PINNED_MPO = [7.056953430175781, 6.756503105163574, 6.511519432067871, 6.294918060302734]
+
+
+def test_pinned_mpo_losses(tiny_model_dir):
+    losses = train(make_dpo(tiny_model_dir, "full", loss_type=["sigmoid", "bco_pair", "sft"],
+                            loss_weights=[0.8, 0.2, 1.0]))
+    assert losses == pytest.approx(PINNED_MPO, abs=1e-5)

@@ -170,7 +170,7 @@ def test_dpo_robust():
     close(losses, [(0.9 * nls(z) - 0.1 * nls(-z)) / 0.8 for z in Z])
 
 
-def test_dpo_ipo_averages_per_token_and_rewards_use_the_averages():
+def test_dpo_ipo_averages_per_token_and_rewards_use_the_sums():
     len_c, len_r = torch.tensor([2, 5, 3]), torch.tensor([1, 2, 4])
     losses, chosen, rejected = _dpo(loss_type="ipo", chosen_lengths=len_c, rejected_lengths=len_r)
     # c / len_c = [0.5/2, -1/5, 1.5/3] = [0.25, -0.2, 0.5]
@@ -178,8 +178,9 @@ def test_dpo_ipo_averages_per_token_and_rewards_use_the_averages():
     # delta = [0.75, -0.95, 1.125];  1 / (2 beta) = 1
     # (delta - 1)^2 = [0.0625, 3.8025, 0.015625]
     close(losses, [0.0625, 3.8025, 0.015625])
-    close(chosen, [0.125, -0.1, 0.25])  # 0.5 * [0.25, -0.2, 0.5]
-    close(rejected, [-0.25, 0.375, -0.3125])  # 0.5 * [-0.5, 0.75, -0.625]
+    # TRL 1.16 logs b x the SUMMED log-ratios for every loss type, ipo included
+    close(chosen, [0.25, -0.5, 0.75])  # 0.5 * c
+    close(rejected, [-0.25, 0.75, -1.25])  # 0.5 * r
 
 
 def test_dpo_ipo_zero_length_counts_as_one():
@@ -199,7 +200,8 @@ def test_dpo_gradient_flows_to_policy_only_through_losses():
 
 
 def test_dpo_errors():
-    with _raises("dpo_loss: unknown loss_type 'kto'; expected one of 'sigmoid', 'ipo', 'hinge', 'robust'"):
+    with _raises("dpo_loss: unknown loss_type 'kto'; expected one of 'sigmoid', 'ipo', 'hinge', 'robust', 'exo_pair', "
+                 "'nca_pair', 'bco_pair', 'sppo_hard', 'apo_zero', 'apo_down', 'discopop', 'sigmoid_norm'"):
         _dpo(loss_type="kto")
     with _raises("dpo_loss: beta must be a positive finite number, got 0.0"):
         dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.0)

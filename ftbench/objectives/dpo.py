@@ -6,19 +6,26 @@ Log-probabilities
     (:func:`ftbench.objectives.losses.sequence_logps`), as TRL, torchtune and LLaMA-Factory compute it.
     Chosen and rejected go through ONE forward: ``cat([chosen, rejected])``, padded to one width.
 
-Losses (:func:`ftbench.objectives.losses.dpo_loss`), with ``D = (pi_c - ref_c) - (pi_r - ref_r)``:
+Losses (:func:`ftbench.objectives.losses.dpo_batch_loss`: every loss type of TRL 1.16, formulas in
+:mod:`ftbench.objectives.losses`), with ``D = (pi_c - ref_c) - (pi_r - ref_r)``:
     * ``sigmoid``: ``-logsig(beta * D)``; with ``label_smoothing`` e > 0, conservative DPO,
       ``-(1 - e) logsig(beta * D) - e logsig(-beta * D)``, as TRL <= 0.28, LLaMA-Factory and torchtune
-      define it. **TRL 1.x ignores label_smoothing for sigmoid** (its loss is ``-logsig(beta * D)``
-      whatever e is): ftbench applies it, so the numbers agree with TRL 1.x only at e = 0.
-    * ``ipo`` (Azar et al. 2023): ``((c / len_c - r / len_r) - 1 / (2 beta))^2``: the only loss that
-      AVERAGES the log-ratios per completion token (TRL does the same for IPO only); its implicit
-      rewards are built from those averages too.
-    * ``hinge`` (SLiC): ``relu(1 - beta * D)``.
-    * ``robust`` (Chowdhury et al. 2024): ``(-(1 - e) logsig(beta D) + e logsig(-beta D)) / (1 - 2e)``.
+      define it. **TRL 1.x ignores label_smoothing for sigmoid** (it reads it only in robust, exo_pair
+      and aot): ftbench applies it and says so in one warning line, so the numbers agree with TRL 1.x
+      only at e = 0.
+    * ``ipo`` (Azar et al. 2023): ``((c / len_c - r / len_r) - 1 / (2 beta))^2``: with ``sigmoid_norm``
+      the only losses that AVERAGE the log-ratios per completion token. Its logged ``rewards/*`` are
+      beta x the SUMMED log-ratios, as TRL 1.16 logs them for every loss type (TRL 0.x and ftbench before
+      logged the per-token averages, smaller by about the completion length).
+    * ``hinge`` (SLiC), ``robust``, ``exo_pair`` (needs 0 < e < 1), ``nca_pair``, ``bco_pair``,
+      ``sppo_hard``, ``apo_zero``, ``apo_down``, ``discopop`` (``discopop_tau``), ``sigmoid_norm``: per pair;
+      ``aot``, ``aot_unpaired`` (sorted over the batch) and ``sft`` (the chosen tokens' NLL, one token
+      mean over the batch): on the batch.
+    * a list of loss types with ``loss_weights`` (TRL's MPO: ``[sigmoid, bco_pair, sft]``,
+      ``[0.8, 0.2, 1.0]``): ``sum_k w_k mean(loss_k)``.
     * ``sft_weight`` w > 0 adds ``w`` x the mean negative log-likelihood per token of the chosen
-      responses of the batch (token-weighted, as the SFT objective's loss; TRL's ``rpo_alpha``,
-      LLaMA-Factory's ``pref_ftx``).
+      responses of the batch (token-weighted, as the SFT objective's loss; TRL 0.x's ``rpo_alpha``,
+      LLaMA-Factory's ``pref_ftx``; the same term as the ``sft`` loss type).
 
 The reference policy, and what each option costs
     * default (``precompute_reference: false``): the reference log-probs come from the tuner's
@@ -58,8 +65,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, Optional, Union
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -68,29 +76,65 @@ from ftbench.data.pairs import concatenate_pairs, pair_memory_batch, split_pairs
 from ftbench.errors import ConfigError
 from ftbench.objectives.base import Objective
 from ftbench.objectives.step import TrainingLoss
-from ftbench.objectives.losses import DPO_LOSS_TYPES, dpo_loss, dpo_metrics, sequence_logps
+from ftbench.objectives.losses import (DPO_LOSS_TYPES, DPO_PAIR_LOSS_TYPES, dpo_batch_loss, dpo_loss, dpo_metrics,
+                                       sequence_logps, token_logps)
 from ftbench.objectives.reference_cache import (ReferenceTable, cache_meta, cache_path, data_fingerprint,
                                                 default_cache_dir, row_keys, weights_hash)
 
 SPLITS = ("train", "val", "test")
 
 
-def check_settings(beta: float, loss_type: str, label_smoothing: float, sft_weight: float) -> None:
+#: the loss types that read label_smoothing (TRL 1.16: robust, exo_pair, aot, aot_unpaired; ftbench also sigmoid)
+SMOOTHED_TYPES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
+
+DPOLossType = Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+                      "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+
+
+def loss_types(loss_type: "str | list[str]") -> list[str]:
+    """The loss types of a setting: one name or a list."""
+    return [loss_type] if isinstance(loss_type, str) else list(loss_type)
+
+
+def check_settings(beta: float, loss_type: "str | list[str]", label_smoothing: float, sft_weight: float,
+                   loss_weights: Optional[list[float]] = None, discopop_tau: float = 0.05) -> None:
     """The DPO options that cannot work, each a one-line :class:`~ftbench.errors.ConfigError` naming
     the option (the same rules :func:`~ftbench.objectives.losses.dpo_loss` holds its arguments to)."""
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ConfigError(f"objective dpo: unknown loss_type {loss_type!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")
+    types = loss_types(loss_type)
+    if not types:
+        raise ConfigError("objective dpo: loss_type is an empty list; give a loss type or a list of them")
+    for name in types:
+        if name not in DPO_LOSS_TYPES:
+            raise ConfigError(f"objective dpo: unknown loss_type {name!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")
+    if len(set(types)) != len(types):
+        raise ConfigError(f"objective dpo: loss_type lists a type twice: {types}")
     if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and 0 < beta < float("inf")):
         raise ConfigError(f"objective dpo: beta must be a positive finite number, got {beta!r}")
     eps = float(label_smoothing)
-    if loss_type == "sigmoid" and not 0.0 <= eps <= 0.5:
-        raise ConfigError(f"objective dpo: label_smoothing must be in [0, 0.5] for loss_type 'sigmoid', got {eps}")
-    if loss_type == "robust" and not 0.0 <= eps < 0.5:
-        raise ConfigError(f"objective dpo: label_smoothing must be in [0, 0.5) for loss_type 'robust', got {eps}")
-    if loss_type in ("ipo", "hinge") and eps != 0.0:
-        raise ConfigError(f"objective dpo: label_smoothing is not used by loss_type {loss_type!r}; set it to 0 (got {eps})")
+    for name in types:
+        if name == "sigmoid" and not 0.0 <= eps <= 0.5:
+            raise ConfigError(f"objective dpo: label_smoothing must be in [0, 0.5] for loss_type 'sigmoid', got {eps}")
+        if name in ("robust", "aot", "aot_unpaired") and not 0.0 <= eps < 0.5:
+            raise ConfigError(f"objective dpo: label_smoothing must be in [0, 0.5) for loss_type {name!r}, got {eps}")
+        if name == "exo_pair" and not 0.0 < eps < 1.0:
+            raise ConfigError(f"objective dpo: loss_type 'exo_pair' needs label_smoothing in (0, 1) (its log(e) term), got {eps}")
+    if eps != 0.0 and not any(name in SMOOTHED_TYPES for name in types):
+        what = repr(types[0]) if len(types) == 1 else f"any of {types}"
+        raise ConfigError(f"objective dpo: label_smoothing is not used by loss_type {what}; set it to 0 (got {eps})")
+    if loss_weights is not None:
+        if len(loss_weights) != len(types):
+            raise ConfigError(f"objective dpo: loss_weights has {len(loss_weights)} weights for the {len(types)} loss "
+                              f"types {types}; give one weight per type")
+        if not all(w >= 0 for w in loss_weights):
+            raise ConfigError(f"objective dpo: loss_weights must be >= 0, got {list(loss_weights)}")
+    if "discopop" in types and not discopop_tau > 0:
+        raise ConfigError(f"objective dpo: discopop_tau must be > 0, got {discopop_tau}")
     if not sft_weight >= 0:
         raise ConfigError(f"objective dpo: sft_weight must be >= 0, got {sft_weight}")
+
+
+class ConservativeDPOWarning(UserWarning):
+    """Conservative DPO (sigmoid with label smoothing), which TRL 1.x would silently not apply."""
 
 
 class DPO(Objective):
@@ -101,8 +145,10 @@ class DPO(Objective):
     def __init__(
         self,
         beta: float = 0.1,
-        loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid",
+        loss_type: Union[DPOLossType, list[DPOLossType]] = "sigmoid",
         label_smoothing: float = 0.0,
+        loss_weights: Optional[list[float]] = None,
+        discopop_tau: float = 0.05,
         sft_weight: float = 0.0,
         precompute_reference: bool = False,
         reference_cache_dir: Optional[str] = None,
@@ -111,10 +157,16 @@ class DPO(Objective):
         """
         Args:
             beta: Strength of the tie to the reference policy (IPO's tau). TRL's default 0.1.
-            loss_type: ``sigmoid`` (DPO; conservative DPO with ``label_smoothing``), ``ipo``, ``hinge``
-                or ``robust``.
+            loss_type: A TRL 1.16 loss type (``sigmoid``: DPO, conservative DPO with ``label_smoothing``;
+                ``ipo``, ``hinge``, ``robust``, ``exo_pair``, ``nca_pair``, ``bco_pair``, ``sppo_hard``, ``aot``,
+                ``aot_unpaired``, ``apo_zero``, ``apo_down``, ``discopop``, ``sft``, ``sigmoid_norm``) or a
+                list of them, weighted by ``loss_weights`` (MPO: ``[sigmoid, bco_pair, sft]``).
             label_smoothing: e, the assumed rate of flipped preference labels: ``sigmoid`` [0, 0.5]
-                (applied, unlike TRL 1.x), ``robust`` [0, 0.5); must be 0 for ``ipo`` and ``hinge``.
+                (applied, unlike TRL 1.x: a warning says so), ``robust``/``aot``/``aot_unpaired`` [0, 0.5),
+                ``exo_pair`` (0, 1); must be 0 when no listed type reads it.
+            loss_weights: One weight per loss type of the list (default 1.0 each); the batch loss is
+                ``sum_k w_k mean(loss_k)``.
+            discopop_tau: ``discopop``'s temperature (TRL's default 0.05).
             sft_weight: Weight of the chosen responses' mean NLL per token added to the loss (RPO,
                 LLaMA-Factory's ``pref_ftx``); 0 = none.
             precompute_reference: Compute the reference log-probs once before training (cached on
@@ -123,8 +175,15 @@ class DPO(Objective):
                 ``$FTBENCH_CACHE/reference_logps``, i.e. ``~/.cache/ftbench/reference_logps``).
         """
         super().__init__(**kwargs)
-        check_settings(beta, loss_type, label_smoothing, sft_weight)
+        check_settings(beta, loss_type, label_smoothing, sft_weight, loss_weights, discopop_tau)
         self.beta, self.loss_type, self.label_smoothing = float(beta), loss_type, float(label_smoothing)
+        self.loss_types = loss_types(loss_type)
+        self.loss_weights = None if loss_weights is None else [float(w) for w in loss_weights]
+        self.discopop_tau = float(discopop_tau)
+        if "sigmoid" in self.loss_types and self.label_smoothing > 0:
+            warnings.warn(f"objective dpo: label_smoothing {self.label_smoothing} with loss_type sigmoid is conservative "
+                          "DPO (as TRL <= 0.28, LLaMA-Factory and torchtune compute it); TRL 1.x ignores label_smoothing "
+                          "for sigmoid, so its numbers differ", ConservativeDPOWarning, stacklevel=2)
         self.sft_weight = float(sft_weight)
         self.precompute_reference = precompute_reference
         self.reference_cache_dir = reference_cache_dir
@@ -185,23 +244,42 @@ class DPO(Objective):
         return split_pairs(logps, batch["chosen_input_ids"].shape[0])
 
     def compute(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Policy and reference log-probs, the per-pair losses and the implicit rewards of a batch."""
+        """Policy and reference log-probs, the batch loss, the per-pair losses and the implicit rewards."""
         n = batch["chosen_input_ids"].shape[0]
         cat = concatenate_pairs(batch, ("input_ids", "attention_mask", "labels"))
         ref_c, ref_r = self.reference_logps(batch, cat)  # first: its no-grad activations are gone before the policy's
-        logps, lengths = self.sequence_logps(cat)
+        logits = self(cat["input_ids"], cat["attention_mask"])
+        tokens, mask = token_logps(logits, cat["labels"])
+        logps, lengths = tokens.sum(-1), mask.sum(-1)  # = sequence_logps
         (pol_c, pol_r), (len_c, len_r) = split_pairs(logps, n), split_pairs(lengths, n)
-        losses, rew_c, rew_r = dpo_loss(pol_c, pol_r, ref_c, ref_r, self.beta, self.loss_type, self.label_smoothing,
-                                        len_c, len_r)
-        return {"cat": cat, "losses": losses, "chosen_rewards": rew_c, "rejected_rewards": rew_r,
+        loss = dpo_batch_loss(pol_c, pol_r, ref_c, ref_r, self.beta, self.loss_types, self.label_smoothing, len_c, len_r,
+                              self.discopop_tau, self.loss_weights, tokens[:n], mask[:n])
+        losses = self.pair_losses(pol_c, pol_r, ref_c, ref_r, len_c, len_r, loss)
+        return {"cat": cat, "loss": loss, "losses": losses,
+                "chosen_rewards": self.beta * (pol_c - ref_c).detach(),
+                "rejected_rewards": self.beta * (pol_r - ref_r).detach(),
                 "policy_chosen": pol_c, "policy_rejected": pol_r, "lengths": lengths,
                 # the chosen responses' NLL per token over the batch (the SFT term)
                 "sft_loss": -pol_c.sum() / len_c.sum().clamp(min=1), "sft_rows": -pol_c, "sft_tokens": len_c}
 
+    def pair_losses(self, pol_c, pol_r, ref_c, ref_r, len_c, len_r, batch_loss) -> torch.Tensor:
+        """One loss value per pair (what evaluation averages, per task too): the weighted per-pair losses
+        of the per-pair types; a type defined on the batch (aot, aot_unpaired, sft) gives every pair of
+        the batch its batch value. Their mean over the pairs is the batch loss."""
+        weights = self.loss_weights or [1.0] * len(self.loss_types)
+        if all(t in DPO_PAIR_LOSS_TYPES for t in self.loss_types):
+            total = 0.0
+            for name, w in zip(self.loss_types, weights):
+                losses, _, _ = dpo_loss(pol_c, pol_r, ref_c, ref_r, self.beta, name, self.label_smoothing, len_c, len_r,
+                                        self.discopop_tau)
+                total = total + w * losses
+            return total
+        return batch_loss.detach().expand(pol_c.shape[0])
+
     # ------------------------------------------------------------------ training
     def training_loss(self, batch: dict[str, Any]) -> TrainingLoss:
         out = self.compute(batch)
-        loss = out["losses"].mean()
+        loss = out["loss"]
         if self.sft_weight > 0:
             loss = loss + self.sft_weight * out["sft_loss"]
 

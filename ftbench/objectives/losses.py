@@ -2,7 +2,7 @@
 
 Every function follows TRL's definition (users compare ftbench's numbers with TRL's); where TRL
 versions differ, the choice is written down at the function. Sources: TRL 1.16
-(``trl/trainer/{dpo,reward,grpo,rloo}_trainer.py``), TRL <= 0.28, torchtune
+(``trl/trainer/{dpo,kto,cpo,orpo,reward,grpo,rloo}_trainer.py``), TRL <= 0.28, torchtune
 (``torchtune/rlhf/loss/dpo.py``) and LLaMA-Factory.
 
 Sequence log-probabilities (:func:`token_logps`, :func:`sequence_logps`)
@@ -11,7 +11,7 @@ Sequence log-probabilities (:func:`token_logps`, :func:`sequence_logps`)
     ``ignore_index`` (-100) excluded. A sequence's log-prob is the SUM over its kept tokens
     (TRL, torchtune, LLaMA-Factory); only IPO averages per token, inside :func:`dpo_loss`.
 
-DPO (:func:`dpo_loss`, :func:`dpo_metrics`)
+DPO (:func:`dpo_loss` per pair, :func:`dpo_batch_loss` for the batch, :func:`dpo_metrics`), TRL 1.16
     With the log-ratios ``c = pi_c - ref_c`` and ``r = pi_r - ref_r`` and ``D = c - r``:
 
     - ``sigmoid`` (DPO, Rafailov et al. 2023; with ``e > 0`` conservative DPO, Mitchell 2023):
@@ -20,13 +20,28 @@ DPO (:func:`dpo_loss`, :func:`dpo_metrics`)
       ``-logsig(b * D)`` whatever ``e`` is), so the numbers agree with TRL 1.x only at ``e = 0``.
     - ``ipo`` (Azar et al. 2023, eq. 17): ``((c / len_c - r / len_r) - 1 / (2 b))^2``, the
       log-ratios averaged per completion token (TRL: "we confirmed this choice with the IPO
-      authors"), lengths clamped to >= 1 as TRL does.
+      authors"), lengths clamped to >= 1 as TRL does. Only the loss averages: the rewards are
+      built from the summed log-ratios (TRL 1.16; TRL 0.x logged the averages).
     - ``hinge`` (SLiC, Zhao et al. 2023): ``relu(1 - b * D)``.
-    - ``robust`` (Chowdhury et al. 2024): ``(-(1 - e) * logsig(b * D) + e * logsig(-b * D)) / (1 - 2e)``,
-      ``0 <= e < 0.5`` (TRL 1.x and <= 0.28 agree).
+    - ``robust`` (Chowdhury et al. 2024): ``(-(1 - e) * logsig(b * D) + e * logsig(-b * D)) / (1 - 2e)``.
+    - ``exo_pair`` (Ji et al. 2024): ``q = sig(b D)``; ``q (logsig(b D) - log(1 - e)) +
+      (1 - q)(logsig(-b D) - log e)``, ``0 < e < 1``.
+    - ``nca_pair`` (Chen et al. 2024): ``-logsig(b c) - logsig(-b c)/2 - logsig(-b r)/2``.
+    - ``bco_pair`` (Jung et al. 2024): ``-logsig(b c) - logsig(-b r)`` (no running-mean shift in 1.16).
+    - ``sppo_hard`` (Wu et al. 2024): ``(c - 1/(2b))^2 + (r + 1/(2b))^2``.
+    - ``apo_zero`` / ``apo_down`` (D'Oosterlinck et al. 2024): ``1 - sig(b c) + sig(b r)`` /
+      ``sig(b c) + 1 - sig(b D)``.
+    - ``discopop`` (Chan et al. 2024): ``x = b D``, ``m = sig(x / tau)``:
+      ``(1 - m)(-logsig(x)) + m exp(-x)``.
+    - ``sigmoid_norm``: ``-logsig(b (c / len_c - r / len_r))`` (``e`` ignored).
+    - on the batch only (:func:`dpo_batch_loss`): ``aot`` and ``aot_unpaired`` (Melnyk et al.
+      2024, the log-ratios sorted over the batch), ``sft`` (the chosen completions' token-mean NLL),
+      and weighted combinations (MPO: ``sum_k w_k mean(loss_k)``).
 
-    Implicit rewards: ``chosen = b * c``, ``rejected = b * r``, detached. For ``ipo`` they are
-    built from the per-token averages (see :func:`dpo_loss`).
+    Implicit rewards: ``chosen = b * c``, ``rejected = b * r`` (summed log-ratios), detached.
+
+KTO (:func:`kto_loss`), CPO/SimPO/AlphaPO (:func:`cpo_loss`), ORPO (:func:`orpo_loss`)
+    TRL 1.16's formulas, written at each function.
 
 Reward model (:func:`reward_loss`, :func:`reward_metrics`), TRL ``RewardTrainer``
     Bradley-Terry: ``mean(-logsig(r_c - r_r - m)) + k * mean((r_c + r_r)^2)`` with an optional
@@ -47,20 +62,28 @@ GRPO (:func:`grpo_advantages`, :func:`rloo_advantages`, :func:`grpo_loss`, :func
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "CPO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
+    "DPO_PAIR_LOSS_TYPES",
+    "KTO_LOSS_TYPES",
     "GRPO_LOSS_TYPES",
     "SCALE_REWARDS",
+    "cpo_loss",
+    "dpo_batch_loss",
     "dpo_loss",
     "dpo_metrics",
     "frac_reward_zero_std",
     "grpo_advantages",
     "grpo_loss",
+    "kto_loss",
+    "orpo_loss",
     "reward_loss",
     "reward_metrics",
     "rloo_advantages",
@@ -69,7 +92,13 @@ __all__ = [
     "token_logps",
 ]
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+#: the DPO loss types that are defined per pair (:func:`dpo_loss`)
+DPO_PAIR_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+                       "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+#: every DPO loss type of TRL 1.16: the per-pair ones and those defined on the batch (:func:`dpo_batch_loss`)
+DPO_LOSS_TYPES = DPO_PAIR_LOSS_TYPES + ("aot", "aot_unpaired", "sft")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
 # TRL 1.16 GRPOConfig.loss_type (its default: dapo); the first five share the clipped surrogate
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
@@ -162,80 +191,203 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
+    discopop_tau: float = 0.05,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair DPO-family losses and the implicit rewards.
+    """Per-pair DPO-family losses and the implicit rewards (TRL 1.16's ``DPOTrainer``).
 
     Args:
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps:
             ``(pairs,)`` summed sequence log-probs (:func:`sequence_logps`).
         beta: ``b > 0``, the strength of the tie to the reference (IPO's ``tau``).
-        loss_type: ``"sigmoid"``, ``"ipo"``, ``"hinge"`` or ``"robust"`` (formulas in the module
-            docstring).
+        loss_type: one of :data:`DPO_PAIR_LOSS_TYPES` (formulas in the module docstring). The
+            batch-level types (``aot``, ``aot_unpaired``, ``sft``) and combinations are
+            :func:`dpo_batch_loss`'s.
         label_smoothing: ``e``, the assumed probability that a preference label is flipped.
             ``sigmoid`` (conservative DPO): ``0 <= e <= 0.5``; ``robust``: ``0 <= e < 0.5``;
-            ``ipo`` and ``hinge`` do not use it, so it must be 0 there (a value that changes
-            nothing is refused rather than ignored). TRL 1.x ignores it for ``sigmoid``; ftbench
-            applies it as TRL <= 0.28, LLaMA-Factory and torchtune do.
+            ``exo_pair``: ``0 < e < 1``; ``ipo`` and ``hinge`` do not use it, so it must be 0 there
+            (a value that changes nothing is refused rather than ignored); the other types ignore
+            it, as TRL 1.16 does. TRL 1.x ignores it for ``sigmoid``; ftbench applies it as
+            TRL <= 0.28, LLaMA-Factory and torchtune do.
         chosen_lengths, rejected_lengths: ``(pairs,)`` completion token counts (the counts of
-            :func:`sequence_logps`), required for ``ipo`` and unused otherwise. Clamped to >= 1.
+            :func:`sequence_logps`), required for ``ipo`` and ``sigmoid_norm``. Clamped to >= 1.
+        discopop_tau: ``discopop``'s temperature ``tau`` (TRL's default 0.05).
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each ``(pairs,)``; the rewards are
-        ``b * (pi - ref)``, detached. The training loss is ``losses.mean()``.
-
-    IPO: the four log-probs are divided by their completion lengths before anything else, so the
-    loss and the rewards use per-token averages (TRL <= 0.28 divided the log-probs in
-    ``concatenated_forward``, which fed the loss, the rewards and the ``logps/*`` metrics). TRL
-    1.x computes the same loss but logs ``rewards/*`` from the summed log-ratios; here the
-    rewards' margin is ``b`` times the quantity IPO regresses onto ``1 / (2b)``.
+        ``b * (pi - ref)`` from the SUMMED log-probs for every loss type, ``ipo`` included (TRL
+        1.16; TRL 0.x logged ``ipo``'s per-token averages), detached. The training loss is
+        ``losses.mean()``.
     """
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"dpo_loss: unknown loss_type {loss_type!r}; expected one of {_choices(DPO_LOSS_TYPES)}")
-    if not (isinstance(beta, (int, float)) and beta > 0 and beta != float("inf")):
-        raise ValueError(f"dpo_loss: beta must be a positive finite number, got {beta!r}")
+    if loss_type not in DPO_PAIR_LOSS_TYPES:
+        raise ValueError(f"dpo_loss: unknown loss_type {loss_type!r}; expected one of {_choices(DPO_PAIR_LOSS_TYPES)}")
+    _check_dpo_arguments("dpo_loss", beta, loss_type, label_smoothing, discopop_tau)
     eps = float(label_smoothing)
-    if loss_type == "sigmoid" and not 0.0 <= eps <= 0.5:
-        raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5] for loss_type 'sigmoid', got {eps}")
-    if loss_type == "robust" and not 0.0 <= eps < 0.5:
-        raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5) for loss_type 'robust', got {eps}")
-    if loss_type in ("ipo", "hinge") and eps != 0.0:
-        raise ValueError(
-            f"dpo_loss: label_smoothing is not used by loss_type {loss_type!r}; set it to 0 (got {eps})"
-        )
     four = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     shapes = {tuple(x.shape) for x in four}
     if len(shapes) != 1:
         raise ValueError(f"dpo_loss: the four log-prob tensors must have one shape, got {sorted(shapes)}")
-
-    if loss_type == "ipo":
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError(
-                "dpo_loss: loss_type 'ipo' averages the log-ratios per completion token and needs "
-                "chosen_lengths and rejected_lengths (the token counts returned by sequence_logps)"
-            )
-        dtype, device = policy_chosen_logps.dtype, policy_chosen_logps.device
-        len_c = torch.as_tensor(chosen_lengths, device=device).to(dtype).clamp(min=1.0)
-        len_r = torch.as_tensor(rejected_lengths, device=device).to(dtype).clamp(min=1.0)
-        policy_chosen_logps, ref_chosen_logps = policy_chosen_logps / len_c, ref_chosen_logps / len_c
-        policy_rejected_logps, ref_rejected_logps = policy_rejected_logps / len_r, ref_rejected_logps / len_r
 
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     delta = chosen_logratios - rejected_logratios
     z = beta * delta
 
+    if loss_type in ("ipo", "sigmoid_norm"):
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError(
+                f"dpo_loss: loss_type {loss_type!r} averages the log-ratios per completion token and needs "
+                "chosen_lengths and rejected_lengths (the token counts returned by sequence_logps)"
+            )
+        dtype, device = policy_chosen_logps.dtype, policy_chosen_logps.device
+        len_c = torch.as_tensor(chosen_lengths, device=device).to(dtype).clamp(min=1.0)
+        len_r = torch.as_tensor(rejected_lengths, device=device).to(dtype).clamp(min=1.0)
+        per_token = chosen_logratios / len_c - rejected_logratios / len_r
+
     if loss_type == "sigmoid":
         losses = -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
     elif loss_type == "ipo":
-        losses = (delta - 1.0 / (2.0 * beta)) ** 2
+        losses = (per_token - 1.0 / (2.0 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - z)
-    else:  # robust
+    elif loss_type == "robust":
         losses = (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
+    elif loss_type == "exo_pair":
+        # TRL makes e a float32 tensor: its two logs are float32 values (within 1e-7 of float64)
+        e32 = torch.tensor(eps, dtype=torch.float32)
+        log_keep, log_flip = torch.log(1.0 - e32).item(), torch.log(e32).item()
+        q = torch.sigmoid(z)
+        losses = q * (F.logsigmoid(z) - log_keep) + (1.0 - q) * (F.logsigmoid(-z) - log_flip)
+    elif loss_type == "nca_pair":
+        zc, zr = beta * chosen_logratios, beta * rejected_logratios
+        losses = -F.logsigmoid(zc) - 0.5 * F.logsigmoid(-zc) - 0.5 * F.logsigmoid(-zr)
+    elif loss_type == "bco_pair":
+        # no running-mean shift of the rewards (TRL 0.x had one; 1.16 has not)
+        losses = -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(-beta * rejected_logratios)
+    elif loss_type == "sppo_hard":
+        a = 1.0 / (2.0 * beta)
+        losses = (chosen_logratios - a) ** 2 + (rejected_logratios + a) ** 2
+    elif loss_type == "apo_zero":
+        losses = 1.0 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+    elif loss_type == "apo_down":
+        losses = torch.sigmoid(beta * chosen_logratios) + 1.0 - torch.sigmoid(z)
+    elif loss_type == "discopop":
+        m = torch.sigmoid(z / discopop_tau)
+        losses = (1.0 - m) * -F.logsigmoid(z) + m * torch.exp(-z)
+    else:  # sigmoid_norm
+        losses = -F.logsigmoid(beta * per_token)
 
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def _check_dpo_arguments(fn: str, beta: float, loss_type: str, label_smoothing: float, discopop_tau: float) -> None:
+    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and 0 < beta < float("inf")):
+        raise ValueError(f"{fn}: beta must be a positive finite number, got {beta!r}")
+    eps = float(label_smoothing)
+    if loss_type == "sigmoid" and not 0.0 <= eps <= 0.5:
+        raise ValueError(f"{fn}: label_smoothing must be in [0, 0.5] for loss_type 'sigmoid', got {eps}")
+    if loss_type in ("robust", "aot", "aot_unpaired") and not 0.0 <= eps < 0.5:
+        raise ValueError(f"{fn}: label_smoothing must be in [0, 0.5) for loss_type {loss_type!r}, got {eps}")
+    if loss_type == "exo_pair" and not 0.0 < eps < 1.0:
+        raise ValueError(f"{fn}: loss_type 'exo_pair' needs label_smoothing in (0, 1) (its log(e) term), got {eps}")
+    if loss_type in ("ipo", "hinge") and eps != 0.0:
+        raise ValueError(f"{fn}: label_smoothing is not used by loss_type {loss_type!r}; set it to 0 (got {eps})")
+    if loss_type == "discopop" and not (isinstance(discopop_tau, (int, float)) and discopop_tau > 0):
+        raise ValueError(f"{fn}: discopop_tau must be > 0, got {discopop_tau!r}")
+
+
+def dpo_batch_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    discopop_tau: float = 0.05,
+    loss_weights: Sequence[float] | None = None,
+    chosen_token_logps: Tensor | None = None,
+    chosen_token_mask: Tensor | None = None,
+) -> Tensor:
+    """The DPO batch loss of one loss type or a weighted combination (TRL 1.16; MPO is
+    ``["sigmoid", "bco_pair", "sft"]`` with ``[0.8, 0.2, 1.0]``): ``sum_k w_k * mean_i(loss_k,i)``.
+
+    Per-pair types are :func:`dpo_loss`'s, averaged over the pairs. Batch-level types:
+
+    - ``aot`` (Melnyk et al. 2024): ``a = sort(pi_c - pi_r)``, ``b = sort(ref_c - ref_r)`` over the
+      BATCH, ascending, each on its own; ``d = a - b``; ``-(1 - e) logsig(b d) - e logsig(-b d)``;
+    - ``aot_unpaired``: the same with ``d = sort(c) - sort(r)`` (the log-ratios sorted apart);
+    - ``sft``: ``-(sum of the policy's per-token log-probs over ALL chosen completion tokens of the
+      batch) / (their count)``: one token mean over the batch, not a mean of per-sequence means.
+      From ``chosen_token_logps``/``chosen_token_mask`` ``(B, T)`` when given, else from the summed
+      ``policy_chosen_logps`` and ``chosen_lengths`` (the same number).
+
+    Args:
+        loss_type: a type name or a list of them (each once).
+        loss_weights: one weight per type (default 1.0 each).
+        The rest: as :func:`dpo_loss`.
+
+    Returns:
+        The scalar batch loss.
+    """
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if not types:
+        raise ValueError("dpo_batch_loss: loss_type is an empty list")
+    for name in types:
+        if name not in DPO_LOSS_TYPES:
+            raise ValueError(f"dpo_batch_loss: unknown loss_type {name!r}; expected one of {_choices(DPO_LOSS_TYPES)}")
+    if loss_weights is None:
+        weights = [1.0] * len(types)
+    else:
+        weights = [float(w) for w in loss_weights]
+        if len(weights) != len(types):
+            raise ValueError(f"dpo_batch_loss: {len(weights)} loss_weights for {len(types)} loss types {types}")
+    total: Tensor | float = 0.0
+    for name, weight in zip(types, weights):
+        if name in DPO_PAIR_LOSS_TYPES:
+            losses, _, _ = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                    beta, name, label_smoothing, chosen_lengths, rejected_lengths, discopop_tau)
+            term = losses.mean()
+        elif name == "sft":
+            term = _chosen_nll(policy_chosen_logps, chosen_lengths, chosen_token_logps, chosen_token_mask)
+        else:  # aot, aot_unpaired
+            _check_dpo_arguments("dpo_batch_loss", beta, name, label_smoothing, discopop_tau)
+            eps = float(label_smoothing)
+            if name == "aot":
+                sorted_policy, _ = torch.sort(policy_chosen_logps - policy_rejected_logps)
+                sorted_ref, _ = torch.sort(ref_chosen_logps - ref_rejected_logps)
+                d = sorted_policy - sorted_ref
+            else:
+                sorted_c, _ = torch.sort(policy_chosen_logps - ref_chosen_logps)
+                sorted_r, _ = torch.sort(policy_rejected_logps - ref_rejected_logps)
+                d = sorted_c - sorted_r
+            term = (-(1.0 - eps) * F.logsigmoid(beta * d) - eps * F.logsigmoid(-beta * d)).mean()
+        total = total + weight * term
+    return total
+
+
+def _chosen_nll(policy_chosen_logps: Tensor, chosen_lengths: Tensor | None, token_logps: Tensor | None,
+                token_mask: Tensor | None) -> Tensor:
+    """Minus the token mean of the chosen completions' log-probs over the whole batch."""
+    if token_logps is not None:
+        if token_mask is None or token_mask.shape != token_logps.shape:
+            raise ValueError("dpo_batch_loss: loss_type 'sft' needs chosen_token_mask with chosen_token_logps's shape")
+        return _token_mean_nll(token_logps, token_mask)
+    if chosen_lengths is None:
+        raise ValueError("dpo_batch_loss: loss_type 'sft' needs chosen_token_logps and chosen_token_mask "
+                         "(or chosen_lengths with the summed policy_chosen_logps)")
+    count = torch.as_tensor(chosen_lengths, device=policy_chosen_logps.device).sum().clamp(min=1)
+    return -policy_chosen_logps.sum() / count
+
+
+def _token_mean_nll(token_logps: Tensor, mask: Tensor) -> Tensor:
+    """``-sum(logp over masked tokens) / count`` for a ``(B, T)`` batch (a padded slot may hold anything)."""
+    keep = mask.bool()
+    picked = torch.where(keep, token_logps, torch.zeros_like(token_logps))
+    return -picked.sum() / keep.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -259,6 +411,248 @@ def dpo_metrics(
         "logps/chosen": policy_chosen_logps.detach().mean(),
         "logps/rejected": policy_rejected_logps.detach().mean(),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# KTO
+# --------------------------------------------------------------------------------------------
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    labels: Tensor,
+    kl_logps: Tensor | None = None,
+    ref_kl_logps: Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str = "kto",
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """KTO (Ethayarajh et al. 2024) on unpaired examples, as TRL 1.16's ``KTOTrainer``.
+
+    With ``rho = pi - ref`` per example and the KL estimate
+    ``z = max(0, mean_i(kl_logps_i - ref_kl_logps_i))`` over the whole batch (both labels), detached:
+
+    - ``kto``: desirable ``1 - sigmoid(b (rho - z))``, undesirable ``1 - sigmoid(b (z - rho))``;
+    - ``apo_zero_unpaired``: desirable ``1 - sigmoid(b rho)``, undesirable ``sigmoid(b rho)``; no KL
+      (``z`` is 0, and ``kl_logps`` may be None).
+
+    Args:
+        policy_logps, ref_logps: ``(B,)`` summed completion log-probs under the policy and reference.
+        labels: ``(B,)`` bool, True = desirable.
+        kl_logps, ref_kl_logps: ``(B,)`` summed log-probs of each example's MISMATCHED completion
+            (the previous example's of the batch, cyclic:
+            :func:`ftbench.data.unpaired.kl_completion_order`) under policy and reference.
+        beta: ``b > 0``. desirable_weight, undesirable_weight: the per-example weights (>= 0).
+
+    Returns:
+        ``(losses, kl, metrics)``: ``losses`` ``(B,)`` per example in input order, already weighted
+        (the batch loss is their plain mean, not divided by the sum of weights); ``kl`` = ``z``
+        (0-dim); ``metrics`` under TRL's names: ``kl``; ``rewards/chosen`` and ``logps/chosen``
+        (means of ``b rho`` and ``pi`` over the desirable examples, only if there are any), the same
+        ``/rejected``; ``rewards/margins`` (their difference) only when both kinds are present. The
+        rewards do not subtract ``z``.
+    """
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"kto_loss: unknown loss_type {loss_type!r}; expected one of {_choices(KTO_LOSS_TYPES)}")
+    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and 0 < beta < float("inf")):
+        raise ValueError(f"kto_loss: beta must be a positive finite number, got {beta!r}")
+    for name, w in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+        if not w >= 0:
+            raise ValueError(f"kto_loss: {name} must be >= 0, got {w}")
+    labels = torch.as_tensor(labels, device=policy_logps.device).bool()
+    if policy_logps.shape != ref_logps.shape or labels.shape != policy_logps.shape:
+        raise ValueError(f"kto_loss: policy_logps, ref_logps and labels must have one shape (B,), got "
+                         f"{tuple(policy_logps.shape)}, {tuple(ref_logps.shape)}, {tuple(labels.shape)}")
+    zero = torch.zeros((), dtype=policy_logps.dtype, device=policy_logps.device)
+    if loss_type == "kto":
+        if kl_logps is None or ref_kl_logps is None:
+            raise ValueError("kto_loss: loss_type 'kto' needs kl_logps and ref_kl_logps (the mismatched completions' "
+                             "summed log-probs under the policy and the reference)")
+        kl = (kl_logps - ref_kl_logps).detach().mean().clamp(min=0).to(policy_logps.dtype)
+    else:
+        kl = zero
+    logratios = policy_logps - ref_logps
+    if loss_type == "kto":
+        desirable = 1.0 - torch.sigmoid(beta * (logratios - kl))
+        undesirable = 1.0 - torch.sigmoid(beta * (kl - logratios))
+    else:  # apo_zero_unpaired
+        desirable = 1.0 - torch.sigmoid(beta * logratios)
+        undesirable = torch.sigmoid(beta * logratios)
+    losses = torch.where(labels, desirable_weight * desirable, undesirable_weight * undesirable)
+
+    with torch.no_grad():
+        rewards = beta * logratios.detach()
+        metrics: dict[str, Tensor] = {"kl": kl.detach()}
+        for name, rows in (("chosen", labels), ("rejected", ~labels)):
+            # (on the meta device, ftbench estimate's step, nothing can be read: both kinds are kept)
+            if rows.device.type == "meta" or bool(rows.any()):
+                count = rows.sum()  # masked means (boolean indexing has no meta kernel)
+                metrics[f"rewards/{name}"] = torch.where(rows, rewards, 0.0).sum() / count
+                metrics[f"logps/{name}"] = torch.where(rows, policy_logps.detach(), 0.0).sum() / count
+        if "rewards/chosen" in metrics and "rewards/rejected" in metrics:
+            metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return losses, kl.detach(), metrics
+
+
+# --------------------------------------------------------------------------------------------
+# CPO / SimPO / AlphaPO and ORPO: no reference model
+# --------------------------------------------------------------------------------------------
+
+
+def _masked_sum_and_count(token_logps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    keep = mask.bool()
+    picked = torch.where(keep, token_logps, torch.zeros_like(token_logps))
+    return picked.sum(-1), keep.sum(-1)
+
+
+def cpo_loss(
+    chosen_token_logps: Tensor,
+    chosen_mask: Tensor,
+    rejected_token_logps: Tensor,
+    rejected_mask: Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    cpo_alpha: float = 1.0,
+    simpo_gamma: float = 0.5,
+    alpha: float = 0.0,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """CPO (Xu et al. 2024), SimPO (Meng et al. 2024) and AlphaPO (Gupta et al. 2025): reference-free
+    preference losses, as TRL 1.16's ``CPOTrainer``.
+
+    Scores ``s`` over the completion tokens: the SUM for ``sigmoid``/``hinge``, the per-token MEAN
+    for ``ipo``/``simpo``. With ``alpha != 0`` (any type) each score becomes AlphaPO's reward
+    ``r = (1 - exp(s)^(-alpha)) / alpha`` and ``u = r_c - r_r``; else ``u = s_c - s_r``.
+
+    - ``sigmoid``: ``-(1 - e) logsig(b u) - e logsig(-b u)``; ``hinge``: ``relu(1 - b u)``;
+      ``ipo``: ``(u - 1/(2b))^2`` (both ignore ``e``);
+    - ``simpo``: the sigmoid formula on ``u - simpo_gamma / b`` (``-logsig(b u - gamma)`` at e = 0);
+    - ``alphapo``: TRL's config sugar for ``simpo`` with ``cpo_alpha = 0`` (``alpha`` is not set by it).
+
+    ``loss = mean(losses) + cpo_alpha * NLL``, NLL = minus the token mean of the chosen completions'
+    log-probs over the batch (0 when ``cpo_alpha`` is 0).
+
+    Args:
+        chosen_token_logps, rejected_token_logps: ``(B, T)`` per-token log-probs of the completions
+            (:func:`token_logps`); chosen_mask, rejected_mask: ``(B, T)`` 1 on completion tokens.
+
+    Returns:
+        ``(loss, losses, metrics)``: the scalar loss, the ``(B,)`` preference losses, and TRL's
+        metrics: ``rewards/chosen`` (mean ``b s_c``, or ``b r_c``), ``rewards/rejected``,
+        ``rewards/accuracies`` (strict), ``rewards/margins``, ``logps/chosen`` and
+        ``logps/rejected`` (mean scores, summed or averaged as above), ``nll_loss``.
+    """
+    if loss_type not in CPO_LOSS_TYPES:
+        raise ValueError(f"cpo_loss: unknown loss_type {loss_type!r}; expected one of {_choices(CPO_LOSS_TYPES)}")
+    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and 0 < beta < float("inf")):
+        raise ValueError(f"cpo_loss: beta must be a positive finite number, got {beta!r}")
+    if loss_type == "alphapo":
+        loss_type, cpo_alpha = "simpo", 0.0
+    eps = float(label_smoothing)
+    sum_c, n_c = _masked_sum_and_count(chosen_token_logps, chosen_mask)
+    sum_r, n_r = _masked_sum_and_count(rejected_token_logps, rejected_mask)
+    if loss_type in ("ipo", "simpo"):
+        s_c, s_r = sum_c / n_c.clamp(min=1), sum_r / n_r.clamp(min=1)
+    else:
+        s_c, s_r = sum_c, sum_r
+    if alpha != 0.0:
+        def shaped(s: Tensor) -> Tensor:
+            return (1.0 - torch.exp(-alpha * s)) / alpha  # exp(s)^(-alpha) = exp(-alpha s)
+
+        v_c, v_r = shaped(s_c), shaped(s_r)
+    else:
+        v_c, v_r = s_c, s_r
+    u = v_c - v_r
+    if loss_type == "simpo":
+        u = u - simpo_gamma / beta
+    if loss_type in ("sigmoid", "simpo"):
+        losses = -(1.0 - eps) * F.logsigmoid(beta * u) - eps * F.logsigmoid(-beta * u)
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - beta * u)
+    else:  # ipo
+        losses = (u - 1.0 / (2.0 * beta)) ** 2
+    if cpo_alpha != 0.0:
+        nll = _token_mean_nll(chosen_token_logps, chosen_mask)
+    else:
+        nll = torch.zeros((), dtype=chosen_token_logps.dtype, device=chosen_token_logps.device)
+    loss = losses.mean() + cpo_alpha * nll
+
+    with torch.no_grad():
+        chosen_rewards, rejected_rewards = beta * v_c.detach(), beta * v_r.detach()
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": s_c.detach().mean(),
+            "logps/rejected": s_r.detach().mean(),
+            "nll_loss": nll.detach(),
+        }
+    return loss, losses, metrics
+
+
+def orpo_loss(
+    chosen_token_logps: Tensor,
+    chosen_mask: Tensor,
+    rejected_token_logps: Tensor,
+    rejected_mask: Tensor,
+    beta: float = 0.1,
+    nll_token_logps: Tensor | None = None,
+    nll_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """ORPO (Hong et al. 2024), as TRL 1.16's ``ORPOTrainer``: an SFT loss plus an odds-ratio term,
+    no reference model.
+
+    ``s_c, s_r`` = per-token MEAN log-probs of the completions;
+    ``log_odds = (s_c - s_r) - (log(1 - e^s_c) - log(1 - e^s_r))`` in float32 (TRL calls
+    ``.float()``); ``losses = b * logsig(log_odds)`` (<= 0); ``loss = NLL - mean(losses)``. ``beta``
+    is the paper's lambda (there is no other weight).
+
+    Args:
+        chosen_token_logps, rejected_token_logps, chosen_mask, rejected_mask: ``(B, T)`` per-token
+            log-probs of the completions and their 0/1 masks.
+        nll_token_logps, nll_mask: ``(B, T')`` the tokens of the NLL term. TRL's: the chosen
+            sequence's PROMPT and completion tokens (every attended token but the first), which the
+            objective passes; default: the chosen completion tokens (the paper's variant).
+
+    Returns:
+        ``(loss, losses, metrics)``; metrics under TRL's names: ``rewards/chosen`` (mean ``b s_c``,
+        float32), ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
+        ``logps/rejected`` (mean ``s``), ``nll_loss``, ``log_odds_ratio`` (mean ``logsig(log_odds)``)
+        and ``log_odds_chosen`` (mean ``log_odds``).
+    """
+    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and 0 < beta < float("inf")):
+        raise ValueError(f"orpo_loss: beta must be a positive finite number, got {beta!r}")
+    sum_c, n_c = _masked_sum_and_count(chosen_token_logps, chosen_mask)
+    sum_r, n_r = _masked_sum_and_count(rejected_token_logps, rejected_mask)
+    s_c, s_r = sum_c / n_c.clamp(min=1), sum_r / n_r.clamp(min=1)
+    c32, r32 = s_c.float(), s_r.float()
+    log_odds = (c32 - r32) - (torch.log1p(-torch.exp(c32)) - torch.log1p(-torch.exp(r32)))
+    ratio = F.logsigmoid(log_odds)
+    losses = beta * ratio
+    if nll_token_logps is None:
+        nll_token_logps, nll_mask = chosen_token_logps, chosen_mask
+    elif nll_mask is None or nll_mask.shape != nll_token_logps.shape:
+        raise ValueError("orpo_loss: nll_token_logps needs nll_mask of the same shape")
+    nll = _token_mean_nll(nll_token_logps, nll_mask)
+    loss = nll - losses.mean()
+
+    with torch.no_grad():
+        chosen_rewards, rejected_rewards = beta * c32.detach(), beta * r32.detach()
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": s_c.detach().mean(),
+            "logps/rejected": s_r.detach().mean(),
+            "nll_loss": nll.detach(),
+            "log_odds_ratio": ratio.detach().mean(),
+            "log_odds_chosen": log_odds.detach().mean(),
+        }
+    return loss, losses, metrics
 
 
 # --------------------------------------------------------------------------------------------
