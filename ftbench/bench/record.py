@@ -77,6 +77,18 @@ def portable_path(path: str) -> str:
     return path
 
 
+def portable_paths(obj: Any) -> Any:
+    """:func:`portable` with every absolute path among the values made :func:`portable_path` (relative
+    to the working directory, ``~/...``): what Lightning's ``config.yaml`` dump keeps."""
+    if isinstance(obj, dict):
+        return {k: portable_paths(v) for k, v in obj.items() if k != "__path__"}
+    if isinstance(obj, (list, tuple)):
+        return [portable_paths(v) for v in obj]
+    if isinstance(obj, Path) or type(obj).__name__.startswith("Path_"):
+        obj = str(obj)
+    return portable_path(obj) if isinstance(obj, str) and os.path.isabs(obj) else obj
+
+
 def jsonable(obj: Any) -> Any:
     if isinstance(obj, enum.Enum):  # peft keeps some options as enums (prompt_tuning_init: RANDOM)
         return jsonable(obj.value)

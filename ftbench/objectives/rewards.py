@@ -39,6 +39,8 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
@@ -158,6 +160,11 @@ def import_object(path: str) -> Any:
     """The object at ``module.attr[.attr...]``: the longest importable module prefix, then attributes."""
     if not isinstance(path, str) or "." not in path:
         raise ConfigError(f"reward function: {path!r} is not an import path (module.function)")
+    # a reward module beside the user's configs imports without PYTHONPATH: `python -m ftbench.cli` has
+    # the working directory on the path, the `ftbench` script does not. Appended, so that an installed
+    # package of the same name still wins.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     parts = path.split(".")
     for cut in range(len(parts) - 1, 0, -1):
         module_name = ".".join(parts[:cut])
