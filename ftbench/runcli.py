@@ -126,6 +126,14 @@ def cli_class():
             parser.link_arguments(("evaluate", "data"), "model.init_args.evaluator", compute_fn=Evaluator,
                                   apply_on="instantiate")
 
+        def init_parser(self, **kwargs):
+            # every parser (the main one and each subcommand's) says a refusal in one line
+            from ftbench.argerrors import install
+
+            parser = super().init_parser(**kwargs)
+            install(parser, self.argv)
+            return parser
+
         def _cfg(self):
             return self.config[self.subcommand] if self.subcommand else self.config
 

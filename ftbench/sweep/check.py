@@ -44,6 +44,10 @@ def parse_points(argvs: list[list[str]]) -> list[Optional[str]]:
             results.append(None)
         except SystemExit:
             lines = [line.strip() for line in err.getvalue().splitlines() if line.strip()]
+            one = [line for line in lines if line.startswith("ftbench: error: ")]  # ftbench.argerrors
+            if one:
+                results.append(one[0][len("ftbench: error: "):])
+                continue
             at = max((i for i, line in enumerate(lines) if line.startswith("error:")), default=len(lines) - 1)
             results.append(" ".join(lines[at:])[len("error:"):].strip() if lines else "the parser refused it")
         except Exception as exc:  # an error raised while parsing (e.g. a class that cannot be imported)
