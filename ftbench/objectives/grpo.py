@@ -166,6 +166,8 @@ class GRPO(Objective):
     inside the training step; see the module docstring."""
 
     name = "grpo"
+    data_regimes = ("instruction", "multitask")
+    data_needs = "prompts (instruction rows with data.prompt_batches: true)"
 
     def __init__(
         self,
@@ -282,6 +284,7 @@ class GRPO(Objective):
         super().configure_model()
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if stage == "fit" and dm is not None and getattr(dm, "prompt_batches", None) is False:
             raise ConfigError("objective grpo: the data module gives supervised training batches; GRPO samples from "

@@ -42,6 +42,8 @@ class Reward(Objective):
     """Bradley-Terry reward model on the scalar score head (TRL ``RewardTrainer``'s loss and metrics)."""
 
     name = "reward"
+    data_regimes = ("preference",)
+    data_needs = "preference pairs (chosen and rejected answers)"
     head = "score"
 
     def __init__(self, center_rewards_coefficient: Optional[float] = None, **kwargs):

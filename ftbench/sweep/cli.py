@@ -32,6 +32,7 @@ from typing import Any, Optional
 
 from ftbench.fileio import write_text_atomic
 from ftbench.runcli import die_with_parent
+from ftbench.sweep.check import python_command, with_this_package
 from ftbench.wandb_mode import default_to_offline
 from ftbench.sweep.grid import (RunSpec, Sweep, SweepError, load_sweep, parse_overrides, parse_shard, shard,
                                 weights_dir)
@@ -235,7 +236,7 @@ def child_env(sweep: Sweep, spec: RunSpec) -> dict[str, str]:
     """The run's environment: W&B groups every run of a sweep under its name and tags it with the
     method (honoured by ``wandb.init`` when the run's logger is W&B; inert otherwise). Values the
     user (or a W&B agent) has already set win."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**with_this_package(os.environ), "PYTHONUNBUFFERED": "1"}
     env.setdefault("WANDB_RUN_GROUP", sweep.name)
     env.setdefault("WANDB_TAGS", ",".join(dict.fromkeys([spec.method, spec.subcommand, sweep.name]))[:500])
     env.setdefault("WANDB_JOB_TYPE", spec.subcommand)
@@ -253,8 +254,8 @@ def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str
     side = out / f".{spec.run_id}.progress.json"
     side.unlink(missing_ok=True)
     env = {**child_env(sweep, spec), "FTBENCH_PROGRESS_FILE": str(side)}
-    cmd = [python, "-m", "ftbench.cli", *spec.argv(str(out))]
-    progress.print(f"[{i}/{progress.total}] {spec.run_id}: ftbench {' '.join(cmd[3:])}")
+    cmd = [*python_command(python), "ftbench.cli", *spec.argv(str(out))]
+    progress.print(f"[{i}/{progress.total}] {spec.run_id}: ftbench {' '.join(spec.argv(str(out)))}")
     t0 = time.monotonic()
     p = ChildProgress()
     max_steps = spec.max_steps() if spec.subcommand == "fit" else None
@@ -290,8 +291,23 @@ def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str
     if status in (None, "running"):  # exited 0 without a finished record: not a completed run
         _mark_failed(path, spec, proc.returncode, log)
         status = "failed"
-    progress.print(f"      {status} in {dt:.0f} s" + (f"  {p.summary}" if p.summary else "") + f"  (log: {log})")
+    reason = f": {failure_reason(path, log)}" if status != DONE else ""
+    progress.print(f"      {status} in {dt:.0f} s{reason}" + (f"  {p.summary}" if p.summary else "") + f"  (log: {log})")
     return status
+
+
+def failure_reason(path: Path, log: Path) -> str:
+    """One line saying why a run did not complete: the last ``ftbench: error:`` line of its log (what
+    the run itself said), else its record's error message (first line)."""
+    try:
+        said = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("ftbench: error: ")]
+    except OSError:
+        said = []
+    if said:
+        return said[-1][len("ftbench: error: "):]
+    error = ((read_record(path) or {}).get("train_info") or {}).get("error") or {}
+    message = str(error.get("message") or "").strip().splitlines()
+    return f"{error.get('type', 'error')}: {message[0]}"[:300] if message else "no reason recorded"
 
 
 def plan(sweep: Sweep, runs: list[RunSpec], retry_failed: bool) -> list[tuple[RunSpec, Optional[str], bool, str]]:
