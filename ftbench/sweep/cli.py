@@ -39,7 +39,7 @@ from ftbench.sweep.grid import (RunSpec, Sweep, SweepError, load_sweep, parse_ov
 
 DONE = "completed"
 FAILED = ("failed", "nan", "oom")
-INTERRUPTS = ("KeyboardInterrupt", "SIGTERMException", "Interrupted", "SystemExit")
+INTERRUPTS = ("KeyboardInterrupt", "SIGTERMException", "Interrupted", "SystemExit", "SweepWriteError")
 MANIFEST = "sweep.json"
 
 
@@ -82,6 +82,23 @@ def _mark_skipped(path: Path, spec: RunSpec, why: str) -> None:
            "train_info": {"method": spec.method, "status": "skipped", "metrics": [], "final": {},
                           "error": {"type": "UpstreamNotCompleted", "message": why}}, "meta_info": {}}
     write_text_atomic(path, json.dumps(rec, indent=2))
+
+
+def _mark_stopped(path: Path, spec: RunSpec, err: OSError) -> None:
+    """The run a sweep was on when it could not write: recorded as stopped by the sweep (a status the
+    next invocation reruns), when anything can still be written; a completed record is left alone."""
+    if record_status(path) == DONE:
+        return
+    rec = read_record(path)
+    if rec is None or not isinstance(rec.get("train_info"), dict):
+        rec = {"schema": 1, "run_info": {"run_id": spec.run_id, "subcommand": spec.subcommand, "point": spec.label},
+               "train_info": {"method": spec.method, "metrics": [], "final": {}}, "meta_info": {}}
+    rec["train_info"]["status"] = "failed"
+    rec["train_info"]["error"] = {"type": "SweepWriteError", "message": f"the sweep could not write: {err}"}
+    try:
+        write_text_atomic(path, json.dumps(rec, indent=2))
+    except OSError:
+        pass  # left as it was (running, or no record): the next invocation reruns it either way
 
 
 def _mark_failed(path: Path, spec: RunSpec, returncode: int, log: Path) -> None:
@@ -285,6 +302,9 @@ def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str
     side.unlink(missing_ok=True)
     dt = time.monotonic() - t0
     progress.durations.append(dt)
+    attempt = path.with_name(path.name + ".attempt")  # ftbench.bench.record.attempt_path
+    if attempt.exists():  # a rerun of a completed run that did not complete: the completed record stays
+        path = attempt
     if proc.returncode != 0 and record_status(path) not in FAILED + ("interrupted",):
         _mark_failed(path, spec, proc.returncode, log)
     status = record_status(path)
@@ -326,6 +346,27 @@ def plan(sweep: Sweep, runs: list[RunSpec], retry_failed: bool) -> list[tuple[Ru
             spec.overrides["overwrite"] = True  # not part of its id
             rows[i] = (spec, status, True, "rerun (a later stage needs its weights)")
     return rows
+
+
+def changed_sources(out: Path, done: list[RunSpec]) -> list[str]:
+    """One warning per data file that changed since a completed run of this sweep read it (its record's
+    ``train_info.data_fingerprints`` against the file now): runs still to do will read the new
+    version, and the report refuses to group the two as one point."""
+    from ftbench.data.fingerprint import path_fingerprint
+
+    warned: dict[str, str] = {}
+    for spec in done:
+        info = (read_record(out / f"{spec.run_id}.json") or {}).get("train_info") or {}
+        prints = info.get("data_fingerprints") if isinstance(info, dict) else None
+        for source, then in (prints.items() if isinstance(prints, dict) else []):
+            if source in warned or str(then).startswith("datasets:"):
+                continue
+            now = path_fingerprint(os.path.expanduser(source))
+            if now is not None and now != then:
+                warned[source] = (f"ftbench: warning: {source} changed since run {spec.run_id} read it ({then} -> {now}, "
+                                  "bytes:sha256): the runs still to do read the new version, and the report will not "
+                                  "group them with the completed ones")
+    return list(warned.values())
 
 
 def blocked_by(sweep: Sweep, spec: RunSpec) -> Optional[str]:
@@ -373,9 +414,13 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
     except OutputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    write_text_atomic(out / MANIFEST, json.dumps(sweep.manifest(), indent=2, default=str))
+    if todo:
+        for line in changed_sources(out, [spec for spec, status, _, _ in rows if status == DONE]):
+            print(line, file=sys.stderr)
     t_sweep = time.monotonic()
+    spec = None
     try:
+        write_text_atomic(out / MANIFEST, json.dumps(sweep.manifest(), indent=2, default=str))
         with Progress(len(todo), live) as progress:
             for i, spec in enumerate(todo, 1):
                 why = blocked_by(sweep, spec)
@@ -387,6 +432,13 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
     except KeyboardInterrupt:
         print("\ninterrupted: finished records are kept; run the same command again to resume.", file=sys.stderr)
         return 130
+    except OSError as err:  # a full disk, a folder gone read-only: stop here, lose nothing completed
+        at = f" at run {spec.run_id}" if spec is not None else ""
+        if spec is not None:
+            _mark_stopped(out / f"{spec.run_id}.json", spec, err)
+        print(f"error: cannot write in {out} ({err.strerror or err}): the sweep stopped{at}; completed records are "
+              "kept, and the same command resumes once it can write", file=sys.stderr)
+        return 1
     print(f"sweep {sweep.name}: {len(todo)} run(s) in {time.monotonic() - t_sweep:.0f} s\n")
     try:
         from ftbench.sweep.report import report
