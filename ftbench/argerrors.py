@@ -28,25 +28,35 @@ _CLASS = re.compile(r"^\s*- Problem with given class_path '([^']+)':")
 
 def condensed(message: str) -> str:
     """The deepest ``Parser key`` of jsonargparse's error tree, dotted from the top (``init_args``
-    between a class and its argument), and the first line under it; ``message`` itself when it has
-    no tree (``unrecognized arguments: ...``)."""
+    between a class and its argument), and the first line under it (under its class, when the class
+    refused it: ``tuner (ftbench.tuners.NoTuning): Option 'r' is not accepted``); ``message`` itself
+    when it has no tree (``unrecognized arguments: ...``)."""
     lines = message.splitlines()
-    path: list[tuple[int, str]] = []  # (indent, key) of the keys above the current line
-    best: Optional[tuple[int, str, str]] = None  # (depth, dotted key, what is wrong)
+    path: list[tuple[int, str]] = []  # (indent, dotted key) of the keys above the current line
+    best: Optional[tuple[int, str, str]] = None  # (depth, where, what is wrong)
     for i, line in enumerate(lines):
-        m = _KEY.match(line)
-        if m is None:
+        m, c = _KEY.match(line), _CLASS.match(line)
+        if m is None and c is None:
             continue
-        indent, key, rest = len(m.group(1)), m.group(2), m.group(3)
+        indent = len(line) - len(line.lstrip())
         path = [(d, k) for d, k in path if d < indent]
-        # a key right under "Problem with given class_path" is one of the class's init_args
-        parent = path[-1][1] if path else ""
-        under_class = bool(path) and i > 0 and _CLASS.match(lines[i - 1]) is not None
-        dotted = ".".join(p for p in (parent, "init_args" if under_class else "", key) if p)
-        path.append((indent, dotted))
-        what = rest or next((x.strip() for x in lines[i + 1:] if x.strip()), "")
-        if best is None or len(path) > best[0]:
-            best = (len(path), dotted, what)
+        after = next((x.strip() for x in lines[i + 1:] if x.strip()), "")
+        if c is not None:  # the class under the current key refused what follows
+            where, what, depth = f"{path[-1][1]} ({c.group(1)})" if path else c.group(1), after, len(path) + 0.5
+            if _KEY.match(lines[i + 1] if i + 1 < len(lines) else ""):
+                continue  # a key of the class follows: it is deeper
+        else:
+            key, rest = m.group(2), m.group(3)
+            parent = path[-1][1] if path else ""
+            # a key right under "Problem with given class_path" is one of the class's init_args
+            under_class = bool(path) and i > 0 and _CLASS.match(lines[i - 1]) is not None
+            where = ".".join(p for p in (parent, "init_args" if under_class else "", key) if p)
+            path.append((indent, where))
+            what, depth = rest or after, len(path)
+            if what.startswith("Does not validate against any of"):
+                continue  # a union's header: the reason is under one of its subtypes
+        if best is None or depth > best[0]:
+            best = (depth, where, what)
     if best is None:
         return " ".join(x.strip() for x in lines if x.strip())
     return f"{best[1]}: {best[2]}"
