@@ -63,13 +63,17 @@ def condensed(message: str) -> str:
 
 
 def yaml_source(key: str, argv: Sequence[str]) -> Optional[str]:
-    """The YAML file of the command line that sets ``key`` (the last one: later files win), if any:
+    """The YAML file of the command line that sets ``key`` (the last one: later files win; none when
+    the command line gives the key itself after it), if any:
     ``-c/--config FILE`` (the key from the top) or ``--GROUP FILE`` (the key below ``GROUP``)."""
     import yaml
 
     found = None
     for i, arg in enumerate(argv[:-1]):
         value = argv[i + 1]
+        if arg.lstrip("-").split("=", 1)[0] == key:
+            found = None  # given on the command line after any file
+            continue
         if not arg.startswith("-") or not value.endswith((".yaml", ".yml")):
             continue
         prefix = "" if arg in ("-c", "--config") else arg.lstrip("-")

@@ -207,6 +207,10 @@ def cli_class():
                 from ftbench.sweep.progress import ProgressFile
 
                 trainer.callbacks.append(ProgressFile(os.environ["FTBENCH_PROGRESS_FILE"]))
+            if "wandb" in str(cfg.trainer.get("logger")).lower():
+                from ftbench.wandb_mode import start_or_offline
+
+                start_or_offline(trainer)
             for logger in trainer.loggers:
                 logger.log_hyperparams({"config": self.run_config, "run_id": self.run_id})
             return trainer
