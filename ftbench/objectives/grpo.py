@@ -166,8 +166,8 @@ class GRPO(Objective):
     inside the training step; see the module docstring."""
 
     name = "grpo"
-    data_regimes = ("instruction", "multitask")
-    data_needs = "prompts (instruction rows with data.prompt_batches: true)"
+    data_regimes = ("instruction", "multitask", "preference")
+    data_needs = "prompts (data.prompt_batches: true on instruction rows, a mixture or preference pairs)"
 
     def __init__(
         self,

@@ -36,8 +36,9 @@ class SFT(Objective):
     """Next-token cross-entropy on the response tokens, averaged over the batch's trained tokens."""
 
     name = "sft"
-    data_regimes = ("instruction", "domain", "multitask")
-    data_needs = "supervised rows (instruction rows, domain text or a task mixture)"
+    # preference data too: its batches carry the chosen sequence under the plain names
+    data_regimes = ("instruction", "domain", "multitask", "preference")
+    data_needs = "supervised rows (instruction rows, domain text, a task mixture or preference pairs)"
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean loss over the batch's trained tokens, per-row summed losses, per-row token counts)."""
