@@ -96,7 +96,7 @@ def yaml_source(key: str, argv: Sequence[str]) -> Optional[str]:
 
 
 def one_line(message: str, argv: Sequence[str]) -> str:
-    """``KEY: WHAT (in FILE)`` for jsonargparse's ``message``."""
+    """``KEY: WHAT (set in FILE)`` for jsonargparse's ``message`` (FILE: :func:`yaml_source`)."""
     line = condensed(message)
     key = line.split(":", 1)[0] if ":" in line and " " not in line.split(":", 1)[0] else None
     source = yaml_source(key, argv) if key else None
@@ -104,7 +104,8 @@ def one_line(message: str, argv: Sequence[str]) -> str:
 
 
 def install(parser, argv: Sequence[str]) -> None:
-    """Make ``parser`` (and so the subcommand parsers it makes) print one line and exit 2 on an error."""
+    """Make ``parser`` print one line (and a hint naming ``--help``) and exit 2 on an error; the CLI
+    calls it for the main parser and each subcommand's (``LightningCLI.init_parser``)."""
     base_error = parser.error
 
     def error(message: str, ex: Optional[Exception] = None):
