@@ -31,3 +31,26 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 def write_text_atomic(path: str | Path, text: str) -> None:
     """:func:`write_bytes_atomic` of ``text`` in UTF-8."""
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def check_file_name(value: str, option: str) -> str:
+    """``value`` as one file name inside the results folder (a run id, a sweep run's name): no path
+    separator, no ``.``/``..``, not absolute, no control character, else a
+    :class:`~ftbench.errors.ConfigError` naming ``option``. A run id names ``{out}/{run_id}.json``; one
+    with ``../`` would write above ``--out``."""
+    from ftbench.errors import ConfigError
+
+    problem = None
+    if not value:
+        problem = "is empty"
+    elif os.path.isabs(value) or value.startswith("~"):
+        problem = "is an absolute path"
+    elif any(sep in value for sep in ("/", "\\", os.sep)):
+        problem = "contains a path separator"
+    elif value in (".", "..") or value.startswith(".."):
+        problem = "is '.' or starts with '..'"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+        problem = "contains a control character"
+    if problem:
+        raise ConfigError(f"{option}: {value!r} {problem}; it is a file name inside --out (letters, digits, _ . -)")
+    return value

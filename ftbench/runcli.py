@@ -62,7 +62,7 @@ def cli_class():
 
     from ftbench.backbone import Backbone
     from ftbench.bench import PeakMemory, RunRecorder, Throughput
-    from ftbench.bench.record import jsonable, portable, redact
+    from ftbench.bench.record import jsonable, portable, portable_paths, redact
     from ftbench.errors import ConfigError
     from ftbench.objectives.base import Objective
     from ftbench.tuners.base import Tuner
@@ -80,7 +80,7 @@ def cli_class():
 
                 from ftbench.fileio import write_text_atomic
 
-                text = yaml.safe_dump(jsonable(redact(self.config.clone().as_dict())), sort_keys=False)
+                text = yaml.safe_dump(jsonable(redact(portable_paths(self.config.clone().as_dict()))), sort_keys=False)
                 write_text_atomic(os.path.join(log_dir, self.config_filename), text)
             if trainer.is_global_zero:
                 self.save_config(trainer, pl_module, stage)
@@ -126,6 +126,14 @@ def cli_class():
             parser.link_arguments(("evaluate", "data"), "model.init_args.evaluator", compute_fn=Evaluator,
                                   apply_on="instantiate")
 
+        def init_parser(self, **kwargs):
+            # every parser (the main one and each subcommand's) says a refusal in one line
+            from ftbench.argerrors import install
+
+            parser = super().init_parser(**kwargs)
+            install(parser, self.argv)
+            return parser
+
         def _cfg(self):
             return self.config[self.subcommand] if self.subcommand else self.config
 
@@ -137,7 +145,9 @@ def cli_class():
 
                 self.run_id = run_id(*given_config(self.argv))
             else:
-                self.run_id = cfg.run_id
+                from ftbench.fileio import check_file_name
+
+                self.run_id = check_file_name(cfg.run_id, "--run_id")
             check_out(cfg.out)
             check_not_completed(os.path.join(cfg.out, f"{self.run_id}.json"), cfg.overwrite)
             if self.subcommand == "fit" and cfg.trainer.get("max_steps") == 0:
@@ -197,6 +207,10 @@ def cli_class():
                 from ftbench.sweep.progress import ProgressFile
 
                 trainer.callbacks.append(ProgressFile(os.environ["FTBENCH_PROGRESS_FILE"]))
+            if "wandb" in str(cfg.trainer.get("logger")).lower():
+                from ftbench.wandb_mode import start_or_offline
+
+                start_or_offline(trainer)
             for logger in trainer.loggers:
                 logger.log_hyperparams({"config": self.run_config, "run_id": self.run_id})
             return trainer

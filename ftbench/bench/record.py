@@ -77,6 +77,18 @@ def portable_path(path: str) -> str:
     return path
 
 
+def portable_paths(obj: Any) -> Any:
+    """:func:`portable` with every absolute path among the values made :func:`portable_path` (relative
+    to the working directory, ``~/...``): what Lightning's ``config.yaml`` dump keeps."""
+    if isinstance(obj, dict):
+        return {k: portable_paths(v) for k, v in obj.items() if k != "__path__"}
+    if isinstance(obj, (list, tuple)):
+        return [portable_paths(v) for v in obj]
+    if isinstance(obj, Path) or type(obj).__name__.startswith("Path_"):
+        obj = str(obj)
+    return portable_path(obj) if isinstance(obj, str) and os.path.isabs(obj) else obj
+
+
 def jsonable(obj: Any) -> Any:
     if isinstance(obj, enum.Enum):  # peft keeps some options as enums (prompt_tuning_init: RANDOM)
         return jsonable(obj.value)
@@ -161,12 +173,50 @@ def classify_error(err: BaseException) -> str:
     return "failed"
 
 
+#: a final training loss this far (nats) above the first one is a diverged run
+DIVERGENCE_MARGIN = 1.0
+
+
+def diverged(initial: Optional[float], final: Optional[float], uniform: Optional[float] = None) -> Optional[bool]:
+    """Whether a run diverged: its final training loss at least :data:`DIVERGENCE_MARGIN` above its
+    first (a run made worse by training), or, for a token cross-entropy that started clearly below the
+    uniform-output loss ``uniform`` = ln(vocabulary size), ended within half a nat of it or above (the
+    model forgot everything: lr 1e10 leaves the loss at ln(V) = 10.803 for a 49,152-token vocabulary).
+    None without both losses."""
+    if initial is None or final is None or not math.isfinite(initial):
+        return None
+    if not math.isfinite(final) or final >= initial + DIVERGENCE_MARGIN:
+        return True
+    return bool(uniform is not None and initial < uniform - DIVERGENCE_MARGIN and final >= uniform - 0.5)
+
+
+def attempt_path(path: Path) -> Path:
+    """Where a run that replaces a completed record (``--overwrite true``) writes until it completes:
+    ``{run_id}.json.attempt`` (not ``*.json``: no report or sweep reads it as a record)."""
+    return path.with_name(path.name + ".attempt")
+
+
+def _completed(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text())["train_info"]["status"] == "completed"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 class RunRecorder(L.Callback):
     """Writes the run's record: at start (``running``), after each validation, at the end
-    (``completed``) and on an exception (``failed``/``oom``/``nan`` with the error and the last metrics)."""
+    (``completed``) and on an exception (``failed``/``oom``/``nan`` with the error and the last metrics).
+
+    A run that replaces a completed record (``--overwrite true``) writes beside it
+    (:func:`attempt_path`, its predictions likewise) and renames over it only when it completes: a
+    Ctrl-C or a crash leaves the old completed record (and its predictions) as they were."""
 
     def __init__(self, path: str | Path, run_info: dict[str, Any], save_weights_to: Optional[str | Path] = None):
-        self.path = Path(path)
+        from ftbench.data import fingerprint
+
+        fingerprint.reset()  # this run's data sources: what its data module reads from now on
+        self.final_path = Path(path)
+        self.path = attempt_path(self.final_path) if _completed(self.final_path) else self.final_path
         self.save_weights_to = Path(save_weights_to) if save_weights_to else None
         self.record: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
@@ -178,6 +228,7 @@ class RunRecorder(L.Callback):
         self._predictions: dict[str, list[dict[str, Any]]] = {}
         self._t_fit: Optional[float] = None
         self._t_test: Optional[float] = None
+        self._first_train_loss: Optional[float] = None
 
     # -- helpers
     @property
@@ -218,6 +269,12 @@ class RunRecorder(L.Callback):
         dm = trainer.datamodule
         if dm is not None and hasattr(dm, "describe"):
             info["data"] = dm.describe()
+        from ftbench.data import fingerprint
+
+        # what each data file was (size and hash): two seeds of one point trained on different files
+        # are not one point (the report refuses to group them; a resumed sweep warns)
+        if fingerprint.seen():
+            info["data_fingerprints"] = fingerprint.seen()
         info["device"] = str(pl_module.device)
         info["precision"] = str(trainer.precision)
         info["world_size"] = trainer.world_size
@@ -242,9 +299,14 @@ class RunRecorder(L.Callback):
         from ftbench.evaluation.predictions import predictions_path, write_predictions
 
         self._predictions[stage] = rows
-        path = predictions_path(self.path)
-        counts = write_predictions(path, self._predictions)
-        self.train_info["predictions"] = {"path": path.name, "rows": counts}
+        counts = write_predictions(self._predictions_file(), self._predictions)
+        self.train_info["predictions"] = {"path": predictions_path(self.final_path).name, "rows": counts}
+
+    def _predictions_file(self) -> Path:
+        from ftbench.evaluation.predictions import predictions_path
+
+        final = predictions_path(self.final_path)
+        return final if self.path == self.final_path else attempt_path(final)
 
     def record_lm_eval(self, summary: dict[str, Any], final: dict[str, float]) -> None:
         """lm-evaluation-harness results: the summary under ``train_info.lm_eval`` and the headline
@@ -277,6 +339,20 @@ class RunRecorder(L.Callback):
         if trainer.is_global_zero:
             self.write()
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._first_train_loss is None and "train/loss" in trainer.callback_metrics:
+            self._first_train_loss = float(trainer.callback_metrics["train/loss"])
+
+    def _divergence(self, pl_module) -> None:
+        """``train_info.diverged`` (:func:`diverged`) from the first and the final training loss; SFT's
+        loss is a token cross-entropy, whose uniform-output value is ln(vocabulary size)."""
+        final = self.train_info["final"].get("train/loss")
+        vocab = getattr(getattr(getattr(pl_module, "model", None), "config", None), "vocab_size", None)
+        uniform = math.log(vocab) if getattr(pl_module, "name", None) == "sft" and isinstance(vocab, int) and vocab > 1 else None
+        flag = diverged(self._first_train_loss, final, uniform)
+        if flag is not None:
+            self.train_info["diverged"] = flag
+
     def on_fit_end(self, trainer, pl_module):
         info = self.train_info
         info["fit_seconds"] = time.perf_counter() - (self._t_fit or time.perf_counter())
@@ -298,19 +374,34 @@ class RunRecorder(L.Callback):
         info["final"].update(self._metrics(trainer, "val/"))
         if "train/loss" in trainer.callback_metrics:
             info["final"]["train/loss"] = float(trainer.callback_metrics["train/loss"])
+        self._divergence(pl_module)
         if trainer.is_global_zero and hasattr(pl_module, "save_trained"):
             info["saved"] = self._save(pl_module)
             self.write()
 
     def _save(self, pl_module) -> dict[str, Any]:
-        """Save what the method trained and measure its size; kept only when asked for."""
+        """Save what the method trained and measure its size; kept only when asked for. Without
+        ``--save_weights`` it is saved into a temporary folder of the system's (``$TMPDIR``), never
+        ``--out``, and removed at once; a save that fails there (a full disk) leaves the size out of
+        the record rather than failing a run that trained."""
         target = self.save_weights_to
         tmp = None
         if target is None:
-            tmp = tempfile.TemporaryDirectory(prefix="ftbench-save-", dir=self.path.parent)
-            target = Path(tmp.name)
+            try:
+                tmp = tempfile.TemporaryDirectory(prefix="ftbench-size-")
+                target = Path(tmp.name)
+                pl_module.save_trained(target)
+            except OSError as err:
+                if tmp is not None:
+                    tmp.cleanup()
+                import sys
+
+                print(f"ftbench: warning: the trained weights' size was not measured ({err.strerror or err})",
+                      file=sys.stderr)
+                return {"bytes": None, "files": None, "path": None, "error": str(err)[:300]}
         try:
-            pl_module.save_trained(target)
+            if tmp is None:
+                pl_module.save_trained(target)
             files = [p for p in target.rglob("*") if p.is_file()]
             weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt")]
             return {"bytes": sum(p.stat().st_size for p in weights), "files": len(files),
@@ -346,6 +437,13 @@ class RunRecorder(L.Callback):
         self.train_info["ended"] = now()
         if trainer is None or trainer.is_global_zero:
             self.write()
+            if self.path != self.final_path:  # the new run completed: now it replaces the old one
+                from ftbench.evaluation.predictions import predictions_path
+
+                if self._predictions_file().exists():
+                    os.replace(self._predictions_file(), predictions_path(self.final_path))
+                os.replace(self.path, self.final_path)
+                self.path = self.final_path
 
     def on_exception(self, trainer, pl_module, exception):
         info = self.train_info

@@ -16,6 +16,7 @@ import io
 import json
 import random
 import unicodedata
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Literal, Optional, Sequence, Union
@@ -75,8 +76,11 @@ def read_text_file(path: str | Path) -> str:
         data = path.read_bytes()
     except OSError as err:
         raise DataFormatError(str(path), None, None, f"cannot read: {err.strerror or err}") from err
-    try:
-        return data.decode("utf-8")
+    from ftbench.data.fingerprint import note_file
+
+    note_file(str(path), data)
+    try:  # utf-8-sig: a byte-order mark (Excel's CSV export) is not part of the first field's name
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise DataFormatError(str(path), line, None, f"not UTF-8 (byte 0x{data[err.start]:02x})") from err
@@ -136,6 +140,9 @@ def read_dataset(name: str, split: str = "train") -> list[Row]:
         loaded = datasets.load_from_disk(name)
         ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         src = name
+    from ftbench.data.fingerprint import note_dataset
+
+    note_dataset(name, ds)
     rows = [Row(dict(item), f"{src}[{split}]", i + 1) for i, item in enumerate(ds)]
     if not rows:
         raise DataFormatError(src, None, None, f"split {split!r} has no rows")
@@ -714,3 +721,11 @@ class SplitDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def warn_empty_texts(source: str, what: str, count: int, first: Optional[str]) -> None:
+    """One warning line for ``count`` rows whose ``what`` text is empty (trained on as given: an empty
+    answer teaches the model to stop at once)."""
+    if count:
+        print(f"ftbench: warning: {source}: {count} row(s) with an empty {what} (first: {first}); "
+              "they are kept", file=sys.stderr)

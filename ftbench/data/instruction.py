@@ -19,6 +19,7 @@ from ftbench.data.base import (
     prompt_key,
     row_choices,
     segments_to_example,
+    warn_empty_texts,
 )
 from ftbench.data.formats import PROMPT_TURNS, Format, read_source
 from ftbench.errors import ConfigError
@@ -215,6 +216,8 @@ class InstructionData(SplitDataModule):
         out = []
         for row in rows:
             f = formatter.segments(row)
+            if not f.answer.strip():
+                self.__dict__.setdefault("empty_outputs", []).append(row)
             ex = segments_to_example(f.segments, self.max_length, self.truncation, self.stats)
             if ex is None:
                 continue
@@ -236,7 +239,11 @@ class InstructionData(SplitDataModule):
         # the forms the rows came in (ftbench.data.formats), for the record: {"sharegpt": 60}
         self.forms = dict(Counter(row.form or "builtin" for part in rows.values() for row in part))
         self.stats = TruncationStats()
+        self.empty_outputs: list[Row] = []
         self.splits = {name: self.encode(r, formatter) for name, r in rows.items()}
+        first = self.empty_outputs[0] if self.empty_outputs else None
+        warn_empty_texts(self.source_name(), "output", len(self.empty_outputs),
+                         first and (f"{first.source}:{first.line}" if first.line else first.source))
         self.finish_setup(stage)
 
     # ------------------------------------------------------------------ loaders

@@ -55,6 +55,7 @@ from ftbench.data.base import (
     pad_batch,
     prompt_key,
     segments_to_example,
+    warn_empty_texts,
 )
 from ftbench.data.formats import Format, read_source
 from ftbench.errors import ConfigError
@@ -332,6 +333,8 @@ class PreferenceData(SplitDataModule):
         out = []
         for row in rows:
             pair = parse_pair(row)
+            if not completion_text(pair.chosen).strip() or not completion_text(pair.rejected).strip():
+                self.__dict__.setdefault("empty_pairs", []).append(row)
             if completion_text(pair.chosen) == completion_text(pair.rejected):
                 err = row.error("rejected", "equals 'chosen' (the pair teaches no preference)")
                 if self.identical == "error":
@@ -366,7 +369,11 @@ class PreferenceData(SplitDataModule):
         self.forms = dict(Counter(row.form or "builtin" for part in rows.values() for row in part))
         self.stats = TruncationStats()
         self.identical_count = {"seen": 0, "dropped": 0}
+        self.empty_pairs: list[Row] = []
         self.splits = {name: self.encode(r, template) for name, r in rows.items()}
+        first = self.empty_pairs[0] if self.empty_pairs else None
+        warn_empty_texts(self.source_name(), "chosen or rejected text", len(self.empty_pairs),
+                         first and (f"{first.source}:{first.line}" if first.line else first.source))
         self.finish_setup(stage)
 
     # ------------------------------------------------------------------ loaders

@@ -16,6 +16,7 @@ from collections import defaultdict
 from typing import Any, Optional
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ftbench.errors import ConfigError
 from ftbench.evaluation.aggregate import Reduction, StageMetrics
@@ -24,6 +25,19 @@ from ftbench.evaluation.options import EvaluationOptions
 
 #: greedy-generation budget when neither the options nor the data module say one
 DEFAULT_BUDGET = 32
+
+
+class StopOnSigterm(StoppingCriteria):
+    """Stops ``generate`` between two tokens once the trainer has received SIGTERM (Lightning's signal
+    handler sets ``trainer.received_sigterm`` and waits for the loop to look; a long generation would
+    otherwise run to its budget). SIGINT needs none: Python raises KeyboardInterrupt between tokens."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(getattr(self.trainer, "received_sigterm", False)), dtype=torch.bool,
+                          device=input_ids.device)
 
 
 class Evaluator:
@@ -95,7 +109,15 @@ class Evaluator:
         tok = obj.backbone.tokenizer
         budget = max_new_tokens if max_new_tokens is not None else self.generation_budget(input_ids.shape[1])
         sampling.setdefault("do_sample", False)
+        trainer = getattr(obj, "_trainer", None)
+        if trainer is not None:  # SIGTERM (Lightning sets the flag) ends generation at the next token
+            sampling.setdefault("stopping_criteria", StoppingCriteriaList([StopOnSigterm(trainer)]))
         new = obj.tuner.generate(obj.model, tok, input_ids, attention_mask, budget, **sampling)
+        if getattr(trainer, "received_sigterm", False):
+            # the answers are cut short: the run ends here, recorded `interrupted` (a sweep reruns it)
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException
         return tok.batch_decode(new, skip_special_tokens=True)
 
     def predict_answers(self, batch: dict[str, Any]) -> list[str]:

@@ -55,7 +55,7 @@ CHOICE_KINDS = ("mc_accuracy", "mc_accuracy_norm")
 _PREPARE = ("ignore_case", "ignore_punctuation", "fold_whitespace", "first_line", "regex", "regex_match")
 OPTIONS = {
     "exact_match": _PREPARE,
-    "label_accuracy": (*_PREPARE, "labels"),
+    "label_accuracy": (*_PREPARE, "labels", "label_mode"),
     "rouge_l": (*_PREPARE, "use_stemmer"),
     "chrf": (*_PREPARE, "n_word_order"),
     "bleu": (*_PREPARE, "n_gram", "smooth"),
@@ -87,6 +87,11 @@ class MetricSpec:
         regex_match: Which match: ``first`` or ``last`` (GSM8K-style "the last number").
         labels: ``label_accuracy``: the label set; the label is the one found first in the text (as a
             whole word; the longest at the same position), the reference must be one of them.
+        label_mode: ``label_accuracy``: which label a text gives. ``first`` (the default): the label found
+            first anywhere ("This email is not spam" reads as ``spam`` when ``not spam`` is no label);
+            ``first_word``: the label the text starts with, none otherwise ("Spam." is spam, "It is
+            spam" is no label); ``not_negated``: the first label not directly preceded by "not" or "no"
+            ("This email is not spam, it is ham" is ``ham``; "not spam" alone is no label).
         use_stemmer: ``rouge_l``: Porter stemming (needs ``nltk``).
         n_gram: ``bleu``: largest n-gram order.
         n_word_order: ``chrf``: word n-gram order (0: chrF, as sacrebleu's and lm-eval's ``chrf``; 2: chrF++).
@@ -102,6 +107,7 @@ class MetricSpec:
     regex: Optional[str] = None
     regex_match: Literal["first", "last"] = "first"
     labels: Optional[list[str]] = None
+    label_mode: Literal["first", "first_word", "not_negated"] = "first"
     use_stemmer: bool = False
     n_gram: int = 4
     smooth: bool = False
@@ -142,19 +148,32 @@ def extract(text: str, pattern: "str | re.Pattern[str]", which: str = "first") -
     return m.group(0)
 
 
-def parse_label(text: str, labels: Sequence[str], ignore_case: bool = True) -> Optional[str]:
+#: a label right after one of these words is negated (``label_mode: not_negated``)
+NEGATIONS = ("not", "no")
+_NEGATED = re.compile(r"(?<!\w)(?:" + "|".join(NEGATIONS) + r")\s+$", re.IGNORECASE)
+
+
+def parse_label(text: str, labels: Sequence[str], ignore_case: bool = True, mode: str = "first") -> Optional[str]:
     """The label of ``labels`` that occurs first in ``text`` as a whole word (not inside a longer word);
     at the same position the longest wins (``not spam`` over ``spam``); None when none occurs.
-    Returns the label as written in ``labels``."""
+    ``mode`` ``first_word``: only a label at the start of the text counts; ``not_negated``: an
+    occurrence right after "not"/"no" (:data:`NEGATIONS`) does not count. Returns the label as
+    written in ``labels``."""
     flags = re.IGNORECASE if ignore_case else 0
     best: Optional[tuple[int, int, str]] = None
+    start = len(text) - len(text.lstrip())
     for label in labels:
         if not label.strip():
             continue
         rx = re.compile(r"(?<!\w)" + re.escape(label.strip()) + r"(?!\w)", flags)
-        m = rx.search(text)
-        if m and (best is None or (m.start(), -len(m.group(0))) < (best[0], -best[1])):
-            best = (m.start(), len(m.group(0)), label)
+        for m in rx.finditer(text):
+            if mode == "first_word" and m.start() != start:
+                break
+            if mode == "not_negated" and _NEGATED.search(text[: m.start()]):
+                continue
+            if best is None or (m.start(), -len(m.group(0))) < (best[0], -best[1]):
+                best = (m.start(), len(m.group(0)), label)
+            break
     return best[2] if best else None
 
 
@@ -223,10 +242,13 @@ class LabelAccuracy(EvalMetric):
         super().__init__(spec)
         self.ignore_case = True if spec.ignore_case is None else bool(spec.ignore_case)
         self.labels = list(spec.labels or [])
+        self.mode = spec.label_mode
 
     def label(self, text: str, reference: bool = False) -> Optional[str]:
         prepared = self.prepare(text, reference)
-        return None if prepared is None else parse_label(prepared, self.labels, self.ignore_case)
+        # a reference is its label as written: read the first label found, whatever the mode
+        mode = "first" if reference else self.mode
+        return None if prepared is None else parse_label(prepared, self.labels, self.ignore_case, mode)
 
     def row_values(self, predictions, references):
         out = []
@@ -336,6 +358,8 @@ def build_metric(item: "MetricConfig | dict[str, Any]", where: str = "data.metri
         if len(labels) < 2 or len(labels) != len(spec.labels or []):
             raise MetricError(f"{where}: label_accuracy needs labels: a list of at least two non-empty strings, "
                               f"got {spec.labels!r}")
+        if spec.label_mode not in ("first", "first_word", "not_negated"):
+            raise MetricError(f"{where}: label_mode {spec.label_mode!r} is not one of first, first_word, not_negated")
     if kind == "chrf" and spec.n_word_order < 0:
         raise MetricError(f"{where}: chrf n_word_order must be >= 0, got {spec.n_word_order}")
     if kind == "bleu" and spec.n_gram < 1:

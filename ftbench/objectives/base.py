@@ -52,6 +52,11 @@ class Objective(EvaluationSteps, L.LightningModule):
     head: Head = "causal_lm"
     needs_reference = holds_reward_model = holds_critic = False  # what it holds (see above)
 
+    #: the data regimes (``SplitDataModule.regime``) whose batches this objective reads, and what it
+    #: calls them; checked once in :meth:`setup`, before the model loads (empty: any data module)
+    data_regimes: tuple[str, ...] = ()
+    data_needs = ""
+
     def __init__(
         self,
         backbone: Optional[Backbone] = None,
@@ -92,6 +97,20 @@ class Objective(EvaluationSteps, L.LightningModule):
     def method_label(self) -> str:
         """``objective+tuner[+quantization]``, as :func:`ftbench.naming.method_label` defines it."""
         return method_label(self.name, self.tuner.name if self.tuner else "none", self.backbone.quantization)
+
+    # ------------------------------------------------------------------ the data it reads
+    def setup(self, stage: str) -> None:
+        """Lightning's hook after the data module's ``setup`` and before ``configure_model``: the data
+        module must give what this objective reads (:attr:`data_regimes`)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        regime = getattr(dm, "regime", None)
+        if self.data_regimes and isinstance(regime, str) and regime and regime not in self.data_regimes:
+            gives = {"instruction": "instruction rows", "domain": "domain text", "multitask": "a task mixture",
+                     "preference": "preference pairs"}.get(regime, f"{regime} data")
+            source = dm.source_name() if hasattr(dm, "source_name") else ""
+            raise ConfigError(f"objective {self.name} needs {self.data_needs}; the data module ({type(dm).__name__}"
+                              + (f", {source}" if source else "") + f") gives {gives}",
+                              hint=f"give a data config of regime {' or '.join(self.data_regimes)} (configs/data/*.yaml)")
 
     # ------------------------------------------------------------------ what trains
     def configure_model(self) -> None:

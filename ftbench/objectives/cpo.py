@@ -58,6 +58,8 @@ class CPO(Objective):
     """CPO / SimPO / AlphaPO: a preference loss on the policy's own log-probs, no reference model."""
 
     name = "cpo"
+    data_regimes = ("preference",)
+    data_needs = "preference pairs (chosen and rejected answers)"
 
     def __init__(
         self,

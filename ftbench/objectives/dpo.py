@@ -141,6 +141,8 @@ class DPO(Objective):
     """DPO and its variants (``loss_type``) against the untouched backbone as the reference policy."""
 
     name = "dpo"
+    data_regimes = ("preference",)
+    data_needs = "preference pairs (chosen and rejected answers)"
 
     def __init__(
         self,

@@ -246,6 +246,8 @@ class GRPO(Objective):
     inside the training step; see the module docstring."""
 
     name = "grpo"
+    data_regimes = ("instruction", "multitask", "preference")
+    data_needs = "prompts (data.prompt_batches: true on instruction rows, a mixture or preference pairs)"
 
     def __init__(
         self,
@@ -426,6 +428,7 @@ class GRPO(Objective):
         super().configure_model()
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if stage == "fit" and dm is not None and getattr(dm, "prompt_batches", None) is False:
             raise ConfigError("objective grpo: the data module gives supervised training batches; GRPO samples from "

@@ -82,6 +82,8 @@ class KTO(Objective):
     needs_reference = True  # the tuner's reference, as DPO's on-the-fly one (see the module doc)
 
     name = "kto"
+    data_regimes = ("unpaired",)
+    data_needs = "unpaired rows (prompt, completion, label; configs/data/unpaired.yaml unpairs preference pairs)"
 
     def __init__(
         self,

@@ -46,6 +46,8 @@ class ORPO(Objective):
     """ORPO: the chosen responses' NLL plus beta x an odds-ratio preference term, no reference model."""
 
     name = "orpo"
+    data_regimes = ("preference",)
+    data_needs = "preference pairs (chosen and rejected answers)"
 
     def __init__(self, beta: float = 0.1, nll_on_prompt: bool = True, **kwargs):
         """

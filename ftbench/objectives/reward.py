@@ -42,6 +42,8 @@ class Reward(Objective):
     """Bradley-Terry reward model on the scalar score head (TRL ``RewardTrainer``'s loss and metrics)."""
 
     name = "reward"
+    data_regimes = ("preference",)
+    data_needs = "preference pairs (chosen and rejected answers)"
     head = "score"
     needs_reference = holds_reward_model = holds_critic = False  # it trains the reward model: the policy is it
 

@@ -39,6 +39,8 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
@@ -158,6 +160,11 @@ def import_object(path: str) -> Any:
     """The object at ``module.attr[.attr...]``: the longest importable module prefix, then attributes."""
     if not isinstance(path, str) or "." not in path:
         raise ConfigError(f"reward function: {path!r} is not an import path (module.function)")
+    # a reward module beside the user's configs imports without PYTHONPATH: `python -m ftbench.cli` has
+    # the working directory on the path, the `ftbench` script does not. Appended, so that an installed
+    # package of the same name still wins.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     parts = path.split(".")
     for cut in range(len(parts) - 1, 0, -1):
         module_name = ".".join(parts[:cut])
@@ -205,6 +212,10 @@ def load_reward_model(path: str | Path, backbone: "Backbone") -> torch.nn.Module
     if not path.is_dir():
         raise ConfigError(f"reward_model.path: {str(path)!r} is not a folder (give the weights folder of a reward "
                           "run: ftbench fit ... --save_weights true writes {out}/{run_id}/weights)")
+    not_reward = saved_by_another_objective(path)
+    if not_reward:
+        raise ConfigError(f"reward_model.path: {str(path)!r} {not_reward}, not a reward run (a reward model is what "
+                          "objective reward trains: configs/objective/reward.yaml)")
     try:
         if saved_kind(path) in ("full", "partial"):
             names = [n for f in path.glob("*.safetensors") for n in safe_open(str(f), "pt").keys()]
@@ -214,9 +225,29 @@ def load_reward_model(path: str | Path, backbone: "Backbone") -> torch.nn.Module
         score_module(model)
     except (ConfigError, BackboneError) as err:
         raise ConfigError(f"reward_model.path: {str(err).removeprefix('backbone.init_from: ')}") from None
+    except (AttributeError, KeyError, RuntimeError) as err:  # weights of another head or shape
+        raise ConfigError(f"reward_model.path: {str(path)!r} does not load as a score-head model "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): not the output of "
+                          "a reward run") from None
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+def saved_by_another_objective(weights: Path) -> Optional[str]:
+    """What the record beside a run's weights (``{out}/{run_id}/weights`` -> ``{out}/{run_id}.json``)
+    says trained them, when that was not the reward objective; None when it was, or without a record."""
+    import json
+
+    record = weights.parent.parent / f"{weights.parent.name}.json"
+    try:
+        info = json.loads(record.read_text())["train_info"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    objective = info.get("objective") if isinstance(info, dict) else None
+    if not isinstance(objective, str) or objective == "reward":
+        return None
+    return f"holds the weights of run {weights.parent.name} ({info.get('method') or objective}: objective {objective})"
 
 
 def chat_turn_end(tokenizer) -> str:

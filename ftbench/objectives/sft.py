@@ -37,6 +37,9 @@ class SFT(Objective):
 
     name = "sft"
     needs_reference = holds_reward_model = holds_critic = False  # nothing in memory besides the policy
+    # preference data too: its batches carry the chosen sequence under the plain names
+    data_regimes = ("instruction", "domain", "multitask", "preference")
+    data_needs = "supervised rows (instruction rows, domain text, a task mixture or preference pairs)"
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean loss over the batch's trained tokens, per-row summed losses, per-row token counts)."""

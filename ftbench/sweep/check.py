@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Optional
 
 
@@ -44,6 +46,10 @@ def parse_points(argvs: list[list[str]]) -> list[Optional[str]]:
             results.append(None)
         except SystemExit:
             lines = [line.strip() for line in err.getvalue().splitlines() if line.strip()]
+            one = [line for line in lines if line.startswith("ftbench: error: ")]  # ftbench.argerrors
+            if one:
+                results.append(one[0][len("ftbench: error: "):])
+                continue
             at = max((i for i, line in enumerate(lines) if line.startswith("error:")), default=len(lines) - 1)
             results.append(" ".join(lines[at:])[len("error:"):].strip() if lines else "the parser refused it")
         except Exception as exc:  # an error raised while parsing (e.g. a class that cannot be imported)
@@ -51,10 +57,24 @@ def parse_points(argvs: list[list[str]]) -> list[Optional[str]]:
     return results
 
 
+def with_this_package(env: "dict[str, str] | os._Environ[str]") -> dict[str, str]:
+    """``env`` with the folder of the ftbench this process runs first on ``PYTHONPATH``: a sweep's
+    children import the same package, not an ``ftbench`` folder in the working directory."""
+    root = str(Path(__file__).resolve().parents[2])
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**env, "PYTHONPATH": os.pathsep.join(dict.fromkeys([root, *paths]))}
+
+
+def python_command(python: str = sys.executable) -> list[str]:
+    """``python -m`` without the working directory at the front of the path (``-P``, Python 3.11+):
+    ``-m`` would otherwise put it before ``PYTHONPATH``."""
+    return [python, *(["-P"] if sys.version_info >= (3, 11) else []), "-m"]
+
+
 def check_in_child(argvs: list[list[str]], python: str = sys.executable) -> list[Optional[str]]:
     """:func:`parse_points` in a child process (the caller need not import torch)."""
-    proc = subprocess.run([python, "-m", "ftbench.sweep.check"], input=json.dumps(argvs), capture_output=True,
-                          text=True)
+    proc = subprocess.run([*python_command(python), "ftbench.sweep.check"], input=json.dumps(argvs),
+                          capture_output=True, text=True, env=with_this_package(os.environ))
     try:
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):

@@ -31,13 +31,14 @@ from typing import Any, Optional
 
 from ftbench.fileio import write_text_atomic
 from ftbench.runcli import die_with_parent
+from ftbench.sweep.check import python_command, with_this_package
 from ftbench.wandb_mode import default_to_offline
 from ftbench.sweep.grid import (RunSpec, Sweep, SweepError, load_sweep, parse_overrides, parse_shard, shard,
                                 weights_dir)
 
 DONE = "completed"
 FAILED = ("failed", "nan", "oom")
-INTERRUPTS = ("KeyboardInterrupt", "SIGTERMException", "Interrupted", "SystemExit")
+INTERRUPTS = ("KeyboardInterrupt", "SIGTERMException", "Interrupted", "SystemExit", "SweepWriteError")
 MANIFEST = "sweep.json"
 
 
@@ -94,6 +95,23 @@ def _mark_skipped(path: Path, spec: RunSpec, why: str) -> None:
            "train_info": {"method": spec.method, "status": "skipped", "metrics": [], "final": {},
                           "error": {"type": "UpstreamNotCompleted", "message": why}}, "meta_info": {}}
     write_text_atomic(path, json.dumps(rec, indent=2))
+
+
+def _mark_stopped(path: Path, spec: RunSpec, err: OSError) -> None:
+    """The run a sweep was on when it could not write: recorded as stopped by the sweep (a status the
+    next invocation reruns), when anything can still be written; a completed record is left alone."""
+    if record_status(path) == DONE:
+        return
+    rec = read_record(path)
+    if rec is None or not isinstance(rec.get("train_info"), dict):
+        rec = {"schema": 1, "run_info": {"run_id": spec.run_id, "subcommand": spec.subcommand, "point": spec.label},
+               "train_info": {"method": spec.method, "metrics": [], "final": {}}, "meta_info": {}}
+    rec["train_info"]["status"] = "failed"
+    rec["train_info"]["error"] = {"type": "SweepWriteError", "message": f"the sweep could not write: {err}"}
+    try:
+        write_text_atomic(path, json.dumps(rec, indent=2))
+    except OSError:
+        pass  # left as it was (running, or no record): the next invocation reruns it either way
 
 
 def _mark_failed(path: Path, spec: RunSpec, returncode: int, log: Path) -> None:
@@ -208,7 +226,7 @@ def child_env(sweep: Sweep, spec: RunSpec) -> dict[str, str]:
     """The run's environment: W&B groups every run of a sweep under its name and tags it with the
     method (honoured by ``wandb.init`` when the run's logger is W&B; inert otherwise). Values the
     user (or a W&B agent) has already set win."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**with_this_package(os.environ), "PYTHONUNBUFFERED": "1"}
     env.setdefault("WANDB_RUN_GROUP", sweep.name)
     env.setdefault("WANDB_TAGS", ",".join(dict.fromkeys([spec.method, spec.subcommand, sweep.name]))[:500])
     env.setdefault("WANDB_JOB_TYPE", spec.subcommand)
@@ -226,8 +244,8 @@ def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str
     side = out / f".{spec.run_id}.progress.json"
     side.unlink(missing_ok=True)
     env = {**child_env(sweep, spec), "FTBENCH_PROGRESS_FILE": str(side)}
-    cmd = [python, "-m", "ftbench.cli", *spec.argv(str(out))]
-    progress.print(f"[{i}/{progress.total}] {spec.run_id}: ftbench {' '.join(cmd[3:])}")
+    cmd = [*python_command(python), "ftbench.cli", *spec.argv(str(out))]
+    progress.print(f"[{i}/{progress.total}] {spec.run_id}: ftbench {' '.join(spec.argv(str(out)))}")
     t0 = time.monotonic()
     p = RunProgress()
     max_steps = spec.max_steps() if spec.subcommand == "fit" else None
@@ -254,6 +272,9 @@ def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str
     side.unlink(missing_ok=True)
     dt = time.monotonic() - t0
     progress.durations.append(dt)
+    attempt = path.with_name(path.name + ".attempt")  # ftbench.bench.record.attempt_path
+    if attempt.exists():  # a rerun of a completed run that did not complete: the completed record stays
+        path = attempt
     if proc.returncode != 0 and record_status(path) not in FAILED + ("interrupted",):
         _mark_failed(path, spec, proc.returncode, log)
     status = record_status(path)
@@ -261,8 +282,23 @@ def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str
         _mark_failed(path, spec, proc.returncode, log)
         status = "failed"
     summary = run_summary(path)
-    progress.print(f"      {status} in {dt:.0f} s" + (f"  {summary}" if summary else "") + f"  (log: {log})")
+    reason = f": {failure_reason(path, log)}" if status != DONE else ""
+    progress.print(f"      {status} in {dt:.0f} s{reason}" + (f"  {summary}" if summary else "") + f"  (log: {log})")
     return status
+
+
+def failure_reason(path: Path, log: Path) -> str:
+    """One line saying why a run did not complete: the last ``ftbench: error:`` line of its log (what
+    the run itself said), else its record's error message (first line)."""
+    try:
+        said = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("ftbench: error: ")]
+    except OSError:
+        said = []
+    if said:
+        return said[-1][len("ftbench: error: "):]
+    error = ((read_record(path) or {}).get("train_info") or {}).get("error") or {}
+    message = str(error.get("message") or "").strip().splitlines()
+    return f"{error.get('type', 'error')}: {message[0]}"[:300] if message else "no reason recorded"
 
 
 def plan(sweep: Sweep, runs: list[RunSpec], retry_failed: bool) -> list[tuple[RunSpec, Optional[str], bool, str]]:
@@ -281,6 +317,27 @@ def plan(sweep: Sweep, runs: list[RunSpec], retry_failed: bool) -> list[tuple[Ru
             spec.overrides["overwrite"] = True  # not part of its id
             rows[i] = (spec, status, True, "rerun (a later stage needs its weights)")
     return rows
+
+
+def changed_sources(out: Path, done: list[RunSpec]) -> list[str]:
+    """One warning per data file that changed since a completed run of this sweep read it (its record's
+    ``train_info.data_fingerprints`` against the file now): runs still to do will read the new
+    version, and the report refuses to group the two as one point."""
+    from ftbench.data.fingerprint import path_fingerprint
+
+    warned: dict[str, str] = {}
+    for spec in done:
+        info = (read_record(out / f"{spec.run_id}.json") or {}).get("train_info") or {}
+        prints = info.get("data_fingerprints") if isinstance(info, dict) else None
+        for source, then in (prints.items() if isinstance(prints, dict) else []):
+            if source in warned or str(then).startswith("datasets:"):
+                continue
+            now = path_fingerprint(os.path.expanduser(source))
+            if now is not None and now != then:
+                warned[source] = (f"ftbench: warning: {source} changed since run {spec.run_id} read it ({then} -> {now}, "
+                                  "bytes:sha256): the runs still to do read the new version, and the report will not "
+                                  "group them with the completed ones")
+    return list(warned.values())
 
 
 def blocked_by(sweep: Sweep, spec: RunSpec) -> Optional[str]:
@@ -328,9 +385,13 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
     except OutputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    write_text_atomic(out / MANIFEST, json.dumps(sweep.manifest(), indent=2, default=str))
+    if todo:
+        for line in changed_sources(out, [spec for spec, status, _, _ in rows if status == DONE]):
+            print(line, file=sys.stderr)
     t_sweep = time.monotonic()
+    spec = None
     try:
+        write_text_atomic(out / MANIFEST, json.dumps(sweep.manifest(), indent=2, default=str))
         with Progress(len(todo), live) as progress:
             for i, spec in enumerate(todo, 1):
                 why = blocked_by(sweep, spec)
@@ -342,6 +403,13 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
     except KeyboardInterrupt:
         print("\ninterrupted: finished records are kept; run the same command again to resume.", file=sys.stderr)
         return 130
+    except OSError as err:  # a full disk, a folder gone read-only: stop here, lose nothing completed
+        at = f" at run {spec.run_id}" if spec is not None else ""
+        if spec is not None:
+            _mark_stopped(out / f"{spec.run_id}.json", spec, err)
+        print(f"error: cannot write in {out} ({err.strerror or err}): the sweep stopped{at}; completed records are "
+              "kept, and the same command resumes once it can write", file=sys.stderr)
+        return 1
     print(f"sweep {sweep.name}: {len(todo)} run(s) in {time.monotonic() - t_sweep:.0f} s\n")
     try:
         from ftbench.sweep.report import report

@@ -382,7 +382,8 @@ def load_sweep(path: str | Path, out: Optional[str] = None, extra: Optional[dict
         run = dict(run)
         s = run.pop("subcommand", sub)
         run_name = run.pop("name", None)
-        if run_name is not None and (not isinstance(run_name, str) or not re.fullmatch(r"[\w.-]+", run_name)):
+        if run_name is not None and (not isinstance(run_name, str) or not re.fullmatch(r"[\w.-]+", run_name)
+                                     or run_name.startswith("..") or run_name == "."):
             raise SweepError(f"{path}: runs[{i}].name: {run_name!r} is not a name (letters, digits, _ . -)")
         run = _canon(run, path, f"runs[{i}]")
         runs.append(_spec(path, s, configs, {**base, **run, **extra}, run, f"runs[{i}]"))

@@ -45,7 +45,8 @@ NOT_A_SETTING = ("seed_everything", "out", "run_id", "config", "save_weights", "
 QUANTIZATIONS = ("nf4", "fp4", "int8")
 #: yes/no record entries kept as 1.0/0.0 columns (their mean over seeds: the share of runs where it held).
 #: ``throughput.contended``: the run did not get the CPU/GPU it asked for (ftbench.bench.measure.contention)
-FLAGS = ("throughput.contended",)
+#: ``diverged``: the final training loss ended far above the first (ftbench.bench.record.diverged)
+FLAGS = ("throughput.contended", "diverged")
 
 
 class ReportError(Exception):
@@ -271,6 +272,7 @@ def runs_frame(records: list[dict[str, Any]], names: Optional[dict[str, str]] = 
                      "tuner": tuner, "subcommand": sub, "seed": run.get("seed"), "status": info.get("status"),
                      "created": run.get("created"), "path": rec.get("_path"), "point": point, "setting": setting,
                      "curve": info.get("metrics") or [], "predictions": predictions_file(rec)})
+    check_one_data_per_point(records, [r["point"] for r in rows])
     ident = pd.DataFrame(rows, columns=list(IDENTITY))
     metrics = metrics_frame([rec["train_info"] for rec in records])
     derived = pd.DataFrame({k: f(metrics) for k, f in DERIVED.items()}, index=metrics.index)
@@ -278,6 +280,23 @@ def runs_frame(records: list[dict[str, Any]], names: Optional[dict[str, str]] = 
     # column of that name still shows it, the exact-match column does not
     derived.loc[ident["objective"] == "reward", "accuracy"] = math.nan
     return pd.concat([ident, derived, metrics], axis=1)
+
+
+def check_one_data_per_point(records: list[dict[str, Any]], points: list[str]) -> None:
+    """Runs of one grid point that read a data file in two versions (``train_info.data_fingerprints``:
+    size and hash) are not seeds of one point: a :class:`ReportError` naming both runs and the file."""
+    seen: dict[tuple[str, str], tuple[str, str]] = {}  # (point, source) -> (fingerprint, run id)
+    for rec, point in zip(records, points):
+        prints = rec["train_info"].get("data_fingerprints")
+        if not isinstance(prints, dict):
+            continue
+        run = str(rec["run_info"].get("run_id") or rec.get("_path"))
+        for source, value in sorted(prints.items()):
+            first = seen.setdefault((point, source), (str(value), run))
+            if first[0] != str(value):
+                raise ReportError(f"runs {first[1]} and {run} are one grid point but read {source} in two versions "
+                                  f"({first[0]} and {value}: bytes:sha256); rerun one of them on the same data, or "
+                                  "report them from separate folders")
 
 
 def metric_columns(runs: pd.DataFrame) -> list[str]:

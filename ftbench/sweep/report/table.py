@@ -228,6 +228,8 @@ def contended(row: pd.Series) -> bool:
 
 def cell(row: pd.Series, col: Column) -> str:
     text = _cell(row, col)
+    if col.key == "status" and not _missing(row.get("diverged")) and row.get("diverged") > 0:
+        text += " (diverged)"  # the record's train_info.diverged, for any of the point's runs
     return text + f" {CONTENDED}" if text != "–" and is_speed(col.key) and contended(row) else text
 
 
@@ -311,7 +313,8 @@ def csv_text(points: pd.DataFrame) -> str:
 def summary_line(rec: dict[str, Any]) -> str:
     """One line for the end of a run: ``[ftbench] RUN_ID: METHOD STATUS trainable params=... ...``."""
     row = runs_frame([rec]).iloc[0]
-    parts = [f"[ftbench] {row['run_id']}: {row['method']} {row['status']}"]
+    parts = [f"[ftbench] {row['run_id']}: {row['method']} {row['status']}"
+             + (" (diverged)" if not _missing(row.get("diverged")) and row.get("diverged") > 0 else "")]
     for key in SUMMARY:
         c = column(key)
         if not _missing(row[key]):
