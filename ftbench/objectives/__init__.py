@@ -7,7 +7,8 @@ from ftbench.objectives.base import Objective
 from ftbench.objectives.step import NonFiniteLossError
 from ftbench.objectives.dpo import DPO
 from ftbench.objectives.grpo import GRPO
+from ftbench.objectives.ppo import PPO
 from ftbench.objectives.reward import Reward
 from ftbench.objectives.sft import SFT
 
-__all__ = ["Objective", "NonFiniteLossError", "SFT", "Reward", "DPO", "GRPO"]
+__all__ = ["Objective", "NonFiniteLossError", "SFT", "Reward", "DPO", "GRPO", "PPO"]

@@ -511,3 +511,9 @@ def grpo_loss(
         metrics["clip_ratio/low_mean"] = masked_mean(is_low)
         metrics["clip_ratio/high_mean"] = masked_mean(is_high)
     return loss, metrics
+
+
+# PPO with a critic: its pure functions live in their own module (GAE, whitening, the clipped losses,
+# the KL controller) and are part of this one's interface.
+from ftbench.objectives.ppo_losses import (KLController, gae, ppo_policy_loss, ppo_rewards,  # noqa: E402,F401
+                                           ppo_value_loss, whiten)
