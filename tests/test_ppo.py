@@ -1,0 +1,331 @@
+"""PPO with a critic (ftbench.objectives.PPO): the pure functions (ftbench.objectives.ppo_losses, re-exported
+by losses) on hand-computed values; the rollout's wiring (the score on the last token, the KL, GAE,
+whitening) and the first update's ratio of 1 on the tiny Llama; pinned losses through the real step;
+reward rising on a rule; the memory breakdown holding the critic and the reward model; bad settings
+as one line; the shipped config through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from ftbench.backbone import Backbone
+from ftbench.errors import ConfigError
+from ftbench.objectives import PPO
+from ftbench.objectives.losses import KLController, gae, ppo_policy_loss, ppo_rewards, ppo_value_loss, whiten
+from ftbench.objectives.ppo_losses import masked_mean
+from ftbench.objectives.rewards import FromImport
+from ftbench.objectives.rollout import completion_logps, reward_inputs
+from ftbench.tuners import Full
+from pinning import four_step_losses
+from test_grpo import first_batch, lora, make_data, score_model, trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def t(rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def same(x: torch.Tensor, expected) -> bool:
+    """``x`` equals the hand-computed ``expected`` to 1e-12 (float64)."""
+    return torch.allclose(x, t(expected), rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- pure functions
+def test_gae_by_hand():
+    rewards, values = t([[0.0, 0.0, 1.0], [0.2, 1.0, 9.0]]), t([[0.5, 0.4, 0.3], [0.1, 0.6, 5.0]])
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # row 0 backwards: d2 = 1 - 0.3 = 0.7; d1 = 0 + 0.3 - 0.4 = -0.1 -> -0.1 + 0.95 * 0.7 = 0.565;
+    # d0 = 0.4 - 0.5 = -0.1 -> -0.1 + 0.95 * 0.565 = 0.43675
+    # row 1 (the 9.0 reward and 5.0 value are past the end, masked): d1 = 1 - 0.6 = 0.4;
+    # d0 = 0.2 + 0.6 - 0.1 = 0.7 -> 0.7 + 0.95 * 0.4 = 1.08
+    assert same(adv, [[0.43675, 0.565, 0.7], [1.08, 0.4, 0.0]])
+    assert same(ret, [[0.93675, 0.965, 1.0], [1.18, 1.0, 0.0]])
+    adv, _ = gae(rewards[:1], values[:1], mask[:1], gamma=0.9, lam=0.5)
+    # d2 = 0.7; d1 = 0.9 * 0.3 - 0.4 = -0.13 -> -0.13 + 0.45 * 0.7 = 0.185; d0 = 0.9 * 0.4 - 0.5 = -0.14
+    # -> -0.14 + 0.45 * 0.185 = -0.05675
+    assert same(adv, [[-0.05675, 0.185, 0.7]])
+
+
+def test_whiten_by_hand():
+    x = t([[1.0, 2.0], [3.0, 4.0]])
+    # mean 2.5, Bessel variance (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3
+    expected = [[(v - 2.5) / math.sqrt(5 / 3 + 1e-8) for v in row] for row in ([1.0, 2.0], [3.0, 4.0])]
+    assert same(whiten(x, torch.ones_like(x)), expected)
+    x, mask = t([[1.0, 2.0, 3.0, 100.0]]), t([[1, 1, 1, 0]])
+    # over the mask: mean 2, variance (1 + 0 + 1) / 2 = 1; shift_mean=False adds the mean back
+    s = 1 / math.sqrt(1 + 1e-8)
+    assert same(whiten(x, mask)[0, :3], [-s, 0.0, s])
+    assert same(whiten(x, mask, shift_mean=False)[0, :3], [2 - s, 2.0, 2 + s])
+    with pytest.raises(ValueError, match="keeps 1 value"):
+        whiten(x, t([[1, 0, 0, 0]]))
+
+
+def test_policy_loss_by_hand():
+    logps, old = t([[math.log(1.5), math.log(0.5), 5.0]]), t([[0.0, 0.0, 0.0]])
+    adv, mask = t([[1.0, -1.0, 2.0]]), t([[1, 1, 0]])
+    loss, m = ppo_policy_loss(logps, old, adv, mask, cliprange=0.2)
+    # token 0: ratio 1.5, A = 1: max(-1.5, -1.2) = -1.2 (clipped); token 1: ratio 0.5, A = -1:
+    # max(0.5, 0.8) = 0.8 (clipped); token 2 masked. mean(-1.2, 0.8) = -0.2
+    assert float(loss) == pytest.approx(-0.2, abs=1e-12)
+    assert float(m["clipfrac"]) == 1.0
+    assert float(m["ratio"]) == pytest.approx(1.0, abs=1e-12)
+    assert float(m["approxkl"]) == pytest.approx(0.25 * (math.log(1.5) ** 2 + math.log(0.5) ** 2), abs=1e-12)
+    # inside the clip range nothing is clipped: ratio 1.1, A = 2: -2.2
+    loss, m = ppo_policy_loss(t([[math.log(1.1)]]), t([[0.0]]), t([[2.0]]), t([[1]]), cliprange=0.2)
+    assert float(loss) == pytest.approx(-2.2, abs=1e-12) and float(m["clipfrac"]) == 0.0
+
+
+def test_value_loss_by_hand():
+    values, old, returns = t([[1.0, 0.0, 7.0]]), t([[0.5, 0.1, 0.0]]), t([[2.0, -1.0, 0.0]])
+    loss, m = ppo_value_loss(values, old, returns, t([[1, 1, 0]]), cliprange_value=0.2)
+    # token 0: clip(1.0, 0.3, 0.7) = 0.7; max((1 - 2)^2, (0.7 - 2)^2) = 1.69 (clipped)
+    # token 1: clip(0.0, -0.1, 0.3) = 0.0; max(1, 1) = 1 (not clipped). 0.5 * (1.69 + 1) / 2 = 0.6725
+    assert float(loss) == pytest.approx(0.6725, abs=1e-12)
+    assert float(m["clipfrac"]) == 0.5
+
+
+def test_per_token_rewards_kl_and_the_score_on_the_last_token():
+    logps, ref = t([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]]), t([[-1.5, -2.0, -2.0], [-0.5, -1.0, -7.0]])
+    rewards, kl, non_score = ppo_rewards(t([2.0, -1.0]), logps, ref, t([[1, 1, 1], [1, 1, 0]]), kl_coef=0.1)
+    # k1 = logp - ref: row 0 [0.5, 0, -1]; row 1 [-0.5, 0, (masked)]
+    assert same(kl, [[0.5, 0.0, -1.0], [-0.5, 0.0, 0.0]])
+    assert same(non_score, [[-0.05, 0.0, 0.1], [0.05, 0.0, 0.0]])
+    # the score on each row's last token: row 0 at 2, row 1 at 1
+    assert same(rewards, [[-0.05, 0.0, 2.1], [0.05, -1.0, 0.0]])
+
+
+def test_kl_controller_fixed_and_adaptive():
+    fixed = KLController(0.05)
+    assert fixed.update(100.0, 64) == 0.05
+    c = KLController(0.2, target=6.0, horizon=10000)
+    # KL 9 above target 6: error clip(9/6 - 1, -0.2, 0.2) = 0.2 -> x (1 + 0.2 * 256 / 10000) = 1.00512
+    assert c.update(9.0, 256) == pytest.approx(0.2 * 1.00512, abs=1e-15)
+    # KL 3: error -0.2 -> x (1 - 0.2 * 100 / 10000) = 0.998
+    assert c.update(3.0, 100) == pytest.approx(0.2 * 1.00512 * 0.998, abs=1e-15)
+    # KL 6.6: error 0.1 (inside the clip) -> x (1 + 0.1 * 1000 / 10000) = 1.01
+    assert c.update(6.6, 1000) == pytest.approx(0.2 * 1.00512 * 0.998 * 1.01, abs=1e-15)
+
+
+# ---------------------------------------------------------------------------- the objective
+@pytest.fixture(scope="module")
+def reward_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A reward model's saved weights (LoRA + score head, moved off their initial values), as a reward run saves them."""
+    backbone = Backbone(model=str(tiny_model_dir))
+    tuner = lora()
+    path = tmp_path_factory.mktemp("rm") / "weights"
+    tuner.save(score_model(backbone, tuner), path)
+    return path
+
+
+def ppo(tiny_model_dir, reward_run, **kw) -> PPO:
+    kw = {"tuner": lora(lr=1e-2), "max_completion_length": 8, "lr_scheduler": "constant", **kw}
+    return PPO(backbone=Backbone(model=str(tiny_model_dir)), reward_model=str(reward_run), **kw)
+
+
+def test_rollout_wiring_returns_are_the_score_minus_the_kl(tiny_model_dir, reward_run):
+    """With gamma = lam = 1 the return of a completion's first token is the sum of its rewards: the
+    reward model's score minus beta x the summed k1 KL to the reference; the advantages are whitened."""
+    m = ppo(tiny_model_dir, reward_run, kl_coef=0.1, gamma=1.0, lam=1.0)
+    m.configure_model()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # move the adapter off zero, so that the policy differs from its reference
+        for p in m.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    batch = first_batch(make_data(m.backbone))
+    torch.manual_seed(0)
+    exp = m.rollout(batch)
+    mask = exp.mask
+    with torch.no_grad(), m.tuner.reference(m.model) as reference:
+        ref, _ = completion_logps(reference, exp.input_ids, exp.attention_mask, exp.position_ids, exp.completion_ids,
+                                  mask, m.temperature)
+    prompts, texts, columns = reward_inputs(batch, exp.completion_ids, mask, m.backbone.tokenizer)
+    scores = torch.tensor(m.reward_funcs[-1](prompts, texts, **columns))
+    kl = ((exp.logps - ref) * mask).sum(1)
+    assert kl.abs().min() > 0
+    assert torch.allclose(exp.returns[:, 0], scores - 0.1 * kl, atol=1e-5)
+    assert float(exp.metrics["objective/scores"]) == pytest.approx(float(scores.mean()), abs=1e-6)
+    assert float(masked_mean(exp.advantages, mask)) == pytest.approx(0.0, abs=1e-5)
+    assert torch.all(exp.advantages[mask == 0] == 0) and torch.all(exp.values[mask == 0] == 0)
+
+
+def test_the_first_update_has_ratio_one(tiny_model_dir, reward_run):
+    """The first update sees the rollout's own policy and critic (dropout off): ratio 1, nothing
+    clipped, policy loss -mean(A), value loss 0.5 mean((V - R)^2)."""
+    m = ppo(tiny_model_dir, reward_run)
+    m.configure_model()
+    torch.manual_seed(0)
+    exp = m.rollout(first_batch(make_data(m.backbone)))
+    out = m.training_loss(exp.rows(torch.arange(exp.input_ids.shape[0])))
+    metrics = out.metrics()
+    mask = exp.mask
+    assert float(metrics["val/ratio"]) == 1.0 and float(metrics["policy/approxkl_avg"]) == 0.0
+    assert float(metrics["policy/clipfrac_avg"]) == 0.0 and float(metrics["val/clipfrac_avg"]) == 0.0
+    assert float(metrics["loss/policy_avg"]) == pytest.approx(-float(masked_mean(exp.advantages, mask)), abs=1e-6)
+    value_loss = 0.5 * masked_mean((exp.values - exp.returns) ** 2, mask)
+    assert float(metrics["loss/value_avg"]) == pytest.approx(float(value_loss), abs=1e-6)
+    assert float(out.loss) == pytest.approx(float(metrics["loss/policy_avg"]) + 0.1 * float(value_loss), abs=1e-6)
+    assert int(out.trained_tokens) == int(mask.sum())
+
+
+# LoRA (lr 1e-2) on the tiny Llama, 4 prompts a batch, completions of <= 8 tokens, fp32 CPU, seed 0.
+# One update per batch (num_ppo_epochs 1, num_mini_batches 1): the shared four_step_losses helper.
+PINNED_ONE_UPDATE = [0.0, 0.0, 0.0, 0.0]
+# Two epochs of two mini-batches over one batch: the 4 losses backpropagated (8 optimizer steps, 2 batches).
+PINNED_FOUR_UPDATES = [0.0] * 8
+
+
+def test_pinned_losses_one_update_per_batch(tiny_model_dir, reward_run):
+    m = ppo(tiny_model_dir, reward_run, num_ppo_epochs=1, num_mini_batches=1)
+    losses = four_step_losses(m, make_data(m.backbone))
+    assert losses == pytest.approx(PINNED_ONE_UPDATE, abs=1e-6), losses
+
+
+def test_pinned_losses_of_every_update(tiny_model_dir, reward_run):
+    backward: list[float] = []
+
+    class Backward(L.Callback):
+        def on_before_backward(self, trainer, pl_module, loss):
+            backward.append(float(loss))
+
+    m = ppo(tiny_model_dir, reward_run, num_ppo_epochs=2, num_mini_batches=2)
+    L.seed_everything(0, verbose=False)
+    t = trainer(8, [Backward()])
+    t.fit(m, datamodule=make_data(m.backbone))
+    assert t.global_step == 8 and len(backward) == 8  # max_steps counts optimizer steps: 2 batches x 4
+    assert backward == pytest.approx(PINNED_FOUR_UPDATES, abs=1e-6), backward
+    logged = {k: float(v) for k, v in t.callback_metrics.items()}
+    assert logged["train/loss"] == pytest.approx(sum(backward[4:]) / 4, abs=1e-6)  # the batch's mean
+    for name in ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                 "objective/scores", "objective/kl_coef", "policy/approxkl_avg", "policy/clipfrac_avg",
+                 "policy/entropy_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/ratio",
+                 "val/ratio_var", "reward", "time/generation_s", "time/optimisation_s"):
+        assert f"train/{name}" in logged, name
+    assert logged["train/objective/rlhf_reward"] == pytest.approx(
+        logged["train/objective/scores"] + logged["train/objective/non_score_reward"], abs=1e-6)
+    split = m.step_time_split()
+    assert split["generation_s"] > split["reward_s"] > 0 and split["optimisation_s"] > 0
+
+
+# Full tuning (lr 1e-2) of the policy, 8 prompts a batch, completions of 8 tokens, the rule reward
+# of test_grpo (share of 64 target ids; the reward model at weight 0 still initialises the critic),
+# kl_coef 0, temperature 1, 4 PPO epochs: the mean reward of the first 2 batches and of the last 2.
+PINNED_RISE = {"start": 0.0, "end": 0.0}
+
+
+def test_reward_rises_on_a_rule_pinned(tiny_model_dir, reward_run):
+    m = ppo(tiny_model_dir, reward_run, tuner=Full(lr=1e-2), reward_funcs=[FromImport("test_grpo.target_share")],
+            reward_weights=[1.0, 0.0], temperature=1.0, kl_coef=0.0)
+    rewards: list[float] = []
+
+    class Rewards(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            rewards.append(float(trainer.callback_metrics["train/reward"]))
+
+    L.seed_everything(0, verbose=False)
+    trainer(RISE_STEPS, [Rewards()]).fit(m, datamodule=make_data(m.backbone, batch_size=8))
+    start, end = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
+    assert start == pytest.approx(PINNED_RISE["start"], abs=1e-6), rewards
+    assert end == pytest.approx(PINNED_RISE["end"], abs=1e-6), rewards
+    assert end > start + 0.2
+
+
+RISE_STEPS = 32
+
+
+def test_memory_breakdown_counts_the_critic_and_the_reward_model(tiny_model_dir, reward_run):
+    from ftbench.bench.memory import weight_breakdown
+
+    m = ppo(tiny_model_dir, reward_run)
+    m.configure_model()
+    parts = [weight_breakdown(x) for x in (m.model, m.critic, m.frozen_reward_model)]
+    whole = weight_breakdown(m)
+    assert whole["bytes"] == sum(p["bytes"] for p in parts)
+    assert whole["trainable_bytes"] == parts[0]["trainable_bytes"] + parts[1]["trainable_bytes"]
+    assert parts[1]["trainable_bytes"] > 0 and parts[2]["trainable_bytes"] == 0
+
+
+# ---------------------------------------------------------------------------- bad settings
+def test_bad_settings_name_the_option(tiny_model_dir, reward_run, tmp_path):
+    backbone = Backbone(model=str(tiny_model_dir))
+    with pytest.raises(ConfigError, match=r"^model.init_args.reward_model: PPO needs a reward model"):
+        PPO(backbone=backbone)
+    sft = lora()
+    sft.save(sft.prepare(backbone.load_model(), backbone), tmp_path / "sft")
+    with pytest.raises(ConfigError, match=r"^model.init_args.value_model: .* is a peft adapter of a CAUSAL_LM run, "
+                                          r"not of a reward run"):
+        PPO(backbone=backbone, reward_model=str(reward_run), value_model=str(tmp_path / "sft"))
+    with pytest.raises(ConfigError, match=r"^model.init_args.reward_model: .* is not a folder"):
+        PPO(backbone=backbone, reward_model=str(tmp_path / "missing"))
+    for option, value, message in [("num_mini_batches", 0, "must be an int >= 1, got 0"),
+                                   ("kl_target", -1.0, "must be > 0 (or null: off), got -1.0"),
+                                   ("lam", 1.5, r"must be in \[0, 1\], got 1.5"),
+                                   ("cliprange", 0.0, "must be > 0, got 0.0")]:
+        with pytest.raises(ConfigError, match=rf"^model.init_args.{option}: {message}"):
+            PPO(backbone=backbone, reward_model=str(reward_run), **{option: value})
+    with pytest.raises(ConfigError, match=r"^model.init_args.critic_tuner.init_args.lr: the critic trains with"):
+        PPO(backbone=backbone, reward_model=str(reward_run), critic_tuner=lora(lr=1e-3))
+
+
+def cli_argv(tiny_model_dir, config: Path, out: Path, *extra: str) -> list[str]:
+    return ["fit", "--backbone.model", str(tiny_model_dir), "--tuner", "configs/tuner/lora.yaml",
+            "--model", str(config), "--data", "configs/data/instruction_prompts.yaml",
+            "--trainer", "configs/trainer/cpu.yaml", "--data.init_args.builtin_size", "60",
+            "--data.init_args.batch_size", "2", "--data.init_args.eval_batch_size", "3",
+            "--data.init_args.max_eval_rows", "3", "--trainer.enable_progress_bar", "false", "--out", str(out), *extra]
+
+
+def shipped_config(reward_run: Path, tmp_path: Path) -> Path:
+    content = yaml.safe_load((ROOT / "configs/objective/ppo.yaml").read_text())
+    content["init_args"]["reward_model"] = str(reward_run)
+    config = tmp_path / "ppo.yaml"
+    config.write_text(yaml.safe_dump(content))
+    return config
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (("--model.init_args.num_mini_batches", "4", "--trainer.max_steps", "16"),
+     "ftbench: error: model.init_args.num_mini_batches: 4 does not divide the batch of 2 completions"),
+    (("--trainer.max_steps", "6"),
+     "ftbench: error: trainer.max_steps: 6 optimizer steps is not a whole number of rollout batches"),
+], ids=["mini_batches", "max_steps"])
+def test_a_bad_setting_is_one_line_through_the_cli(tiny_model_dir, reward_run, tmp_path, monkeypatch, capsys,
+                                                   extra, expected):
+    from ftbench.cli import main
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli_argv(tiny_model_dir, shipped_config(reward_run, tmp_path), tmp_path / "runs", *extra))
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ftbench: ")]
+    assert lines and lines[0].startswith(expected), lines
+
+
+def test_shipped_ppo_yaml_runs_with_its_defaults(tiny_model_dir, reward_run, tmp_path, monkeypatch):
+    """configs/objective/ppo.yaml (its reward model pointed at a saved one: the value it cannot ship)
+    with configs/data/instruction_prompts.yaml: one rollout batch (4 PPO epochs = 4 optimizer steps)
+    and a test, through the CLI; the record holds the step split and the metrics."""
+    from ftbench.cli import cli_main
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "runs"
+    cli_main(cli_argv(tiny_model_dir, shipped_config(reward_run, tmp_path), out, "--trainer.max_steps", "4",
+                      "--trainer.val_check_interval", "1"))
+    [path] = out.glob("*.json")
+    info = json.loads(path.read_text())["train_info"]
+    assert info["status"] == "completed" and info["method"] == "ppo+lora", info.get("error")
+    assert info["global_steps"] == 4
+    assert set(info["step_time_split"]) == {"generation_s", "optimisation_s", "reward_s"}
+    [entry] = info["metrics"]
+    for name in ("train/objective/kl", "train/objective/scores", "train/loss/value_avg", "val/accuracy", "val/reward"):
+        assert isinstance(entry[name], float), name
+    assert isinstance(info["final"]["test/accuracy"], float) and isinstance(info["final"]["test/reward"], float)
