@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -173,15 +174,16 @@ def test_the_first_update_has_ratio_one(tiny_model_dir, reward_run):
     assert float(metrics["loss/policy_avg"]) == pytest.approx(-float(masked_mean(exp.advantages, mask)), abs=1e-6)
     value_loss = 0.5 * masked_mean((exp.values - exp.returns) ** 2, mask)
     assert float(metrics["loss/value_avg"]) == pytest.approx(float(value_loss), abs=1e-6)
-    assert float(out.loss) == pytest.approx(float(metrics["loss/policy_avg"]) + 0.1 * float(value_loss), abs=1e-6)
+    assert float(out.loss.detach()) == pytest.approx(float(metrics["loss/policy_avg"]) + 0.1 * float(value_loss), abs=1e-6)
     assert int(out.trained_tokens) == int(mask.sum())
 
 
 # LoRA (lr 1e-2) on the tiny Llama, 4 prompts a batch, completions of <= 8 tokens, fp32 CPU, seed 0.
 # One update per batch (num_ppo_epochs 1, num_mini_batches 1): the shared four_step_losses helper.
-PINNED_ONE_UPDATE = [0.0, 0.0, 0.0, 0.0]
-# Two epochs of two mini-batches over one batch: the 4 losses backpropagated (8 optimizer steps, 2 batches).
-PINNED_FOUR_UPDATES = [0.0] * 8
+PINNED_ONE_UPDATE = [0.0025572783779352903, 0.21321362257003784, 0.00441683828830719, 0.011661508120596409]
+# Two epochs of two mini-batches per batch, 2 batches: the 8 losses backpropagated (8 optimizer steps).
+PINNED_FOUR_UPDATES = [0.48308494687080383, -0.15245321393013, -0.6356492042541504, 0.3673112988471985,
+                       -0.05111511051654816, 0.0603075809776783, -0.5792619585990906, 0.4644651710987091]
 
 
 def test_pinned_losses_one_update_per_batch(tiny_model_dir, reward_run):
@@ -216,14 +218,16 @@ def test_pinned_losses_of_every_update(tiny_model_dir, reward_run):
     assert split["generation_s"] > split["reward_s"] > 0 and split["optimisation_s"] > 0
 
 
-# Full tuning (lr 1e-2) of the policy, 8 prompts a batch, completions of 8 tokens, the rule reward
+# Full tuning (lr 3e-2) of the policy, 8 prompts a batch, completions of 8 tokens, the rule reward
 # of test_grpo (share of 64 target ids; the reward model at weight 0 still initialises the critic),
-# kl_coef 0, temperature 1, 4 PPO epochs: the mean reward of the first 2 batches and of the last 2.
-PINNED_RISE = {"start": 0.0, "end": 0.0}
+# kl_coef 0, temperature 1, 4 PPO epochs of 1 mini-batch, 6 batches (24 optimizer steps): the mean
+# reward of the first 2 batches and of the last 2. Each batch's reward is a multiple of 1/64, so the
+# pins are exact. Per batch: 0.172 0.141 | 0.250 0.531 | 0.594 0.844
+PINNED_RISE = {"start": 0.15625, "end": 0.71875}
 
 
 def test_reward_rises_on_a_rule_pinned(tiny_model_dir, reward_run):
-    m = ppo(tiny_model_dir, reward_run, tuner=Full(lr=1e-2), reward_funcs=[FromImport("test_grpo.target_share")],
+    m = ppo(tiny_model_dir, reward_run, tuner=Full(lr=3e-2), reward_funcs=[FromImport("test_grpo.target_share")],
             reward_weights=[1.0, 0.0], temperature=1.0, kl_coef=0.0)
     rewards: list[float] = []
 
@@ -232,14 +236,11 @@ def test_reward_rises_on_a_rule_pinned(tiny_model_dir, reward_run):
             rewards.append(float(trainer.callback_metrics["train/reward"]))
 
     L.seed_everything(0, verbose=False)
-    trainer(RISE_STEPS, [Rewards()]).fit(m, datamodule=make_data(m.backbone, batch_size=8))
+    trainer(24, [Rewards()]).fit(m, datamodule=make_data(m.backbone, batch_size=8))
     start, end = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
     assert start == pytest.approx(PINNED_RISE["start"], abs=1e-6), rewards
     assert end == pytest.approx(PINNED_RISE["end"], abs=1e-6), rewards
-    assert end > start + 0.2
-
-
-RISE_STEPS = 32
+    assert end > start + 0.3
 
 
 def test_memory_breakdown_counts_the_critic_and_the_reward_model(tiny_model_dir, reward_run):
@@ -268,9 +269,9 @@ def test_bad_settings_name_the_option(tiny_model_dir, reward_run, tmp_path):
         PPO(backbone=backbone, reward_model=str(tmp_path / "missing"))
     for option, value, message in [("num_mini_batches", 0, "must be an int >= 1, got 0"),
                                    ("kl_target", -1.0, "must be > 0 (or null: off), got -1.0"),
-                                   ("lam", 1.5, r"must be in \[0, 1\], got 1.5"),
+                                   ("lam", 1.5, "must be in [0, 1], got 1.5"),
                                    ("cliprange", 0.0, "must be > 0, got 0.0")]:
-        with pytest.raises(ConfigError, match=rf"^model.init_args.{option}: {message}"):
+        with pytest.raises(ConfigError, match="^" + re.escape(f"model.init_args.{option}: {message}") + "$"):
             PPO(backbone=backbone, reward_model=str(reward_run), **{option: value})
     with pytest.raises(ConfigError, match=r"^model.init_args.critic_tuner.init_args.lr: the critic trains with"):
         PPO(backbone=backbone, reward_model=str(reward_run), critic_tuner=lora(lr=1e-3))
@@ -281,7 +282,8 @@ def cli_argv(tiny_model_dir, config: Path, out: Path, *extra: str) -> list[str]:
             "--model", str(config), "--data", "configs/data/instruction_prompts.yaml",
             "--trainer", "configs/trainer/cpu.yaml", "--data.init_args.builtin_size", "60",
             "--data.init_args.batch_size", "2", "--data.init_args.eval_batch_size", "3",
-            "--data.init_args.max_eval_rows", "3", "--trainer.enable_progress_bar", "false", "--out", str(out), *extra]
+            "--data.init_args.max_eval_rows", "3", "--trainer.val_check_interval", "1",
+            "--trainer.enable_progress_bar", "false", "--out", str(out), *extra]
 
 
 def shipped_config(reward_run: Path, tmp_path: Path) -> Path:
@@ -318,8 +320,7 @@ def test_shipped_ppo_yaml_runs_with_its_defaults(tiny_model_dir, reward_run, tmp
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "runs"
-    cli_main(cli_argv(tiny_model_dir, shipped_config(reward_run, tmp_path), out, "--trainer.max_steps", "4",
-                      "--trainer.val_check_interval", "1"))
+    cli_main(cli_argv(tiny_model_dir, shipped_config(reward_run, tmp_path), out, "--trainer.max_steps", "4"))
     [path] = out.glob("*.json")
     info = json.loads(path.read_text())["train_info"]
     assert info["status"] == "completed" and info["method"] == "ppo+lora", info.get("error")
