@@ -54,7 +54,8 @@ Several optimizer steps per batch: manual optimisation
 
 Metrics (under ``train/``, once per batch; TRL's names)
     ``objective/kl`` (k1 summed over tokens, mean over sequences), ``objective/entropy`` (the
-    sampled tokens' negative log-prob summed over tokens, mean over sequences), ``objective/
+    sampled tokens' negative log-prob summed over the completion tokens, mean over sequences; TRL's
+    sum also adds -1 per padding position, its ``INVALID_LOGPROB``), ``objective/
     non_score_reward``, ``objective/rlhf_reward`` (score + non-score reward), ``objective/scores``,
     ``objective/kl_coef``; averages over the batch's updates: ``policy/approxkl_avg``,
     ``policy/clipfrac_avg``, ``policy/entropy_avg``, ``loss/policy_avg``, ``loss/value_avg``,
