@@ -134,7 +134,8 @@ def reward_run_problem(path: str | Path) -> Optional[str]:
 
     path = Path(path)
     if not path.is_dir():
-        return f"{str(path)!r} is not a folder (give the weights folder of a reward run: --save_weights true writes {{out}}/{{run_id}}/weights)"
+        return (f"{str(path)!r} is not a folder (give the weights folder of a reward run: --save_weights true "
+                "writes {out}/{run_id}/weights)")
     try:
         kind = saved_kind(path)
     except ConfigError as err:
@@ -143,7 +144,8 @@ def reward_run_problem(path: str | Path) -> Optional[str]:
         config = json.loads((path / "adapter_config.json").read_text())
         if config.get("task_type") == "SEQ_CLS" or "score" in (config.get("modules_to_save") or []):
             return None
-        return f"{str(path)!r} is a peft adapter of a {config.get('task_type') or 'causal LM'} run, not of a reward run (no score head)"
+        task = config.get("task_type") or "causal LM"
+        return f"{str(path)!r} is a peft adapter of a {task} run, not of a reward run (no score head)"
     names = [n for f in path.glob("*.safetensors") for n in safe_open(str(f), "pt").keys()]
     if any(n.split(".")[-2:-1] == ["score"] or n.startswith("score.") for n in names):
         return None
@@ -508,7 +510,8 @@ class PPO(Objective):
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=size)
         self.log("train/objective/scores", logged.pop("objective/scores"), on_step=True, prog_bar=True, batch_size=N)
         self.log_dict({f"train/{k}": v for k, v in logged.items()}, on_step=True, batch_size=N)
-        return {"loss": loss, **{k: sum(s[k] for s in steps) for k in ("trained_tokens", "padded_tokens", "real_tokens")}}
+        counts = ("trained_tokens", "padded_tokens", "real_tokens")  # every update's tokens
+        return {"loss": loss, **{k: sum(s[k] for s in steps) for k in counts}}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         """Nothing: the tuners' after-step hooks ran after each of this batch's optimizer steps."""
