@@ -22,7 +22,7 @@ from typing import Any, Callable, Hashable, Iterable, Literal, Optional, Sequenc
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 from ftbench.backbone import Backbone
 from ftbench.evaluation.metrics import MetricConfig
@@ -49,6 +49,8 @@ class Row:
     fields: dict[str, Any]
     source: str
     line: Optional[int]
+    form: Optional[str] = None  # the form it was read in (ftbench.data.formats), None: ftbench's own
+    checked: bool = False  # its chat messages were checked by its form's rules when it was converted
 
     def error(self, field: Optional[str], problem: str) -> DataFormatError:
         return DataFormatError(self.source, self.line, field, problem)
@@ -192,15 +194,16 @@ def group_split(keys: Sequence[Hashable], fractions: Sequence[float], seed: int)
 
 # ---------------------------------------------------------------------------- chat rows
 CHAT_ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def chat_messages(row: Row, name: str, value: Any, sharegpt: bool = False) -> list[dict[str, str]]:
+def chat_messages(row: Row, name: str, value: Any) -> list[dict[str, str]]:
     """The messages of field ``name`` as ``{role, content}`` dicts, each checked: an object with a
-    known role and string content (``{from, value}`` with ShareGPT roles when ``sharegpt``). A single
-    message object counts as a list of one."""
+    known role and string content. A single message object counts as a list of one. A converted row
+    (``row.checked``: LLaMA-Factory's forms, ``ftbench.data.formats``) was checked by its form's rules."""
     if isinstance(value, dict):
         value = [value]
+    if row.checked:
+        return list(value)
     if not isinstance(value, list) or not value:
         raise row.error(name, "must be a non-empty list of messages")
     out = []
@@ -208,18 +211,11 @@ def chat_messages(row: Row, name: str, value: Any, sharegpt: bool = False) -> li
         where = f"{name}[{i}]"
         if not isinstance(m, dict):
             raise row.error(where, "must be an object with 'role' and 'content'")
-        if sharegpt:
-            role, content = SHAREGPT_ROLES.get(m.get("from")), m.get("value")
-            if role is None:
-                raise row.error(f"{where}.from", f"unknown role {m.get('from')!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
-            if not isinstance(content, str):
-                raise row.error(f"{where}.value", "missing or not a string")
-        else:
-            role, content = m.get("role"), m.get("content")
-            if role not in CHAT_ROLES:
-                raise row.error(f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
-            if not isinstance(content, str):
-                raise row.error(f"{where}.content", "missing or not a string")
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES:
+            raise row.error(f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
+        if not isinstance(content, str):
+            raise row.error(f"{where}.content", "missing or not a string")
         out.append({"role": role, "content": content})
     return out
 
@@ -227,7 +223,10 @@ def chat_messages(row: Row, name: str, value: Any, sharegpt: bool = False) -> li
 def check_conversation(row: Row, *fields: tuple[str, list[dict[str, str]]]) -> None:
     """One conversation, possibly spread over fields (``("prompt", msgs), ("chosen", msgs)``):
     an optional leading system message, then user and assistant turns alternating, the last one the
-    assistant's. Errors name the field and the message's index in it."""
+    assistant's. Errors name the field and the message's index in it. A converted row
+    (``row.checked``) was checked by its form's rules."""
+    if row.checked:
+        return
     named = [(f"{name}[{i}]", m) for name, msgs in fields for i, m in enumerate(msgs)]
     start = 1 if named and named[0][1]["role"] == "system" else 0
     for k, (where, m) in enumerate(named[start:]):
@@ -457,6 +456,24 @@ def refuse_arguments(kwargs: dict[str, Any], **reasons: str) -> None:
             raise ConfigError(f"data.{name}: {why}")
 
 
+class RepeatedBatches(Sampler[list[int]]):
+    """Each batch of ``batches`` (a batch sampler) ``times`` times in a row, as TRL's ``RepeatSampler``
+    (its ``repeat_count``): online RL reusing one rollout for several updates (objective grpo's
+    ``num_iterations x steps_per_generation``) gets the same prompts at each of those steps, so an
+    epoch still uses every prompt and the lr schedule counts every update."""
+
+    def __init__(self, batches: Sampler[list[int]], times: int):
+        self.batches, self.times = batches, times
+
+    def __iter__(self):
+        for batch in self.batches:
+            for _ in range(self.times):
+                yield batch
+
+    def __len__(self) -> int:
+        return len(self.batches) * self.times
+
+
 class SplitDataModule(L.LightningDataModule):
     """The arguments, split rule and loaders every regime shares.
 
@@ -468,6 +485,9 @@ class SplitDataModule(L.LightningDataModule):
 
     regime = ""
     empty_train = "no training rows left after the split and truncation"
+    #: how many steps in a row each training batch is given (set by the CLI from the objective's
+    #: ``train_batch_repeats``: GRPO reusing a rollout); 1: every step a new batch
+    train_batch_repeats = 1
 
     def __init__(
         self,
@@ -670,6 +690,12 @@ class SplitDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.order_seed) if shuffle else None
+        if split == "train" and self.train_batch_repeats > 1:  # the same order as shuffle=True, each batch repeated
+            sampler = RandomSampler(self.splits[split], generator=generator)
+            # generator given to the loader too: its iterator draws a base seed from it before the sampler
+            # does, as with shuffle=True, so the order is the unrepeated loader's
+            return DataLoader(self.splits[split], batch_sampler=self.repeated(sampler), collate_fn=self.train_collator(),
+                              num_workers=self.num_workers, generator=generator)
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
@@ -678,6 +704,10 @@ class SplitDataModule(L.LightningDataModule):
             collate_fn=self.train_collator() if split == "train" else self.collator(),
             num_workers=self.num_workers,
         )
+
+    def repeated(self, sampler: Sampler[int]) -> RepeatedBatches:
+        """Training batches of ``batch_size`` drawn by ``sampler``, each ``train_batch_repeats`` times."""
+        return RepeatedBatches(BatchSampler(sampler, self.batch_size, drop_last=False), self.train_batch_repeats)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
