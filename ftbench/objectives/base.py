@@ -153,11 +153,7 @@ class Objective(L.LightningModule):
         """The step every objective shares around its :meth:`training_loss`. Returns the loss and the
         token counts the throughput callback reads (trained: those the loss is computed on; padded: the
         whole batch; real: the attention mask's ones)."""
-        return self.finish_step(self.training_loss(batch), batch_idx)
-
-    def finish_step(self, out: TrainingLoss, batch_idx: int) -> dict[str, Any]:
-        """The skeleton around a computed loss (see :meth:`training_step`); an objective that makes
-        several optimizer steps per batch (PPO) calls it once per update."""
+        out = self.training_loss(batch)
         loss = out.loss
         extra = self.tuner.regularization(self.model)  # e.g. AdaLoRA's orthogonality penalty
         if extra is not None:

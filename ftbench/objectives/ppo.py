@@ -37,37 +37,35 @@ One training batch (``data.prompt_batches: true``; one completion per prompt), T
        ``num_mini_batches`` mini-batches; per mini-batch one forward of policy and critic, the
        clipped policy loss (``cliprange``) + ``vf_coef`` x the clipped value loss
        (``cliprange_value``), backward, one optimizer step (TRL).
-    8. After the batch, the adaptive controller (if on) updates from the batch's KL
-       (summed over tokens, mean over sequences) with ``n_steps`` = the batch's completions
-       (TRL <= 0.11).
+    8. After the rollout's last update, the adaptive controller (if on) updates from its KL (summed
+       over tokens, mean over sequences) with ``n_steps`` = its completions (TRL <= 0.11).
 
-Several optimizer steps per batch: manual optimisation
-    Lightning's automatic optimisation makes one optimizer step per ``training_step``; PPO makes
-    ``num_ppo_epochs x num_mini_batches`` on one rollout, so this objective sets
-    ``automatic_optimization = False`` and steps the optimizer and the schedule itself. Each update
-    goes through the shared skeleton (:meth:`Objective.finish_step`: the tuner's regularization,
-    the non-finite check, ``train/loss``). Consequences: ``trainer.max_steps`` counts optimizer
-    steps, as Lightning counts them under manual optimisation (it must be a multiple of the updates
-    per batch), the learning-rate schedule steps per optimizer step, ``trainer.gradient_clip_val``
-    and ``accumulate_grad_batches`` are unavailable (TRL's PPO clips no gradient either), and the
-    throughput callback's trained tokens count every update's tokens.
+Several optimizer steps per rollout: one training step per update
+    Each of the ``num_ppo_epochs x num_mini_batches`` updates of a rollout is one training step of
+    the shared skeleton (Lightning's automatic optimisation: one optimizer step each), as GRPO's
+    rollout reuse: the data module gives each batch of prompts that many times in a row
+    (:attr:`train_batch_repeats`; TRL's ``RepeatSampler``; the ftbench CLI sets
+    ``data.train_batch_repeats``), the first step of a batch rolls out and the steps that follow
+    train on the next mini-batch of the stored experience (a fresh permutation at each epoch's first
+    step). So ``trainer.max_steps`` counts updates (optimizer steps) and the learning-rate schedule
+    steps per update; TRL's PPO steps its schedule once per rollout batch.
 
-Metrics (under ``train/``, once per batch; TRL's names)
+Metrics (under ``train/``, at every step; TRL's names)
     ``objective/kl`` (k1 summed over tokens, mean over sequences), ``objective/entropy`` (the
     sampled tokens' negative log-prob summed over the completion tokens, mean over sequences; TRL's
     sum also adds -1 per padding position, its ``INVALID_LOGPROB``), ``objective/
     non_score_reward``, ``objective/rlhf_reward`` (score + non-score reward), ``objective/scores``,
-    ``objective/kl_coef``; averages over the batch's updates: ``policy/approxkl_avg``,
-    ``policy/clipfrac_avg``, ``policy/entropy_avg``, ``loss/policy_avg``, ``loss/value_avg``,
-    ``val/clipfrac_avg``, ``val/ratio``, ``val/ratio_var``; ``val/num_eos_tokens``; also ``reward``
-    (the mean score before the penalty and clip), ``rewards/<func>/mean``,
-    ``completions/mean_length``, ``completions/clipped_ratio``, ``time/generation_s`` and
-    ``time/optimisation_s``. ``train/loss`` is the mean loss over the batch's updates.
+    ``objective/kl_coef`` (of the rollout the step trains on); of the step's update (TRL logs their
+    mean over a rollout's updates, hence ``_avg``): ``policy/approxkl_avg``, ``policy/clipfrac_avg``,
+    ``policy/entropy_avg``, ``loss/policy_avg``, ``loss/value_avg``, ``val/clipfrac_avg``,
+    ``val/ratio``; ``val/num_eos_tokens``; also ``reward`` (the mean score before the penalty and
+    clip), ``rewards/<func>/mean``, ``completions/mean_length``, ``completions/clipped_ratio``,
+    ``time/generation_s`` (0 on a step that reuses the rollout) and ``time/optimisation_s``.
 
 Where the time goes (``step_time_split``)
     ``generation_s``: the rollout (sampling, the reward functions, the no-grad forwards of policy,
     reference and critic, rewards and advantages); ``reward_s``: the reward functions' share of it;
-    ``optimisation_s``: the updates.
+    ``optimisation_s``: the updates (forward, backward, optimizer step).
 
 Evaluation as GRPO's: the greedy answer to each row with an exact answer gives the data set's answer
 metrics and its reward under the reward functions.
@@ -78,7 +76,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -87,7 +85,6 @@ from torch import nn
 
 from ftbench.errors import ConfigError
 from ftbench.objectives.base import Objective
-from ftbench.objectives.optim import optimization
 from ftbench.objectives.ppo_losses import (KLController, gae, masked_mean, ppo_policy_loss, ppo_rewards,
                                            ppo_value_loss, whiten)
 from ftbench.objectives.rewards import RewardFunction, RewardModel, as_reward_function
@@ -264,7 +261,6 @@ class PPO(Objective):
             num_mini_batches: Mini-batches per pass (TRL: 1); it must divide the batch's completions.
         """
         super().__init__(**kwargs)
-        self.automatic_optimization = False  # several optimizer steps per batch: see the module docstring
         settings = dict(max_completion_length=max_completion_length, temperature=temperature, kl_coef=kl_coef,
                         kl_target=kl_target, kl_horizon=kl_horizon, missing_eos_penalty=missing_eos_penalty,
                         reward_clip=reward_clip, gamma=gamma, lam=lam, cliprange=cliprange,
@@ -305,9 +301,16 @@ class PPO(Objective):
         self.whiten_rewards = whiten_rewards
         self.kl_controller = KLController(kl_coef, kl_target, kl_horizon)
         self.generation_seconds = self.optimisation_seconds = self.reward_seconds = 0.0
+        self._experience: Optional[Experience] = None
+        self._order: list[torch.Tensor] = []  # this epoch's mini-batches (row indices)
+        self._updates_done = 0
+        self._generated_from: Optional[torch.Tensor] = None
+        self._t_step: Optional[float] = None
+        self._t_generated: Optional[float] = None
 
     @property
-    def updates_per_batch(self) -> int:
+    def train_batch_repeats(self) -> int:
+        """Training steps per batch of prompts: its ``num_ppo_epochs x num_mini_batches`` updates."""
         return self.num_ppo_epochs * self.num_mini_batches
 
     # ------------------------------------------------------------------ set-up
@@ -350,19 +353,7 @@ class PPO(Objective):
         if stage == "fit" and dm is not None and getattr(dm, "prompt_batches", None) is False:
             raise ConfigError("objective ppo: the data module gives supervised training batches; PPO samples from "
                               "prompts", hint="set data.init_args.prompt_batches: true (e.g. configs/data/instruction_prompts.yaml)")
-        if stage == "fit" and self._trainer is not None:
-            max_steps = self.trainer.max_steps
-            if max_steps is not None and max_steps > 0 and max_steps % self.updates_per_batch:
-                raise ConfigError(f"trainer.max_steps: {max_steps} optimizer steps is not a whole number of rollout "
-                                  f"batches of num_ppo_epochs x num_mini_batches = {self.updates_per_batch} updates")
 
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        total = int(self.trainer.estimated_stepping_batches)
-        if self.trainer.max_steps is None or self.trainer.max_steps < 0:
-            total *= self.updates_per_batch  # epochs count rollout batches; the schedule steps per update
-        return optimization(params, self.optimizer_factory, self.tuner.lr, self.lr_scheduler, self.warmup_steps,
-                            max(1, total))
 
     # ------------------------------------------------------------------ the rollout
     def _sync(self) -> None:
@@ -440,81 +431,85 @@ class PPO(Objective):
                           completion_ids=completion_ids, mask=mask, logps=logps, values=values,
                           advantages=advantages, returns=returns, metrics=metrics)
 
-    # ------------------------------------------------------------------ one update
-    def training_loss(self, batch: dict[str, torch.Tensor]) -> TrainingLoss:
-        """The loss of one mini-batch of experience (an :meth:`Experience.rows` dict): the clipped
-        policy loss plus ``vf_coef`` x the clipped value loss (TRL's ``loss = pg_loss + vf_coef *
-        vf_loss``), and the critic tuner's regularization, if any."""
-        mask = batch["mask"]
-        T = batch["completion_ids"].shape[1]
-        logps, entropy = completion_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                                          batch["completion_ids"], mask, self.temperature, entropy=True)
-        values = token_values(self.critic, batch["input_ids"], batch["attention_mask"], batch["position_ids"], T)
-        pg_loss, pg = ppo_policy_loss(logps, batch["logps"], batch["advantages"], mask, self.cliprange)
-        vf_loss, vf = ppo_value_loss(values, batch["values"], batch["returns"], mask, self.cliprange_value)
+    # ------------------------------------------------------------------ the updates
+    def on_train_start(self) -> None:
+        self._experience, self._order, self._updates_done = None, [], 0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._sync()
+        self._t_step = time.perf_counter()
+
+    def next_update(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], bool]:
+        """``(mini-batch, rollout metrics, rolled out now)`` for this step: a new rollout of ``batch``
+        after the last one's ``num_ppo_epochs x num_mini_batches`` updates are done (step 8, the KL
+        controller, runs then, on the finished rollout's KL), else the next mini-batch of the stored
+        one (a fresh permutation split into ``num_mini_batches`` at each epoch's start: TRL)."""
+        generating = self._experience is None or self._updates_done == self.train_batch_repeats
+        if generating:
+            if self._experience is not None:  # 8. TRL <= 0.11: n_steps = the batch's completions
+                self.kl_controller.update(float(self._experience.metrics["objective/kl"]),
+                                          self._experience.input_ids.shape[0])
+            self._experience, self._updates_done = self.rollout(batch), 0
+            self._generated_from = batch["prompt_input_ids"]
+        elif not torch.equal(batch["prompt_input_ids"], self._generated_from):
+            raise ConfigError(f"objective ppo: num_ppo_epochs x num_mini_batches = {self.train_batch_repeats} updates "
+                              "reuse each rollout, but the data gave new prompts before they were done",
+                              hint=f"the data module must give each batch {self.train_batch_repeats} times in a row "
+                                   f"(data.train_batch_repeats = {self.train_batch_repeats}; the ftbench CLI sets it)")
+        exp = self._experience
+        if self._updates_done % self.num_mini_batches == 0:  # an epoch starts: a fresh shuffle (TRL)
+            N = exp.input_ids.shape[0]
+            self._order = list(torch.randperm(N).to(exp.input_ids.device).split(N // self.num_mini_batches))
+        index = self._order[self._updates_done % self.num_mini_batches]
+        self._updates_done += 1
+        return exp.rows(index), exp.metrics, generating
+
+    def training_loss(self, batch: dict[str, Any]) -> TrainingLoss:
+        """Step 7 on this step's mini-batch (:meth:`next_update`): the clipped policy loss plus
+        ``vf_coef`` x the clipped value loss (TRL's ``loss = pg_loss + vf_coef * vf_loss``), and the
+        critic tuner's regularization, if any."""
+        if self._t_step is None:
+            self._t_step = time.perf_counter()
+        piece, rollout_metrics, generating = self.next_update(batch)
+        self._sync()
+        self._t_generated = time.perf_counter() if generating else self._t_step
+        generation_s = self._t_generated - self._t_step  # 0 on a step that reuses the rollout
+        self.generation_seconds += generation_s
+
+        mask = piece["mask"]
+        T = piece["completion_ids"].shape[1]
+        logps, entropy = completion_logps(self.model, piece["input_ids"], piece["attention_mask"],
+                                          piece["position_ids"], piece["completion_ids"], mask, self.temperature,
+                                          entropy=True)
+        values = token_values(self.critic, piece["input_ids"], piece["attention_mask"], piece["position_ids"], T)
+        pg_loss, pg = ppo_policy_loss(logps, piece["logps"], piece["advantages"], mask, self.cliprange)
+        vf_loss, vf = ppo_value_loss(values, piece["values"], piece["returns"], mask, self.cliprange_value)
         loss = pg_loss + self.vf_coef * vf_loss
         extra = self.critic_tuner.regularization(self.critic)
         if extra is not None:
             loss = loss + extra
 
-        def metrics() -> dict[str, torch.Tensor]:
-            return {"policy/approxkl_avg": pg["approxkl"], "policy/clipfrac_avg": pg["clipfrac"],
+        def metrics() -> dict[str, Any]:
+            return {**rollout_metrics, "policy/approxkl_avg": pg["approxkl"], "policy/clipfrac_avg": pg["clipfrac"],
                     "policy/entropy_avg": masked_mean(entropy, mask), "loss/policy_avg": pg_loss.detach(),
-                    "loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf["clipfrac"], "val/ratio": pg["ratio"]}
+                    "loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf["clipfrac"], "val/ratio": pg["ratio"],
+                    "time/generation_s": generation_s}
 
-        return TrainingLoss(loss, mask.sum(), batch["input_ids"], batch["attention_mask"], batch["input_ids"].shape[0],
-                            metrics=metrics)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Roll out, then ``num_ppo_epochs x num_mini_batches`` updates (step 7), each through the
-        skeleton's :meth:`finish_step`, then the KL controller (step 8) and the batch's metrics."""
-        self._sync()
-        t0 = time.perf_counter()
-        experience = self.rollout(batch)
-        self._sync()
-        t1 = time.perf_counter()
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        N = experience.input_ids.shape[0]
-        size = N // self.num_mini_batches
-        steps, stats = [], []
-        for _ in range(self.num_ppo_epochs):
-            order = torch.randperm(N).to(self.device)  # a fresh shuffle per epoch (TRL)
-            for index in order.split(size):
-                out = self.training_loss(experience.rows(index))
-                stats.append(out.metrics())
-                step = self.finish_step(replace(out, metrics=None), batch_idx)  # regularization, finite check, log
-                self.manual_backward(step["loss"])
-                optimizer.step()
-                scheduler.step()
-                self.tuner.after_optimizer_step(self.model, self.global_step)
-                self.critic_tuner.after_optimizer_step(self.critic, self.global_step)
-                optimizer.zero_grad()
-                steps.append(step)
-        self._sync()
-        t2 = time.perf_counter()
-        generation_s, optimisation_s = t1 - t0, t2 - t1
-        self.generation_seconds += generation_s
-        self.optimisation_seconds += optimisation_s
-
-        # 8. the adaptive KL controller from this batch's KL (TRL <= 0.11: n_steps = the batch size)
-        self.kl_controller.update(float(experience.metrics["objective/kl"]), N)
-
-        loss = torch.stack([s["loss"].detach() for s in steps]).mean()
-        logged: dict[str, Any] = dict(experience.metrics)
-        for name in stats[0]:
-            logged[name] = torch.stack([s[name] for s in stats]).mean()
-        ratios = torch.stack([s["val/ratio"] for s in stats])
-        logged["val/ratio_var"] = ratios.var() if len(stats) > 1 else torch.zeros(())
-        logged["time/generation_s"] = generation_s
-        logged["time/optimisation_s"] = optimisation_s
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=size)
-        self.log("train/objective/scores", logged.pop("objective/scores"), on_step=True, prog_bar=True, batch_size=N)
-        self.log_dict({f"train/{k}": v for k, v in logged.items()}, on_step=True, batch_size=N)
-        counts = ("trained_tokens", "padded_tokens", "real_tokens")  # every update's tokens
-        return {"loss": loss, **{k: sum(s[k] for s in steps) for k in counts}}
+        return TrainingLoss(loss, mask.sum(), piece["input_ids"], piece["attention_mask"], piece["input_ids"].shape[0],
+                            metrics=metrics, prog_bar=("objective/scores",), metrics_every_step=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        """Nothing: the tuners' after-step hooks ran after each of this batch's optimizer steps."""
+        super().on_train_batch_end(outputs, batch, batch_idx)  # the policy tuner's after-step hook (AdaLoRA)
+        accumulate = max(1, int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1))
+        if (batch_idx + 1) % accumulate == 0:
+            self.critic_tuner.after_optimizer_step(self.critic, self.global_step)
+        if self._t_generated is None:
+            return
+        self._sync()
+        optimisation_s = time.perf_counter() - self._t_generated
+        self.optimisation_seconds += optimisation_s
+        self._t_step = self._t_generated = None
+        self.log("train/time/optimisation_s", optimisation_s, on_step=True, batch_size=batch["prompt_input_ids"].shape[0] // self.num_mini_batches)
 
     def step_time_split(self) -> dict[str, Optional[float]]:
         return {"generation_s": self.generation_seconds, "optimisation_s": self.optimisation_seconds,
