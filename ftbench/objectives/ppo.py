@@ -193,7 +193,7 @@ class Experience:
               "advantages", "returns")
 
     def rows(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The mini-batch of these rows, as the ``batch`` :meth:`PPO.training_loss` takes."""
+        """The mini-batch of these rows: what one update trains on."""
         return {name: getattr(self, name)[index] for name in self.FIELDS}
 
 
