@@ -32,7 +32,7 @@ SWEEPS = {
     "experiments/params/gpu.yaml": 60,
     "experiments/regimes/sweep.yaml": 20,
     "experiments/regimes/gpu.yaml": 20,
-    "configs/sweeps/rlhf.yaml": 9,
+    "configs/sweeps/rlhf.yaml": 11,
     "experiments/rlhf/gpu.yaml": 7,
 }
 

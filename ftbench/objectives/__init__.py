@@ -10,7 +10,8 @@ from ftbench.objectives.dpo import DPO
 from ftbench.objectives.grpo import GRPO
 from ftbench.objectives.kto import KTO
 from ftbench.objectives.orpo import ORPO
+from ftbench.objectives.ppo import PPO
 from ftbench.objectives.reward import Reward
 from ftbench.objectives.sft import SFT
 
-__all__ = ["Objective", "NonFiniteLossError", "SFT", "Reward", "DPO", "GRPO", "KTO", "CPO", "ORPO"]
+__all__ = ["Objective", "NonFiniteLossError", "SFT", "Reward", "DPO", "GRPO", "PPO", "KTO", "CPO", "ORPO"]

@@ -56,6 +56,7 @@ class Objective(EvaluationSteps, L.LightningModule):
     #: calls them; checked once in :meth:`setup`, before the model loads (empty: any data module)
     data_regimes: tuple[str, ...] = ()
     data_needs = ""
+    samples_from_prompts = False  # online RL: the training batches must be prompts (data.prompt_batches)
 
     def __init__(
         self,
@@ -111,6 +112,10 @@ class Objective(EvaluationSteps, L.LightningModule):
             raise ConfigError(f"objective {self.name} needs {self.data_needs}; the data module ({type(dm).__name__}"
                               + (f", {source}" if source else "") + f") gives {gives}",
                               hint=f"give a data config of regime {' or '.join(self.data_regimes)} (configs/data/*.yaml)")
+        if self.samples_from_prompts and stage == "fit" and getattr(dm, "prompt_batches", None) is False:
+            raise ConfigError(f"objective {self.name}: the data module gives supervised training batches; "
+                              f"{self.name.upper()} samples from prompts",
+                              hint="set data.init_args.prompt_batches: true (e.g. configs/data/instruction_prompts.yaml)")
 
     # ------------------------------------------------------------------ what trains
     def configure_model(self) -> None:

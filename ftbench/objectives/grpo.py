@@ -110,9 +110,10 @@ from ftbench.errors import ConfigError
 from ftbench.objectives.base import Objective
 from ftbench.objectives.step import TrainingLoss
 from ftbench.objectives.losses import (CLIPPED_LOSS_TYPES, GRPO_LOSS_TYPES, IMPORTANCE_SAMPLING_LEVELS,
-                                       frac_reward_zero_std, grpo_advantages, grpo_loss, rloo_advantages, rloo_loss,
-                                       token_logps)
-from ftbench.objectives.rewards import ExactAnswer, RewardFunction, as_reward_function, finite_or_nan
+                                       frac_reward_zero_std, grpo_advantages, grpo_loss, rloo_advantages, rloo_loss)
+from ftbench.objectives.rewards import ExactAnswer, RewardFunction, as_reward_function
+from ftbench.objectives.rollout import (completion_logps, completion_masks, decode_completions,  # noqa: F401
+                                       greedy_completions, sample_completions, score_completions, weighted_reward)
 
 ADVANTAGES = ("grpo", "rloo")
 # ftbench's default loss type; TRL 1.16's is "dapo", the same numbers when steps_per_generation is 1
@@ -201,22 +202,6 @@ def check_settings(num_generations: Any, max_completion_length: Any, temperature
         raise ConfigError(f"objective grpo: unknown scale_rewards {scale_rewards!r}; expected group, batch or none")
 
 
-def completion_masks(completion_ids: torch.Tensor, eos_token_id: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mask, ended)`` for sampled completions ``(B, T)``: ``mask`` (long) is 1 on the tokens up to
-    and including each row's first EOS (every token of a row without EOS), 0 after; ``ended`` (bool,
-    ``(B,)``) says whether the row has an EOS. Whatever follows the first EOS (padding, which is the
-    EOS itself when pad = EOS) is masked, as TRL's completion mask."""
-    B, T = completion_ids.shape
-    if eos_token_id is None:
-        return torch.ones_like(completion_ids), torch.zeros(B, dtype=torch.bool, device=completion_ids.device)
-    is_eos = completion_ids == eos_token_id
-    ended = is_eos.any(dim=1)
-    first = torch.full((B,), T, dtype=torch.long, device=completion_ids.device)
-    first[ended] = is_eos.int().argmax(dim=1)[ended]
-    positions = torch.arange(T, device=completion_ids.device).expand(B, -1)
-    return (positions <= first.unsqueeze(1)).long(), ended
-
-
 @dataclass
 class Rollout:
     """One batch of sampled completions, scored: what the optimisation phase needs."""
@@ -248,6 +233,7 @@ class GRPO(Objective):
     name = "grpo"
     data_regimes = ("instruction", "multitask", "preference")
     data_needs = "prompts (data.prompt_batches: true on instruction rows, a mixture or preference pairs)"
+    samples_from_prompts = True
 
     def __init__(
         self,
@@ -427,27 +413,14 @@ class GRPO(Objective):
                               hint="use LoRA or another peft method that is not prompt/prefix tuning")
         super().configure_model()
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if stage == "fit" and dm is not None and getattr(dm, "prompt_batches", None) is False:
-            raise ConfigError("objective grpo: the data module gives supervised training batches; GRPO samples from "
-                              "prompts", hint="set data.init_args.prompt_batches: true (e.g. configs/data/instruction_prompts.yaml)")
-
     # ------------------------------------------------------------------ rewards
     def score(self, prompts: list[str], completions: list[str], **columns: Any) -> torch.Tensor:
         """``(N, F)`` float32 rewards of each function (NaN where one returned None)."""
-        out = []
-        for func in self.reward_funcs:
-            func.bind(self)
-            values = func(prompts=prompts, completions=completions, **columns)
-            out.append(finite_or_nan(values, func.name, len(completions)))
-        return torch.tensor(out, dtype=torch.float32, device=self.device).T.reshape(len(completions), len(out))
+        return score_completions(self.reward_funcs, self, prompts, completions, **columns)
 
     def combine(self, per_func: torch.Tensor) -> torch.Tensor:
         """The weighted sum over functions, NaN (``None``) entries left out (TRL's ``nansum``)."""
-        weights = torch.tensor(self.reward_weights, dtype=per_func.dtype, device=per_func.device)
-        return (per_func * weights).nansum(dim=1)
+        return weighted_reward(per_func, self.reward_weights)
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         if self.advantage == "rloo":
@@ -456,20 +429,14 @@ class GRPO(Objective):
 
     # ------------------------------------------------------------------ rollout
     def decode(self, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        rows = [ids[: int(n)].tolist() for ids, n in zip(completion_ids, mask.sum(1))]
-        return self.backbone.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return decode_completions(self.backbone.tokenizer, completion_ids, mask)
 
     @torch.no_grad()
     def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, **sampling: Any) -> torch.Tensor:
         """New tokens after left-padded prompts, the model in eval mode (no dropout) for generation and
         back in its previous mode after."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return self.tuner.generate(self.model, self.backbone.tokenizer, prompt_ids, prompt_mask,
-                                       sampling.pop("max_new_tokens"), **sampling)
-        finally:
-            self.model.train(was_training)
+        return sample_completions(self.model, self.tuner, self.backbone.tokenizer, prompt_ids, prompt_mask,
+                                  sampling.pop("max_new_tokens"), **sampling)
 
     def rollout(self, batch: dict[str, Any]) -> Rollout:
         """Sample G completions per prompt, score them and compute the advantages (no grad)."""
@@ -547,20 +514,8 @@ class GRPO(Objective):
                          ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Per-token log-probs ``(N, T)`` of the completion tokens under ``model`` at the sampling
         temperature (0 on masked positions), and, with ``entropy``, the per-token entropy (no grad)."""
-        T = r.completion_ids.shape[1]
-        out = model(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=r.position_ids,
-                    use_cache=False, logits_to_keep=T + 1)
-        logits = out.logits[:, -(T + 1):]  # the last prompt position predicts the first completion token
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        labels = torch.cat([r.completion_ids[:, :1], r.completion_ids.masked_fill(r.completion_mask == 0, -100)], dim=1)
-        logps, _ = token_logps(logits, labels)
-        ent = None
-        if entropy:
-            with torch.no_grad():
-                ent = torch.stack([-(lp.exp() * lp).sum(-1) for lp in
-                                   (torch.log_softmax(row[:-1].float(), dim=-1) for row in logits)])
-        return logps, ent
+        return completion_logps(model, r.input_ids, r.attention_mask, r.position_ids, r.completion_ids,
+                                r.completion_mask, self.temperature, entropy)
 
     # ------------------------------------------------------------------ training
     def _sync(self) -> None:
@@ -686,10 +641,8 @@ class GRPO(Objective):
                            ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Greedy continuations of left-padded prompts: ``(new ids, their mask up to the first EOS,
         texts)``, decoded as the evaluator decodes its own (special tokens left out)."""
-        tok = self.backbone.tokenizer
-        new = self.tuner.generate(self.model, tok, input_ids, attention_mask, max_new_tokens, do_sample=False)
-        mask, _ = completion_masks(new, tok.eos_token_id)
-        return new, mask, self.decode(new, mask)
+        return greedy_completions(self.model, self.tuner, self.backbone.tokenizer, input_ids, attention_mask,
+                                  max_new_tokens)
 
     def evaluate(self, batch: dict[str, Any], stage: str) -> None:
         if "gen_input_ids" not in batch or not self.evaluator.generates(stage):

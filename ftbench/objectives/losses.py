@@ -1113,3 +1113,9 @@ def grpo_loss(
         elif loss_type == "vespo":
             metrics["vespo/phi_seq_mean"] = extra["phi"].mean()
     return loss, metrics
+
+
+# PPO with a critic: its pure functions live in their own module (GAE, whitening, the clipped losses,
+# the KL controller) and are part of this one's interface.
+from ftbench.objectives.ppo_losses import (KLController, gae, ppo_policy_loss, ppo_rewards,  # noqa: E402,F401
+                                           ppo_value_loss, whiten)

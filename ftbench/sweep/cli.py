@@ -281,9 +281,9 @@ def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str
     if status in (None, "running"):  # exited 0 without a finished record: not a completed run
         _mark_failed(path, spec, proc.returncode, log)
         status = "failed"
-    summary = run_summary(path)
-    reason = f": {failure_reason(path, log)}" if status != DONE else ""
-    progress.print(f"      {status} in {dt:.0f} s{reason}" + (f"  {summary}" if summary else "") + f"  (log: {log})")
+    # a finished run: its summary line from the record; any other: the one-line reason it stopped
+    detail = f"  {run_summary(path) or ''}".rstrip() if status == DONE else f": {failure_reason(path, log)}"
+    progress.print(f"      {status} in {dt:.0f} s{detail}  (log: {log})")
     return status
 
 
