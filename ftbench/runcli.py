@@ -1,57 +1,39 @@
-"""The LightningCLI of a run (``ftbench fit|validate|test``) and the checks made before it starts.
+"""The LightningCLI of a run (``ftbench fit|validate|test``), the one reading of a run's configuration,
+and the checks made before a run starts.
 
-Both the command line (:mod:`ftbench.cli`, which dispatches) and the sweep (:mod:`ftbench.sweep`,
-which parses every point with this parser and checks ``--out`` before starting) build on this
-module; it imports neither of them.
+**One reading of a configuration.** :func:`identity` turns the run's parsed configuration into its
+normal form: the configuration as the run's own parser serialises it (``--config`` files and YAML
+values read and merged by jsonargparse, class paths as it resolves them, numbers as numbers), less
+every value that equals its default (the parser's, and each class's own under ``init_args``), with a
+pipeline stage's upstream weights as ``run:<its run id>``. The normal form less
+:data:`ftbench.naming.NOT_SETTINGS` is the run's *settings*: the run id digests them, the record keeps
+them (``run_info.settings``) and the report groups records by them less the seed. The method label
+comes from the same configuration (:func:`label_of`). ``ftbench fit`` reads its own parsed config in
+``before_instantiate_classes``; the sweep reads a point's command line with :func:`read_run` (the same
+parser, built once per process by :func:`run_parser`, nothing instantiated), so a standalone run and
+the same sweep point get the same id.
+
+Both the command line (:mod:`ftbench.cli`, which dispatches) and the sweep (:mod:`ftbench.sweep`)
+build on this module; it imports neither of them.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import json
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any, Optional
+
+from ftbench import naming
 
 # exact option names: argparse would take `--trainer.max_step 3` as `--trainer.max_steps 3`
 PARSER_KWARGS = {"allow_abbrev": False, **{sub: {"allow_abbrev": False} for sub in ("fit", "validate", "test", "predict")}}
-
-
-def given_config(argv: list[str]) -> tuple[str, dict[str, Any]]:
-    """(subcommand, the configuration the command line gives) normalised as a sweep point's is
-    (:func:`ftbench.sweep.grid.normalised_config`), so ``ftbench fit ARGS`` and the sweep point with
-    the same ARGS get the same run id."""
-    import yaml
-
-    from ftbench.sweep.grid import ALIASES, _coerce, normalised_config
-
-    subcommand = argv[0] if argv and not argv[0].startswith("-") else "run"
-    configs: list[str] = []
-    overrides: dict[str, Any] = {}
-    i = 1 if subcommand != "run" else 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("-"):
-            i += 1
-            continue
-        if "=" in arg:
-            key, raw, i = arg.lstrip("-").split("=", 1)[0], arg.split("=", 1)[1], i + 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            key, raw, i = arg.lstrip("-"), argv[i + 1], i + 2
-        else:
-            key, raw, i = arg.lstrip("-"), "true", i + 1
-        if key in ("c", "config"):
-            configs.append(raw)
-            continue
-        try:
-            value = _coerce(yaml.safe_load(raw))
-        except yaml.YAMLError:
-            value = raw
-        key = ALIASES.get(key, key)
-        if key in overrides and isinstance(raw, str) and raw.endswith((".yaml", ".yml")):
-            prev = overrides[key]
-            overrides[key] = (prev if isinstance(prev, list) else [prev]) + [raw]
-        else:
-            overrides[key] = value
-    return subcommand, normalised_config(configs, overrides)
+#: how a run's LightningCLI is made, besides its classes (``ftbench fit`` and :func:`run_parser` alike)
+CLI_KWARGS = {"subclass_mode_model": True, "subclass_mode_data": True, "seed_everything_default": 42,
+              "auto_configure_optimizers": False, "parser_kwargs": PARSER_KWARGS}
 
 
 def cli_class():
@@ -91,7 +73,6 @@ def cli_class():
         """LightningCLI with a shared backbone and tuner, measurement callbacks and one record per run."""
 
         recorder: Optional[RunRecorder] = None
-        argv: list[str] = []
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_class_arguments(Backbone, "backbone", fail_untyped=True)
@@ -132,12 +113,8 @@ def cli_class():
         def before_instantiate_classes(self) -> None:
             cfg = self._cfg()
             plain = cfg.clone().as_dict()
-            if not cfg.run_id:
-                from ftbench.naming import run_id
-
-                self.run_id = run_id(*given_config(self.argv))
-            else:
-                self.run_id = cfg.run_id
+            self.identity = identity(self, self.config)
+            self.run_id = cfg.run_id or self.identity.run_id
             check_out(cfg.out)
             check_not_completed(os.path.join(cfg.out, f"{self.run_id}.json"), cfg.overwrite)
             if self.subcommand == "fit" and cfg.trainer.get("max_steps") == 0:
@@ -185,8 +162,8 @@ def cli_class():
             self.recorder = RunRecorder(
                 os.path.join(cfg.out, f"{self.run_id}.json"),
                 {"run_id": self.run_id, "subcommand": self.subcommand, "seed": self._seed(cfg),
-                 "config": self.run_config},
-                save_weights_to=weights,
+                 "config": self.run_config, "settings": self.identity.settings},
+                save_weights_to=weights, method=self.identity.label,
             )
             from ftbench.bench.memory import MemoryBreakdown
 
@@ -251,6 +228,164 @@ def cli_class():
                     print(summary_line(self.recorder.record), flush=True)
 
     return FTBenchCLI, Objective, L.LightningDataModule, RedactedSaveConfig
+
+
+# ---------------------------------------------------------------------------- one reading of a config
+@dataclass(frozen=True)
+class RunIdentity:
+    """What makes a run this run, read from its parsed configuration by :func:`identity`."""
+
+    subcommand: str
+    #: the normal form less :data:`ftbench.naming.NOT_SETTINGS` (the record keeps it as ``run_info.settings``)
+    settings: dict[str, Any]
+    #: the method label, ``objective+tuner[+quantization]``
+    label: str
+
+    @property
+    def run_id(self) -> str:
+        return naming.run_id(self.label, self.subcommand, self.settings)
+
+
+def identity(cli, config) -> RunIdentity:
+    """The identity of the run that ``cli``'s parser parsed into ``config`` (the whole namespace,
+    subcommand included).
+
+    The normal form: the configuration as the run's parser serialises it (YAML files read, class paths
+    as jsonargparse resolves them, numbers as numbers), with every value that equals its default
+    dropped — the parser's defaults, and a class's own defaults under its ``init_args`` — so that giving
+    a default (``--model.init_args.beta 0.1`` where 0.1 is the default) is the same run as not giving it,
+    and a new option with a default leaves existing ids alone. A pipeline stage's upstream weights
+    (``{out}/{run id}/weights``) become ``run:{run id}``. jsonargparse's ``dump(skip_default=True)`` was
+    checked: it keeps the defaults under a ``class_path`` whose key has no default (``model``, ``data``,
+    ``tuner``), so the walk over defaults is written here."""
+    subcommand = config.get("subcommand")
+    parser = cli._parser(subcommand)
+    given = json.loads(parser.dump(config[subcommand] if subcommand else config, format="json",
+                                   skip_validation=True, skip_unset=False))
+    normal = _without_defaults(given, _parser_defaults(parser))
+    for key in naming.UPSTREAM_KEYS:
+        *parents, last = key.split(".")
+        node = normal
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node:
+            node[last] = naming.upstream_ref(node[last])
+    return RunIdentity(subcommand or "run", naming.drop_keys(normal, naming.NOT_SETTINGS), label_of(given))
+
+
+def read_run(argv: list[str]) -> RunIdentity:
+    """The identity of the run ``ftbench ARGV`` would make (``ARGV``: the subcommand and its arguments),
+    read by the run's own parser (:func:`parse_run`), nothing instantiated."""
+    return identity(run_parser(), parse_run(argv))
+
+
+def parse_run(argv: list[str]):
+    """``ARGV`` parsed by the run's parser (:func:`run_parser`) as ``ftbench`` parses it, less the final
+    validation (:func:`validation_problem`: a point that lacks a required key still has an id). A command
+    line the parser refuses is a :class:`~ftbench.errors.ConfigError` with the parser's message."""
+    from ftbench.errors import ConfigError
+
+    try:
+        return run_parser().parser.parse_args(argv, _skip_validation=True)
+    except Exception as err:  # jsonargparse's ArgumentError, or an error of a class it imports
+        raise ConfigError(" ".join(str(err).split()) or type(err).__name__) from None
+
+
+def validation_problem(config) -> Optional[str]:
+    """What the run's parser refuses in a config from :func:`parse_run` (a required key missing), else None."""
+    try:
+        run_parser().parser.validate(config)
+    except Exception as err:  # jsonargparse's own errors: the message names the key
+        return " ".join(str(err).split()) or type(err).__name__
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def run_parser():
+    """A LightningCLI of a run with its parser built and nothing parsed (building it takes ~1-2 s:
+    once per process). Its parser raises instead of exiting."""
+    FTBenchCLI, Objective, DataModule, SaveConfig = cli_class()
+
+    class Built(Exception):
+        pass
+
+    class ParserOnly(FTBenchCLI):
+        def parse_arguments(self, parser, args) -> None:
+            raise Built(self)
+
+    try:
+        ParserOnly(Objective, DataModule, save_config_callback=SaveConfig, args=[], **CLI_KWARGS)
+    except Built as built:
+        cli = built.args[0]
+    cli.parser.exit_on_error = False  # the subcommands' parsers follow it
+    return cli
+
+
+def label_of(config: dict[str, Any]) -> str:
+    """The method label of a serialised configuration: the objective's and the tuner's own ``name``
+    (a tuner whose name depends on its arguments says so in ``label_for``), and the backbone's quantization."""
+    model, tuner = config.get("model"), config.get("tuner")
+    objective = _class(model["class_path"]).name if isinstance(model, dict) else "run"
+    trains = _class(tuner["class_path"]).label_for(tuner.get("init_args") or {}) if isinstance(tuner, dict) else "run"
+    return naming.method_label(objective, trains, (config.get("backbone") or {}).get("quantization"))
+
+
+def _class(class_path: str):
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+_MISSING = object()
+
+
+@functools.lru_cache(maxsize=8)
+def _parser_defaults(parser) -> dict[str, Any]:
+    """A (sub)command parser's defaults, serialised (one parser per process reads many points)."""
+    return _serialised_defaults(parser)
+
+
+def _serialised_defaults(parser) -> dict[str, Any]:
+    return json.loads(parser.dump(parser.get_defaults(skip_validation=True), format="json", skip_validation=True,
+                                  skip_unset=False))
+
+
+@functools.lru_cache(maxsize=None)
+def _class_defaults(class_path: str) -> dict[str, Any]:
+    """The ``init_args`` a class gets when none is given, as jsonargparse reads its signature."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(_class(class_path), fail_untyped=False)
+    return _serialised_defaults(parser)
+
+
+def _is_class(value: Any) -> bool:
+    return isinstance(value, dict) and "class_path" in value
+
+
+def _class_without_defaults(value: dict[str, Any]) -> dict[str, Any]:
+    init_args = _without_defaults(value.get("init_args") or {}, _class_defaults(value["class_path"]))
+    return {"class_path": value["class_path"], **({"init_args": init_args} if init_args else {})}
+
+
+def _without_defaults(values: dict[str, Any], defaults: Any) -> dict[str, Any]:
+    """``values`` less the entries equal to ``defaults``' (see :func:`identity`)."""
+    out = {}
+    for key, value in values.items():
+        default = defaults.get(key, _MISSING) if isinstance(defaults, dict) else _MISSING
+        if _is_class(value):
+            value = _class_without_defaults(value)
+            default = (_class_without_defaults(default) if _is_class(default)
+                       else {"class_path": default} if isinstance(default, str) else default)
+        elif isinstance(value, dict) and isinstance(default, dict) and set(default) == set(value):
+            value = _without_defaults(value, default)  # a group (trainer, backbone): entry by entry
+            default = {}
+        elif isinstance(value, list):
+            value = [_class_without_defaults(v) if _is_class(v) else v for v in value]
+        if value == default and isinstance(value, bool) == isinstance(default, bool):
+            continue
+        out[key] = value
+    return out
 
 
 def check_out(out: str) -> None:

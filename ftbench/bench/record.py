@@ -165,13 +165,15 @@ class RunRecorder(L.Callback):
     """Writes the run's record: at start (``running``), after each validation, at the end
     (``completed``) and on an exception (``failed``/``oom``/``nan`` with the error and the last metrics)."""
 
-    def __init__(self, path: str | Path, run_info: dict[str, Any], save_weights_to: Optional[str | Path] = None):
+    def __init__(self, path: str | Path, run_info: dict[str, Any], save_weights_to: Optional[str | Path] = None,
+                 method: Optional[str] = None):
         self.path = Path(path)
         self.save_weights_to = Path(save_weights_to) if save_weights_to else None
         self.record: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "run_info": {**redact(run_info), "created": now()},
-            "train_info": {"status": "running", "metrics": [], "final": {}},
+            # the method label the CLI read from the config (ftbench.runcli.identity), as the sweep and the run id say it
+            "train_info": {"status": "running", "metrics": [], "final": {}, **({"method": method} if method else {})},
             "meta_info": meta_info(self.path.parent),
         }
         self.initial_phase = False  # set by the CLI around a validation before fit
@@ -199,7 +201,7 @@ class RunRecorder(L.Callback):
     def _describe(self, trainer: L.Trainer, pl_module) -> None:
         info = self.train_info
         # objective+tuner[+quantization] (ftbench.naming): LoRA on an nf4 backbone is QLoRA, its own row
-        info["method"] = getattr(pl_module, "method_label", type(pl_module).__name__.lower())
+        info.setdefault("method", getattr(pl_module, "method_label", type(pl_module).__name__.lower()))
         info["objective"] = getattr(pl_module, "name", None)
         tuner = getattr(pl_module, "tuner", None)
         if tuner is not None:
