@@ -6,7 +6,7 @@ the *same* instantiated :class:`~ftbench.backbone.Backbone` into the objective a
 and the tuner into the objective, so that tuners and objectives cross freely (a sweep's grid names
 them as sibling axes). Every run gets the measurement callbacks and a
 :class:`~ftbench.bench.record.RunRecorder`; the record goes to ``{out}/{run_id}.json`` where
-``run_id`` is :func:`ftbench.naming.run_id` of the run's normal form (:func:`ftbench.runcli.identity`)
+``run_id`` is :func:`ftbench.naming.run_id` of the run's normal form (:func:`ftbench.config_reading.identity`)
 unless given.
 """
 

@@ -1,7 +1,7 @@
 """One definition of "the same run" and of a run's method label, torch-free.
 
 The normal form of a run's configuration is made by the parser the run itself uses
-(:func:`ftbench.runcli.read_run`, :func:`ftbench.runcli.identity`); this module says what of it
+(:func:`ftbench.config_reading.identity`, :func:`ftbench.runcli.read_run`); this module says what of it
 identifies the run and how a run is named, so that ``ftbench fit``, ``ftbench sweep`` and
 ``ftbench report`` agree:
 

@@ -119,7 +119,7 @@ name: grid-test
 """
 # pinned: a change to the id scheme (or to the normalisation) makes every old record a new run (these
 # moved when generate_in_validation left the objective's YAML above for --evaluate.*, and when the id
-# came to read the parser's normal form: defaults dropped, ftbench.runcli.identity)
+# came to read the parser's normal form: defaults dropped, ftbench.config_reading.identity)
 GRID_IDS = ["sft+full-353bcfade0", "sft+full-abb65caf6d", "sft+lora-e687ee9e1b", "sft+lora-bb97dea035",
             "sft+lora-5aed2c653f"]
 

@@ -172,7 +172,7 @@ class RunRecorder(L.Callback):
         self.record: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "run_info": {**redact(run_info), "created": now()},
-            # the method label the CLI read from the config (ftbench.runcli.identity), as the sweep and the run id say it
+            # the method label the CLI read from the config (ftbench.config_reading.identity), as the sweep and the run id say it
             "train_info": {"status": "running", "metrics": [], "final": {}, **({"method": method} if method else {})},
             "meta_info": meta_info(self.path.parent),
         }

@@ -393,7 +393,8 @@ def check_points(sweep: Sweep, runs: list[RunSpec]) -> list[str]:
     and the parser's message."""
     index = {id(s): i for i, s in enumerate(sweep.runs)}
     problems = [(spec, spec.problem) for spec in runs]
-    return [f"  point {index[id(spec)] + 1} ({spec.run_id}: {point_text(spec)}): {msg}" for spec, msg in problems if msg]
+    return [f"  point {index[id(spec)] + 1} ({spec.run_id}: {point_text(spec)}): {msg}"
+            for spec, msg in problems if msg]
 
 
 def wandb_sweep_config(sweep: Sweep, sweep_file: str, extra_args: list[str]) -> str:

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import yaml
 
 if TYPE_CHECKING:
-    from ftbench.runcli import RunIdentity
+    from ftbench.config_reading import RunIdentity
 
 from ftbench.errors import ConfigError, FTBenchError
 from ftbench.naming import RUN_REF, UPSTREAM_KEYS
@@ -109,8 +109,9 @@ class RunSpec:
 
     @cached_property
     def identity(self) -> RunIdentity:
-        """The point's run identity (:func:`ftbench.runcli.identity`), as ``ftbench fit`` reads it."""
-        from ftbench.runcli import identity, run_parser
+        """The point's run identity (:func:`ftbench.config_reading.identity`), as ``ftbench fit`` reads it."""
+        from ftbench.config_reading import identity
+        from ftbench.runcli import run_parser
 
         return identity(run_parser(), self.parsed)
 

@@ -95,7 +95,7 @@ class Tuner:
     @classmethod
     def label_for(cls, init_args: dict[str, Any]) -> str:
         """The tuner part of the method label of this class with these ``init_args`` (a serialised
-        config mapping, as :func:`ftbench.runcli.label_of` reads it): its ``name``."""
+        config mapping, as :func:`ftbench.config_reading.label_of` reads it): its ``name``."""
         return cls.name
 
     # ------------------------------------------------------------------ what trains
