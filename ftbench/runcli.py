@@ -265,7 +265,8 @@ def run_parser():
         ParserOnly(Objective, DataModule, save_config_callback=SaveConfig, args=[], **CLI_KWARGS)
     except Built as built:
         cli = built.args[0]
-    cli.parser.exit_on_error = False  # the subcommands' parsers follow it
+    for parser in (cli.parser, *cli._subcommand_parsers.values()):
+        parser.exit_on_error = False
     return cli
 
 

@@ -200,6 +200,11 @@ def test_grid_list_aliases_and_extra_overrides(tmp_path):
     ("subcommand: train\ngrid: {tuner: [full.yaml]}\n", "subcommand 'train' is not one of fit, validate, test"),
     ("grid: {'bad key': [1]}\n", "'bad key' is not a config key"),
     ("grid: {tuner: [full.yaml, full.yaml]}\n", "points 1 and 2 of the sweep are the same run"),
+    # read by the run's own parser: every point it refuses, before anything runs
+    ("grid: {tuner: [full.yaml, lora.yaml], trainer.max_step: [3]}\n",
+     r"s.yaml: 2 point\(s\) do not parse; nothing was run:\n"
+     r"  point 1 \(tuner=full, trainer.max_step=3\): unrecognized arguments: --trainer.max_step 3\n"
+     r"  point 2 \(tuner=lora, trainer.max_step=3\): unrecognized arguments: --trainer.max_step 3$"),
 ])
 def test_sweep_file_errors_name_the_field(tmp_path, text, message):
     d = _files(tmp_path)
