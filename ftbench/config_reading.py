@@ -120,7 +120,10 @@ def _without_defaults(values: dict[str, Any], defaults: Any) -> dict[str, Any]:
             default = (_class_without_defaults(default) if _is_class(default)
                        else {"class_path": default} if isinstance(default, str) else default)
         elif isinstance(value, dict) and isinstance(default, dict) and set(default) == set(value):
-            value = _without_defaults(value, default)  # a group (trainer, backbone): entry by entry
+            # a group (trainer, backbone, evaluate): entry by entry. A dict-valued option whose value has
+            # its default's keys is walked so too, and then reads as a value of only its changed entries
+            # would (no shipped option has a non-empty dict default)
+            value = _without_defaults(value, default)
             default = {}
         elif isinstance(value, list):
             value = [_class_without_defaults(v) if _is_class(v) else v for v in value]
