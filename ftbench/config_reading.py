@@ -121,8 +121,7 @@ def _without_defaults(values: dict[str, Any], defaults: Any) -> dict[str, Any]:
                        else {"class_path": default} if isinstance(default, str) else default)
         elif isinstance(value, dict) and isinstance(default, dict) and set(default) == set(value):
             # a group (trainer, backbone, evaluate): entry by entry. A dict-valued option whose value has
-            # its default's keys is walked so too, and then reads as a value of only its changed entries
-            # would (no shipped option has a non-empty dict default)
+            # its default's keys is walked so too, and then reads as a value of only its changed entries would
             value = _without_defaults(value, default)
             default = {}
         elif isinstance(value, list):
