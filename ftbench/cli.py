@@ -6,7 +6,8 @@ the *same* instantiated :class:`~ftbench.backbone.Backbone` into the objective a
 and the tuner into the objective, so that tuners and objectives cross freely (a sweep's grid names
 them as sibling axes). Every run gets the measurement callbacks and a
 :class:`~ftbench.bench.record.RunRecorder`; the record goes to ``{out}/{run_id}.json`` where
-``run_id`` is :func:`ftbench.naming.run_id` of the command line's configuration unless given.
+``run_id`` is :func:`ftbench.naming.run_id` of the run's normal form (:func:`ftbench.config_reading.identity`)
+unless given.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import sys
 from typing import Optional
 
-from ftbench.runcli import PARSER_KWARGS, cli_class, die_with_parent, quiet_environment
+from ftbench.runcli import CLI_KWARGS, cli_class, die_with_parent, quiet_environment
 
 SWEEP_COMMANDS = ("sweep", "report")
 
@@ -25,19 +26,9 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True):
     quiet_environment()
     FTBenchCLI, Objective, DataModule, SaveConfig = cli_class()
     FTBenchCLI.argv = list(sys.argv[1:] if args is None else args)
-    return FTBenchCLI(
-        Objective,
-        DataModule,
-        save_config_callback=SaveConfig,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=42,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        parser_kwargs=PARSER_KWARGS,
-    )
+    return FTBenchCLI(Objective, DataModule, save_config_callback=SaveConfig, args=args, run=run,
+                      save_config_kwargs={"overwrite": True}, **CLI_KWARGS)
+
 
 def known_error(err: BaseException):
     """The :class:`~ftbench.errors.FTBenchError` behind ``err``, if any: jsonargparse wraps an error

@@ -1,15 +1,16 @@
 """One definition of "the same run" and of a run's method label, torch-free.
 
-``ftbench fit``, ``ftbench sweep`` and ``ftbench report`` all call these, so a standalone fit and the
-same sweep point get the same run id and the same label.
+The normal form of a run's configuration is made by the parser the run itself uses
+(:func:`ftbench.config_reading.identity`, :func:`ftbench.runcli.read_run`); this module says what of it
+identifies the run and how a run is named, so that ``ftbench fit``, ``ftbench sweep`` and
+``ftbench report`` agree:
 
 * The **method label** names a run by what is optimised, what trains and how the backbone is stored:
-  ``objective+tuner[+quantization]``, e.g. ``sft+lora``, ``sft+lora+nf4``, ``dpo+full``.
-* The **run id** is ``{label}-{digest}``: the digest is a hash of the subcommand and the run's *given*
-  configuration (config files and YAML values parsed and deep-merged, dotted keys applied in sorted
-  order, see :func:`ftbench.sweep.grid.normalised_config`), less the keys in :data:`NOT_IN_ID` that do
-  not change what a run computes. The same point maps to the same id whatever the key order, and a
-  change in any referenced file's content makes a new run.
+  ``objective+tuner[+quantization]``, e.g. ``sft+lora``, ``sft+lora+nf4``, ``dpo+full``
+  (:func:`method_label`; the parts are the objective's and the tuner's ``name``).
+* A run's **settings** are its normal form less :data:`NOT_SETTINGS`; the **run id** is
+  ``{label}-{digest}``, the digest a hash of the subcommand and the settings (:func:`run_id`).
+  The report's grid point is the settings less the seed (:data:`SEED`): seeds of a point are averaged.
 """
 
 from __future__ import annotations
@@ -19,12 +20,32 @@ import json
 import re
 from typing import Any, Optional
 
-#: keys that do not change what a run computes: turning W&B on for a finished sweep does not rerun it
-NOT_IN_ID = ("out", "run_id", "config", "save_weights", "print_config", "trainer.logger",
-             "trainer.enable_progress_bar", "trainer.default_root_dir", "overwrite", "traceback")
+#: configuration keys that are not settings: they change neither what a run computes nor what it
+#: measures, so they are left out of the run id and of the report's grid points
+NOT_SETTINGS = (
+    "out",                          # where the record goes (the same run in another folder is the same run)
+    "run_id",                       # the record's name, derived from the settings
+    "config",                       # the files that gave the values (their values are the settings)
+    "save_weights",                 # keeping what trained afterwards (a sweep sets it on upstream stages)
+    "print_config",                 # prints the config and exits
+    "overwrite",                    # whether an existing record may be replaced
+    "traceback",                    # how an error is printed
+    "trainer.logger",               # where metrics are also sent (turning W&B on for a finished sweep reruns nothing)
+    "trainer.enable_progress_bar",  # what the terminal shows
+    "trainer.default_root_dir",     # where Lightning writes its logs ({out}/{run_id} unless given)
+    "trainer.callbacks",            # watchers the config adds (the CLI adds the measuring ones itself)
+    "model.init_args.backbone",     # link targets: the top-level backbone, a setting of its own
+    "data.init_args.backbone",
+)
+#: the seed: part of a run's id, not of its grid point (the report averages over seeds)
+SEED = "seed_everything"
+#: keys whose value may be another run's saved weights (a pipeline stage: ``{out}/{run id}/weights``)
+UPSTREAM_KEYS = ("backbone.init_from", "model.init_args.reward_model")
+#: how the settings refer to another run's saved weights: by its run id, not a path (where the results
+#: go is not part of a run's identity, and a changed upstream run is a changed downstream run)
+RUN_REF = "run:"
+_RUN_WEIGHTS = re.compile(r"(?:^|[/\\])([^/\\]+-[0-9a-f]{10})[/\\]weights[/\\]?$")
 
-#: tuner classes whose label is not their lower-cased class name
-_TUNER_LABELS = {"NoTuning": "none"}
 #: peft configs whose label is not their lower-cased name (peft's own names for them)
 _PEFT_LABELS = {"PromptEncoder": "p_tuning", "AdaptionPrompt": "adaption_prompt", "TrainableTokens": "trainable_tokens"}
 
@@ -40,50 +61,19 @@ def peft_label(config_class: str, use_dora: bool = False) -> str:
     return "dora" if name == "lora" and use_dora else name
 
 
-def tuner_label(class_path: Optional[str], init_args: Optional[dict[str, Any]] = None) -> str:
-    """The tuner part of a label from its ``class_path`` and ``init_args`` (a config mapping)."""
-    if not class_path:
-        return "run"
-    cls = str(class_path).rsplit(".", 1)[-1]
-    if cls == "Peft":
-        peft_config = (init_args or {}).get("peft_config") or {}
-        inner = peft_config.get("class_path") if isinstance(peft_config, dict) else None
-        inner_args = (peft_config.get("init_args") or {}) if isinstance(peft_config, dict) else {}
-        return peft_label(str(inner), bool(inner_args.get("use_dora"))) if inner else "peft"
-    return _TUNER_LABELS.get(cls, cls.lower())
-
-
-def objective_label(class_path: Optional[str]) -> str:
-    """``ftbench.objectives.SFT`` -> ``sft``."""
-    return str(class_path).rsplit(".", 1)[-1].lower() if class_path else "run"
-
-
 def method_label(objective: str, tuner: str, quantization: Optional[str] = None) -> str:
     """``sft+lora``; with a quantized backbone ``sft+lora+nf4`` (LoRA on nf4 is QLoRA: its own row)."""
     label = f"{objective}+{tuner}"
     return label if quantization in (None, "", "none") else f"{label}+{quantization}"
 
 
-def _class_of(node: Any) -> tuple[Optional[str], dict[str, Any]]:
-    if isinstance(node, dict):
-        return node.get("class_path"), node.get("init_args") or {}
-    if isinstance(node, str):
-        return node, {}
-    return None, {}
+def upstream_ref(value: Any) -> Any:
+    """``{out}/{run id}/weights`` (what a sweep hands a pipeline stage) as ``run:{run id}``; else ``value``."""
+    match = _RUN_WEIGHTS.search(value) if isinstance(value, str) else None
+    return RUN_REF + match.group(1) if match else value
 
 
-def label_from_config(config: dict[str, Any]) -> str:
-    """The method label of a run from its configuration mapping (given or resolved)."""
-    objective, _ = _class_of(config.get("model"))
-    tuner, tuner_args = _class_of(config.get("tuner"))
-    backbone = config.get("backbone") if isinstance(config.get("backbone"), dict) else {}
-    if objective is None and tuner is None:
-        return "run"
-    return method_label(objective_label(objective or "sft"), tuner_label(tuner, tuner_args),
-                        backbone.get("quantization"))
-
-
-def drop_keys(config: dict[str, Any], keys: tuple[str, ...] = NOT_IN_ID) -> dict[str, Any]:
+def drop_keys(config: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     """A copy of ``config`` without the dotted ``keys``."""
     out = json.loads(json.dumps(config, default=str))
     for key in keys:
@@ -95,18 +85,12 @@ def drop_keys(config: dict[str, Any], keys: tuple[str, ...] = NOT_IN_ID) -> dict
     return out
 
 
-def run_id(subcommand: str, config: dict[str, Any]) -> str:
-    """``{label}-{10 hex digits}`` for a run's normalised given configuration."""
-    payload = json.dumps({"cmd": subcommand, "config": drop_keys(config)}, sort_keys=True, default=str)
-    digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
-    return f"{label_from_config(config)}-{digest}"
+def run_id(label: str, subcommand: str, settings: dict[str, Any]) -> str:
+    """``{label}-{10 hex digits}`` of a run's settings (its normal form less :data:`NOT_SETTINGS`)."""
+    payload = json.dumps({"cmd": subcommand, "config": settings}, sort_keys=True, default=str)
+    return f"{label}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
 
 
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one mapping of dotted keys."""
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out or {prefix[:-1]: {}}
-    return {prefix[:-1]: d}
+def grid_point(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that make a report's grid point: all but the seed."""
+    return drop_keys(settings, (SEED,))

@@ -1,57 +1,29 @@
-"""The LightningCLI of a run (``ftbench fit|validate|test``) and the checks made before it starts.
+"""The LightningCLI of a run (``ftbench fit|validate|test``), its parser for reading a command line
+without running it (:func:`read_run`), and the checks made before a run starts.
 
-Both the command line (:mod:`ftbench.cli`, which dispatches) and the sweep (:mod:`ftbench.sweep`,
-which parses every point with this parser and checks ``--out`` before starting) build on this
-module; it imports neither of them.
+``ftbench fit`` reads its own parsed config in ``before_instantiate_classes`` and the sweep reads a
+point's command line with :func:`read_run` (the same parser, built once per process by
+:func:`run_parser`, nothing instantiated): both through :func:`ftbench.config_reading.identity`, so a
+standalone run and the same sweep point get the same id.
+
+Both the command line (:mod:`ftbench.cli`, which dispatches) and the sweep (:mod:`ftbench.sweep`)
+build on this module; it imports neither of them.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-from typing import Any, Optional
+from typing import Optional
+
+from ftbench.config_reading import RunIdentity, identity
 
 # exact option names: argparse would take `--trainer.max_step 3` as `--trainer.max_steps 3`
 PARSER_KWARGS = {"allow_abbrev": False, **{sub: {"allow_abbrev": False} for sub in ("fit", "validate", "test", "predict")}}
-
-
-def given_config(argv: list[str]) -> tuple[str, dict[str, Any]]:
-    """(subcommand, the configuration the command line gives) normalised as a sweep point's is
-    (:func:`ftbench.sweep.grid.normalised_config`), so ``ftbench fit ARGS`` and the sweep point with
-    the same ARGS get the same run id."""
-    import yaml
-
-    from ftbench.sweep.grid import ALIASES, _coerce, normalised_config
-
-    subcommand = argv[0] if argv and not argv[0].startswith("-") else "run"
-    configs: list[str] = []
-    overrides: dict[str, Any] = {}
-    i = 1 if subcommand != "run" else 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("-"):
-            i += 1
-            continue
-        if "=" in arg:
-            key, raw, i = arg.lstrip("-").split("=", 1)[0], arg.split("=", 1)[1], i + 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            key, raw, i = arg.lstrip("-"), argv[i + 1], i + 2
-        else:
-            key, raw, i = arg.lstrip("-"), "true", i + 1
-        if key in ("c", "config"):
-            configs.append(raw)
-            continue
-        try:
-            value = _coerce(yaml.safe_load(raw))
-        except yaml.YAMLError:
-            value = raw
-        key = ALIASES.get(key, key)
-        if key in overrides and isinstance(raw, str) and raw.endswith((".yaml", ".yml")):
-            prev = overrides[key]
-            overrides[key] = (prev if isinstance(prev, list) else [prev]) + [raw]
-        else:
-            overrides[key] = value
-    return subcommand, normalised_config(configs, overrides)
+#: how a run's LightningCLI is made, besides its classes (``ftbench fit`` and :func:`run_parser` alike)
+CLI_KWARGS = {"subclass_mode_model": True, "subclass_mode_data": True, "seed_everything_default": 42,
+              "auto_configure_optimizers": False, "parser_kwargs": PARSER_KWARGS}
 
 
 def cli_class():
@@ -91,7 +63,7 @@ def cli_class():
         """LightningCLI with a shared backbone and tuner, measurement callbacks and one record per run."""
 
         recorder: Optional[RunRecorder] = None
-        argv: list[str] = []
+        argv: list[str] = []  # the command line, for the one-line parser errors (ftbench.argerrors)
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_class_arguments(Backbone, "backbone", fail_untyped=True)
@@ -140,10 +112,9 @@ def cli_class():
         def before_instantiate_classes(self) -> None:
             cfg = self._cfg()
             plain = cfg.clone().as_dict()
+            self.identity = identity(self, self.config)
             if not cfg.run_id:
-                from ftbench.naming import run_id
-
-                self.run_id = run_id(*given_config(self.argv))
+                self.run_id = self.identity.run_id
             else:
                 from ftbench.fileio import check_file_name
 
@@ -195,8 +166,8 @@ def cli_class():
             self.recorder = RunRecorder(
                 os.path.join(cfg.out, f"{self.run_id}.json"),
                 {"run_id": self.run_id, "subcommand": self.subcommand, "seed": self._seed(cfg),
-                 "config": self.run_config},
-                save_weights_to=weights,
+                 "config": self.run_config, "settings": self.identity.settings},
+                save_weights_to=weights, method=self.identity.label,
             )
             from ftbench.bench.memory import MemoryBreakdown
 
@@ -267,6 +238,56 @@ def cli_class():
                     print(summary_line(self.recorder.record), flush=True)
 
     return FTBenchCLI, Objective, L.LightningDataModule, RedactedSaveConfig
+
+
+# ---------------------------------------------------------------------------- reading a command line
+def read_run(argv: list[str]) -> RunIdentity:
+    """The identity of the run ``ftbench ARGV`` would make (``ARGV``: the subcommand and its arguments),
+    read by the run's own parser (:func:`parse_run`), nothing instantiated."""
+    return identity(run_parser(), parse_run(argv))
+
+
+def parse_run(argv: list[str]):
+    """``ARGV`` parsed by the run's parser (:func:`run_parser`) as ``ftbench`` parses it, less the final
+    validation (:func:`validation_problem`: a point that lacks a required key still has an id). A command
+    line the parser refuses is a :class:`~ftbench.errors.ConfigError` with the parser's message."""
+    from ftbench.errors import ConfigError
+
+    try:
+        return run_parser().parser.parse_args(argv, _skip_validation=True)
+    except Exception as err:  # jsonargparse's ArgumentError, or an error of a class it imports
+        raise ConfigError(" ".join(str(err).split()) or type(err).__name__) from None
+
+
+def validation_problem(config) -> Optional[str]:
+    """What the run's parser refuses in a config from :func:`parse_run` (a required key missing), else None."""
+    try:
+        run_parser().parser.validate(config)
+    except Exception as err:  # jsonargparse's own errors: the message names the key
+        return " ".join(str(err).split()) or type(err).__name__
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def run_parser():
+    """A LightningCLI of a run with its parser built and nothing parsed (building it takes ~1-2 s:
+    once per process). Its parser raises instead of exiting."""
+    FTBenchCLI, Objective, DataModule, SaveConfig = cli_class()
+
+    class Built(Exception):
+        pass
+
+    class ParserOnly(FTBenchCLI):
+        def parse_arguments(self, parser, args) -> None:
+            raise Built(self)
+
+    try:
+        ParserOnly(Objective, DataModule, save_config_callback=SaveConfig, args=[], **CLI_KWARGS)
+    except Built as built:
+        cli = built.args[0]
+    for parser in (cli.parser, *cli._subcommand_parsers.values()):
+        parser.exit_on_error = False
+    return cli
 
 
 def check_out(out: str) -> None:

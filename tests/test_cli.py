@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from ftbench.cli import cli_main
-from ftbench.runcli import given_config
-from ftbench.naming import run_id
+from ftbench.runcli import read_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,23 +108,23 @@ def test_the_runs_seed_orders_the_training_data_and_the_split_stays(tiny_model_d
     assert (given.order_seed, recorded) == (3, 3)
 
 
-def test_run_id_is_stable_and_ignores_where_results_go():
-    a = {"model": {"class_path": "ftbench.objectives.SFT"},
-         "tuner": {"class_path": "ftbench.tuners.Peft",
-                   "init_args": {"peft_config": {"class_path": "peft.LoraConfig", "init_args": {"r": 8}}}},
-         "trainer": {"max_steps": 10, "enable_progress_bar": True}, "out": "runs", "seed_everything": 1}
-    b = {"seed_everything": 1, "out": "elsewhere",
-         "trainer": {"enable_progress_bar": False, "max_steps": 10},
-         "tuner": {"init_args": {"peft_config": {"init_args": {"r": 8}, "class_path": "peft.LoraConfig"}},
-                   "class_path": "ftbench.tuners.Peft"},
-         "model": {"class_path": "ftbench.objectives.SFT"}}
-    rid = run_id("fit", a)
-    assert rid == run_id("fit", b)
+def test_run_id_is_stable_and_ignores_what_is_not_a_setting():
+    base = ["fit", "--model", "configs/objective/sft.yaml", "--tuner", "configs/tuner/lora.yaml",
+            "--data", "configs/data/instruction.yaml", "--trainer.max_steps", "10", "--seed_everything", "1"]
+    rid = read_run(base).run_id
     assert rid.startswith("sft+lora-") and len(rid) == len("sft+lora-") + 10
-    assert run_id("test", a) != rid
-    assert run_id("fit", {**a, "seed_everything": 2}) != rid
-    c = {**a, "backbone": {"quantization": "nf4"}}
-    assert run_id("fit", c).startswith("sft+lora+nf4-")
+    # keys in another order, results elsewhere, another progress bar: the same run
+    assert read_run(["fit", "--out", "elsewhere", "--trainer.enable_progress_bar", "false", *base[5:],
+                     *base[1:5]]).run_id == rid
+    # a value given equal to its default is no setting (lora_dropout 0.0 and beta-like defaults)
+    assert read_run(base + ["--tuner.init_args.peft_config.init_args.lora_dropout", "0.0",
+                            "--trainer.accelerator", "auto"]).run_id == rid
+    assert read_run(["test", *base[1:]]).run_id != rid
+    assert read_run(base + ["--seed_everything", "2"]).run_id != rid
+    assert read_run(base + ["--tuner.init_args.peft_config.init_args.r", "8"]).run_id != rid
+    assert read_run(base + ["--backbone.quantization", "nf4"]).run_id.startswith("sft+lora+nf4-")
+    dora = read_run(base + ["--tuner.init_args.peft_config.init_args.use_dora", "true"])
+    assert dora.label == "sft+dora" and dora.settings["tuner"]["init_args"]["peft_config"]["init_args"]["use_dora"]
 
 
 def test_fit_and_the_same_sweep_point_get_the_same_run_id(tmp_path):
@@ -146,10 +145,10 @@ def test_fit_and_the_same_sweep_point_get_the_same_run_id(tmp_path):
     points = load_sweep(sweep).runs
     for point in points:
         argv = [a for a in point.argv("elsewhere") if a not in ("--run_id", point.run_id)]
-        assert run_id(*given_config(argv)) == point.run_id
+        assert read_run(argv).run_id == point.run_id
     # as a user types it: relative paths from the repository root, keys in another order
     typed = ["fit", "--trainer", "configs/trainer/cpu.yaml", "--tuner", "configs/tuner/lora.yaml",
              "--backbone", "configs/backbone/embedded.yaml", "--model", "configs/objective/sft.yaml",
              "--data", "configs/data/instruction.yaml", "--trainer.max_steps", "7", "--tuner.init_args.lr", "3.0e-4",
              "--out", "runs"]
-    assert run_id(*given_config(typed)) == points[0].run_id
+    assert read_run(typed).run_id == points[0].run_id

@@ -118,9 +118,10 @@ out: results/grid-test
 name: grid-test
 """
 # pinned: a change to the id scheme (or to the normalisation) makes every old record a new run (these
-# moved once, when generate_in_validation left the objective's YAML above for --evaluate.*)
-GRID_IDS = ["sft+full-ea4104bd03", "sft+full-c7c64d0d75", "sft+lora-0203284f0c", "sft+lora-5ef494f12d",
-            "sft+lora-9d7c6dd6a2"]
+# moved when generate_in_validation left the objective's YAML above for --evaluate.*, and when the id
+# came to read the parser's normal form: defaults dropped, ftbench.config_reading.identity)
+GRID_IDS = ["sft+full-353bcfade0", "sft+full-abb65caf6d", "sft+lora-e687ee9e1b", "sft+lora-bb97dea035",
+            "sft+lora-5aed2c653f"]
 
 
 def test_grid_expansion_exact_runs_and_ids(tmp_path):
@@ -142,8 +143,10 @@ def test_grid_expansion_exact_runs_and_ids(tmp_path):
         "fit", "--backbone.model", "/models/tiny", "--data", str(d / "data.yaml"), "--model", str(d / "sft.yaml"),
         "--trainer", str(d / "trainer.yaml"), "--trainer.max_steps", "2", "--tuner", str(d / "lora.yaml"),
         f"--{lr}", "0.0001", "--out", "OUT", "--run_id", GRID_IDS[2]]
-    # lr 1e-3 on lora.yaml is lora.yaml itself (its lr is 1e-3): the same resolved config
-    assert sweep.runs[3].config["tuner"] == yaml.safe_load(LORA)
+    # lr 1e-3 on lora.yaml is lora.yaml itself (its lr is 1e-3); lora_alpha 8 is LoraConfig's default: no setting
+    assert sweep.runs[3].identity.settings["tuner"] == {"class_path": "ftbench.tuners.Peft", "init_args": {
+        "peft_config": {"class_path": "peft.LoraConfig", "init_args": {"r": 4, "target_modules": "all-linear"}},
+        "lr": 0.001}}
 
 
 def test_run_id_stable_across_key_order(tmp_path):
@@ -178,14 +181,15 @@ def test_grid_list_aliases_and_extra_overrides(tmp_path):
     assert [r.overrides.get("tuner.init_args.peft_config.init_args.r") for r in sweep.runs] == [None, 2, 2, 4, 4]
     assert [r.overrides.get("seed_everything") for r in sweep.runs] == [None, 1, 2, 1, 2]
     assert [r.method for r in sweep.runs] == ["sft+full", "sft+lora", "sft+lora", "sft+lora", "sft+lora"]
-    # extra settings from the command line override base and grid ...
-    assert all(r.overrides["trainer.max_steps"] == 3 for r in sweep.runs)
+    # extra settings from the command line override base and grid (read by each run's parser) ...
+    assert all(r.overrides["trainer.max_steps"] == "3" and r.identity.settings["trainer"]["max_steps"] == 3
+               for r in sweep.runs)
     # ... so a fixed seed makes the seed points the same run: an error that names them
     (d / "t.yaml").write_text("grid: {tuner: [lora.yaml], seed: [1, 2]}\n")
     with pytest.raises(SweepError, match="points 1 and 2 .* same run"):
         load_sweep(d / "t.yaml", extra={"seed": 7})
     assert parse_overrides(["--lr", "1e-3", "--data.init_args.source=builtin:x"]) == {
-        "tuner.init_args.lr": 1e-3, "data.init_args.source": "builtin:x"}
+        "tuner.init_args.lr": "1e-3", "data.init_args.source": "builtin:x"}
 
 
 @pytest.mark.parametrize("text, message", [
@@ -196,6 +200,11 @@ def test_grid_list_aliases_and_extra_overrides(tmp_path):
     ("subcommand: train\ngrid: {tuner: [full.yaml]}\n", "subcommand 'train' is not one of fit, validate, test"),
     ("grid: {'bad key': [1]}\n", "'bad key' is not a config key"),
     ("grid: {tuner: [full.yaml, full.yaml]}\n", "points 1 and 2 of the sweep are the same run"),
+    # read by the run's own parser: every point it refuses, before anything runs
+    ("grid: {tuner: [full.yaml, lora.yaml], trainer.max_step: [3]}\n",
+     r"s.yaml: 2 point\(s\) do not parse; nothing was run:\n"
+     r"  point 1 \(tuner=full, trainer.max_step=3\): unrecognized arguments: --trainer.max_step 3\n"
+     r"  point 2 \(tuner=lora, trainer.max_step=3\): unrecognized arguments: --trainer.max_step 3$"),
 ])
 def test_sweep_file_errors_name_the_field(tmp_path, text, message):
     d = _files(tmp_path)
@@ -445,13 +454,21 @@ def test_wandb_groups_and_tags_runs_and_keeps_the_key_out(tmp_path, tiny_model_d
             assert secret.encode() not in p.read_bytes(), p
 
 
-def test_sweep_parent_does_not_import_torch(tmp_path):
+def test_sweep_reads_its_points_with_one_parser(tmp_path, monkeypatch, capsys):
+    """The sweep reads every point with the run's own parser (ftbench.runcli.read_run), built once per
+    process: a second sweep in the same process builds none."""
+    from ftbench.runcli import run_parser
+    from ftbench.sweep.cli import main
+
     d = _files(tmp_path)
     (d / "s.yaml").write_text(GRID_SWEEP)
-    code = ("import sys\nfrom ftbench.sweep.cli import main\nrc = main(['sweep', 's.yaml', '--dry-run'])\n"
-            "print('heavy:', sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))\n")
-    res = subprocess.run([sys.executable, "-c", code], env=_env(), cwd=d, capture_output=True, text=True)
-    assert "heavy: []" in res.stdout and "5 of 5 runs to do" in res.stdout, res.stdout + res.stderr
+    monkeypatch.chdir(d)
+    run_parser()
+    built = run_parser.cache_info().misses
+    assert main(["sweep", "s.yaml", "--dry-run"]) == 0 and main(["sweep", "s.yaml", "--dry-run"]) == 0
+    assert run_parser.cache_info().misses == built
+    out = capsys.readouterr().out
+    assert out.count("5 of 5 runs to do") == 2 and all(i in out for i in GRID_IDS)
 
 
 def test_progress_file_and_estimate(tmp_path):

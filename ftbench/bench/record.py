@@ -211,7 +211,8 @@ class RunRecorder(L.Callback):
     (:func:`attempt_path`, its predictions likewise) and renames over it only when it completes: a
     Ctrl-C or a crash leaves the old completed record (and its predictions) as they were."""
 
-    def __init__(self, path: str | Path, run_info: dict[str, Any], save_weights_to: Optional[str | Path] = None):
+    def __init__(self, path: str | Path, run_info: dict[str, Any], save_weights_to: Optional[str | Path] = None,
+                 method: Optional[str] = None):
         from ftbench.data import fingerprint
 
         fingerprint.reset()  # this run's data sources: what its data module reads from now on
@@ -221,7 +222,8 @@ class RunRecorder(L.Callback):
         self.record: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "run_info": {**redact(run_info), "created": now()},
-            "train_info": {"status": "running", "metrics": [], "final": {}},
+            # the method label the CLI read from the config (ftbench.config_reading.identity), as the sweep and the run id say it
+            "train_info": {"status": "running", "metrics": [], "final": {}, **({"method": method} if method else {})},
             "meta_info": meta_info(self.path.parent),
         }
         self.initial_phase = False  # set by the CLI around a validation before fit
@@ -250,7 +252,7 @@ class RunRecorder(L.Callback):
     def _describe(self, trainer: L.Trainer, pl_module) -> None:
         info = self.train_info
         # objective+tuner[+quantization] (ftbench.naming): LoRA on an nf4 backbone is QLoRA, its own row
-        info["method"] = getattr(pl_module, "method_label", type(pl_module).__name__.lower())
+        info.setdefault("method", getattr(pl_module, "method_label", type(pl_module).__name__.lower()))
         info["objective"] = getattr(pl_module, "name", None)
         tuner = getattr(pl_module, "tuner", None)
         if tuner is not None:

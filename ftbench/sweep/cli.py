@@ -14,7 +14,8 @@ none                        runs it
 failed by an interrupt      reruns it (Ctrl-C / SIGTERM is not the run's fault)
 ==========================  =====================================================
 
-Nothing here imports torch or lightning: the parent process stays small.
+The parent reads every point with the run's own parser (:func:`ftbench.runcli.read_run`), which
+imports torch and lightning; the runs' memory is their own processes'.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from typing import Any, Optional
 
 from ftbench.fileio import write_text_atomic
 from ftbench.runcli import die_with_parent
-from ftbench.sweep.check import python_command, with_this_package
+from ftbench.sweep.child import python_command, with_this_package
 from ftbench.wandb_mode import default_to_offline
 from ftbench.sweep.grid import (RunSpec, Sweep, SweepError, load_sweep, parse_overrides, parse_shard, shard,
-                                weights_dir)
+                                point_text, short_value, weights_dir)
 
 DONE = "completed"
 FAILED = ("failed", "nan", "oom")
@@ -370,7 +371,7 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
               file=sys.stderr)
         return 2
     for spec, _, _, say in rows:
-        point = ", ".join(f"{k.replace('.init_args', '')}={_short(v)}" for k, v in spec.label.items())
+        point = ", ".join(f"{k.replace('.init_args', '')}={short_value(v)}" for k, v in spec.label.items())
         named = f"[{spec.name}] " if spec.name else ""
         after = f"  (after {', '.join(u.display_name for u in spec.upstream.values())})" if spec.upstream else ""
         print(f"  {spec.run_id:28s} {spec.subcommand:8s} {say:44s} {named}{point}{after}")
@@ -426,22 +427,13 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
 
 
 def check_points(sweep: Sweep, runs: list[RunSpec]) -> list[str]:
-    """The points whose command line the CLI's parser refuses (:mod:`ftbench.sweep.check`), one
-    line each: index in the sweep, run id, what the point sets, and the parser's message."""
-    from ftbench.sweep.check import check_in_child
-
-    if not runs:
-        return []
+    """The points that parse but that the run's parser does not pass as complete (a required key
+    missing: :attr:`RunSpec.problem`), one line each: index in the sweep, run id, what the point sets,
+    and the parser's message."""
     index = {id(s): i for i, s in enumerate(sweep.runs)}
-    results = check_in_child([spec.argv(sweep.out) for spec in runs])
-    return [f"  point {index[id(spec)] + 1} ({spec.run_id}: "
-            + ", ".join(f"{k}={_short(v)}" for k, v in spec.label.items()) + f"): {msg}"
-            for spec, msg in zip(runs, results) if msg]
-
-
-def _short(v: Any) -> str:
-    s = str(v)
-    return Path(s).stem if s.endswith((".yaml", ".yml")) else s
+    problems = [(spec, spec.problem) for spec in runs]
+    return [f"  point {index[id(spec)] + 1} ({spec.run_id}: {point_text(spec)}): {msg}"
+            for spec, msg in problems if msg]
 
 
 def wandb_sweep_config(sweep: Sweep, sweep_file: str, extra_args: list[str]) -> str:
@@ -453,7 +445,7 @@ def wandb_sweep_config(sweep: Sweep, sweep_file: str, extra_args: list[str]) -> 
              "#   wandb sweep THIS.yaml && wandb agent ENTITY/PROJECT/SWEEP_ID   (one agent per machine)"]
     for k, spec in enumerate(sweep.runs):
         lines.append(f"#   run_index {k}: {spec.run_id} ({spec.subcommand}) " +
-                     ", ".join(f"{a}={_short(v)}" for a, v in spec.label.items()))
+                     point_text(spec))
     cfg = {
         "name": sweep.name,
         "program": "ftbench",

@@ -23,12 +23,12 @@ concatenated (e.g. LoRA ranks only for LoRA). Short names: ``objective`` = ``mod
 ``seed_everything``, ``lr`` = ``tuner.init_args.lr``, ``optim`` = ``model.init_args.optimizer``.
 Relative YAML paths are resolved against the sweep file's folder.
 
-The run id is :func:`ftbench.naming.run_id` of the point's *normalised* config: the config files and
-YAML values are parsed, deep-merged and the dotted keys applied in sorted order. So the same point
-always maps to the same record whatever the key order in the sweep file (or in a referenced YAML), a
-change in any referenced file's content makes a new run, and ``ftbench fit`` with the same arguments
-gets the same id. It is computed without importing torch (``ftbench sweep`` starts in well under a
-second).
+The run id is the one ``ftbench fit`` with the point's command line gets: the command line is parsed
+by the run's own parser (:func:`ftbench.runcli.read_run`: YAML files read, defaults dropped), so the
+same point maps to the same record whatever the key order in the sweep file (or in a referenced YAML),
+a change in any referenced file's content makes a new run, and a value given equal to its default is
+no change. Parsing needs the classes' signatures: ``ftbench sweep`` imports torch to read its points,
+and a point the parser refuses stops the sweep before anything runs, every such point listed.
 
 **Pipelines.** A run in ``runs`` may have a ``name``; another run may start from its trained weights
 (``init_from: NAME``, i.e. ``backbone.init_from``) or use it as its reward model (``reward_model:
@@ -42,7 +42,8 @@ NAME``, i.e. ``model.init_args.reward_model``)::
 The runs are ordered so that each comes after the runs it refers to (an unknown name or a cycle is
 an error before anything runs); a referenced run saves what it trained (``--save_weights``) and its
 dependants get ``{out}/{its run id}/weights``. The upstream run id is part of the dependant's
-normalised config (``run:<id>``), so a changed upstream stage re-runs what depends on it.
+settings (``run:<id>``, :func:`ftbench.naming.upstream_ref`), so a changed upstream stage re-runs what
+depends on it.
 """
 
 from __future__ import annotations
@@ -55,22 +56,20 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 
-from ftbench import naming
-from ftbench.errors import FTBenchError
+if TYPE_CHECKING:
+    from ftbench.config_reading import RunIdentity
+
+from ftbench.errors import ConfigError, FTBenchError
+from ftbench.naming import RUN_REF, UPSTREAM_KEYS
 
 SUBCOMMANDS = ("fit", "validate", "test")
 ALIASES = {"objective": "model", "seed": "seed_everything", "lr": "tuner.init_args.lr",
            "optim": "model.init_args.optimizer", "init_from": "backbone.init_from",
            "reward_model": "model.init_args.reward_model"}
-#: keys whose value may name another run of the sweep (a pipeline stage): its saved weights
-UPSTREAM_KEYS = ("backbone.init_from", "model.init_args.reward_model")
-#: how a normalised config refers to another run's saved weights (a run id, not a path: where the
-#: results go is not part of a run's identity, and a changed upstream run is a changed downstream run)
-RUN_REF = "run:"
 _FIELDS = ("name", "out", "base", "grid", "runs", "subcommand")
 _YAML = (".yaml", ".yml")
 
@@ -83,62 +82,10 @@ def _is_yaml_path(v: Any) -> bool:
     return isinstance(v, str) and v.endswith(_YAML) and "\n" not in v
 
 
-def _resolve_files(value: Any, root: Path, depth: int = 0) -> Any:
-    """``value`` with every string that names an existing YAML file replaced by its parsed content."""
-    if depth > 8:
-        return value
-    if _is_yaml_path(value):
-        p = Path(value) if Path(value).is_absolute() else root / value
-        if not p.is_file():
-            p = Path(value)
-        if p.is_file():
-            try:
-                return _resolve_files(yaml.safe_load(p.read_text()), p.parent, depth + 1)
-            except yaml.YAMLError:
-                return p.read_text()
-        return value
-    if isinstance(value, dict):
-        return {str(k): _resolve_files(v, root, depth) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_resolve_files(v, root, depth) for v in value]
-    return value
-
-
-def _merge(a: Any, b: Any) -> Any:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = _merge(out[k], v) if k in out else v
-        return out
-    return b
-
-
-def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    for p in parts[:-1]:
-        if not isinstance(d.get(p), dict):
-            d[p] = {}
-        d = d[p]
-    d[parts[-1]] = _merge(d.get(parts[-1]), value) if isinstance(d.get(parts[-1]), dict) else value
-
-
 def _is_file_list(v: Any) -> bool:
     """Several YAML files for one key (``trainer: [cpu.yaml, wandb.yaml]``): given in order, each
     applied over the one before (``--trainer cpu.yaml --trainer wandb.yaml``)."""
     return isinstance(v, list) and len(v) > 0 and all(_is_yaml_path(x) for x in v)
-
-
-def normalised_config(configs: list[str], overrides: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
-    """The point's config as one nested mapping, independent of key order (see the module doc)."""
-    merged: dict[str, Any] = {}
-    for c in configs:
-        content = _resolve_files(c, root)
-        merged = _merge(merged, content if isinstance(content, dict) else {"config": content})
-    for k in sorted(overrides):
-        values = overrides[k] if _is_file_list(overrides[k]) else [overrides[k]]
-        for v in values:
-            _set_dotted(merged, k, _resolve_files(v, root))
-    return merged
 
 
 @dataclass
@@ -154,22 +101,40 @@ class RunSpec:
     upstream: dict[str, "RunSpec"] = field(default_factory=dict)  # key -> the run whose weights it takes
 
     @cached_property
-    def config(self) -> dict[str, Any]:
-        return normalised_config(self.configs, self.overrides, Path(self.root))
+    def parsed(self):
+        """The point's command line as ``ftbench`` parses it (:func:`ftbench.runcli.parse_run`)."""
+        from ftbench.runcli import parse_run
+
+        return parse_run(self.args(""))
 
     @cached_property
+    def identity(self) -> RunIdentity:
+        """The point's run identity (:func:`ftbench.config_reading.identity`), as ``ftbench fit`` reads it."""
+        from ftbench.config_reading import identity
+        from ftbench.runcli import run_parser
+
+        return identity(run_parser(), self.parsed)
+
+    @property
+    def problem(self) -> Optional[str]:
+        """What the run's parser refuses in the parsed point (a required key missing), else None."""
+        from ftbench.runcli import validation_problem
+
+        return validation_problem(self.parsed)
+
+    @property
     def run_id(self) -> str:
         """Stable for the same point, whatever the order of keys in the sweep file."""
-        return naming.run_id(self.subcommand, self.config)
+        return self.identity.run_id
 
-    @cached_property
+    @property
     def method(self) -> str:
         """The method label (``sft+lora``), as the run's record will say it."""
-        return naming.label_from_config(self.config)
+        return self.identity.label
 
-    def argv(self, out: str) -> list[str]:
-        """The ``ftbench`` command line (without the program name). Dotted keys go in sorted order, so
-        a parent key (``model``) always comes before its children (``model.init_args.r``)."""
+    def args(self, out: str) -> list[str]:
+        """The subcommand and the point's settings as ``ftbench`` takes them. Dotted keys go in sorted
+        order, so a parent key (``model``) always comes before its children (``model.init_args.r``)."""
         args = [self.subcommand]
         for c in self.configs:
             args += ["--config", c]
@@ -179,15 +144,18 @@ class RunSpec:
                 v = weights_dir(out, v[len(RUN_REF):])
             for x in (v if _is_file_list(v) else [v]):
                 args += [f"--{k}", x if isinstance(x, str) else json.dumps(x)]
-        return args + ["--out", out, "--run_id", self.run_id]
+        return args
+
+    def argv(self, out: str) -> list[str]:
+        """The ``ftbench`` command line of the run (without the program name)."""
+        return self.args(out) + ["--out", out, "--run_id", self.run_id]
 
     @property
     def display_name(self) -> str:
         return self.name or self.run_id
 
     def max_steps(self) -> Optional[int]:
-        trainer = self.config.get("trainer")
-        value = trainer.get("max_steps") if isinstance(trainer, dict) else None
+        value = (self.identity.settings.get("trainer") or {}).get("max_steps")
         return value if isinstance(value, int) and value > 0 else None
 
 
@@ -251,28 +219,24 @@ def _canon(mapping: dict[Any, Any], path: Path, where: str) -> dict[str, Any]:
     return out
 
 
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """``--key value`` / ``--key=value`` pairs (extra command-line settings for every run of a sweep);
-    values are parsed as YAML, so ``2`` is the integer 2 as in a sweep file."""
-    out: dict[str, Any] = {}
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """``--key value`` / ``--key=value`` pairs (extra command-line settings for every run of a sweep),
+    the values as given: each run's parser reads them as it reads the rest of its command line."""
+    out: dict[str, str] = {}
     i = 0
     while i < len(args):
         a = args[i]
         if not a.startswith("--") or len(a) < 3:
             raise SweepError(f"unexpected argument {a!r} (extra settings are --dotted.key VALUE)")
         if "=" in a:
-            key, raw = a[2:].split("=", 1)
+            key, value = a[2:].split("=", 1)
             i += 1
         else:
             if i + 1 >= len(args):
                 raise SweepError(f"{a} needs a value")
-            key, raw = a[2:], args[i + 1]
+            key, value = a[2:], args[i + 1]
             i += 2
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        out[ALIASES.get(key, key)] = raw if value is None and raw not in ("null", "~", "") else _coerce(value)
+        out[ALIASES.get(key, key)] = value
     return out
 
 
@@ -322,11 +286,40 @@ def _link_stages(path: Path, runs: list[RunSpec]) -> list[RunSpec]:
 
     for r in runs:
         visit(r, [])
-    for r in ordered:  # upstream ids are known before a dependant's id is computed
-        for key, up in r.upstream.items():
-            r.overrides[key] = RUN_REF + up.run_id
+    for r in ordered:
+        for up in r.upstream.values():
             up.overrides["save_weights"] = True  # not part of its id
     return ordered
+
+
+def _read_points(path: Path, runs: list[RunSpec]) -> None:
+    """Read every point with the run's parser, in the order the stages need (an upstream run's id is
+    part of its dependants' settings); every point the parser refuses is listed in one error."""
+    problems, failed = [], set()
+    for i, r in enumerate(runs):
+        if any(id(up) in failed for up in r.upstream.values()):
+            failed.add(id(r))
+            problems.append(f"  point {i + 1} ({point_text(r)}): a run it starts from does not parse")
+            continue
+        for key, up in r.upstream.items():
+            r.overrides[key] = RUN_REF + up.run_id
+        try:
+            r.identity
+        except ConfigError as err:
+            failed.add(id(r))
+            problems.append(f"  point {i + 1} ({point_text(r)}): {err}")
+    if problems:
+        raise SweepError(f"{path}: {len(problems)} point(s) do not parse; nothing was run:\n" + "\n".join(problems))
+
+
+def point_text(r: RunSpec) -> str:
+    """What the sweep file sets for this point (``tuner=lora, lr=0.001``)."""
+    return ", ".join(f"{k}={short_value(v)}" for k, v in r.label.items())
+
+
+def short_value(v: Any) -> str:
+    s = str(v)
+    return Path(s).stem if s.endswith(_YAML) else s
 
 
 def load_sweep(path: str | Path, out: Optional[str] = None, extra: Optional[dict[str, Any]] = None) -> Sweep:
@@ -389,6 +382,7 @@ def load_sweep(path: str | Path, out: Optional[str] = None, extra: Optional[dict
         runs.append(_spec(path, s, configs, {**base, **run, **extra}, run, f"runs[{i}]"))
         runs[-1].name = run_name
     runs = _link_stages(path, runs)
+    _read_points(path, runs)
     seen: dict[str, int] = {}
     for i, r in enumerate(runs):
         if r.run_id in seen:

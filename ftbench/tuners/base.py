@@ -101,6 +101,12 @@ class Tuner:
         self.lr = lr
         self._reference: Optional[nn.Module] = None
 
+    @classmethod
+    def label_for(cls, init_args: dict[str, Any]) -> str:
+        """The tuner part of the method label of this class with these ``init_args`` (a serialised
+        config mapping, as :func:`ftbench.config_reading.label_of` reads it): its ``name``."""
+        return cls.name
+
     # ------------------------------------------------------------------ what trains
     def prepare(self, model: nn.Module, backbone: "Backbone") -> nn.Module:
         """Decide what trains: freeze, wrap, add modules. Returns the module to train."""

@@ -75,6 +75,14 @@ class Peft(Tuner):
         self.name = peft_label(type(peft_config).__name__, bool(getattr(peft_config, "use_dora", False)))
         self.total_steps: Optional[int] = None  # set by the objective from the trainer, for AdaLoRA's check
 
+    @classmethod
+    def label_for(cls, init_args: dict[str, Any]) -> str:
+        """The peft method's label (``lora``, ``dora``, ``ia3``), as an instance's ``name`` is made."""
+        spec = init_args.get("peft_config")
+        if not isinstance(spec, dict) or "class_path" not in spec:
+            return cls.name
+        return peft_label(spec["class_path"], bool((spec.get("init_args") or {}).get("use_dora")))
+
     # ------------------------------------------------------------------ preparation
     def resolved_config(self, model: nn.Module) -> PeftConfig:
         """A copy of the config with ``task_type`` filled in from the head (and AdaLoRA's

@@ -32,15 +32,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 import pandas as pd
 
+from ftbench.naming import NOT_SETTINGS, SEED, grid_point
+
 #: train_info sections whose numbers are columns (``section.key``); ``final`` gives bare metric names
 SECTIONS = ("throughput", "memory", "test_memory", "params", "memory_breakdown", "initial", "step_time_split")
 #: per-run columns that are not metrics
 IDENTITY = ("run_id", "run", "method", "label", "objective", "tuner", "subcommand", "seed", "status", "created",
             "path", "point", "setting", "curve", "predictions")
-#: config keys that do not make a different grid point (besides the seed)
-NOT_A_SETTING = ("seed_everything", "out", "run_id", "config", "save_weights", "print_config", "trainer.logger",
-                 "trainer.enable_progress_bar", "trainer.default_root_dir", "trainer.callbacks",
-                 "model.init_args.backbone", "data.init_args.backbone")
 #: backbone storage names that end an old-style label (``lora+nf4``); see ftbench.backbone.Quantization
 QUANTIZATIONS = ("nf4", "fp4", "int8")
 #: yes/no record entries kept as 1.0/0.0 columns (their mean over seeds: the share of runs where it held).
@@ -134,13 +132,26 @@ def label_parts(label: str) -> tuple[Optional[str], str]:
 
 
 def setting_of(rec: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The record's resolved config as flat dotted keys, less the seed and what does not change a run."""
+    """The record's resolved config as flat dotted keys, less the seed and what is not a setting
+    (:data:`ftbench.naming.NOT_SETTINGS`): what the setting labels compare (every key, defaults too)."""
     cfg = rec["run_info"].get("config")
     if not isinstance(cfg, dict):
         return None
     flat = pd.json_normalize(cfg, sep=".").to_dict("records")[0] if cfg else {}
     return {k: v for k, v in sorted(flat.items())
-            if "__path__" not in k and not any(k == e or k.startswith(e + ".") for e in NOT_A_SETTING)}
+            if "__path__" not in k and not any(k == e or k.startswith(e + ".") for e in (SEED, *NOT_SETTINGS))}
+
+
+def point_of(rec: dict[str, Any]) -> Any:
+    """What makes the record's grid point besides its method and subcommand: its settings less the seed
+    (``run_info.settings``, the normal form its run id digests: :mod:`ftbench.naming`). A record written
+    before records kept their settings has its resolved config less what is not a setting (records of
+    one ftbench version group alike either way); one with neither, its run id."""
+    settings = rec["run_info"].get("settings")
+    if isinstance(settings, dict):
+        return grid_point(settings)
+    setting = setting_of(rec)
+    return setting if setting is not None else rec["run_info"].get("run_id")
 
 
 def predictions_file(rec: dict[str, Any]) -> Optional[str]:
@@ -266,8 +277,7 @@ def runs_frame(records: list[dict[str, Any]], names: Optional[dict[str, str]] = 
         sub = run.get("subcommand")
         method = label if sub in ("fit", None) or label == "baseline" else f"{label} ({sub})"
         setting = setting_of(rec)
-        point = json.dumps([method, sub, setting if setting is not None else run.get("run_id")],
-                           sort_keys=True, default=str)
+        point = json.dumps([method, sub, point_of(rec)], sort_keys=True, default=str)
         rows.append({"run_id": run.get("run_id"), "run": names.get(str(run.get("run_id")), ""), "method": method, "label": label, "objective": objective,
                      "tuner": tuner, "subcommand": sub, "seed": run.get("seed"), "status": info.get("status"),
                      "created": run.get("created"), "path": rec.get("_path"), "point": point, "setting": setting,
