@@ -25,6 +25,7 @@ from ftbench.evaluation.evaluator import Evaluator
 from ftbench.tuners.saved import load_backbone
 from ftbench.backbone import Backbone, Head, train_score_head
 from ftbench.naming import method_label
+from ftbench.objectives.data_needs import check_data
 from ftbench.objectives.evaluating import EvaluationSteps
 from ftbench.objectives.optim import optimization
 from ftbench.objectives.step import FiniteCheck, TrainingLoss, logs_this_step
@@ -52,11 +53,11 @@ class Objective(EvaluationSteps, L.LightningModule):
     head: Head = "causal_lm"
     needs_reference = holds_reward_model = holds_critic = False  # what it holds (see above)
 
-    #: the data regimes (``SplitDataModule.regime``) whose batches this objective reads, and what it
-    #: calls them; checked once in :meth:`setup`, before the model loads (empty: any data module)
+    #: what its batches must be (checked in :meth:`setup`, before the model loads: see
+    #: :func:`~ftbench.objectives.data_needs.check_data`)
     data_regimes: tuple[str, ...] = ()
     data_needs = ""
-    samples_from_prompts = False  # online RL: the training batches must be prompts (data.prompt_batches)
+    samples_from_prompts = False
 
     def __init__(
         self,
@@ -101,21 +102,8 @@ class Objective(EvaluationSteps, L.LightningModule):
 
     # ------------------------------------------------------------------ the data it reads
     def setup(self, stage: str) -> None:
-        """Lightning's hook after the data module's ``setup`` and before ``configure_model``: the data
-        module must give what this objective reads (:attr:`data_regimes`)."""
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        regime = getattr(dm, "regime", None)
-        if self.data_regimes and isinstance(regime, str) and regime and regime not in self.data_regimes:
-            gives = {"instruction": "instruction rows", "domain": "domain text", "multitask": "a task mixture",
-                     "preference": "preference pairs"}.get(regime, f"{regime} data")
-            source = dm.source_name() if hasattr(dm, "source_name") else ""
-            raise ConfigError(f"objective {self.name} needs {self.data_needs}; the data module ({type(dm).__name__}"
-                              + (f", {source}" if source else "") + f") gives {gives}",
-                              hint=f"give a data config of regime {' or '.join(self.data_regimes)} (configs/data/*.yaml)")
-        if self.samples_from_prompts and stage == "fit" and getattr(dm, "prompt_batches", None) is False:
-            raise ConfigError(f"objective {self.name}: the data module gives supervised training batches; "
-                              f"{self.name.upper()} samples from prompts",
-                              hint="set data.init_args.prompt_batches: true (e.g. configs/data/instruction_prompts.yaml)")
+        """Lightning's hook after the data module's ``setup`` and before ``configure_model``."""
+        check_data(self, getattr(self._trainer, "datamodule", None) if self._trainer is not None else None, stage)
 
     # ------------------------------------------------------------------ what trains
     def configure_model(self) -> None:
