@@ -1,4 +1,5 @@
-"""Atomic file writes: nothing already written is lost or left half-written."""
+"""Files as ftbench writes them: atomically (nothing already written is lost or left half-written), and
+paths as a record keeps them (no folder of the machine it ran on)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,17 @@ def check_file_name(value: str, option: str) -> str:
     if problem:
         raise ConfigError(f"{option}: {value!r} {problem}; it is a file name inside --out (letters, digits, _ . -)")
     return value
+
+
+def portable_path(path: str) -> str:
+    """A path as a record keeps it: relative to the working directory when below it, ``~/...`` when
+    below the home folder (the model cache), else as given. A committed record names no folder of the
+    machine it ran on."""
+    if not os.path.isabs(path):
+        return path
+    cwd, home = os.getcwd(), os.path.expanduser("~")
+    if path == cwd or path.startswith(cwd + os.sep):
+        return os.path.relpath(path, cwd)
+    if home not in ("", "/") and path.startswith(home + os.sep):
+        return "~" + path[len(home):]
+    return path

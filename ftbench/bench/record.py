@@ -30,7 +30,7 @@ import lightning as L
 import torch
 
 from ftbench.bench.measure import PeakMemory, Throughput
-from ftbench.fileio import write_text_atomic
+from ftbench.fileio import portable_path, write_text_atomic
 
 SCHEMA_VERSION = 1
 PACKAGES = ("ftbench", "torch", "lightning", "transformers", "peft", "bitsandbytes", "datasets",
@@ -61,20 +61,6 @@ def portable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [portable(v) for v in obj]
     return obj
-
-
-def portable_path(path: str) -> str:
-    """A path as a record keeps it: relative to the working directory when below it, ``~/...`` when
-    below the home folder (the model cache), else as given. A committed record names no folder of the
-    machine it ran on."""
-    if not os.path.isabs(path):
-        return path
-    cwd, home = os.getcwd(), os.path.expanduser("~")
-    if path == cwd or path.startswith(cwd + os.sep):
-        return os.path.relpath(path, cwd)
-    if home not in ("", "/") and path.startswith(home + os.sep):
-        return "~" + path[len(home):]
-    return path
 
 
 def portable_paths(obj: Any) -> Any:

@@ -31,7 +31,7 @@ def path_fingerprint(path: str) -> Optional[str]:
 
 
 def _key(path: str) -> str:
-    from ftbench.bench.record import portable_path  # a record names no folder of this machine
+    from ftbench.fileio import portable_path  # a record names no folder of this machine
 
     return portable_path(os.path.abspath(path))
 

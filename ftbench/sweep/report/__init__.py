@@ -44,7 +44,7 @@ from ftbench.sweep.report.records import (DERIVED, RecordWarning, ReportError, l
                                           setting_of)
 from ftbench.sweep.report.stats import (matches_reference, parse_select, pareto_front, select_points, summarise,
                                         welch_t_test)
-from ftbench.sweep.report.table import (available, choose_keys, column, csv_text, markdown_table, summary_line,
+from ftbench.sweep.report.table import (PAIRED, available, choose_keys, column, csv_text, markdown_table, summary_line,
                                         unmatched)
 
 __all__ = ["DERIVED", "RecordWarning", "ReportError", "Study", "available", "choose_keys", "compare_report", "csv_text",
@@ -201,7 +201,10 @@ def _write(studies: list[Study], md: Path, reference: str, plots: bool, wandb: b
     for s in studies:
         prefix = f"{_safe(s.name)}-" if several else ""
         keys = choose_keys(s.points, columns, reference)
-        table = markdown_table(s.points, keys, reference)
+        from ftbench.sweep.report.comparison import table_note
+
+        table = markdown_table(s.points, keys, reference,
+                               after=[table_note(s.points, keys, reference)] if any(k in PAIRED for k in keys) else [])
         written = make_plots(s, folder, prefix) if plots and len(s.points) else []
         text = table + "\n\n" + notes(s, reference, select)
         if written:

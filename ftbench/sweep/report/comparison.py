@@ -20,6 +20,7 @@ from ftbench.sweep.report.paired import (ALPHA, NO_EVIDENCE, POWER, RESAMPLES, S
                                          paired_test, score_interval, verdict)
 from ftbench.sweep.report.records import ReportError
 from ftbench.sweep.report.rowscores import STAGE_NAMES, PairingError, RowScores, point_scores, shared_rows
+from ftbench.sweep.report.table import interval_text, is_percent, metric_title, number, verdict_text
 
 #: the points-frame columns this module adds (raw numbers and words; the CSV keeps them all)
 COLUMNS = ("paired_metric", "paired_stage", "paired_rows", "score_ci_low", "score_ci_high", "score_ci_proportion",
@@ -40,18 +41,6 @@ def scores_of(point: pd.Series, runs: pd.DataFrame) -> Optional[RowScores]:
     mine = runs[(runs["point"] == point["point"]) & (runs["status"] == "completed") & runs["predictions"].notna()]
     mine = mine.sort_values("seed", key=lambda s: pd.to_numeric(s, errors="coerce").fillna(0), kind="stable")
     return point_scores([str(p) for p in mine["predictions"]])
-
-
-def metric_title(metric: str) -> str:
-    from ftbench.sweep.report.table import column
-
-    return column(metric).title
-
-
-def is_percent(metric: str) -> bool:
-    from ftbench.sweep.report.table import kind_of
-
-    return kind_of(metric) == "percent"
 
 
 def paired_columns(points: pd.DataFrame, runs: Optional[pd.DataFrame], refs: dict[Any, Any]) -> pd.DataFrame:
@@ -99,34 +88,6 @@ def paired_columns(points: pd.DataFrame, runs: Optional[pd.DataFrame], refs: dic
         points[c] = values if c in ("paired_metric", "paired_stage", "paired_test", "verdict", "paired_note") else \
             [math.nan if v is None else float(v) for v in values]
     return points
-
-
-def verdict_text(verdict_: Any, mdd: Any, metric: Any, same: bool = False) -> str:
-    """``better``, ``worse``, ``no evidence (MDD 12.5)`` (points for a percentage metric), ``no evidence
-    (same scores)`` when the two scored every row alike."""
-    if not isinstance(verdict_, str):
-        return "–"
-    if verdict_ != NO_EVIDENCE:
-        return verdict_
-    if same:
-        return f"{NO_EVIDENCE} (same scores)"
-    if isinstance(mdd, float) and not math.isnan(mdd):
-        return f"{NO_EVIDENCE} (MDD {number(mdd, metric)})"
-    return NO_EVIDENCE
-
-
-def number(value: float, metric: Any, sign: bool = False) -> str:
-    """A difference or interval end: points (1 decimal) for a percentage metric, else 3 significant digits."""
-    if isinstance(metric, str) and is_percent(metric):
-        return f"{100 * value:+.1f}" if sign else f"{100 * value:.1f}"
-    return f"{value:+.3g}" if sign else f"{value:.3g}"
-
-
-def interval_text(low: Any, high: Any, metric: Any, sign: bool = False) -> str:
-    if not isinstance(low, float) or math.isnan(low):
-        return "–"
-    unit = "%" if isinstance(metric, str) and is_percent(metric) and not sign else ""
-    return f"[{number(low, metric, sign)}, {number(high, metric, sign)}]{unit}"
 
 
 def table_note(points: pd.DataFrame, keys: Sequence[str], reference: str) -> Optional[str]:

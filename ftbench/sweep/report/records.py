@@ -34,6 +34,9 @@ import pandas as pd
 
 from ftbench.naming import NOT_SETTINGS, SEED, grid_point
 
+#: the suffix of a column holding the std over seeds of the column it extends (``accuracy_seed_std``)
+SEED_STD = "_seed_std"
+
 #: train_info sections whose numbers are columns (``section.key``); ``final`` gives bare metric names
 SECTIONS = ("throughput", "memory", "test_memory", "params", "memory_breakdown", "initial", "step_time_split")
 #: per-run columns that are not metrics

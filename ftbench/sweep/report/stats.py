@@ -18,11 +18,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from ftbench.sweep.report.records import ReportError, metric_columns
+from ftbench.sweep.report.comparison import paired_columns
+from ftbench.sweep.report.records import SEED_STD, ReportError, metric_columns
 
 #: the suffix of a column's sample std over seeds (``accuracy_seed_std``); not ``_std``, which
 #: metrics end in by their own names (TRL's ``reward_std``)
-SEED_STD = "_seed_std"
 
 #: keys that come with the method (its objective and tuner config): not what tells a reference apart
 _METHOD_KEYS = ("model.", "tuner.")
@@ -237,8 +237,6 @@ def compare(points: pd.DataFrame, reference: str = "full", runs: Optional[pd.Dat
              for i, r in refs.items()]
     points["t"] = [t[0] if t else math.nan for t in tests]
     points["p"] = [t[1] if t else math.nan for t in tests]
-    from ftbench.sweep.report.comparison import paired_columns
-
     return paired_columns(points, runs, refs)
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import pandas as pd
 
-from ftbench.sweep.report.records import DERIVED, runs_frame
-from ftbench.sweep.report.stats import SEED_STD
+from ftbench.sweep.report.paired import NO_EVIDENCE
+from ftbench.sweep.report.records import DERIVED, SEED_STD, runs_frame
 
 #: kinds printed without ± std (parameter counts are the same for every seed)
 _NO_STD = ("params", "params_pct", "ratio", "p", "text", "n")
@@ -255,7 +255,6 @@ def _paired_cell(row: pd.Series, col: Column) -> str:
     """The paired comparison's cells: a point's interval (``44.3–63.4%``... as ``[44.3, 63.4]%``), the
     difference to the reference with its interval (``-9.0 [-18.0, +0.0]``, points for a percentage),
     the verdict (``no evidence (MDD 13.2)``)."""
-    from ftbench.sweep.report.comparison import interval_text, number, verdict_text
 
     metric = row.get("paired_metric")
     if col.kind == "interval":
@@ -270,7 +269,45 @@ def _paired_cell(row: pd.Series, col: Column) -> str:
     return verdict_text(row.get("verdict"), row.get("mdd"), metric, bool(same))
 
 
-def markdown_table(points: pd.DataFrame, keys: Optional[list[str]] = None, reference: str = "full") -> str:
+def metric_title(metric: str) -> str:
+    return column(metric).title
+
+
+def is_percent(metric: str) -> bool:
+    return kind_of(metric) == "percent"
+
+
+def verdict_text(verdict_: Any, mdd: Any, metric: Any, same: bool = False) -> str:
+    """``better``, ``worse``, ``no evidence (MDD 12.5)`` (points for a percentage metric), ``no evidence
+    (same scores)`` when the two scored every row alike."""
+    if not isinstance(verdict_, str):
+        return "–"
+    if verdict_ != NO_EVIDENCE:
+        return verdict_
+    if same:
+        return f"{NO_EVIDENCE} (same scores)"
+    if isinstance(mdd, float) and not math.isnan(mdd):
+        return f"{NO_EVIDENCE} (MDD {number(mdd, metric)})"
+    return NO_EVIDENCE
+
+
+def number(value: float, metric: Any, sign: bool = False) -> str:
+    """A difference or interval end: points (1 decimal) for a percentage metric, else 3 significant digits."""
+    if isinstance(metric, str) and is_percent(metric):
+        return f"{100 * value:+.1f}" if sign else f"{100 * value:.1f}"
+    return f"{value:+.3g}" if sign else f"{value:.3g}"
+
+
+def interval_text(low: Any, high: Any, metric: Any, sign: bool = False) -> str:
+    if not isinstance(low, float) or math.isnan(low):
+        return "–"
+    unit = "%" if isinstance(metric, str) and is_percent(metric) and not sign else ""
+    return f"[{number(low, metric, sign)}, {number(high, metric, sign)}]{unit}"
+
+
+def markdown_table(points: pd.DataFrame, keys: Optional[list[str]] = None, reference: str = "full",
+                   after: Sequence[Optional[str]] = ()) -> str:
+    """The points as a markdown table of ``keys``, its notes under it, then ``after`` (the paired columns' note)."""
     cols = [column(k, reference) for k in (keys or default_keys(points))]
     head = "| " + " | ".join(c.title for c in cols) + " |"
     sep = "|" + "|".join("---" if c.kind in ("text", "verdict") else "---:" for c in cols) + "|"
@@ -278,11 +315,7 @@ def markdown_table(points: pd.DataFrame, keys: Optional[list[str]] = None, refer
     marked = any(CONTENDED in line for line in body)
     notes = [MEMORY_NOTE] if any(c.key in BREAKDOWN for c in cols) else []
     notes += [CONTENDED_NOTE] if marked else []
-    if any(c.key in PAIRED for c in cols):
-        from ftbench.sweep.report.comparison import table_note
-
-        paired = table_note(points, [c.key for c in cols], reference)
-        notes += [paired] if paired else []
+    notes += [n for n in after if n]
     return "\n".join([head, sep, *body]) + "".join(f"\n\n{n}" for n in notes)
 
 
