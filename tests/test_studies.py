@@ -34,6 +34,8 @@ SWEEPS = {
     "experiments/regimes/gpu.yaml": 20,
     "configs/sweeps/rlhf.yaml": 11,
     "experiments/rlhf/gpu.yaml": 7,
+    "experiments/preference/sweep.yaml": 49,
+    "experiments/preference/gpu.yaml": 49,
 }
 
 
