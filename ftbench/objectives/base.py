@@ -53,8 +53,9 @@ class Objective(L.LightningModule):
             backbone: The shared backbone (linked from the top-level ``backbone`` by the CLI).
             tuner: What trains (linked from the top-level ``tuner`` by the CLI).
             optimizer: Optimizer class and its arguments (``configs/optim/*.yaml``); any importable
-                optimizer works (bitsandbytes' 8-bit and paged ones too). The tuner's ``lr``, when
-                set, replaces the ``lr`` given here.
+                optimizer works (bitsandbytes' 8-bit and paged ones too; GaLore, APOLLO, BAdam and
+                Muon through ``ftbench.optimizers``). It receives the trainable parameters by name.
+                The tuner's ``lr``, when set, replaces the ``lr`` given here.
             lr_scheduler: Learning-rate schedule (``transformers.get_scheduler``), stepped per
                 optimizer step over ``trainer.estimated_stepping_batches``.
             warmup_steps: Linear warm-up steps of the schedule.
@@ -217,8 +218,5 @@ class Objective(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError(f"{self.method_label}: nothing to train (no parameter requires grad)")
-        return optimization(params, self.optimizer_factory, self.tuner.lr, self.lr_scheduler, self.warmup_steps,
-                            max(1, int(self.trainer.estimated_stepping_batches)))
+        return optimization(self.model, self.tuner, self.optimizer_factory, self.method_label, self.lr_scheduler,
+                            self.warmup_steps, max(1, int(self.trainer.estimated_stepping_batches)))
