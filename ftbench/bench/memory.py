@@ -18,10 +18,10 @@ and storages, never at an allocator:
   bitsandbytes' 8-bit states with their block absmax and quantile maps (maps shared by all tensors
   counted once), paged states at their real size, GaLore's and APOLLO's projection matrices and
   projected moments, BAdam's moments and float32 copy of the active block, Muon's momentum,
-  Adafactor's factored moments. It is read after every step from ``batch_index`` on and the largest
-  is kept (``at_batch``: the batch it was read after): where the state changes from step to step
-  (BAdam's next block; GaLore's refreshed projector) one step could mislead. The gradients likewise
-  (the largest over those steps).
+  Adafactor's factored moments. It is read before and after every step from ``batch_index`` on and
+  the largest is kept (``at_batch``: the batch of that step): where the state changes from step to
+  step (BAdam's next block; GaLore's refreshed projector) one step could mislead. The gradients
+  likewise (the largest over those steps).
 * **activations** - what autograd saves for backward during one training step: a
   ``saved_tensors_hooks`` pack hook is pushed at ``on_train_batch_start`` of batch ``batch_index``
   (after warm-up) and popped at ``on_before_backward``. Each storage is counted once (views and
@@ -378,18 +378,24 @@ class MemoryBreakdown(L.Callback):
             grads = gradient_breakdown(pl_module.parameters())
             if grads["bytes"] >= self._parts.get("gradients", {}).get("bytes", 0):
                 self._parts["gradients"] = grads  # the largest over the timed steps (BAdam: per block)
+            self._read_optimizer(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._close()
         self._batches += 1
         if "activations" in self._parts:
-            # read after every timed step, the largest kept: the state can change from step to step
-            # (GaLore's projector refresh, BAdam's switch to a block of another size)
-            opt = optimizer_breakdown(trainer.optimizers)
-            if (opt["tensors"] or not _has_state_kind(trainer.optimizers)) and \
-                    opt["bytes"] > self._parts.get("optimizer", {}).get("bytes", -1):
-                opt["at_batch"] = self._batches - 1
-                self._parts["optimizer"] = opt
+            self._read_optimizer(trainer, self._batches - 1)
+
+    def _read_optimizer(self, trainer, batch: Optional[int] = None) -> None:
+        """Keep the largest optimizer state seen over the timed steps, read before and after each step:
+        the state can change from step to step (GaLore's projector refresh; BAdam's switch to another
+        block, which happens inside ``step`` and clears the state, so the full state of a block is seen
+        before the step that ends it)."""
+        opt = optimizer_breakdown(trainer.optimizers)
+        if (opt["tensors"] or not _has_state_kind(trainer.optimizers)) and \
+                opt["bytes"] > self._parts.get("optimizer", {}).get("bytes", -1):
+            opt["at_batch"] = self._batches if batch is None else batch
+            self._parts["optimizer"] = opt
 
     def on_exception(self, trainer, pl_module, exception):
         self._close()

@@ -17,14 +17,14 @@ weights trains, e.g. LoRA on a 4-bit backbone; BAdam with LoRA) raises :class:`P
 it touches anything; ``optimization`` says it in one line naming the optimizer and the method.
 
 The packages are the optional extra ``ftbench[optim]`` (also in ``dev``); a missing one is one line
-saying so (:func:`require`).
+saying so when the optimizer is made (:func:`require`).
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
@@ -43,13 +43,21 @@ class PairingError(ConfigError):
         self.reason = reason
 
 
-def require(module: str, package: str, optimizer: str) -> ModuleType:
-    """``import module``, or one line naming the package and the extra that installs it."""
+def optional(module: str) -> Optional[ModuleType]:
+    """``import module``, or None where it is not installed (the class that needs it then says so when
+    it is made, see :func:`require`: a class path that cannot be imported would reach the user as the
+    config parser's many-line error)."""
     try:
         return importlib.import_module(module)
     except ImportError:
+        return None
+
+
+def require(module: Optional[ModuleType], package: str, optimizer: str) -> None:
+    """One line naming the package and the extra that installs it, where ``module`` is missing."""
+    if module is None:
         raise ConfigError(f"model.init_args.optimizer: {optimizer} needs the {package} package: "
-                          "pip install 'ftbench[optim]'") from None
+                          "pip install 'ftbench[optim]'")
 
 
 def named_parameters(params: Iterable[Any], optimizer: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -62,7 +70,7 @@ def named_parameters(params: Iterable[Any], optimizer: str) -> list[tuple[str, t
         elif isinstance(item, dict) and "param_names" in item:
             out.extend(zip(item["param_names"], item["params"]))
         else:
-            raise PairingError(optimizer, "chooses its parameter groups by parameter name, and was given "
+            raise PairingError(optimizer, "it chooses its parameter groups by parameter name, and was given "
                                           "unnamed parameters (a tuner that builds its own groups, e.g. LoRA+)",
                                hint="use it with tuner full or freeze, or use another optimizer")
     return out
@@ -84,7 +92,7 @@ def projected(named: Sequence[tuple[str, torch.nn.Parameter]], target_modules: S
     targets = set(target_modules)
     low_rank = [p for n, p in named if p.ndim == 2 and module_name(n) in targets]
     if not low_rank:
-        raise PairingError(optimizer, f"projects the gradients of the 2-D weights of {list(target_modules)}, and "
+        raise PairingError(optimizer, f"it projects the gradients of the 2-D weights of {list(target_modules)}, and "
                                       "none of them trains here")
     chosen = {id(p) for p in low_rank}
     return low_rank, [p for _, p in named if id(p) not in chosen]

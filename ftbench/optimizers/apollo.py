@@ -11,12 +11,14 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from ftbench.errors import ConfigError
-from ftbench.optimizers import ATTENTION_AND_MLP, named_parameters, projected, require
+import torch
 
-apollo_torch = require("apollo_torch", "apollo-torch", "APOLLO")
+from ftbench.optimizers import ATTENTION_AND_MLP, named_parameters, optional, projected, require
+
+apollo_torch = optional("apollo_torch")
 
 
-class APOLLOAdamW(apollo_torch.APOLLOAdamW):
+class APOLLOAdamW(apollo_torch.APOLLOAdamW if apollo_torch else torch.optim.Optimizer):
     """apollo-torch's ``APOLLOAdamW`` on the 2-D weights of ``target_modules``."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
@@ -41,6 +43,7 @@ class APOLLOAdamW(apollo_torch.APOLLOAdamW):
             scale_front: Apply sqrt(scale) before the norm-growth limiter instead of after.
             disable_nl: Turn the norm-growth limiter off.
         """
+        require(apollo_torch, "apollo-torch", "APOLLOAdamW")
         if rank < 1:
             raise ConfigError(f"model.init_args.optimizer.init_args.rank: APOLLO needs rank >= 1, got {rank}")
         low_rank, rest = projected(named_parameters(params, "APOLLOAdamW"), target_modules or ATTENTION_AND_MLP,

@@ -12,12 +12,13 @@ from typing import Literal, Optional
 
 import torch
 
-from ftbench.optimizers import PairingError, named_parameters, require
+from ftbench.errors import ConfigError
+from ftbench.optimizers import PairingError, named_parameters, optional, require
 
-badam = require("badam", "badam", "BAdam")
+badam = optional("badam")
 
 
-class BAdam(badam.BlockOptimizer):
+class BAdam(badam.BlockOptimizer if badam else torch.optim.Optimizer):
     """badam's ``BlockOptimizer`` around ``torch.optim.AdamW``."""
 
     def __init__(self, params, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -39,19 +40,21 @@ class BAdam(badam.BlockOptimizer):
             include_lm_head: The head and every parameter outside the layers are one more block (without
                 it they stay frozen).
         """
+        require(badam, "badam", "BAdam")
         named = named_parameters(params, "BAdam")
         if any("lora_" in n for n, _ in named):  # the package's own "LoRA mode" test
-            raise PairingError("BAdam", "updates the backbone's own weights one block at a time, and LoRA leaves "
+            raise PairingError("BAdam", "it updates the backbone's own weights one block at a time, and LoRA leaves "
                                         "them frozen (LoRA adapters are the trainable parameters here)")
         if switch_block_every < 1:
-            raise PairingError("BAdam", f"switch_block_every must be >= 1, got {switch_block_every}", hint=None)
+            raise ConfigError(f"model.init_args.optimizer.init_args.switch_block_every: must be >= 1, got {switch_block_every}")
         base = torch.optim.AdamW([p for _, p in named], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         blocks = self.infer_param_groups([n for n, _ in named], include_embedding, include_lm_head)
         if not blocks:
-            raise PairingError("BAdam", "finds no block (no trainable parameter of a layers.N. block, and neither "
+            raise PairingError("BAdam", "it finds no block (no trainable parameter of a layers.N. block, and neither "
                                         "include_embedding nor include_lm_head)")
         if start_block is not None and not 0 <= start_block < len(blocks):
-            raise PairingError("BAdam", f"start_block {start_block} is not one of the {len(blocks)} blocks", hint=None)
+            raise ConfigError(f"model.init_args.optimizer.init_args.start_block: {start_block} is not one of BAdam's "
+                              f"{len(blocks)} blocks (0 to {len(blocks) - 1})")
         super().__init__(base, named, block_prefix_list=blocks, switch_block_every=switch_block_every,
                          start_block=start_block, switch_mode=switch_mode, verbose=0)
 

@@ -14,9 +14,9 @@ from unittest import mock
 import torch
 
 from ftbench.errors import ConfigError
-from ftbench.optimizers import ATTENTION_AND_MLP, named_parameters, projected, require
+from ftbench.optimizers import ATTENTION_AND_MLP, named_parameters, optional, projected, require
 
-galore_torch = require("galore_torch", "galore-torch", "GaLore")
+galore_torch = optional("galore_torch")
 
 ProjType = Literal["std", "reverse_std", "right", "left", "full"]
 
@@ -35,7 +35,7 @@ def galore_groups(params, optimizer: str, target_modules: Optional[Sequence[str]
     return groups
 
 
-class GaLoreAdamW(galore_torch.GaLoreAdamW):
+class GaLoreAdamW(galore_torch.GaLoreAdamW if galore_torch else torch.optim.Optimizer):
     """galore-torch's ``GaLoreAdamW`` on the 2-D weights of ``target_modules``."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
@@ -56,11 +56,12 @@ class GaLoreAdamW(galore_torch.GaLoreAdamW):
             target_modules: Names of the modules whose 2-D weights are projected (default: attention and
                 MLP, ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj``).
         """
+        require(galore_torch, "galore-torch", "GaLoreAdamW")
         super().__init__(galore_groups(params, "GaLoreAdamW", target_modules, rank, update_proj_gap, scale, proj_type),
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, no_deprecation_warning=True)
 
 
-class GaLoreAdamW8bit(galore_torch.GaLoreAdamW8bit):
+class GaLoreAdamW8bit(galore_torch.GaLoreAdamW8bit if galore_torch else torch.optim.Optimizer):
     """galore-torch's ``GaLoreAdamW8bit`` (bitsandbytes' blockwise 8-bit moments of the projected
     gradients) on the 2-D weights of ``target_modules``."""
 
@@ -81,6 +82,7 @@ class GaLoreAdamW8bit(galore_torch.GaLoreAdamW8bit):
             target_modules: Names of the modules whose 2-D weights are projected (default: attention and MLP).
             min_8bit_size: Moments of tensors with fewer elements stay 32-bit (bitsandbytes' rule).
         """
+        require(galore_torch, "galore-torch", "GaLoreAdamW8bit")
         super().__init__(galore_groups(params, "GaLoreAdamW8bit", target_modules, rank, update_proj_gap, scale,
                                        proj_type),
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size)

@@ -47,7 +47,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         chosen = {id(p) for p in hidden}
         rest = [p for _, p in named if id(p) not in chosen]
         if not hidden:
-            raise PairingError("MuonWithAdamW", "orthogonalises the updates of 2-D hidden weights, and none trains "
+            raise PairingError("MuonWithAdamW", "it orthogonalises the updates of 2-D hidden weights, and none trains "
                                                 "here", hint="use AdamW (configs/optim/adamw.yaml)")
         self.muon = torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                      ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
