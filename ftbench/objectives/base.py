@@ -110,6 +110,8 @@ class Objective(L.LightningModule):
         self.model.train()  # from_pretrained returns eval mode; the trainer switches for evaluation
         if self.needs_reference:
             self.tuner.keep_reference(self.model)
+            with self.tuner.reference(self.model):  # a tuner that cannot give the untouched backbone says so now
+                pass
 
     def train_new_head(self, model: torch.nn.Module) -> None:
         """A score head is new (randomly initialised): it trains under every tuner, and is saved with
