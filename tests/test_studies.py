@@ -26,8 +26,8 @@ STUDIES = update_reports.STUDIES
 #: every study's sweep files and how many runs each expands to
 SWEEPS = {
     "configs/sweeps/quickstart.yaml": 5,
-    "experiments/efficiency/sweep.yaml": 5,
-    "experiments/efficiency/gpu.yaml": 5,
+    "experiments/efficiency/sweep.yaml": 12,
+    "experiments/efficiency/gpu.yaml": 12,
     "experiments/params/sweep.yaml": 60,
     "experiments/params/gpu.yaml": 60,
     "experiments/regimes/sweep.yaml": 20,
