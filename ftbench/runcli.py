@@ -202,6 +202,8 @@ def cli_class():
             return trainer
 
         def before_fit(self) -> None:
+            if self.model.train_batch_repeats > 1:  # GRPO reusing a rollout: the same prompts at each of its updates
+                self.datamodule.train_batch_repeats = self.model.train_batch_repeats
             if self._cfg().validate_before_fit:
                 self.recorder.initial_phase = True
                 self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)

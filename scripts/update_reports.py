@@ -5,14 +5,18 @@
 
 Each study's report (``experiments/<study>/results/report.md``, ``.csv`` and plots) is what
 ``ftbench report`` makes with the options in :data:`STUDIES`; the table then goes between the
-study's markers in its README (and the top-level README's, for the studies it shows). No figure in
-a README is typed by hand; ``tests/test_studies.py`` checks that every committed report is what
-the records make.
+study's markers in its README (and the top-level README's, for the studies it shows). A study whose
+claims compare points the table does not test against its reference (runs of one tuner, stages of a
+pipeline) names those pairs in ``compare``: ``ftbench report --compare A B ...`` (paired tests on the
+test rows, Holm-adjusted over the pairs) goes between its ``<!-- NAME-compare:start/end -->`` markers.
+No figure in a README is typed by hand; ``tests/test_studies.py`` checks that every committed report
+is what the records make, ``tests/test_report.py`` the comparison blocks.
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +32,12 @@ class Study:
     columns: Optional[list[str]] = None            # ftbench report --columns (None: the default set)
     select: Optional[str] = None                   # --select
     select_over: list[str] = field(default_factory=list)  # --select-over
+    compare: tuple[tuple[str, str], ...] = ()      # --compare A B, one pair each (the README's compare block)
+
+    def compare_command(self) -> str:
+        """The ``ftbench report --compare`` command line of the study's comparison block."""
+        return " ".join([f"ftbench report {self.results}",
+                         *(f"--compare {shlex.quote(a)} {shlex.quote(b)}" for a, b in self.compare)])
 
     def command(self) -> str:
         """The ``ftbench report`` command line that makes this report."""
@@ -48,16 +58,23 @@ STUDIES = {
                                  "activations_mb", "pred_peak_mb", "peak_mem_mb", "mem_rel", "tokens_per_s",
                                  "speed_rel", "wall_s", "val_loss", "val_ppl"]),
     "params": Study("experiments/params/results", ("experiments/params/README.md",),
-                    columns=["method", "setting", "n", "trainable", "trainable_pct", "val_loss", "accuracy", "p",
-                             "test/*/accuracy"],
+                    columns=["method", "setting", "n", "trainable", "trainable_pct", "val_loss", "accuracy", "score_ci",
+                             "p", "diff", "p_paired", "p_holm", "verdict", "test/*/accuracy"],
                     select="val/loss", select_over=["lr"]),
     "regimes": Study("experiments/regimes/results", ("experiments/regimes/README.md",),
-                     columns=["run", "method", "test/*/accuracy", "accuracy", "val/loss", "val/domain/loss",
-                              "val/general/loss"]),
+                     columns=["run", "method", "test/*/accuracy", "accuracy", "score_ci", "val/loss", "val/domain/loss",
+                              "val/general/loss"],
+                     compare=(("lora_instruction.tasks", "full_instruction.tasks"),
+                              ("lora_multitask.tasks", "full_multitask.tasks"),
+                              ("lora_multitask.tasks", "lora_instruction.tasks"),
+                              ("full_multitask.tasks", "full_instruction.tasks"),
+                              ("full_multitask.tasks", "base.tasks"))),
     "rlhf": Study("experiments/rlhf/results", ("experiments/rlhf/README.md",),
-                  columns=["run", "method", "trainable", "accuracy", "test/pairwise_accuracy", "test/reward",
+                  columns=["run", "method", "trainable", "accuracy", "score_ci", "test/pairwise_accuracy", "test/reward",
                            "train/reward", "train/kl", "train/entropy", "step_time_split.*", "pred_peak_mb", "peak_mem_mb",
-                           "wall_s"]),
+                           "wall_s"],
+                  compare=(("sft", "baseline"), ("dpo", "sft"), ("dpo.lr1e-4", "sft"), ("grpo_rule", "sft"),
+                           ("grpo_rm", "sft"), ("grpo_rule.lr1e-4", "sft"), ("grpo_rm.lr1e-4", "sft"))),
 }
 
 
@@ -94,11 +111,19 @@ def make_report(study: Study, root: Path = ROOT) -> str:
     return report(root / study.results, columns=study.columns, select=study.select, select_over=study.select_over)
 
 
-def put_table(readme: Path, name: str, made_by: str, table: str) -> bool:
-    """Replace the text between ``<!-- NAME-table:start -->`` and ``<!-- NAME-table:end -->``."""
+def make_comparison(study: Study, root: Path = ROOT) -> str:
+    """The study's ``--compare`` output (writes nothing)."""
+    from ftbench.sweep.report import compare_report
+
+    return compare_report(root / study.results, study.compare).rstrip("\n")
+
+
+def put_table(readme: Path, name: str, made_by: str, table: str, block: str = "table") -> bool:
+    """Replace the text between ``<!-- NAME-table:start -->`` and ``<!-- NAME-table:end -->`` (``block``:
+    another marker kind, ``compare``)."""
     from ftbench.fileio import write_text_atomic
 
-    start, end = f"<!-- {name}-table:start -->", f"<!-- {name}-table:end -->"
+    start, end = f"<!-- {name}-{block}:start -->", f"<!-- {name}-{block}:end -->"
     text = readme.read_text()
     if start not in text or end not in text:
         print(f"{readme}: markers {start} / {end} not found", file=sys.stderr)
@@ -121,6 +146,9 @@ def main(argv: list[str]) -> int:
         for readme in study.readmes:
             ok &= put_table(ROOT / readme, name, f"Made by `{study.command()}` from the run records committed there:",
                             table)
+        if study.compare:
+            ok &= put_table(ROOT / study.readmes[0], name, f"Made by `{study.compare_command()}` from the same records:",
+                            make_comparison(study), block="compare")
         if name == "efficiency":
             ok &= put_table(ROOT / "experiments/efficiency/README.md", "efficiency-estimate",
                             f"Made by `scripts/update_reports.py` from `{ESTIMATE}` and the paper's Table 4:",

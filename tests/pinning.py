@@ -24,23 +24,18 @@ def four_step_losses(objective, dm, steps: int = 4, seed: int = 0, after_setup: 
     the objective's optimizer at the tuner's lr, its lr schedule, ``after_optimizer_step`` (AdaLoRA's
     allocation), the data module's training order; no validation. ``after_setup(objective)`` runs once
     the model is built and the optimizer made, before the first step."""
-    import lightning as L
     import torch
 
-    losses: list[float] = []
+    from helpers import LossRecorder, cpu_trainer
 
-    class LossRecorder(L.Callback):
+    class SetupThenRecord(LossRecorder):
         def on_train_start(self, trainer, pl_module):
             if after_setup is not None:
                 after_setup(pl_module)
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
+    recorder = SetupThenRecord()
     torch.manual_seed(seed)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision="32-true", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[LossRecorder()])
-    trainer.fit(objective, datamodule=dm)
+    cpu_trainer(steps, [recorder]).fit(objective, datamodule=dm)
+    losses = recorder.losses
     assert len(losses) == steps, f"{len(losses)} training steps ran, not {steps}"
     return losses

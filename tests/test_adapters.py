@@ -18,6 +18,7 @@ from torch import nn
 
 from ftbench.evaluation.evaluator import Evaluator
 from ftbench.evaluation.options import EvaluationOptions
+from helpers import tiny_data
 from pinning import four_step_losses, load_pins
 
 PIN_NAME = "adapters"
@@ -43,15 +44,6 @@ def adapters(backbone, placement="houlsby", **kw):
     optimizer = functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.0)
     return SFT(backbone=backbone, tuner=tuner(placement, **kw), optimizer=optimizer,
                evaluator=Evaluator(EvaluationOptions(max_new_tokens=4)))
-
-
-def tiny_data(backbone):
-    from ftbench.data import InstructionData
-
-    dm = InstructionData(backbone=backbone, builtin_size=80, batch_size=4, eval_batch_size=4, max_length=96,
-                         val_fraction=0.1, test_fraction=0.1, seed=0)
-    dm.setup("fit")
-    return dm
 
 
 def compute_pins(tmp_dir: Path) -> dict:

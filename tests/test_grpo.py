@@ -182,8 +182,21 @@ def test_bad_arguments(tiny_model_dir):
 
     for kw, text in [({"num_generations": 1}, "num_generations must be an int >= 2"),
                      ({"advantage": "rloo", "scale_rewards": "group"}, "scale_rewards 'group' applies to advantage: grpo"),
-                     ({"num_iterations": 2}, "num_iterations=2 is not supported"),
-                     ({"loss_type": "dapo"}, "unknown loss_type 'dapo'"),
+                     ({"num_iterations": 0}, "num_iterations must be an int >= 1 (updates per generated batch), got 0"),
+                     ({"steps_per_generation": 0}, "steps_per_generation must be an int >= 1"),
+                     ({"loss_type": "ppo"}, "unknown loss_type 'ppo'; expected one of grpo, bnpo, dr_grpo, dapo, luspo, "
+                                            "cispo, sapo, vespo"),
+                     ({"importance_sampling_level": "seq"}, "unknown importance_sampling_level 'seq'"),
+                     ({"epsilon": 0.2, "epsilon_high": 0.1}, "epsilon_high (0.1) must be >= epsilon (0.2)"),
+                     ({"loss_type": "cispo"}, "loss_type cispo caps the importance weight at epsilon_high itself"),
+                     ({"loss_type": "vespo", "importance_sampling_level": "sequence"},
+                      "importance_sampling_level sequence with loss_type vespo: TRL warns \"VESPO computes"),
+                     ({"delta": 1.5, "loss_type": "sapo"}, "delta (two-sided clipping) applies to the clipped loss types"),
+                     ({"delta": 0.9}, "delta must be > 1"),
+                     ({"sapo_temperature_neg": 0.0}, "sapo_temperature_neg must be > 0, got 0.0"),
+                     ({"advantage": "rloo", "loss_type": "dapo"}, "loss_type 'dapo' applies to advantage: grpo"),
+                     ({"advantage": "rloo", "importance_sampling_level": "sequence"},
+                      "importance_sampling_level 'sequence' applies to advantage: grpo"),
                      ({"beta": -0.1}, "beta must be >= 0"),
                      ({"temperature": 0.0}, "temperature must be > 0"),
                      ({"reward_weights": [1.0, 2.0]}, "2 reward_weights for 1 reward_funcs"),
@@ -478,7 +491,7 @@ def test_reward_model_from_a_reward_run_scores_like_its_training_data(tiny_model
 
 
 # ---------------------------------------------------------------------------- shipped configs
-CONFIGS = ["grpo", "rloo", "grpo_reward_model"]
+CONFIGS = ["grpo", "rloo", "grpo_reward_model", "dapo", "gspo", "cispo", "grpo_mu2"]
 
 
 @pytest.mark.parametrize("objective", CONFIGS)
@@ -518,3 +531,171 @@ def test_shipped_grpo_yaml_runs_with_its_defaults(tiny_model_dir, tmp_path, monk
         assert "train/kl" in entry and "train/rewards/reward_model/mean" in entry
     else:
         assert "train/kl" not in entry and "train/rewards/exact_answer/mean" in entry
+
+
+# ---------------------------------------------------------------------------- variants and reused rollouts
+def variant_run(tiny_model_dir, repeats: int = 1, **kw) -> tuple[list[float], GRPO, list[dict[str, float]]]:
+    """``four_step_losses`` of full tuning (lr 1e-2, constant) on 2 prompts x G = 4 completions of at
+    most 6 tokens, the data giving each batch ``repeats`` times in a row (as the CLI arranges from
+    ``train_batch_repeats``); with the training metrics of each step."""
+    from pinning import four_step_losses
+
+    backbone = Backbone(model=str(tiny_model_dir))
+    m = GRPO(backbone=backbone, tuner=Full(lr=1e-2), reward_funcs=[FromImport("test_grpo.target_share")],
+             num_generations=4, max_completion_length=6, lr_scheduler="constant", **kw)
+    assert m.train_batch_repeats == repeats
+    dm = make_data(backbone, batch_size=2)
+    dm.train_batch_repeats = repeats
+    seen: list[dict[str, float]] = []
+    step = m.training_loss
+
+    def recording(batch):
+        out = step(batch)
+        seen.append({k: float(v) for k, v in out.metrics().items()})
+        return out
+
+    m.training_loss = recording
+    return four_step_losses(m, dm), m, seen
+
+
+# 4 updates of variant_run (fp32, CPU, seed 0). Updates 1 and 3 generate; 2 and 4 reuse the rollout
+# with pi_old stored at generation, after an optimizer step: their ratios differ from 1.
+PINNED_DAPO_S2 = [1.2417634032146907e-08, -0.054897528141736984, 2.9802322387695312e-08, 0.05633026361465454]
+PINNED_MU2 = [7.450580596923828e-09, 0.0002446373400744051, -1.7384687467369986e-08, 0.003906314726918936]
+PINNED_RLOO_MU2 = [-9.313225746154785e-10, -8.333474397659302e-05, 0.0, -0.00016666948795318604]
+
+
+def check_reused(seen: list[dict[str, float]], m: GRPO, clip: str) -> None:
+    """Updates 1 and 3 generate (ratio 1: nothing clipped); 2 and 4 reuse that rollout (same rewards),
+    off-policy: something is clipped; the step-time split says 0 s of generation on a reuse."""
+    assert [s[clip] == 0.0 for s in seen] == [True, False, True, False], [s[clip] for s in seen]
+    assert seen[0]["reward"] == seen[1]["reward"] and seen[2]["reward"] == seen[3]["reward"]
+    gen = m.phase_seconds["generation"]
+    assert len(gen) == 4 and gen[0] > 0 and gen[1] == 0.0 and gen[2] > 0 and gen[3] == 0.0
+    assert len(m.phase_seconds["optimisation"]) == 4
+    assert m.step_time_split()["generation_s"] == pytest.approx(gen[0] + gen[2])
+
+
+def test_dapo_over_two_micro_batches_pinned(tiny_model_dir):
+    """dapo with steps_per_generation 2: each generated batch (2 prompts x 4) is split in two updates of
+    4 completions, each normalised by the tokens of the whole generated batch x 2."""
+    losses, m, seen = variant_run(tiny_model_dir, 2, loss_type="dapo", steps_per_generation=2)
+    assert losses == pytest.approx(PINNED_DAPO_S2, abs=1e-6), losses
+    assert m.stores_old_logps()  # 1 % 2 != 0: the second micro-batch trains after an optimizer step
+    check_reused(seen, m, "clip_ratio/region_mean")
+
+
+def test_num_iterations_two_pinned(tiny_model_dir):
+    """num_iterations 2 (epsilon 1e-3, so the second update's ratios are clipped): the same rollout
+    trains two updates in a row, the second off-policy."""
+    losses, m, seen = variant_run(tiny_model_dir, 2, num_iterations=2, epsilon=1e-3)
+    assert losses == pytest.approx(PINNED_MU2, abs=1e-6), losses
+    check_reused(seen, m, "clip_ratio/region_mean")
+    assert seen[1]["clip_ratio/low_mean"] > 0 and seen[1]["clip_ratio/high_max"] == 1.0
+
+
+def test_rloo_reused_pinned(tiny_model_dir):
+    losses, m, seen = variant_run(tiny_model_dir, 2, advantage="rloo", num_iterations=2, epsilon=1e-3)
+    assert losses == pytest.approx(PINNED_RLOO_MU2, abs=1e-6), losses
+    check_reused(seen, m, "clip_ratio/region_mean")
+    assert "kl" not in seen[0]  # beta 0: no reference, no KL in the reward
+
+
+def test_repeated_batches_keep_the_order(tiny_model_dir):
+    """data.train_batch_repeats = 3 gives each batch of the unrepeated loader 3 times in a row, in its order."""
+    backbone = Backbone(model=str(tiny_model_dir))
+    plain, repeated = make_data(backbone, batch_size=2), make_data(backbone, batch_size=2)
+    repeated.train_batch_repeats = 3
+    for dm in (plain, repeated):
+        dm.setup("fit")
+    once = [b["prompt_input_ids"] for b in plain.train_dataloader()]
+    thrice = [b["prompt_input_ids"] for b in repeated.train_dataloader()]
+    assert len(thrice) == 3 * len(once) == 3 * len(plain.train_dataloader())
+    assert all(torch.equal(batch, thrice[3 * i + k]) for i, batch in enumerate(once) for k in range(3))
+
+
+def test_a_reuse_that_gets_new_prompts_is_refused(tiny_model_dir):
+    """num_iterations 2 with a data module that gives a new batch each step (no repeats): refused at
+    the second update, with the fix, instead of training on a rollout of other prompts."""
+    backbone = Backbone(model=str(tiny_model_dir))
+    m = GRPO(backbone=backbone, tuner=lora(), reward_funcs=[target_share], num_generations=2,
+             max_completion_length=2, num_iterations=2)
+    with pytest.raises(ConfigError, match="num_iterations x steps_per_generation = 2 updates reuse each rollout") as err:
+        trainer(2).fit(m, datamodule=make_data(backbone, batch_size=2))
+    assert "give each batch 2 times in a row" in err.value.hint
+
+
+def test_steps_per_generation_must_divide_the_generated_batch(tiny_model_dir):
+    backbone = Backbone(model=str(tiny_model_dir))
+    m = GRPO(backbone=backbone, tuner=lora(), reward_funcs=[target_share], num_generations=4,
+             max_completion_length=2, steps_per_generation=3)
+    dm = make_data(backbone, batch_size=2)
+    dm.train_batch_repeats = 3
+    with pytest.raises(ConfigError, match=r"steps_per_generation=3 must divide the completions of a generated batch "
+                                          r"\(data.batch_size x num_generations = 8\)"):
+        trainer(1).fit(m, datamodule=dm)
+
+
+def test_rloo_takes_beta_times_the_summed_kl_off_the_reward(tiny_model_dir):
+    """advantage: rloo with beta 0.1 (TRL's RLOOTrainer): the advantages are the leave-one-out ones of
+    reward - 0.1 x sum_t (log pi_old - log pi_ref); the loss is rloo_loss, -mean(A) on-policy."""
+    def record(prompts, completions, **columns):
+        return [float(i % 3) for i in range(len(completions))]
+
+    backbone = Backbone(model=str(tiny_model_dir))
+    m = GRPO(backbone=backbone, tuner=lora(), reward_funcs=[record], num_generations=4, max_completion_length=4,
+             advantage="rloo", beta=0.1)
+    m.configure_model()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # move the adapter off zero, so that the policy differs from the reference
+        for name, p in m.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    batch = first_batch(make_data(backbone, batch_size=2))
+    m.sample = lambda *a, **k: torch.tensor(COMPLETIONS)
+    r = m.rollout(batch)
+    with torch.no_grad():
+        policy, _ = m.completion_logps(m.model, r)
+        with m.tuner.reference(m.model) as ref:
+            reference, _ = m.completion_logps(ref, r)
+    kl = ((policy - reference) * r.completion_mask).sum(1)
+    assert (kl.abs() > 1e-4).all()
+    assert torch.allclose(r.old_logps, policy)
+    rewards = torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0])
+    assert torch.equal(r.rewards, rewards)  # the logged reward is the reward functions'
+    assert torch.allclose(r.advantages, rloo_advantages(rewards - 0.1 * kl, 4), atol=1e-6)
+    assert float(r.metrics["kl"]) == pytest.approx(float(kl.mean()), abs=1e-6)
+    out = m.training_loss(batch)  # on-policy: w = 1, loss = mean(-A)
+    assert float(out.loss) == pytest.approx(float(-m._pieces[0].advantages.mean()), abs=1e-6)
+    assert set(out.metrics()) >= {"kl", "entropy", "clip_ratio/region_mean", "clip_ratio/low_min", "reward"}
+
+
+# one line through the real CLI, exit 2 (as tests/test_errors_one_line.py)
+CLI_ERRORS = [
+    ("num_generations", "1", "ftbench: error: objective grpo: num_generations must be an int >= 2"),
+    ("epsilon_high", "0.1", "ftbench: error: objective grpo: epsilon_high (0.1) must be >= epsilon (0.2)"),
+    ("importance_sampling_level", "sequence", "ftbench: error: objective grpo: importance_sampling_level sequence with "
+                                              "loss_type vespo: TRL warns"),
+    ("loss_type", "cispo", "ftbench: error: objective grpo: loss_type cispo caps the importance weight at epsilon_high"),
+]
+
+
+@pytest.mark.parametrize("option, value, expected", CLI_ERRORS, ids=[c[0] for c in CLI_ERRORS])
+def test_a_bad_grpo_setting_is_one_line(option, value, expected, tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from test_errors_one_line import _env
+
+    extra = ["--model.init_args.loss_type", "vespo"] if option == "importance_sampling_level" else []
+    argv = [sys.executable, "-m", "ftbench.cli", "fit", "--backbone.model", str(tiny_model_dir),
+            "--tuner", "configs/tuner/lora.yaml", "--model", "configs/objective/grpo.yaml", *extra,
+            f"--model.init_args.{option}", value, "--data", "configs/data/instruction_prompts.yaml",
+            "--trainer", "configs/trainer/cpu.yaml", "--trainer.max_steps", "1", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--out", str(tmp_path / "out")]
+    res = subprocess.run(argv, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr + res.stdout
+    lines = [line for line in res.stderr.splitlines() if line.startswith("ftbench: ")]
+    assert lines and lines[0].startswith(expected), res.stderr[-3000:]
+    assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("ftbench: hint: ")), res.stderr[-3000:]

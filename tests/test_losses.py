@@ -400,7 +400,8 @@ def test_grpo_loss_clipped_without_kl(loss_type):
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
 def test_grpo_loss_clipped_with_kl(loss_type):
-    loss, m = grpo_loss(LOGPS, OLD, ADV, MASK, ref_logps=REF, beta=0.1, loss_type=loss_type, max_completion_length=4)
+    loss, m = grpo_loss(LOGPS, OLD, ADV, MASK, ref_logps=REF, beta=0.1, loss_type=loss_type, max_completion_length=4,
+                        use_bias_correction_kl=False)
     per_token = [[s + 0.1 * k for s, k in zip(sr, kr)] for sr, kr in zip(SURR, K3)]
     close(loss, _agg(per_token, loss_type))
     close(m["kl"], sum(sum(r) for r in K3) / 5)
@@ -409,7 +410,7 @@ def test_grpo_loss_clipped_with_kl(loss_type):
 
 def test_grpo_loss_kl_metric_without_penalty():
     # ref given, beta = 0: the loss has no KL term, the metric is still reported
-    loss, m = grpo_loss(LOGPS, OLD, ADV, MASK, ref_logps=REF)
+    loss, m = grpo_loss(LOGPS, OLD, ADV, MASK, ref_logps=REF, use_bias_correction_kl=False)
     close(loss, _agg(SURR, "grpo"))
     close(m["kl"], sum(sum(r) for r in K3) / 5)
 
@@ -450,8 +451,9 @@ def test_grpo_loss_per_token_advantages():
 
 
 def test_grpo_loss_errors():
-    with _raises("grpo_loss: unknown loss_type 'dapo'; expected one of 'grpo', 'bnpo', 'dr_grpo'"):
-        grpo_loss(LOGPS, OLD, ADV, MASK, loss_type="dapo")
+    with _raises("grpo_loss: unknown loss_type 'ppo'; expected one of 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo', "
+                 "'cispo', 'sapo', 'vespo'"):
+        grpo_loss(LOGPS, OLD, ADV, MASK, loss_type="ppo")
     dr_msg = ("grpo_loss: loss_type 'dr_grpo' divides by batch_size * max_completion_length and needs "
               "max_completion_length (a positive int), got None")
     with _raises(dr_msg):

@@ -19,6 +19,7 @@ import torch
 
 from ftbench.evaluation.evaluator import Evaluator
 from ftbench.evaluation.options import EvaluationOptions
+from helpers import tiny_data
 from pinning import four_step_losses, load_pins
 
 PIN_NAME = "peft_methods"
@@ -44,15 +45,6 @@ def method_from_config(name: str, model_dir: Path, out: Path):
                     "--data", str(ROOT / "configs/data/instruction.yaml"), "--data.init_args.builtin_size", "80",
                     "--trainer.logger", "false", "--out", str(out)], run=False)
     return cli.model
-
-
-def tiny_data(backbone):
-    from ftbench.data import InstructionData
-
-    dm = InstructionData(backbone=backbone, builtin_size=80, batch_size=4, eval_batch_size=4, max_length=96,
-                         val_fraction=0.1, test_fraction=0.1, seed=0)
-    dm.setup("fit")
-    return dm
 
 
 def trainable(objective) -> dict[str, torch.Tensor]:
@@ -181,25 +173,6 @@ def test_generation_is_greedy_decoding_of_the_training_forward(backbone, kind):
             if tok.eos_token_id in ref:
                 ref = ref[: ref.index(tok.eos_token_id)]
             assert answers[r] == tok.decode(ref, skip_special_tokens=True)
-
-
-def test_peft_generate_still_disagrees_for_prompt_tuning(backbone):
-    """Why Peft.generate decodes prompt learning itself: peft's cached generate does not
-    continue what the training forward predicts. If this starts failing, peft/transformers fixed it
-    and the workaround can go."""
-    import peft
-
-    m = _perturbed(backbone, peft.PromptTuningConfig(num_virtual_tokens=4))
-    batch = next(iter(tiny_data(backbone).val_dataloader()))
-    tok = backbone.tokenizer
-    mismatches = 0
-    with torch.no_grad():
-        for ids, mask in zip(batch["gen_input_ids"], batch["gen_attention_mask"]):
-            row = ids[mask.bool()].unsqueeze(0)
-            out = m.model.generate(input_ids=row, attention_mask=torch.ones_like(row), max_new_tokens=6,
-                                   do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id, eos_token_id=None)
-            mismatches += out[0, row.shape[1]:].tolist() != _greedy_by_training_forward(m, row, 6)
-    assert mismatches > 0
 
 
 def test_other_methods_use_the_shared_generation(backbone):

@@ -19,6 +19,7 @@ import torch
 
 from ftbench.evaluation.evaluator import Evaluator
 from ftbench.evaluation.options import EvaluationOptions
+from helpers import lora as lora_tuner, tiny_data
 from pinning import four_step_losses, load_pins
 
 PIN_NAME = "quantization"
@@ -38,24 +39,11 @@ def adamw(lr: float = 1e-2):
     return functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
 
 
-def tiny_data(backbone, batch_size: int = 4):
-    from ftbench.data import InstructionData
-
-    dm = InstructionData(backbone=backbone, builtin_size=80, batch_size=batch_size, eval_batch_size=4,
-                         max_length=96, val_fraction=0.1, test_fraction=0.1, seed=0)
-    dm.setup("fit")
-    return dm
-
-
 def lora(backbone, r: int = 4, optimizer=None):
     """SFT with LoRA r on every linear but the head (alpha 2r, no dropout): QLoRA on a quantized backbone."""
-    from peft import LoraConfig
-
     from ftbench.objectives import SFT
-    from ftbench.tuners import Peft
 
-    tuner = Peft(peft_config=LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear"))
-    return SFT(backbone=backbone, tuner=tuner, optimizer=optimizer or adamw(), evaluator=Evaluator(EvaluationOptions(max_new_tokens=4)))
+    return SFT(backbone=backbone, tuner=lora_tuner(r), optimizer=optimizer or adamw(), evaluator=Evaluator(EvaluationOptions(max_new_tokens=4)))
 
 
 def trainable(objective) -> dict[str, torch.Tensor]:

@@ -503,3 +503,185 @@ def test_memory_breakdown_columns_and_the_memory_ratio_on_cpu(tmp_path):
     assert "| 520 | 20 | 40 | 80 | 710 | 3,500 | 0.33× |" in lora
     assert val_only.split(" | ")[-1].strip(" |") == "–"  # exact match: no test rows, no figure
     assert table[-1].startswith("Memory: weights, grads, optimizer and activations are the memory breakdown")
+
+
+# ---------------------------------------------------------------------------------- paired comparisons
+def _prediction(i, right, *, stage="test", metrics=None):
+    return {"stage": stage, "step": 10, "task": "add", "prompt": f"<|im_start|>user\nWhat is {i} + {i}?<|im_end|>\n",
+            "reference": str(2 * i), "prediction": str(2 * i) if right else "no idea",
+            "metrics": metrics if metrics is not None else {"accuracy": float(right)}}
+
+
+def _with_predictions(d: Path, rec, rows) -> None:
+    from ftbench.evaluation.predictions import write_predictions
+
+    name = f"{rec['run_info']['run_id']}.predictions.jsonl"
+    rec["train_info"]["predictions"] = {"path": name, "rows": {"test": len(rows)}}
+    _write(d, [rec])
+    write_predictions(d / name, {"test": rows})
+
+
+def _paired_study(d: Path) -> Path:
+    """20 test rows. full (reference) right on rows 0-11 (60%); lora right on 0-1 and 12-13 (20%), its rows written
+    in reverse order; adapters right on 0-10 and 12 (60%)."""
+    _with_predictions(d, _record("full-1", "full", 1, lr=5e-5, acc=0.6, n=1), [_prediction(i, i < 12) for i in range(20)])
+    _with_predictions(d, _record("lora-1", "lora", 1, acc=0.2, n=2),
+                      [_prediction(i, i in (0, 1, 12, 13)) for i in reversed(range(20))])
+    _with_predictions(d, _record("adapters-1", "adapters", 1, acc=0.6, n=3),
+                      [_prediction(i, i <= 10 or i == 12) for i in range(20)])
+    return d
+
+
+def test_paired_comparison_against_the_reference(tmp_path):
+    _paired_study(tmp_path)
+    table = report(tmp_path, plots=False, columns=["n", "exact match", "95% CI", "diff", "p_paired", "p_holm", "verdict"])
+    # lora vs full, rows matched by hash (lora's file is reversed): only lora right on 12, 13; only full on 2-11:
+    #   McNemar p = 2 * P(Bin(12, 1/2) <= 2) = 158/4096 = 0.0386; Δ = (2 - 10)/20 = -40 points
+    # adapters vs full: only adapters right on 12, only full on 11: p = 1; Δ = 0
+    # Holm over the 2 tests: 0.0386 * 2 = 0.0771 (no longer < 0.05), 1.0 -> no evidence for either;
+    # MDD at 0.05/2 = 0.025: (2.2414 + 0.8416) * sqrt(mean d²) / sqrt(20): lora sqrt(12/20) -> 53.4 points,
+    # adapters sqrt(2/20) -> 21.8 points. Wilson 12/20: [38.7, 78.1]%, 4/20: [8.1, 41.6]%. The bootstrap
+    # intervals (seed 0) are what the normal approximation gives to a row: lora -40 ± 1.96 * 14.8 = [-69, -11]
+    assert table == """\
+| method | n | exact match | 95% CI | Δ vs full [95% CI] | p vs full (paired) | Holm p | verdict |
+|---|---:|---:|---:|---:|---:|---:|---|
+| full | 1 | 60.0% | [38.7, 78.1]% | – | – | – | (ref) |
+| lora | 1 | 20.0% | [8.1, 41.6]% | -40.0 [-70.0, -10.0] | 0.039 * | 0.077 | no evidence (MDD 53.4) |
+| adapters | 1 | 60.0% | [38.7, 78.1]% | +0.0 [-15.0, +15.0] | 1.000 | 1.000 | no evidence (MDD 21.8) |
+
+95% CI: Wilson's interval of each point's exact match over its test rows (the predictions files; per row the mean \
+over seeds). Paired, against full on the test rows both answered (matched by task, prompt and reference): Δ, the mean \
+difference with its 95% bootstrap interval (9,999 resamples of the rows, seed 0); p, McNemar's exact test on the rows \
+only one of the two got right (0/1 scores); Holm p, adjusted by Holm's method over the 2 paired tests of this table \
+(statsmodels multipletests). Verdict: better / worse where Holm p < 0.05, else no evidence, with MDD: the smallest \
+difference the test detects with 80% power at level 0.05/2 on these rows."""
+    assert (tmp_path / "report.md").read_text().startswith(table)
+    # only the interval shown: only the interval said
+    assert report(tmp_path, plots=False, columns=["score_ci"]).endswith("\n\n95% CI: Wilson's interval of each "
+                                                                         "point's exact match over its test rows (the "
+                                                                         "predictions files; per row the mean over seeds).")
+    row = {r["method"]: r for r in csv.DictReader((tmp_path / "report.csv").open())}["lora"]
+    assert float(row["p_paired"]) == pytest.approx(158 / 4096) and float(row["p_holm"]) == pytest.approx(316 / 4096)
+    assert (row["paired_test"], row["paired_rows"], row["verdict"]) == ("McNemar", "20", "no evidence")
+    # the reference's rows from another split: not compared, and said so under the table
+    rec = json.loads((tmp_path / "adapters-1.json").read_text())
+    _with_predictions(tmp_path, rec, [_prediction(i, True, stage="val") for i in range(20)])
+    table = report(tmp_path, plots=False, columns=["diff", "verdict"])
+    assert "| adapters | – | – |" in table
+    assert ("- adapters vs full: not compared: adapters has validation rows and full test rows (different splits)."
+            in (tmp_path / "report.md").read_text())
+
+
+def test_several_seeds_are_averaged_per_row_and_permutation_tested(tmp_path):
+    # full: 2 seeds right on rows 0-5 and 0-3; lora: 2 seeds right on 0-1 and nothing: per row means
+    # full 1,1,1,1,.5,.5,0..., lora .5,.5,0...: differences -.5,-.5,-1,-1,-.5,-.5 on 6 of 12 rows, all one sign:
+    # the sign-flip test is exact (2^12 = 4096 < 9999 resamples) -> p = 2/64 (the 6 zero rows flip nothing)
+    for s, right in ((1, 6), (2, 4)):
+        _with_predictions(tmp_path, _record(f"full-{s}", "full", s, lr=5e-5, acc=right / 12, n=s),
+                          [_prediction(i, i < right) for i in range(12)])
+    for s, right in ((1, 2), (2, 0)):
+        _with_predictions(tmp_path, _record(f"lora-{s}", "lora", s, acc=right / 12, n=2 + s),
+                          [_prediction(i, i < right) for i in range(12)])
+    runs = runs_frame(load_records(tmp_path))
+    points, _ = summarise(runs)
+    lora = points.iloc[1]
+    assert lora["paired_test"] == "permutation" and lora["p_paired"] == pytest.approx(2 / 64)
+    assert lora["diff"] == pytest.approx(-4 / 12) and lora["verdict"] == "worse"  # one test: Holm = p
+    # Wilson at the seed-mean count: full 5 of 12 rows
+    from ftbench.sweep.report.paired import wilson_interval
+
+    assert (points.at[0, "score_ci_low"], points.at[0, "score_ci_high"]) == pytest.approx(wilson_interval(5, 12))
+
+
+def test_compare_two_points_with_the_rows_where_they_disagree(tmp_path, capsys):
+    _paired_study(tmp_path)
+    assert report_main([str(tmp_path), "--compare", "lora", "full", "--examples", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("""\
+Paired comparison on the test rows both points answered (matched by task, prompt and reference), by exact match (points):
+
+| A | B | rows | A's mean [95% CI] | B's mean [95% CI] | Δ A − B [95% CI] | test | p | Holm p | verdict |
+|---|---|---:|---:|---:|---:|---|---:|---:|---|
+| lora | full | 20 | 20.0 [8.1, 41.6]% | 60.0 [38.7, 78.1]% | -40.0 [-70.0, -10.0] | McNemar 2/10 | 0.0386 | 0.0386 | worse |
+""")
+    # one comparison: Holm changes nothing, and p = 0.0386 < 0.05 is "worse"; lora's losses first, in lora's file
+    # order (reversed: rows 11, 10, 9)
+    assert """\
+### lora vs full: 12 of 20 rows scored differently (the first 3: lora's losses first)
+
+| task | prompt | reference | lora | full |
+|---|---|---|---|---|
+| add | user ↵ What is 11 + 11? | 22 | no idea (✗) | 22 (✓) |
+| add | user ↵ What is 10 + 10? | 20 | no idea (✗) | 20 (✓) |
+| add | user ↵ What is 9 + 9? | 18 | no idea (✗) | 18 (✓) |
+""" in out
+    assert not (tmp_path / "report.md").exists()  # --compare writes nothing
+    # two pairs: Holm over both
+    assert report_main([str(tmp_path), "--compare", "lora", "full", "--compare", "adapters", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "| McNemar 2/10 | 0.0386 | 0.0771 | no evidence (MDD 53.4) |" in out
+    assert "Holm's adjustment over the 2 comparisons given" in out
+    assert report_main([str(tmp_path), "--compare", "lora", "qlora"]) == 2
+    assert "error: --compare qlora: no point of these records is named so (points: full; lora; adapters)" in \
+        capsys.readouterr().err
+    _with_predictions(tmp_path, _record("lora-r8", "lora", 1, r=8, acc=0.5, n=4), [_prediction(i, 1, stage="val")
+                                                                                   for i in range(20)])
+    assert report_main([str(tmp_path), "--compare", "lora", "full"]) == 2
+    assert "error: --compare lora: names 2 points (lora (r=16); lora (r=8)); name one as 'method (setting)'" in \
+        capsys.readouterr().err
+    assert report_main([str(tmp_path), "--compare", "lora (r=8)", "full"]) == 2
+    assert capsys.readouterr().err == ("error: lora (r=8) vs full: not compared: lora (r=8) has validation rows and "
+                                       "full test rows (different splits)\n")
+
+
+# ---------------------------------------------------------------------------------- issue 23: report inputs
+def test_a_malformed_record_is_a_warning_naming_the_file(tmp_path, capsys):
+    write_records(tmp_path, broken=False)
+    (tmp_path / "config.json").write_text(json.dumps({"run_info": {"run_id": "x", "config": [1, 2]}, "train_info": {}}))
+    (tmp_path / "curve.json").write_text(json.dumps({"run_info": {"run_id": "y"}, "train_info": {"metrics": 3}}))
+    assert report_main([str(tmp_path), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'config.json'}: run_info.config is list, not an object; skipped" in err
+    assert f"warning: {tmp_path / 'curve.json'}: train_info.metrics is int, not a list; skipped" in err
+    assert "- Skipped config.json: run_info.config is list, not an object." in (tmp_path / "report.md").read_text()
+
+
+def test_examples_rank_rows_by_the_primary_metric(tmp_path):
+    # metrics: [rouge_l, exact_match]: every row is wrong by exact match, so exact match chose the first rows in file
+    # order; ROUGE-L, the data set's first metric, puts the worst answers first
+    rouge = [0.9, 0.2, 1.0, 0.05, 0.5]
+    rows = [_prediction(i, False, metrics={"rouge_l": r, "accuracy": 0.0}) for i, r in enumerate(rouge)]
+    _with_predictions(tmp_path, _record("lora-1", "lora", 1, acc=0.0, n=1), rows)
+    text = report(tmp_path, plots=False, examples=2)
+    section = text.split("## Examples", 1)[1]
+    assert "### lora: 4 of 5 test rows below 1 (rouge_l; the lowest first)" in section
+    lines = [line for line in section.splitlines() if line.startswith("| add |")]
+    assert lines == ["| add | user ↵ What is 3 + 3? | 6 | no idea (0.05) |", "| add | user ↵ What is 1 + 1? | 2 | no idea (0.2) |"]
+
+
+def test_columns_accept_the_titles_the_table_shows(tmp_path):
+    write_records(tmp_path, broken=False)
+    by_title = report(tmp_path, plots=False, columns=["exact match", "Mem vs full", "p vs full (Welch)"])
+    assert by_title == report(tmp_path, plots=False, columns=["accuracy", "mem_rel", "p"])
+    assert by_title.splitlines()[0] == "| method | setting | exact match | mem vs full | p vs full (Welch) |"
+    assert report_main([str(tmp_path), "--no-plots", "--columns", "n, exact match, EM add"]) == 0
+    with pytest.raises(ReportError, match="exact matches match"):
+        report(tmp_path, plots=False, columns=["exact matches"])
+
+
+def test_committed_comparison_blocks_are_what_the_records_make():
+    """The studies' ``--compare`` blocks in their READMEs (scripts/update_reports.py), like the tables that
+    tests/test_studies.py checks."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("update_reports_for_compare", ROOT / "scripts" / "update_reports.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    studies = {name: s for name, s in module.STUDIES.items() if s.compare}
+    assert set(studies) == {"regimes", "rlhf"}
+    for name, study in studies.items():
+        text = (ROOT / study.readmes[0]).read_text()
+        block = text.split(f"<!-- {name}-compare:start -->", 1)[1].split(f"<!-- {name}-compare:end -->", 1)[0]
+        made = module.make_comparison(study)
+        assert block == f"\nMade by `{study.compare_command()}` from the same records:\n\n{made}\n", name

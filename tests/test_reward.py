@@ -14,19 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from ftbench.backbone import Backbone, last_token_scores, score_module
-from ftbench.data.preference import PreferenceData
 from ftbench.objectives import Reward
 from ftbench.objectives.losses import reward_loss
-from ftbench.tuners import Adapters, Freeze, Full, Peft
+from ftbench.tuners import Adapters, Freeze, Full
+from helpers import cpu_trainer, lora, preference_data
+from pinning import load_pins
 
 
-def lora() -> Peft:
-    from peft import LoraConfig
-
-    return Peft(peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), lr=1e-3)
-
-
-TUNERS = {"lora": lora, "adapters": lambda: Adapters(bottleneck_size=8, lr=1e-3), "full": lambda: Full(lr=1e-3),
+TUNERS = {"lora": lambda: lora(lr=1e-3), "adapters": lambda: Adapters(bottleneck_size=8, lr=1e-3), "full": lambda: Full(lr=1e-3),
           "freeze": lambda: Freeze(lr=1e-3)}
 
 
@@ -36,20 +31,13 @@ def make_reward(model_dir, tuner: str = "lora", **kw) -> Reward:
     return Reward(backbone=Backbone(model=str(model_dir)), tuner=TUNERS[tuner](), **kw)
 
 
-def make_data(backbone: Backbone, **kw) -> PreferenceData:
-    kw = {"source": "builtin:capitals", "builtin_size": 64, "batch_size": 4, "max_length": 96,
-          "val_fraction": 0.125, "test_fraction": 0.125, "seed": 0, **kw}
-    return PreferenceData(backbone=backbone, **kw)
-
-
 def trainer(max_steps: int, **kw) -> L.Trainer:
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, precision="32-true", logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     num_sanity_val_steps=0, **kw)
+    """Validation on every batch unless told otherwise (the reward model's pairwise accuracy is its metric)."""
+    return cpu_trainer(max_steps, **{"limit_val_batches": 1.0, **kw})
 
 
 def batch_of(method: Reward, split: str = "train", **kw) -> dict:
-    dm = make_data(method.backbone, **kw)
+    dm = preference_data(method.backbone, **kw)
     dm.setup("fit")
     return next(iter(dm.train_dataloader() if split == "train" else dm.val_dataloader()))
 
@@ -97,7 +85,7 @@ def test_bad_center_coefficient():
 def test_evaluation_metrics_are_over_the_whole_set(tiny_model_dir):
     """Batches of 3 pairs: the means are over all 8 pairs, min/max the set's extremes (not batch means)."""
     method = make_reward(tiny_model_dir, "lora")
-    dm = make_data(method.backbone, eval_batch_size=3)
+    dm = preference_data(method.backbone, eval_batch_size=3)
     t = trainer(1)
     t.validate(method, datamodule=dm, verbose=False)
     got = {k: float(v) for k, v in t.callback_metrics.items()}
@@ -146,7 +134,7 @@ def test_score_head_is_saved_with_what_the_tuner_trained(tiny_model_dir, tmp_pat
     method = make_reward(tiny_model_dir, name)
     method.configure_model()
     [initial] = [p.detach().clone() for p in score_module(method.model).parameters() if p.requires_grad]
-    trainer(2, limit_val_batches=0).fit(method, datamodule=make_data(method.backbone))
+    trainer(2, limit_val_batches=0).fit(method, datamodule=preference_data(method.backbone))
     # peft wraps the head: a frozen original and the trained copy it saves (modules_to_save)
     [weight] = [p for n, p in score_module(method.model).named_parameters() if p.requires_grad]
     assert weight.shape == (1, 64)
@@ -161,23 +149,39 @@ def test_score_head_is_saved_with_what_the_tuner_trained(tiny_model_dir, tmp_pat
 # LoRA r=8 (+ the score head), lr 1e-3, 12 steps of 4 pairs on builtin:capitals (capital letters
 # preferred); pairwise accuracy on its 24 held-out pairs. Before training the new head scores every
 # sequence near 0 (margin 0.004, loss ~ log 2): 17 of 24 pairs right is a coin's luck with tiny margins.
-PINNED = {"start": 17 / 24, "end": 1.0, "end_margin": 2.053555, "end_loss": 0.130288}
+PIN_NAME = "reward"
 
 
-def test_pairwise_accuracy_rises_above_0_9_on_the_easy_pairs(tiny_model_dir):
-    method = make_reward(tiny_model_dir, "lora")
-    dm = make_data(method.backbone, builtin_size=96, val_fraction=0.25)
+def easy_pairs_run(model_dir) -> tuple[dict, dict]:
+    """The validation metrics before and after 12 steps on the easy pairs."""
+    method = make_reward(model_dir, "lora")
+    dm = preference_data(method.backbone, builtin_size=96, val_fraction=0.25)
     L.seed_everything(0, verbose=False)
     t = trainer(12, val_check_interval=12)
     t.validate(method, datamodule=dm, verbose=False)
     before = {k: float(v) for k, v in t.callback_metrics.items()}
     t.fit(method, datamodule=dm)
     after = {k: float(v) for k, v in t.callback_metrics.items()}
-    assert before["val/accuracy"] == pytest.approx(PINNED["start"], abs=1e-6)
+    return before, after
+
+
+def compute_pins(tmp_dir: Path) -> dict:
+    from ftbench.testing import build_tiny_llama
+
+    before, after = easy_pairs_run(build_tiny_llama(Path(tmp_dir) / "tiny"))
+    return {"start": before["val/accuracy"], "end": after["val/accuracy"], "end_margin": after["val/margin"],
+            "end_loss": after["val/loss"]}
+
+
+def test_pairwise_accuracy_rises_above_0_9_on_the_easy_pairs(tiny_model_dir):
+    pins = load_pins(PIN_NAME)
+    before, after = easy_pairs_run(tiny_model_dir)
+    assert pins["start"] == pytest.approx(17 / 24, abs=1e-6)
+    assert before["val/accuracy"] == pytest.approx(pins["start"], abs=1e-6)
     assert abs(before["val/margin"]) < 0.01 and before["val/loss"] == pytest.approx(0.6931, abs=0.01)
-    assert after["val/accuracy"] == pytest.approx(PINNED["end"], abs=1e-6) and after["val/accuracy"] > 0.9
-    assert after["val/margin"] == pytest.approx(PINNED["end_margin"], abs=1e-4)
-    assert after["val/loss"] == pytest.approx(PINNED["end_loss"], abs=1e-4)
+    assert after["val/accuracy"] == pytest.approx(pins["end"], abs=1e-6) and after["val/accuracy"] > 0.9
+    assert after["val/margin"] == pytest.approx(pins["end_margin"], abs=1e-4)
+    assert after["val/loss"] == pytest.approx(pins["end_loss"], abs=1e-4)
     for key in ("train/loss", "train/accuracy", "train/margin", "train/mean_reward", "train/min_reward",
                 "train/max_reward"):
         assert key in after, key

@@ -12,25 +12,19 @@ import pytest
 import torch
 
 from ftbench.backbone import Backbone
-from ftbench.data.instruction import InstructionData
 from ftbench.objectives import SFT
 from ftbench.evaluation.metrics import fold_whitespace
 from ftbench.evaluation.evaluator import Evaluator
 from ftbench.evaluation.options import EvaluationOptions
-from ftbench.tuners import Freeze, Full, NoTuning, Peft
+from ftbench.tuners import Freeze, Full, NoTuning
+from helpers import LossRecorder, cpu_trainer, instruction_data, lora
 from pinning import load_pins
 
 PIN_NAME = "foundation"
 STEPS = 4
 
 
-def lora(r: int = 8, target_modules="all-linear") -> Peft:
-    from peft import LoraConfig
-
-    return Peft(peft_config=LoraConfig(r=r, lora_alpha=16, target_modules=target_modules))
-
-
-TUNERS = {"full": Full, "lora": lora, "baseline": NoTuning, "freeze": Freeze}
+TUNERS = {"full": Full, "lora": lambda **kw: lora(alpha=16, **kw), "baseline": NoTuning, "freeze": Freeze}
 
 # Tiny Llama: vocab 512, hidden 64, 2 layers, 4 heads of 16, 2 KV heads (kv dim 32), MLP 128, untied head.
 #   embed 512*64 = 32,768 + lm_head 512*64 = 32,768
@@ -48,31 +42,11 @@ def make_method(name: str, model_dir: str | Path, tuner_kw: dict | None = None, 
     return SFT(backbone=Backbone(model=str(model_dir)), tuner=TUNERS[name](**(tuner_kw or {})), **kw)
 
 
-def make_data(backbone: Backbone, **kw) -> InstructionData:
-    kw = {"source": "builtin:instruction", "builtin_size": 64, "batch_size": 4, "max_length": 96,
-          "val_fraction": 0.1, "test_fraction": 0.1, "seed": 0, **kw}
-    return InstructionData(backbone=backbone, **kw)
-
-
-class LossRecorder(L.Callback):
-    def __init__(self):
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
-
-
-def trainer(max_steps: int, callbacks=(), **kw) -> L.Trainer:
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, precision="32-true", logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks), **kw)
-
-
 def train_losses(model_dir: str | Path, name: str, steps: int = STEPS) -> tuple[list[float], SFT]:
     L.seed_everything(0, verbose=False)
     method = make_method(name, model_dir)
     rec = LossRecorder()
-    trainer(steps, [rec]).fit(method, datamodule=make_data(method.backbone))
+    cpu_trainer(steps, [rec]).fit(method, datamodule=instruction_data(method.backbone))
     return rec.losses, method
 
 
@@ -114,7 +88,7 @@ def test_baseline_has_nothing_to_train(tiny_model_dir):
     method = make_method("baseline", tiny_model_dir)
     method.configure_model()
     with pytest.raises(ValueError) as e:
-        trainer(1).fit(method, datamodule=make_data(method.backbone))
+        cpu_trainer(1).fit(method, datamodule=instruction_data(method.backbone))
     assert str(e.value) == "sft+none: nothing to train (no parameter requires grad)"
 
 
@@ -146,7 +120,7 @@ def _changed_after(name: str, model_dir, steps: int) -> tuple[set[str], set[str]
     method = make_method(name, model_dir)
     method.configure_model()
     before = _snapshot(method.model)
-    trainer(steps).fit(method, datamodule=make_data(method.backbone))
+    cpu_trainer(steps).fit(method, datamodule=instruction_data(method.backbone))
     after = _snapshot(method.model)
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -172,8 +146,8 @@ def _test_metrics(tiny_model_dir, answers) -> dict[str, float]:
     L.seed_everything(0, verbose=False)
     method = make_method("baseline", tiny_model_dir)
     method.evaluator.predict_answers = lambda batch: answers(batch)  # what the greedy decoder returned
-    dm = make_data(method.backbone, builtin_size=100, test_fraction=0.2, eval_batch_size=8)
-    trainer(1).test(method, datamodule=dm, verbose=False)
+    dm = instruction_data(method.backbone, builtin_size=100, test_fraction=0.2, eval_batch_size=8)
+    cpu_trainer(1).test(method, datamodule=dm, verbose=False)
     return {k: float(v) for k, v in trainer_metrics(method).items()}
 
 
@@ -219,7 +193,7 @@ def test_greedy_generation_matches_a_hand_rolled_greedy_loop(tiny_model_dir):
     method = make_method("baseline", tiny_model_dir, evaluator=Evaluator(EvaluationOptions(max_new_tokens=3)))
     method.configure_model()
     method.model.eval()
-    dm = make_data(method.backbone, eval_batch_size=4)
+    dm = instruction_data(method.backbone, eval_batch_size=4)
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     assert len(set(len(e.prompt_ids) for e in dm.splits["test"][:4])) > 1  # some rows are left-padded
@@ -276,7 +250,7 @@ def test_freeze_named_modules_and_extras(tiny_model_dir):
 
 # ---------------------------------------------------------------------------- the reference model
 def _batch(method):
-    dm = make_data(method.backbone)
+    dm = instruction_data(method.backbone)
     dm.setup("fit")
     return next(iter(dm.train_dataloader()))
 
@@ -291,7 +265,7 @@ def test_reference_is_the_untouched_backbone(tiny_model_dir, name, atol):
     method = make_method(name, tiny_model_dir)
     method.configure_model()
     method.tuner.keep_reference(method.model)  # what an objective that needs a reference calls
-    trainer(2).fit(method, datamodule=make_data(method.backbone))
+    cpu_trainer(2).fit(method, datamodule=instruction_data(method.backbone))
     batch = _batch(method)
     with torch.no_grad():
         want = untouched(batch["input_ids"], batch["attention_mask"])

@@ -22,7 +22,7 @@ from typing import Any, Callable, Hashable, Iterable, Literal, Optional, Sequenc
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 from ftbench.backbone import Backbone
 from ftbench.evaluation.metrics import MetricConfig
@@ -457,6 +457,24 @@ def refuse_arguments(kwargs: dict[str, Any], **reasons: str) -> None:
             raise ConfigError(f"data.{name}: {why}")
 
 
+class RepeatedBatches(Sampler[list[int]]):
+    """Each batch of ``batches`` (a batch sampler) ``times`` times in a row, as TRL's ``RepeatSampler``
+    (its ``repeat_count``): online RL reusing one rollout for several updates (objective grpo's
+    ``num_iterations x steps_per_generation``) gets the same prompts at each of those steps, so an
+    epoch still uses every prompt and the lr schedule counts every update."""
+
+    def __init__(self, batches: Sampler[list[int]], times: int):
+        self.batches, self.times = batches, times
+
+    def __iter__(self):
+        for batch in self.batches:
+            for _ in range(self.times):
+                yield batch
+
+    def __len__(self) -> int:
+        return len(self.batches) * self.times
+
+
 class SplitDataModule(L.LightningDataModule):
     """The arguments, split rule and loaders every regime shares.
 
@@ -468,6 +486,9 @@ class SplitDataModule(L.LightningDataModule):
 
     regime = ""
     empty_train = "no training rows left after the split and truncation"
+    #: how many steps in a row each training batch is given (set by the CLI from the objective's
+    #: ``train_batch_repeats``: GRPO reusing a rollout); 1: every step a new batch
+    train_batch_repeats = 1
 
     def __init__(
         self,
@@ -670,6 +691,12 @@ class SplitDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.order_seed) if shuffle else None
+        if split == "train" and self.train_batch_repeats > 1:  # the same order as shuffle=True, each batch repeated
+            sampler = RandomSampler(self.splits[split], generator=generator)
+            # generator given to the loader too: its iterator draws a base seed from it before the sampler
+            # does, as with shuffle=True, so the order is the unrepeated loader's
+            return DataLoader(self.splits[split], batch_sampler=self.repeated(sampler), collate_fn=self.train_collator(),
+                              num_workers=self.num_workers, generator=generator)
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
@@ -678,6 +705,10 @@ class SplitDataModule(L.LightningDataModule):
             collate_fn=self.train_collator() if split == "train" else self.collator(),
             num_workers=self.num_workers,
         )
+
+    def repeated(self, sampler: Sampler[int]) -> RepeatedBatches:
+        """Training batches of ``batch_size`` drawn by ``sampler``, each ``train_batch_repeats`` times."""
+        return RepeatedBatches(BatchSampler(sampler, self.batch_size, drop_last=False), self.train_batch_repeats)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

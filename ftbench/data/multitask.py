@@ -326,6 +326,9 @@ class MultiTaskData(SplitDataModule):
         return PackedCollator(self.backbone.tokenizer.pad_token_id, self.pad_to_multiple_of, generation)
 
     def train_dataloader(self) -> DataLoader:
+        if self.train_batch_repeats > 1:  # online RL reusing a rollout: each batch several steps in a row
+            return DataLoader(self.splits["train"], batch_sampler=self.repeated(self.sampler()),
+                              collate_fn=self.train_collator(), num_workers=self.num_workers)
         return DataLoader(self.splits["train"], batch_size=self.batch_size, sampler=self.sampler(),
                           collate_fn=self.train_collator(), num_workers=self.num_workers)
 

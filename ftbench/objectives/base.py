@@ -172,6 +172,12 @@ class Objective(L.LightningModule):
         real = mask.sum() if mask is not None else ids.numel()
         return {"loss": loss, "trained_tokens": out.trained_tokens, "padded_tokens": ids.numel(), "real_tokens": real}
 
+    @property
+    def train_batch_repeats(self) -> int:
+        """How many training steps in a row use one data batch (online RL reusing a rollout for several
+        updates, as TRL's ``RepeatSampler``); the CLI hands it to the data module. 1: a new batch each step."""
+        return 1
+
     def step_time_split(self) -> Optional[dict[str, Optional[float]]]:
         """Seconds of training spent per phase of the step, for objectives whose step has phases (online
         RL: ``generation_s``, ``optimisation_s``, ``reward_s``); the record keeps it as

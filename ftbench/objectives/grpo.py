@@ -1,19 +1,43 @@
-"""Online RL from a reward: GRPO (Shao et al. 2024), with RLOO (Ahmadian et al. 2024) as a switch.
+"""Online RL from a reward: GRPO (Shao et al. 2024) and its TRL 1.16 variants (DAPO, GSPO, CISPO,
+SAPO, LUSPO, VESPO, Dr. GRPO), with RLOO (Ahmadian et al. 2024) as a switch.
 
-Why GRPO and not PPO
-    PPO needs a value model (a critic as large as the policy, trained alongside it), generalised
-    advantage estimation and about ten more hyper-parameters (value-loss coefficient, value clipping,
-    GAE's gamma and lambda, whitening, PPO epochs, mini-batches, ...); TRL deleted its PPO trainer, so
-    there is no maintained reference to check numbers against. GRPO needs none of it: for each prompt
-    it samples ``G`` completions and uses the group's own rewards as the baseline. RLOO differs from
-    GRPO in one function, the baseline: each completion's reward minus the mean of the other ``G - 1``
-    (``advantage: rloo``, :func:`~ftbench.objectives.losses.rloo_advantages`), where GRPO subtracts the
-    group mean and divides by a std (:func:`~ftbench.objectives.losses.grpo_advantages`,
-    ``scale_rewards``). Everything else in a step is shared, so a GRPO row and an RLOO row of a table
-    differ in that function only (both carry the method label ``grpo+<tuner>``; the setting says
-    ``advantage``).
+GRPO, its variants, RLOO
+    For each prompt the objective samples ``G`` completions and uses the group's own rewards as the
+    baseline (no value model: PPO with a critic is its own objective). The variants are settings of
+    one loss, :func:`~ftbench.objectives.losses.grpo_loss` (TRL's names and formulas): ``loss_type``
+    (grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo, vespo), ``importance_sampling_level`` (token, or
+    sequence: GSPO), ``epsilon``/``epsilon_high`` (DAPO's clip-higher), ``delta`` (two-sided clipping)
+    and ``use_bias_correction_kl``. Defaults: ftbench's ``loss_type`` is ``bnpo`` and TRL 1.16's
+    ``dapo``: the same numbers whenever ``steps_per_generation`` is 1 (the generated batch is the
+    update's micro-batch, so dapo's token count is bnpo's), ftbench's default; kept so that earlier
+    runs and pins stand. ``use_bias_correction_kl``: ftbench false, TRL true (it changes the KL
+    term's gradient when ``beta > 0``). Shipped: ``configs/objective/{grpo,dapo,gspo,cispo,grpo_mu2,rloo}.yaml``.
 
-One training step (one batch of prompts, ``data.prompt_batches: true``)
+    ``advantage: rloo`` is TRL's RLOOTrainer: the leave-one-out baseline
+    (:func:`~ftbench.objectives.losses.rloo_advantages`), ``beta`` times each completion's summed k1
+    KL to the reference taken off its reward before it, and its own loss,
+    :func:`~ftbench.objectives.losses.rloo_loss` (one clipped ratio of SUMMED log-probs per completion,
+    mean over completions, no KL term). It stays a switch here, not an objective of its own, because
+    everything else is shared (sampling, rewards, reuse of rollouts, timing, evaluation): two branches
+    of a few lines (the reward's KL in :meth:`GRPO.rollout`, the loss call in :meth:`GRPO.training_loss`).
+    ``loss_type``, ``importance_sampling_level`` and ``delta`` are GRPO's and refused with rloo.
+
+Reusing a rollout (``num_iterations``, ``steps_per_generation``; TRL's names and order)
+    A generated batch (``data.batch_size`` prompts x ``G``) is split into ``steps_per_generation``
+    micro-batches and trained ``num_iterations`` times over (updates on micro-batches 0, 1, ...,
+    S - 1, 0, 1, ...), one training step each. The per-token log-probs of the policy that sampled
+    it are stored at generation as pi_old (no grad; TRL's rule: whenever an update of it comes after
+    an optimizer step), so from the second update on the ratios differ from 1 and clipping acts. The
+    data module gives each prompt batch ``num_iterations x steps_per_generation`` steps in a row (TRL's
+    ``RepeatSampler``; the CLI sets ``data.train_batch_repeats`` from :attr:`GRPO.train_batch_repeats`),
+    so ``trainer.max_steps`` counts updates, an epoch uses each prompt in each of its updates and the lr
+    schedule counts every update; a step that is handed other prompts while the rollout is not used up
+    is refused. dapo, cispo and vespo divide by the completion tokens of the whole generated batch
+    (TRL's ``num_items_in_batch``) over ``steps_per_generation``; Lightning divides every loss by
+    ``accumulate_grad_batches`` itself (TRL divides inside the loss), so the loss is called with
+    ``gradient_accumulation_steps=1``: the gradients are TRL's.
+
+One generating step (one batch of prompts, ``data.prompt_batches: true``)
     1. Rollout, no grad, the model in eval mode (no dropout in sampling) and back in train mode
        after: each prompt repeated ``G = num_generations`` times and continued by
        ``tuner.generate(..., do_sample=True, temperature, top_p, top_k)`` for at most
@@ -24,39 +48,38 @@ One training step (one batch of prompts, ``data.prompt_batches: true``)
     3. Rewards: each reward function (:mod:`ftbench.objectives.rewards`) scores every completion;
        the reward is the weighted sum over functions (``reward_weights``, default all 1; a ``None``
        reward is left out of the sum, TRL's ``nansum``).
-    4. Advantages from the rewards (``advantage``, ``scale_rewards``).
-    5. Loss (:func:`~ftbench.objectives.losses.grpo_loss`): per completion token
-       ``-min(rho A, clip(rho, 1 - epsilon, 1 + epsilon_high) A) + beta k3`` with ``rho =
-       exp(logpi - logpi_old)``, aggregated by ``loss_type``. Log-probs are of the temperature-scaled
-       logits (``logits / temperature``, the distribution that was sampled), as TRL computes them.
-       The reference for ``beta > 0`` is ``tuner.reference(model)`` under no grad (LoRA: the adapter
-       switched off; full/freeze: a frozen copy kept before the first step); ``beta = 0`` (the
-       default, as TRL's GRPOConfig today; it was 0.04, DeepSeekMath's value) holds and computes no
-       reference at all.
+    4. pi_old's per-token log-probs when the rollout is reused (and RLOO's KL in the reward).
+    5. Advantages from the rewards (``advantage``, ``scale_rewards``).
+    6. Loss of the first micro-batch (:func:`~ftbench.objectives.losses.grpo_loss` or ``rloo_loss``).
+       Log-probs are of the temperature-scaled logits (``logits / temperature``, the distribution that
+       was sampled), as TRL computes them. The reference for ``beta > 0`` is ``tuner.reference(model)``
+       under no grad (LoRA: the adapter switched off; full/freeze: a frozen copy kept before the first
+       step); ``beta = 0`` (the default, as TRL's GRPOConfig today; it was 0.04, DeepSeekMath's value)
+       holds and computes no reference at all.
 
-The loss is ~0 by construction
-    One optimisation step per rollout: ``pi_old`` is the policy itself, detached, so ``rho = 1``
-    and the loss value is ``-mean(A)`` over tokens, which is 0 for group-centred advantages with
-    equal lengths and small otherwise, while its gradient, ``-A grad logpi``, is not. A flat
-    ``train/loss`` says nothing; watch ``train/reward``. (``num_iterations > 1``, reusing a rollout
-    for several steps with stored old log-probs, is refused: Lightning's loader hands a new batch of
-    prompts to every step, and skipping batches to replay a rollout would silently change what an
-    epoch means.)
+The loss is ~0 on an update that generates
+    pi_old is then the policy itself (detached), so the ratio is 1 and the loss value is ``-mean(A)``
+    over tokens, 0 for group-centred advantages with equal lengths and small otherwise, while its
+    gradient, ``-A grad logpi``, is not. A flat ``train/loss`` says nothing; watch ``train/reward``.
 
 Metrics (TRL's names, under ``train/``, per step)
     ``loss``; ``reward`` (mean weighted reward), ``reward_std`` (the mean over groups of the group's
     std: TRL's number under ``scale_rewards: group``), ``rewards/<func>/mean`` and ``/std`` for each
     function, ``frac_reward_zero_std`` (groups whose rewards are all equal: no signal), ``kl`` (mean
     k3 per completion token, only when ``beta > 0``), ``entropy`` (the policy's mean per-token entropy
-    over the completion tokens of the loss), ``clip_ratio`` (and ``clip_ratio/low_mean``,
-    ``clip_ratio/high_mean``), ``completions/mean_length``, ``/min_length``, ``/max_length`` (tokens
-    up to and including EOS), ``completions/clipped_ratio`` (the share that hit
-    ``max_completion_length`` without EOS); ``time/generation_s`` and ``time/optimisation_s``.
+    over the completion tokens of the loss), for the clipped loss types ``clip_ratio/low_mean``,
+    ``low_min``, ``high_mean``, ``high_max``, ``region_mean`` (and ``clip_ratio``, the region),
+    ``cispo_clip_ratio`` for cispo, ``vespo/phi_seq_mean`` for vespo; ``completions/mean_length``,
+    ``/min_length``, ``/max_length`` (tokens up to and including EOS), ``completions/clipped_ratio``
+    (the share that hit ``max_completion_length`` without EOS); ``time/generation_s`` and
+    ``time/optimisation_s``. The rollout's metrics are logged at each update that trains on it; with
+    ``advantage: rloo`` and ``beta > 0``, ``kl`` is the mean summed k1 KL taken off the rewards.
 
 Where the time goes
-    Each step is timed in two phases (with a CUDA synchronisation at the phase boundaries):
-    *generation* is the rollout: sampling, decoding, the reward functions (a reward model's forward
-    passes too; their share is also kept apart as ``reward_seconds``) and the advantages;
+    Each step (one update) is timed in two phases (with a CUDA synchronisation at the phase
+    boundaries): *generation* is the rollout: sampling, decoding, the reward functions (a reward
+    model's forward passes too; their share is also kept apart as ``reward_seconds``), pi_old's
+    log-probs when stored, and the advantages; 0 on an update that reuses a rollout;
     *optimisation* is the rest of the step: the reference forward (``beta > 0``), the policy forward,
     backward and the optimizer step. Per step they are logged as ``train/time/generation_s`` and
     ``train/time/optimisation_s``; the objective keeps the totals in ``generation_seconds``,
@@ -70,8 +93,8 @@ Evaluation (``val/``, ``test/``)
     ``data.metrics``, default exact match recorded as ``accuracy``; the predictions file) and ``reward`` (its weighted
     reward under the reward functions; per function ``rewards/<func>``), overall and per task.
 
-Batch size: ``data.batch_size`` counts prompts; a step trains on ``batch_size x num_generations``
-completions (TRL counts completions).
+Batch size: ``data.batch_size`` counts prompts of a generated batch; a step trains on ``batch_size x
+num_generations / steps_per_generation`` completions (TRL counts completions).
 """
 
 from __future__ import annotations
@@ -86,20 +109,31 @@ import torch
 from ftbench.errors import ConfigError
 from ftbench.objectives.base import Objective
 from ftbench.objectives.step import TrainingLoss
-from ftbench.objectives.losses import (GRPO_LOSS_TYPES, frac_reward_zero_std, grpo_advantages, grpo_loss,
-                                       rloo_advantages, token_logps)
+from ftbench.objectives.losses import (CLIPPED_LOSS_TYPES, GRPO_LOSS_TYPES, IMPORTANCE_SAMPLING_LEVELS,
+                                       frac_reward_zero_std, grpo_advantages, grpo_loss, rloo_advantages, rloo_loss,
+                                       token_logps)
 from ftbench.objectives.rewards import ExactAnswer, RewardFunction, as_reward_function, finite_or_nan
 
 ADVANTAGES = ("grpo", "rloo")
+# ftbench's default loss type; TRL 1.16's is "dapo", the same numbers when steps_per_generation is 1
+# on one process (the generation batch is the micro-batch: N = its tokens)
+DEFAULT_LOSS_TYPE = "bnpo"
 SCALE_REWARDS = ("group", "batch", "none")
 
 
 def check_settings(num_generations: Any, max_completion_length: Any, temperature: float, top_p: float,
                    top_k: Optional[int], advantage: str, scale_rewards: str, loss_type: str, beta: float,
-                   epsilon: float, epsilon_high: Optional[float], num_iterations: int) -> None:
+                   epsilon: float, epsilon_high: Optional[float], num_iterations: Any, *,
+                   importance_sampling_level: str = "token", delta: Optional[float] = None,
+                   steps_per_generation: Any = 1, sapo_temperature_pos: float = 1.0,
+                   sapo_temperature_neg: float = 1.05, vespo_lambda_pos: float = 3.0,
+                   vespo_lambda_neg: float = 2.0) -> None:
     """The GRPO options that cannot work, each a one-line :class:`~ftbench.errors.ConfigError` naming
     the option (``scale_rewards`` already resolved from its default). The loss's own argument rules
     (:func:`~ftbench.objectives.losses.grpo_loss`) are among them, so no setting reaches it unchecked."""
+    def positive_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
     if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 2:
         raise ConfigError(f"objective grpo: num_generations must be an int >= 2 (the group is the baseline), "
                           f"got {num_generations!r}")
@@ -116,16 +150,53 @@ def check_settings(num_generations: Any, max_completion_length: Any, temperature
     if advantage == "rloo" and scale_rewards != "none":
         raise ConfigError(f"objective grpo: scale_rewards {scale_rewards!r} applies to advantage: grpo; RLOO's "
                           "leave-one-out baseline is not scaled", hint="leave scale_rewards out (or none) with rloo")
-    if num_iterations != 1:
-        raise ConfigError(f"objective grpo: num_iterations={num_iterations} is not supported (one optimisation step "
-                          "per rollout): every step gets a new batch of prompts from the data loader",
-                          hint="use num_iterations: 1; more prompts per step via data.batch_size")
+    if not positive_int(num_iterations):
+        raise ConfigError(f"objective grpo: num_iterations must be an int >= 1 (updates per generated batch), "
+                          f"got {num_iterations!r}")
+    if not positive_int(steps_per_generation):
+        raise ConfigError(f"objective grpo: steps_per_generation must be an int >= 1 (micro-batches per generated "
+                          f"batch), got {steps_per_generation!r}")
     if loss_type not in GRPO_LOSS_TYPES:
         raise ConfigError(f"objective grpo: unknown loss_type {loss_type!r}; expected one of {', '.join(GRPO_LOSS_TYPES)}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ConfigError(f"objective grpo: unknown importance_sampling_level {importance_sampling_level!r}; "
+                          "expected token or sequence")
+    if advantage == "rloo":
+        # RLOO's loss is its own (rloo_loss: one ratio of summed log-probs per sequence, mean over sequences)
+        for name, value, default in (("loss_type", loss_type, DEFAULT_LOSS_TYPE),
+                                     ("importance_sampling_level", importance_sampling_level, "token"),
+                                     ("delta", delta, None)):
+            if value != default:
+                raise ConfigError(f"objective grpo: {name} {value!r} applies to advantage: grpo; advantage: rloo "
+                                  "trains with TRL's RLOO loss (a clipped ratio of summed log-probs per sequence)",
+                                  hint=f"leave {name} out with advantage: rloo")
     if not beta >= 0:
         raise ConfigError(f"objective grpo: beta must be >= 0, got {beta}")
     if not epsilon >= 0 or (epsilon_high is not None and not epsilon_high >= 0):
         raise ConfigError(f"objective grpo: epsilon and epsilon_high must be >= 0, got {epsilon} and {epsilon_high}")
+    if loss_type == "cispo" and advantage == "grpo":
+        if epsilon_high is None:
+            raise ConfigError("objective grpo: loss_type cispo caps the importance weight at epsilon_high itself (not "
+                              "1 + epsilon_high) and needs it set; unset it would cap at epsilon",
+                              hint="epsilon_high: 5.0 (TRL's recommendation for cispo)")
+    elif epsilon_high is not None and epsilon_high < epsilon:
+        raise ConfigError(f"objective grpo: epsilon_high ({epsilon_high}) must be >= epsilon ({epsilon}): the upper "
+                          "clip 1 + epsilon_high raises the lower one's range (DAPO's clip-higher)")
+    if importance_sampling_level == "sequence" and loss_type == "vespo":
+        raise ConfigError("objective grpo: importance_sampling_level sequence with loss_type vespo: TRL warns \"VESPO "
+                          "computes sequence-level importance weights internally. `importance_sampling_level` should "
+                          "be set to `'token'` (the default).\"", hint="leave importance_sampling_level out (token)")
+    if delta is not None:
+        if loss_type not in CLIPPED_LOSS_TYPES:
+            raise ConfigError(f"objective grpo: delta (two-sided clipping) applies to the clipped loss types "
+                              f"({', '.join(CLIPPED_LOSS_TYPES)}), not {loss_type}")
+        if not (delta > 1 and math.isfinite(delta)):
+            raise ConfigError(f"objective grpo: delta must be > 1 (it caps the ratio of negative-advantage tokens; "
+                              f"TRL recommends > 1 + epsilon_high), got {delta}")
+    for name, value in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg),
+                        ("vespo_lambda_pos", vespo_lambda_pos), ("vespo_lambda_neg", vespo_lambda_neg)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"objective grpo: {name} must be > 0, got {value}")
     if scale_rewards not in SCALE_REWARDS:
         raise ConfigError(f"objective grpo: unknown scale_rewards {scale_rewards!r}; expected group, batch or none")
 
@@ -159,6 +230,15 @@ class Rollout:
     rewards: torch.Tensor  # (N,) weighted sum over the reward functions
     advantages: torch.Tensor  # (N,)
     metrics: dict[str, torch.Tensor]
+    old_logps: Optional[torch.Tensor] = None  # (N, T) per-token log-probs at generation, when updates reuse it
+
+    def rows(self, start: int, stop: int) -> "Rollout":
+        """Rows ``start:stop`` (one micro-batch of ``steps_per_generation``); the metrics stay the batch's."""
+        cut = {name: getattr(self, name)[start:stop] for name in (
+            "input_ids", "attention_mask", "position_ids", "completion_ids", "completion_mask", "loss_mask",
+            "rewards", "advantages")}
+        old = None if self.old_logps is None else self.old_logps[start:stop]
+        return Rollout(**cut, metrics=self.metrics, old_logps=old)
 
 
 class GRPO(Objective):
@@ -179,12 +259,22 @@ class GRPO(Objective):
         top_k: Optional[int] = None,
         advantage: Literal["grpo", "rloo"] = "grpo",
         scale_rewards: Optional[Literal["group", "batch", "none"]] = None,
-        loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "bnpo",
+        loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo"] = DEFAULT_LOSS_TYPE,
         beta: float = 0.0,
         epsilon: float = 0.2,
         epsilon_high: Optional[float] = None,
         mask_truncated_completions: bool = False,
         num_iterations: int = 1,
+        importance_sampling_level: Literal["token", "sequence"] = "token",
+        delta: Optional[float] = None,
+        use_bias_correction_kl: bool = False,
+        steps_per_generation: int = 1,
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
         **kwargs,
     ):
         """
@@ -213,23 +303,55 @@ class GRPO(Objective):
             scale_rewards: What GRPO divides the centred rewards by: ``group`` (the group's std +
                 1e-4, TRL's default), ``batch`` (the batch's std), ``none`` (Dr. GRPO). Default:
                 ``group`` for ``grpo``; ``rloo`` allows only ``none``.
-            loss_type: ``bnpo`` (token sum / completion tokens of the batch: TRL 1.x's default
-                ``dapo`` on one process without accumulation), ``grpo`` (each completion's token mean,
-                then the mean over completions) or ``dr_grpo`` (token sum / (completions x
-                max_completion_length)).
-            beta: Weight of the k3 KL to the reference (the untouched backbone, ``tuner.reference``).
-                0 (TRL's GRPOConfig default; formerly 0.04) holds and computes no reference.
+            loss_type: How the per-token losses become one number (and, for cispo, sapo, vespo, what
+                they are): ``bnpo`` (ftbench's default: token sum / completion tokens of the update's
+                micro-batch), ``dapo`` (TRL 1.16's default: token sum / completion tokens of the whole
+                generation batch x steps_per_generation; = bnpo when steps_per_generation is 1),
+                ``grpo`` (each completion's token mean, then the mean over completions), ``dr_grpo``
+                (token sum / (completions x max_completion_length)), ``luspo`` (each completion's token
+                sum, mean over completions; meant with importance_sampling_level: sequence), ``cispo``
+                (REINFORCE with the importance weight capped at epsilon_high, detached), ``sapo`` (a
+                sigmoid soft gate instead of the clip), ``vespo`` (a gamma weight of the sequence's
+                ratio); see :func:`~ftbench.objectives.losses.grpo_loss`. Not used with ``advantage: rloo``.
+            beta: Weight of the k3 KL to the reference (the untouched backbone, ``tuner.reference``);
+                with ``advantage: rloo`` beta times the completion's summed k1 KL is taken off its reward
+                (TRL's RLOOTrainer). 0 (TRL's GRPOConfig default; formerly 0.04) holds and computes no
+                reference.
             epsilon: Lower clip of the ratio, 1 - epsilon (TRL's 0.2).
-            epsilon_high: Upper clip 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); default epsilon.
+            epsilon_high: Upper clip 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28; >= epsilon);
+                default epsilon. For ``cispo`` the cap of the weight itself, required (TRL recommends 5.0).
             mask_truncated_completions: Leave completions that hit max_completion_length without EOS
                 out of the loss (DAPO's overlong filtering); they keep their reward in the baseline.
-            num_iterations: Optimisation steps per rollout; only 1 is supported (see the module docstring).
+            num_iterations: mu, updates per generated batch (TRL's name; GRPO paper's mu): the rollout
+                is reused with the log-probs stored at generation as pi_old, so ratios and clipping act.
+                The data module gives each prompt batch ``num_iterations x steps_per_generation`` steps
+                in a row (the CLI arranges it), so an epoch still uses each prompt once per update pass.
+            importance_sampling_level: ``token`` (a ratio per token) or ``sequence`` (GSPO: one per
+                completion, the exp of its mean token log-ratio).
+            delta: Two-sided clipping (INTELLECT-2): the unclipped ratio capped at delta (> 1; TRL
+                recommends > 1 + epsilon_high); default off. Clipped loss types only.
+            use_bias_correction_kl: Multiply the per-token KL by the importance weight. TRL 1.16's
+                default is true; ftbench's false keeps the KL term of earlier runs (with ratio 1 the
+                values agree, the gradients do not).
+            steps_per_generation: Micro-batches (training steps) each generated batch is split into
+                (TRL's name; TRL defaults it to gradient_accumulation_steps): ``data.batch_size x
+                num_generations`` must be a multiple of it.
+            sapo_temperature_pos: SAPO's gate temperature for positive advantages (TRL's 1.0).
+            sapo_temperature_neg: SAPO's gate temperature otherwise (TRL's 1.05).
+            vespo_k_pos: VESPO's gamma shape for advantages >= 0 (TRL's 2.0).
+            vespo_lambda_pos: VESPO's gamma rate for advantages >= 0 (TRL's 3.0).
+            vespo_k_neg: VESPO's gamma shape for negative advantages (TRL's 3.0).
+            vespo_lambda_neg: VESPO's gamma rate for negative advantages (TRL's 2.0).
         """
         super().__init__(**kwargs)
         if scale_rewards is None:
             scale_rewards = "group" if advantage == "grpo" else "none"
         check_settings(num_generations, max_completion_length, temperature, top_p, top_k, advantage, scale_rewards,
-                       loss_type, beta, epsilon, epsilon_high, num_iterations)
+                       loss_type, beta, epsilon, epsilon_high, num_iterations,
+                       importance_sampling_level=importance_sampling_level, delta=delta,
+                       steps_per_generation=steps_per_generation, sapo_temperature_pos=sapo_temperature_pos,
+                       sapo_temperature_neg=sapo_temperature_neg, vespo_lambda_pos=vespo_lambda_pos,
+                       vespo_lambda_neg=vespo_lambda_neg)
 
         extra: list[RewardFunction] = []
         if reward_model is not None:
@@ -260,7 +382,18 @@ class GRPO(Objective):
         self.advantage, self.scale_rewards, self.loss_type = advantage, scale_rewards, loss_type
         self.beta, self.epsilon, self.epsilon_high = float(beta), float(epsilon), epsilon_high
         self.mask_truncated_completions = mask_truncated_completions
-        self.num_iterations = num_iterations
+        self.num_iterations, self.steps_per_generation = num_iterations, steps_per_generation
+        self.importance_sampling_level, self.delta = importance_sampling_level, delta
+        self.use_bias_correction_kl = use_bias_correction_kl
+        self.variant_args = dict(sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+                                 vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                                 vespo_lambda_neg=vespo_lambda_neg)
+        # the rollout being reused: its micro-batches, the updates left on it, the prompts it came from
+        self._pieces: list[Rollout] = []
+        self._updates_left = 0
+        self._generated_from: Optional[torch.Tensor] = None
+        self._num_items = torch.zeros(())
+        self._rows = 0  # completions of the current update (its metrics' batch size)
         # where the time goes (see the module docstring)
         self.generation_seconds = 0.0
         self.optimisation_seconds = 0.0
@@ -357,7 +490,6 @@ class GRPO(Objective):
         self.phase_seconds["reward"].append(reward_s)
 
         rewards = self.combine(per_func)
-        advantages = self.advantages(rewards)
         lengths = completion_mask.sum(1).float()
         metrics: dict[str, torch.Tensor] = {
             "reward": rewards.mean(),
@@ -375,13 +507,26 @@ class GRPO(Objective):
             metrics[f"rewards/{func.name}/std"] = valid.std() if valid.numel() > 1 else torch.zeros((), device=col.device)
 
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        return Rollout(
+        r = Rollout(
             input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
             attention_mask=attention_mask,
             position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
             completion_ids=completion_ids, completion_mask=completion_mask, loss_mask=loss_mask,
-            rewards=rewards, advantages=advantages, metrics=metrics,
+            rewards=rewards, advantages=rewards, metrics=metrics,
         )
+        if self.stores_old_logps():  # pi_old of the updates that reuse this rollout, taken once here
+            with torch.no_grad():
+                r.old_logps, _ = self.completion_logps(self.model, r)
+        if self.advantage == "rloo" and self.beta != 0.0:
+            # TRL's RLOOTrainer: beta times each completion's summed k1 KL (log pi_old - log pi_ref over
+            # its loss tokens) is taken off its reward before the leave-one-out baseline
+            with torch.no_grad(), self.tuner.reference(self.model) as reference:
+                ref_logps, _ = self.completion_logps(reference, r)
+            kl = ((r.old_logps - ref_logps) * loss_mask).sum(1)
+            metrics["kl"] = kl.mean()
+            rewards = rewards - self.beta * kl
+        r.advantages = self.advantages(rewards)
+        return r
 
     # ------------------------------------------------------------------ log-probs
     def completion_logps(self, model: torch.nn.Module, r: Rollout, entropy: bool = False
@@ -408,40 +553,93 @@ class GRPO(Objective):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    @property
+    def train_batch_repeats(self) -> int:
+        """Training steps per generated batch (``num_iterations x steps_per_generation``): the data
+        module gives its prompts at each of them (TRL's ``RepeatSampler``)."""
+        return self.num_iterations * self.steps_per_generation
+
+    def stores_old_logps(self) -> bool:
+        """Whether the rollout keeps its per-token log-probs as pi_old (TRL's rule): when one of its
+        updates comes after an optimizer step (``accumulate_grad_batches`` not a multiple of
+        ``num_iterations x steps_per_generation``), and for RLOO's KL in the reward. Otherwise every
+        update is on-policy and pi_old is the policy itself, detached (ratio 1)."""
+        accumulate = max(1, int(getattr(self._trainer, "accumulate_grad_batches", 1) or 1)) if self._trainer else 1
+        return (self.advantage == "rloo" and self.beta != 0.0) or accumulate % self.train_batch_repeats != 0
+
+    def on_train_start(self) -> None:
+        self._pieces, self._updates_left, self._generated_from = [], 0, None
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._sync()
         self._t_step = time.perf_counter()
 
+    def next_update(self, batch: dict[str, Any]) -> Rollout:
+        """The micro-batch this step trains on: a new rollout of ``batch`` split into
+        ``steps_per_generation`` micro-batches when the last one is used up (after ``num_iterations``
+        passes over its micro-batches, TRL's order: 0, 1, ..., S - 1, 0, 1, ...), else the next one."""
+        S = self.steps_per_generation
+        if self._updates_left == 0:
+            rollout = self.rollout(batch)
+            n = rollout.input_ids.shape[0]
+            if n % S:
+                raise ConfigError(f"objective grpo: steps_per_generation={S} must divide the completions of a generated "
+                                  f"batch (data.batch_size x num_generations = {n})")
+            size = n // S
+            self._pieces = [rollout.rows(i * size, (i + 1) * size) for i in range(S)]
+            self._num_items = rollout.loss_mask.sum()  # dapo/cispo/vespo: the generation batch's tokens
+            self._updates_left = self.train_batch_repeats
+            self._generated_from = batch["prompt_input_ids"]
+        elif not torch.equal(batch["prompt_input_ids"], self._generated_from):
+            raise ConfigError(f"objective grpo: num_iterations x steps_per_generation = {self.train_batch_repeats} "
+                              "updates reuse each rollout, but the data gave new prompts before they were done",
+                              hint=f"the data module must give each batch {self.train_batch_repeats} times in a row "
+                                   f"(data.train_batch_repeats = {self.train_batch_repeats}; the ftbench CLI sets it)")
+        index = (self.train_batch_repeats - self._updates_left) % S
+        self._updates_left -= 1
+        return self._pieces[index]
+
     def training_loss(self, batch: dict[str, Any]) -> TrainingLoss:
         if self._t_step is None:
             self._t_step = time.perf_counter()
-        rollout = self.rollout(batch)
+        generating = self._updates_left == 0
+        piece = self.next_update(batch)
         self._sync()
-        self._t_generated = time.perf_counter()
-        generation_s = self._t_generated - self._t_step
+        self._t_generated = time.perf_counter() if generating else self._t_step
+        generation_s = self._t_generated - self._t_step  # 0 on an update that reuses the rollout
         self.generation_seconds += generation_s
         self.phase_seconds["generation"].append(generation_s)
 
-        logps, entropy = self.completion_logps(self.model, rollout, entropy=True)
-        ref_logps = None
-        if self.beta != 0.0:
-            with torch.no_grad(), self.tuner.reference(self.model) as reference:
-                ref_logps, _ = self.completion_logps(reference, rollout)
-        loss, loss_metrics = grpo_loss(
-            logps, logps.detach(), rollout.advantages, rollout.loss_mask, ref_logps=ref_logps, beta=self.beta,
-            epsilon=self.epsilon, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
-            max_completion_length=self.max_completion_length,
-        )
+        logps, entropy = self.completion_logps(self.model, piece, entropy=True)
+        old_logps = piece.old_logps if piece.old_logps is not None else logps.detach()
+        if self.advantage == "rloo":
+            old_summed = (old_logps * piece.loss_mask).sum(-1)
+            loss, loss_metrics = rloo_loss(logps, old_summed, piece.advantages, piece.loss_mask,
+                                           epsilon=self.epsilon, epsilon_high=self.epsilon_high)
+            loss_metrics["entropy"] = (entropy * piece.loss_mask).sum() / piece.loss_mask.sum().clamp(min=1)
+        else:
+            ref_logps = None
+            if self.beta != 0.0:
+                with torch.no_grad(), self.tuner.reference(self.model) as reference:
+                    ref_logps, _ = self.completion_logps(reference, piece)
+            # gradient_accumulation_steps 1: Lightning divides the returned loss by accumulate_grad_batches itself
+            loss, loss_metrics = grpo_loss(
+                logps, old_logps, piece.advantages, piece.loss_mask, ref_logps=ref_logps, beta=self.beta,
+                epsilon=self.epsilon, epsilon_high=self.epsilon_high, delta=self.delta, loss_type=self.loss_type,
+                importance_sampling_level=self.importance_sampling_level,
+                max_completion_length=self.max_completion_length, num_items_in_batch=self._num_items,
+                gradient_accumulation_steps=1, steps_per_generation=self.steps_per_generation,
+                use_bias_correction_kl=self.use_bias_correction_kl, entropy=entropy, **self.variant_args,
+            )
+        self._rows = piece.input_ids.shape[0]
 
         def metrics() -> dict[str, Any]:
-            mask = rollout.loss_mask.bool()
-            logged = {**rollout.metrics, **loss_metrics}
-            logged["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
+            logged = {**piece.metrics, **loss_metrics}
             logged["time/generation_s"] = generation_s
             return logged
 
-        return TrainingLoss(loss, rollout.loss_mask.sum(), rollout.input_ids, rollout.attention_mask,
-                            rollout.input_ids.shape[0], metrics=metrics, prog_bar=("reward",), metrics_every_step=True)
+        return TrainingLoss(loss, piece.loss_mask.sum(), piece.input_ids, piece.attention_mask,
+                            piece.input_ids.shape[0], metrics=metrics, prog_bar=("reward",), metrics_every_step=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)  # the tuner's after-step hook (AdaLoRA)
@@ -452,8 +650,7 @@ class GRPO(Objective):
         self.optimisation_seconds += optimisation_s
         self.phase_seconds["optimisation"].append(optimisation_s)
         self._t_step = self._t_generated = None
-        self.log("train/time/optimisation_s", optimisation_s, on_step=True,
-                 batch_size=batch["prompt_input_ids"].shape[0] * self.num_generations)
+        self.log("train/time/optimisation_s", optimisation_s, on_step=True, batch_size=self._rows)
 
     def step_time_split(self) -> dict[str, Optional[float]]:
         return {"generation_s": self.generation_seconds, "optimisation_s": self.optimisation_seconds,

@@ -32,18 +32,21 @@ Reward model (:func:`reward_loss`, :func:`reward_metrics`), TRL ``RewardTrainer`
     Bradley-Terry: ``mean(-logsig(r_c - r_r - m)) + k * mean((r_c + r_r)^2)`` with an optional
     per-pair margin ``m`` and centering coefficient ``k`` (Eisenstein et al. 2023).
 
-GRPO (:func:`grpo_advantages`, :func:`rloo_advantages`, :func:`grpo_loss`, :func:`frac_reward_zero_std`)
+GRPO (:func:`grpo_advantages`, :func:`rloo_advantages`, :func:`grpo_loss`, :func:`rloo_loss`, :func:`frac_reward_zero_std`)
     Advantages from ``G`` completions per prompt, laid out consecutively: ``A = r - mean_group(r)``,
     divided by ``std + 1e-4`` (Bessel-corrected std, as TRL's ``nanstd``) of the group
     (``"group"``, Shao et al. 2024) or of the whole batch (``"batch"``), or not divided (``"none"``,
     Dr. GRPO, Liu et al. 2025). RLOO: ``A_i = r_i - (sum_group(r) - r_i) / (G - 1)``.
-    Loss per token: ``-min(p * A, clip(p, 1 - e_lo, 1 + e_hi) * A) + b * k3`` with
-    ``p = exp(logpi - logpi_old)`` and the k3 estimator ``exp(ref - logpi) - (ref - logpi) - 1``,
-    aggregated as ``grpo`` (per-sequence token mean, then mean over sequences), ``bnpo`` (token
-    mean over the batch) or ``dr_grpo`` (token sum / (B * max_completion_length)).
+    :func:`grpo_loss` is TRL 1.16's ``GRPOTrainer._compute_loss``: an importance weight per token or
+    per sequence (GSPO), the per-token loss of ``loss_type`` (the clipped surrogate of grpo, bnpo,
+    dr_grpo, dapo, luspo; cispo, sapo, vespo), ``+ beta * k3`` (optionally bias-corrected), and the
+    loss type's aggregation (:func:`_grpo_aggregate`, one place). :func:`rloo_loss` is TRL's
+    ``RLOOTrainer`` loss: a clipped ratio of summed sequence log-probs, mean over sequences.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -61,12 +64,16 @@ __all__ = [
     "reward_loss",
     "reward_metrics",
     "rloo_advantages",
+    "rloo_loss",
     "sequence_logps",
     "token_logps",
 ]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+# TRL 1.16 GRPOConfig.loss_type (its default: dapo); the first five share the clipped surrogate
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
 
 # TRL adds this to the std before dividing (grpo_trainer: ``advantages / (std_rewards + 1e-4)``).
@@ -399,6 +406,150 @@ def frac_reward_zero_std(rewards: Tensor, num_generations: int) -> Tensor:
     return _constant_groups(grouped).float().mean()
 
 
+def _masked_sum(x: Tensor, mask: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    """Sum of ``x`` where ``mask``; ``torch.where``, not a product: padding slots may hold inf/NaN."""
+    x = torch.where(mask, x, torch.zeros_like(x))
+    return x.sum() if dim is None else x.sum(dim=dim, keepdim=keepdim)
+
+
+def _clip_indicators(low: Tensor, high: Tensor, mask: Tensor, dtype: torch.dtype, prefix: str = "clip_ratio"
+                     ) -> dict[str, Tensor]:
+    """TRL's clip metrics from the indicators ``low``/``high``: ``(B, T)`` per token (``*_mean`` over
+    the kept tokens; ``low_min``/``high_max`` over the sequences' own token means, sequences without a
+    kept token skipped, NaN when there is none) or ``(B, 1)`` per sequence (over the ``B`` sequences,
+    masked ones included)."""
+    region = low | high
+    out: dict[str, Tensor] = {}
+    if low.shape[-1] == 1:  # one weight per sequence
+        for name, x in (("low", low), ("high", high), ("region", region)):
+            out[f"{prefix}/{name}_mean"] = x.to(dtype).mean()
+        out[f"{prefix}/low_min"] = low.to(dtype).min()
+        out[f"{prefix}/high_max"] = high.to(dtype).max()
+        return out
+    counts = mask.sum(-1)
+    n_tokens = counts.sum().clamp(min=1)
+    for name, x in (("low", low), ("high", high), ("region", region)):
+        out[f"{prefix}/{name}_mean"] = _masked_sum(x.to(dtype), mask) / n_tokens
+    rows = counts > 0
+    per_row = {name: _masked_sum(x.to(dtype), mask, dim=-1)[rows] / counts[rows]
+               for name, x in (("low", low), ("high", high))}
+    nan = torch.tensor(float("nan"), dtype=dtype, device=mask.device)
+    out[f"{prefix}/low_min"] = per_row["low"].min() if rows.any() else nan
+    out[f"{prefix}/high_max"] = per_row["high"].max() if rows.any() else nan
+    return out
+
+
+def rloo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """TRL ``RLOOTrainer``'s loss: a clipped ratio of SUMMED sequence log-probs, mean over sequences.
+
+    ``S_i = sum_t M logps``, ``w_i = exp(S_i - old_logps_i)``,
+    ``l_i = -min(w_i A_i, clip(w_i, 1 - epsilon, 1 + epsilon_high) A_i)``, ``loss = mean_i l_i`` (not
+    divided for gradient accumulation: Lightning divides by ``accumulate_grad_batches`` itself). No
+    KL term: RLOO puts ``beta`` times the sequence's summed k1 KL into the reward
+    (:func:`rloo_advantages` of ``r - beta * KL``).
+
+    Args:
+        logps: ``(B, T)`` per-token log-probs under the policy (with grad).
+        old_logps: ``(B,)`` the SUMMED log-probs of each completion stored at generation
+            (``logps`` summed and detached on the first update: ratio 1).
+        advantages: ``(B,)``.
+        completion_mask: ``(B, T)``.
+        epsilon, epsilon_high: the clip range ``[1 - epsilon, 1 + epsilon_high]``
+            (``epsilon_high`` None: ``epsilon``).
+
+    Returns:
+        ``(loss, metrics)``: ``clip_ratio/low_mean`` (``w < 1 - epsilon`` and ``A < 0``),
+        ``clip_ratio/high_mean`` (``w > 1 + epsilon_high`` and ``A > 0``), ``clip_ratio/region_mean``
+        (either), means over the sequences; ``clip_ratio/low_min`` and ``clip_ratio/high_max``, the
+        min/max of the same indicators.
+    """
+    eps_low = float(epsilon)
+    eps_high = eps_low if epsilon_high is None else float(epsilon_high)
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"rloo_loss: epsilon and epsilon_high must be >= 0, got {epsilon} and {epsilon_high}")
+    if logps.dim() != 2 or completion_mask.shape != logps.shape:
+        raise ValueError(f"rloo_loss: logps and completion_mask must be (B, T), got {tuple(logps.shape)} and "
+                         f"{tuple(completion_mask.shape)}")
+    B = logps.shape[0]
+    if old_logps.shape != (B,) or advantages.shape != (B,):
+        raise ValueError(f"rloo_loss: old_logps (summed per sequence) and advantages must be ({B},), got "
+                         f"{tuple(old_logps.shape)} and {tuple(advantages.shape)}")
+    mask = completion_mask.bool()
+    ratio = torch.exp(_masked_sum(logps, mask, dim=-1) - old_logps)
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = -torch.min(ratio * advantages, clipped * advantages).mean()
+    with torch.no_grad():
+        low = ((ratio < 1.0 - eps_low) & (advantages < 0)).unsqueeze(-1)
+        high = ((ratio > 1.0 + eps_high) & (advantages > 0)).unsqueeze(-1)
+        metrics = _clip_indicators(low, high, mask, logps.dtype)
+    return loss, metrics
+
+
+def _grpo_per_token_loss(loss_type: str, w: Tensor, log_ratio: Tensor, logps: Tensor, advantages: Tensor,
+                         mask: Tensor, eps_low: float, eps_high: float, delta: float | None,
+                         sapo_temperature_pos: float, sapo_temperature_neg: float, vespo: tuple[float, float, float, float]
+                         ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """``(per-token loss before the KL term, w after the delta cap, what the metrics need)`` of one
+    loss type (TRL 1.16 ``GRPOTrainer._compute_loss``); ``w`` is ``(B, T)`` or ``(B, 1)``."""
+    A = advantages
+    if loss_type in CLIPPED_LOSS_TYPES:
+        clipped = torch.clamp(w, 1.0 - eps_low, 1.0 + eps_high)
+        if delta is not None:  # two-sided clipping: the unclipped term capped at delta too
+            w = torch.clamp(w, max=delta)
+        return -torch.min(w * A, clipped * A), w, {}
+    if loss_type == "cispo":
+        # the weight capped at epsilon_high itself (not 1 + epsilon_high) and detached: REINFORCE with
+        # a clipped importance weight (MiniMax-M1), so capped tokens still get a gradient
+        return -torch.clamp(w, max=eps_high).detach() * A * logps, w, {}
+    if loss_type == "sapo":
+        # A = 0 takes the negative temperature (TRL: ``where(A > 0, pos, neg)``)
+        tau = torch.where(A > 0, torch.full_like(A, sapo_temperature_pos), torch.full_like(A, sapo_temperature_neg))
+        return -torch.sigmoid(tau * (w - 1.0)) * (4.0 / tau) * A, w, {}
+    # vespo: a gamma weight of the sequence's summed token log-ratio (whatever the level), detached
+    k_pos, lambda_pos, k_neg, lambda_neg = vespo
+    with torch.no_grad():
+        summed = _masked_sum(torch.clamp(log_ratio, -20.0, 20.0), mask, dim=-1, keepdim=True)
+        log_w = torch.clamp(summed, math.log(1e-8), 20.0)
+        nonneg = A >= 0
+        k = torch.where(nonneg, torch.full_like(A, k_pos), torch.full_like(A, k_neg))
+        lam = torch.where(nonneg, torch.full_like(A, lambda_pos), torch.full_like(A, lambda_neg)).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return -phi * A * logps, w, {"phi": phi}
+
+
+def _grpo_aggregate(per_token: Tensor, mask: Tensor, loss_type: str, max_completion_length: int | None,
+                    num_items_in_batch: Tensor | float | None, gradient_accumulation_steps: int,
+                    steps_per_generation: int | None) -> Tensor:
+    """Each loss type's aggregation of the masked per-token losses, in one place (``G`` =
+    ``gradient_accumulation_steps``, ``S`` = ``steps_per_generation``, ``N`` = ``num_items_in_batch``):
+    grpo, sapo: ``mean_i(sum_t l / max(1, n_i)) / G``; bnpo: ``sum l / max(1, n) / G``; dr_grpo:
+    ``sum l / (B * max_completion_length) / G``; dapo, cispo, vespo: ``sum l / (N * G / S)``; luspo:
+    ``mean_i(sum_t l) / G``."""
+    G = gradient_accumulation_steps
+    B = per_token.shape[0]
+    if loss_type in ("grpo", "sapo"):
+        return (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean() / G
+    if loss_type == "bnpo":
+        return per_token.sum() / mask.sum().clamp(min=1) / G
+    if loss_type == "dr_grpo":
+        return per_token.sum() / (B * max_completion_length) / G
+    if loss_type == "luspo":
+        return per_token.sum(-1).mean() / G
+    # dapo, cispo, vespo: N counts the active tokens of the whole generation batch (S micro-batches)
+    # N at least 1, as the other types' token counts: a generation batch whose completions are all
+    # left out (mask_truncated_completions, none ended) gives 0 (TRL: 0 / 0 = NaN)
+    N = torch.as_tensor(mask.sum() if num_items_in_batch is None else num_items_in_batch).clamp(min=1)
+    S = G if steps_per_generation is None else steps_per_generation
+    return per_token.sum() / (N * G / S)
+
+
 def grpo_loss(
     logps: Tensor,
     old_logps: Tensor,
@@ -408,41 +559,83 @@ def grpo_loss(
     beta: float = 0.0,
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
+    delta: float | None = None,
     loss_type: str = "grpo",
+    importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
+    num_items_in_batch: Tensor | float | None = None,
+    gradient_accumulation_steps: int = 1,
+    steps_per_generation: int | None = None,
+    use_bias_correction_kl: bool = True,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    truncated: Tensor | None = None,
+    entropy: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped-surrogate GRPO loss with an optional k3 KL penalty (TRL ``GRPOTrainer._compute_loss``).
+    """GRPO and its variants (TRL 1.16 ``GRPOTrainer._compute_loss``), the defaults TRL's GRPOConfig's
+    except ``loss_type`` (TRL: ``dapo``).
 
-    Per token: ``-min(p * A, clip(p, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3``, with
-    ``p = exp(logps - old_logps)`` and ``k3 = exp(ref - logps) - (ref - logps) - 1``.
+    Importance weight ``w = exp(logps - old_logps)`` per token (``importance_sampling_level="token"``)
+    or ``exp(mean_t(logps - old_logps))`` one per sequence (``"sequence"``, GSPO: the exp of the MEAN
+    token log-ratio). Per-token loss ``l`` by ``loss_type``:
+
+    - ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``luspo``: ``-min(w' A, clip(w, 1 - epsilon,
+      1 + epsilon_high) A)``, ``w' = min(w, delta)`` when ``delta`` is set (two-sided clipping), else ``w``;
+    - ``cispo``: ``-min(w, epsilon_high) A logps``, the weight detached (the cap is ``epsilon_high``
+      itself; TRL recommends 5.0);
+    - ``sapo``: ``-sigmoid(tau (w - 1)) (4 / tau) A``, ``tau = sapo_temperature_pos`` if ``A > 0`` else
+      ``sapo_temperature_neg``;
+    - ``vespo``: ``-phi A logps``, ``phi = exp(lambda + k lw - lambda e^lw)`` (detached; NaN/inf -> 0)
+      of ``lw = clamp(sum_t clamp(log-ratio, -20, 20), log 1e-8, 20)``, ``(k, lambda)`` the ``_pos``
+      pair if ``A >= 0`` else the ``_neg`` pair;
+
+    then ``l + beta k3`` with ``k3 = exp(ref - logps) - (ref - logps) - 1`` (times ``w`` when
+    ``use_bias_correction_kl``), aggregated by :func:`_grpo_aggregate` (already divided by
+    ``gradient_accumulation_steps``).
 
     Args:
         logps: ``(B, T)`` per-token log-probs of the completions under the policy (with grad).
-        old_logps: ``(B, T)`` the same under the policy that sampled them; on the first (or
-            only) iteration pass ``logps.detach()``: then ``p = 1`` and the loss value is
-            ``-A`` averaged, ~0 for centred advantages, while its gradient is not.
+        old_logps: ``(B, T)`` the same under the policy that sampled them, stored at generation; on
+            the first update pass ``logps.detach()`` (then ``w = 1``: the loss value is ~0 for
+            centred advantages, its gradient is not).
         advantages: ``(B,)`` one per completion (or ``(B, T)`` per token).
         completion_mask: ``(B, T)`` 1 on completion tokens, 0 on padding (anything there is ignored).
         ref_logps: ``(B, T)`` reference log-probs; required when ``beta != 0``.
         beta: KL coefficient (TRL 1.x default 0.0).
-        epsilon: lower clip ``e_lo``; ``epsilon_high`` the upper one (DAPO's clip-higher),
-            ``None`` meaning ``epsilon``.
-        loss_type: how the masked per-token losses become one number:
-            ``"grpo"``: mean over each sequence's tokens, then mean over sequences;
-            ``"bnpo"``: sum over all tokens / number of tokens (equals TRL 1.x's default
-            ``"dapo"`` on one process without gradient accumulation);
-            ``"dr_grpo"``: sum over all tokens / (B * max_completion_length).
-        max_completion_length: the generation limit; required for ``"dr_grpo"``.
+        epsilon, epsilon_high: the clip range ``[1 - epsilon, 1 + epsilon_high]`` (``epsilon_high``
+            None: ``epsilon``); for ``cispo`` ``epsilon_high`` is the cap.
+        delta: cap of the unclipped weight (two-sided clipping), None: off.
+        loss_type: see above and :func:`_grpo_aggregate`.
+        importance_sampling_level: ``token`` or ``sequence``.
+        max_completion_length: the generation limit; required for ``dr_grpo``.
+        num_items_in_batch: the active (masked-in) tokens of the whole generation batch (dapo,
+            cispo, vespo); None: this call's.
+        gradient_accumulation_steps: ``G``, micro-batches per optimizer step.
+        steps_per_generation: ``S``, micro-batches per generation batch (None: ``G``).
+        use_bias_correction_kl: multiply the KL by the importance weight.
+        sapo_temperature_pos, sapo_temperature_neg, vespo_k_pos, vespo_k_neg, vespo_lambda_pos,
+            vespo_lambda_neg: the sapo and vespo parameters.
+        truncated: ``(B,)`` bool, rows left out of the loss (``mask_truncated_completions``): their
+            mask is zeroed before anything else (they still count in ``B``; at sequence level w = 1).
+        entropy: ``(B, T)`` per-token entropies, for the ``entropy`` metric.
 
     Returns:
-        ``(loss, metrics)``; metrics (detached 0-dim tensors, token means over the mask as TRL's
-        ``global_masked_mean``): ``kl`` (only when ``ref_logps`` is given), ``clip_ratio``
-        (tokens where the clip is active, i.e. the gradient is cut: TRL's
-        ``clip_ratio/region_mean``), ``clip_ratio/low_mean`` (``p < 1 - e_lo`` and ``A < 0``) and
-        ``clip_ratio/high_mean`` (``p > 1 + e_hi`` and ``A > 0``).
+        ``(loss, metrics)``, metrics detached: ``kl`` (masked token mean, when ``ref_logps`` is
+        given), ``entropy`` (when given); for the clipped family ``clip_ratio/low_mean``,
+        ``low_min``, ``high_mean``, ``high_max``, ``region_mean`` (``low``: ``w' < 1 - epsilon`` and
+        ``A < 0``; ``high``: ``w' > 1 + epsilon_high`` and ``A > 0``; see :func:`_clip_indicators`)
+        and ``clip_ratio`` (= ``region_mean``); ``cispo_clip_ratio`` (``w > epsilon_high`` and
+        ``A > 0``); ``vespo/phi_seq_mean``.
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"grpo_loss: unknown loss_type {loss_type!r}; expected one of {_choices(GRPO_LOSS_TYPES)}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"grpo_loss: unknown importance_sampling_level {importance_sampling_level!r}; expected one "
+                         f"of {_choices(IMPORTANCE_SAMPLING_LEVELS)}")
     bad_length = (
         not isinstance(max_completion_length, int)
         or isinstance(max_completion_length, bool)
@@ -474,40 +667,55 @@ def grpo_loss(
         raise ValueError(
             f"grpo_loss: advantages must be (B,) or (B, T) = {tuple(logps.shape)}, got {tuple(advantages.shape)}"
         )
+    if gradient_accumulation_steps < 1 or (steps_per_generation is not None and steps_per_generation < 1):
+        raise ValueError(f"grpo_loss: gradient_accumulation_steps and steps_per_generation must be >= 1, got "
+                         f"{gradient_accumulation_steps} and {steps_per_generation}")
 
     mask = completion_mask.bool()
-    ratio = torch.exp(logps - old_logps)
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    if truncated is not None:  # mask_truncated_completions: such a row adds nothing, yet counts in B
+        mask = mask & ~truncated.bool().unsqueeze(-1)
+    log_ratio = torch.where(mask, logps - old_logps, torch.zeros_like(logps))
+    if importance_sampling_level == "token":
+        w = torch.exp(log_ratio)
+    else:  # GSPO: exp of the MEAN token log-ratio, one weight per sequence (a fully masked row: w = 1)
+        w = torch.exp(log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1))
+
+    per_token, w_capped, extra = _grpo_per_token_loss(
+        loss_type, w, log_ratio, logps, advantages, mask, eps_low, eps_high, delta, sapo_temperature_pos,
+        sapo_temperature_neg, (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg))
     per_token_kl = None
     if ref_logps is not None:
         d = ref_logps - logps
         per_token_kl = torch.exp(d) - d - 1.0
+        if use_bias_correction_kl:
+            per_token_kl = per_token_kl * w
     if beta != 0.0:
         per_token = per_token + beta * per_token_kl
-    # torch.where, not a product with the mask: an inf on a padded position would make the value NaN.
-    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-    n_tokens = mask.sum().clamp(min=1)
-
-    if loss_type == "grpo":
-        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    elif loss_type == "bnpo":
-        loss = per_token.sum() / n_tokens
-    else:  # dr_grpo
-        loss = per_token.sum() / (logps.size(0) * max_completion_length)
+    per_token = torch.where(mask, per_token.expand_as(logps), torch.zeros_like(logps))
+    loss = _grpo_aggregate(per_token, mask, loss_type, max_completion_length, num_items_in_batch,
+                           gradient_accumulation_steps, steps_per_generation)
 
     with torch.no_grad():
-
-        def masked_mean(x: Tensor) -> Tensor:
-            x = x.to(per_token.dtype)
-            return torch.where(mask, x, torch.zeros_like(x)).sum() / n_tokens
-
-        is_low = (ratio < 1.0 - eps_low) & (advantages < 0)
-        is_high = (ratio > 1.0 + eps_high) & (advantages > 0)
+        n_tokens = mask.sum().clamp(min=1)
         metrics: dict[str, Tensor] = {}
         if per_token_kl is not None:
-            metrics["kl"] = masked_mean(per_token_kl)
-        metrics["clip_ratio"] = masked_mean(is_low | is_high)
-        metrics["clip_ratio/low_mean"] = masked_mean(is_low)
-        metrics["clip_ratio/high_mean"] = masked_mean(is_high)
+            metrics["kl"] = _masked_sum(per_token_kl.detach(), mask) / n_tokens
+        if entropy is not None:
+            metrics["entropy"] = _masked_sum(entropy.detach(), mask) / n_tokens
+        w_capped = w_capped.detach()
+        if loss_type in CLIPPED_LOSS_TYPES:
+            low = (w_capped < 1.0 - eps_low) & (advantages < 0)
+            high = (w_capped > 1.0 + eps_high) & (advantages > 0)
+            if low.shape[-1] != w_capped.shape[-1]:  # (B, T) advantages against one weight per sequence
+                low, high = low.expand_as(logps), high.expand_as(logps)
+            metrics.update(_clip_indicators(low, high, mask, logps.dtype))
+            metrics["clip_ratio"] = metrics["clip_ratio/region_mean"]
+        elif loss_type == "cispo":
+            capped = (w_capped > eps_high) & (advantages > 0)
+            if capped.shape[-1] == 1:
+                metrics["cispo_clip_ratio"] = capped.to(logps.dtype).mean()
+            else:
+                metrics["cispo_clip_ratio"] = _masked_sum(capped.to(logps.dtype), mask) / n_tokens
+        elif loss_type == "vespo":
+            metrics["vespo/phi_seq_mean"] = extra["phi"].mean()
     return loss, metrics

@@ -227,7 +227,11 @@ class Peft(Tuner):
                                eos_token_id: Optional[int]) -> list[int]:
         """Greedy continuation of one unpadded row ``ids`` (shape 1 x T) for prompt/prefix tuning,
         with a KV cache whose first entries are what :class:`peft.PeftModelForCausalLM`'s forward
-        puts before the input (so each token is the argmax of the training forward's logits)."""
+        puts before the input (so each token is the argmax of the training forward's logits).
+
+        peft's own cached ``generate`` did not continue what the training forward predicts for prompt
+        tuning up to peft 0.21 (with peft 0.22 and transformers 5.25 it does); pyproject allows peft
+        from 0.17, so ftbench decodes prompt learning itself on every version."""
         base = peft_model.base_model
         n_virtual = int(self.peft_config.num_virtual_tokens)
         if self.is_prefix:

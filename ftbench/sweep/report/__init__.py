@@ -9,16 +9,22 @@ the seed) and averages over seeds (:mod:`.stats`), and writes (:mod:`.table`, :m
   final val loss / perplexity, exact-match accuracy (and per task), forgetting (change of
   ``val/general/loss`` from before to after training), memory and speed relative to a reference
   method (default ``full``), and Welch's t-test of accuracy against the reference when both have
-  >= 2 seeds; ``columns`` (names or glob patterns) shows any other set of columns;
+  >= 2 seeds; from the predictions files, a 95 % interval on each point's score and the paired test
+  against the reference on the test rows both answered (McNemar / permutation, Holm-adjusted, a
+  verdict with the minimum detectable difference: :mod:`.comparison`, :mod:`.paired`); ``columns``
+  (names, glob patterns or the titles shown) shows any other set of columns;
 * ``report.csv`` — every column with raw numbers (means and stds in their own columns);
 * ``accuracy_vs_memory.png`` (Pareto front marked), ``throughput.png``, ``loss_curves.png``;
 * with ``examples`` N (``--examples N``): up to N wrong answers per method, every method's answer to
   the same rows side by side (:mod:`.examples`, from the predictions files the records point to).
 
+``compare_report(DIR, [(A, B)])`` (``--compare A B``) prints the paired comparison of two points, and
+with ``examples`` N the rows where they disagree.
+
 ``select="val/loss"`` keeps, per method, the grid point with the best seed-mean of that validation
 metric (never a test metric). Several results directories go into one markdown file, a section each.
 
-Nothing here imports torch; matplotlib (Agg) only when plots are made, scipy only for the t-test.
+Nothing here imports torch; matplotlib (Agg) only when plots are made, scipy and statsmodels only for the tests.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ from ftbench.sweep.report.stats import (matches_reference, parse_select, pareto_
 from ftbench.sweep.report.table import (available, choose_keys, column, csv_text, markdown_table, summary_line,
                                         unmatched)
 
-__all__ = ["DERIVED", "RecordWarning", "ReportError", "Study", "available", "choose_keys", "csv_text", "label_parts",
+__all__ = ["DERIVED", "RecordWarning", "ReportError", "Study", "available", "choose_keys", "compare_report", "csv_text",
+           "label_parts",
            "load_records", "load_study", "markdown_table", "pareto_front", "parse_select", "report", "runs_frame",
            "select_points", "setting_of", "summarise", "summary_line", "welch_t_test"]
 
@@ -115,6 +122,9 @@ def notes(study: Study, reference: str, select: Optional[str] = None) -> str:
         lines.append(f"One grid point per method, chosen by the best mean {name} over seeds "
                      f"({'lower' if mode == 'min' else 'higher'} is better; test metrics never choose): "
                      + "; ".join(study.selected) + ".")
+    from ftbench.sweep.report.comparison import refusals
+
+    lines += refusals(points)
     lines += [f"Skipped {Path(path).name}: {reason}." for path, reason in study.problems]
     return "\n".join(f"- {x}" for x in lines)
 
@@ -150,7 +160,7 @@ def report(directories: str | Path | Sequence[str | Path], out: Optional[str | P
         raise ReportError(f"--examples {examples}: give a number of rows >= 0")
     studies = [load_study(d, reference, select, select_over) for d in dirs]
     columns = [c for c in (columns or []) if c]
-    bad = unmatched([s.points for s in studies], columns)
+    bad = unmatched([s.points for s in studies], columns, reference)
     if bad:
         have = sorted({k for s in studies for k in available(s.points)})
         raise ReportError(f"--columns: {', '.join(bad)} match(es) no column; columns: {', '.join(have)}")
@@ -168,6 +178,20 @@ def report(directories: str | Path | Sequence[str | Path], out: Optional[str | P
     return _write(studies, md, reference, plots, wandb, wandb_project, columns, select, examples)
 
 
+def compare_report(directory: str | Path, pairs: Sequence[tuple[str, str]], reference: str = "full",
+                   select: Optional[str] = None, select_over: Sequence[str] = (), examples: int = 0) -> str:
+    """The paired comparison of each pair (A, B) of points in one results directory (``--compare A B``,
+    :func:`ftbench.sweep.report.comparison.compare_text`); writes nothing."""
+    from ftbench.sweep.report.comparison import compare_text
+
+    if examples < 0:
+        raise ReportError(f"--examples {examples}: give a number of rows >= 0")
+    if select:
+        parse_select(select)
+    study = load_study(directory, reference, select, select_over)
+    return compare_text(study.points, study.runs, pairs, examples)
+
+
 def _write(studies: list[Study], md: Path, reference: str, plots: bool, wandb: bool, wandb_project: Optional[str],
            columns: list[str], select: Optional[str], examples: int = 0) -> str:
     folder = md.parent
@@ -176,7 +200,7 @@ def _write(studies: list[Study], md: Path, reference: str, plots: bool, wandb: b
     sections, tables = [], []
     for s in studies:
         prefix = f"{_safe(s.name)}-" if several else ""
-        keys = choose_keys(s.points, columns)
+        keys = choose_keys(s.points, columns, reference)
         table = markdown_table(s.points, keys, reference)
         written = make_plots(s, folder, prefix) if plots and len(s.points) else []
         text = table + "\n\n" + notes(s, reference, select)

@@ -13,7 +13,7 @@ import sys
 import warnings
 from typing import Any, Optional
 
-from ftbench.sweep.report import RecordWarning, ReportError, report
+from ftbench.sweep.report import RecordWarning, ReportError, compare_report, report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                       "the CSV and plots go next to it")
     parser.add_argument("--reference", default="full",
                         help="method the relative columns compare with: a label (sft+full) or its tuner part (full)")
-    parser.add_argument("--columns", help="comma-separated column names or glob patterns, e.g. "
-                                          "'default,memory_breakdown.*' or 'method,n,val/*,test/accuracy'")
+    parser.add_argument("--columns", help="comma-separated column names, glob patterns or the titles the table "
+                                          "shows, e.g. 'default,memory_breakdown.*' or 'method,n,val/*,exact match'")
     parser.add_argument("--select", metavar="METRIC", help="per method, keep the grid point with the best seed-mean "
                         "of this validation metric (val/loss: lower is better; val/accuracy: higher; "
                         "min:NAME / max:NAME to say); test metrics are refused")
@@ -34,17 +34,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--examples", type=int, default=0, metavar="N",
                         help="print up to N wrong answers per method (test rows of its predictions file), with every "
                              "method's answer to the same rows side by side")
+    parser.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"),
+                        help="print the paired comparison of two points of one results directory on the rows both "
+                             "answered (a run name, a run id, 'method (setting)' or a method with one point); with "
+                             "--examples N the rows where they disagree; repeat for several pairs (Holm-adjusted); "
+                             "writes no file")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     parser.add_argument("--wandb", action="store_true", help="also log the table (and plots) to W&B (offline without an API key)")
     parser.add_argument("--wandb-project", default=None, help="W&B project (default: $WANDB_PROJECT or ftbench)")
 
 
-def report_for_cli(*args: Any, **kwargs: Any) -> str:
-    """:func:`report`, with errors and skipped records said on stderr for a person."""
+def report_for_cli(*args: Any, make: Any = report, **kwargs: Any) -> str:
+    """:func:`report` (or ``make``), with errors and skipped records said on stderr for a person."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RecordWarning)
         try:
-            return report(*args, **kwargs)
+            return make(*args, **kwargs)
         except ReportError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -59,6 +64,14 @@ def report_for_cli(*args: Any, **kwargs: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
     over = [k.strip() for k in args.select_over.split(",") if k.strip()] if args.select_over else []
+    if args.compare:
+        if len(args.results_dirs) != 1:
+            print("error: --compare: give one results directory", file=sys.stderr)
+            return 2
+        print(report_for_cli(args.results_dirs[0], [tuple(p) for p in args.compare], make=compare_report,
+                             reference=args.reference, select=args.select, select_over=over, examples=args.examples),
+              end="")
+        return 0
     print(report_for_cli(args.results_dirs, args.out, reference=args.reference, plots=not args.no_plots,
                          wandb=args.wandb, wandb_project=args.wandb_project, columns=columns, select=args.select,
                          examples=args.examples, select_over=over))

@@ -1,51 +1,54 @@
 """``ftbench report DIR --examples N``: up to N wrong answers per method, side by side.
 
 For each method (grid point) the report reads the predictions file of its first completed run (lowest
-seed; ``train_info.predictions``), takes the test rows (validation rows when a run has no test rows)
-in file order, and picks the first N that are wrong: the row's primary metric is below 1 (``accuracy``,
-the exact match, when the row has it, else its first metric). Each picked row is shown with what every
-method of the study answered to the same row (same task, prompt and reference), marked ✓ or ✗ by that
-method's own primary metric. Prompts are shown without special tokens (``<|im_start|>``), white space
+seed; ``train_info.predictions``), takes the test rows (validation rows when a run has no test rows),
+and picks the N that score lowest on the data set's primary metric (its first metric: exact match
+``accuracy`` by default, ROUGE-L for ``metrics: [rouge_l, ...]``; :func:`.rowscores.primary_metric`)
+among those below 1, ties in file order; the section says which metric chose them. Each picked row is
+shown with what every method of the study answered to the same row (same task, prompt and
+reference), marked ✓ or ✗ by that method's own primary metric (its value for a graded metric). Prompts are shown without special tokens (``<|im_start|>``), white space
 folded, cut to their last characters (where the question is); answers cut to their first characters.
 Torch-free.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Optional
 
 import pandas as pd
 
-from ftbench.evaluation.predictions import read_predictions
+from ftbench.sweep.report.paired import is_binary
+from ftbench.sweep.report.rowscores import primary_metric, score, stage_rows
 
 PROMPT_CHARS = 70
 ANSWER_CHARS = 40
 _SPECIAL = re.compile(r"<\|[^|>]{1,40}\|>")
 
 
-def primary(row: dict[str, Any]) -> Optional[str]:
-    """The metric a row is judged wrong by: ``accuracy`` (exact match) when present, else the first."""
-    metrics = row.get("metrics") or {}
-    if "accuracy" in metrics:
-        return "accuracy"
-    return next(iter(metrics), None)
+def primary_score(row: dict[str, Any]) -> Optional[float]:
+    """The row's value of its primary metric (None when it has none)."""
+    return score(row, primary_metric(row))
 
 
 def is_wrong(row: dict[str, Any]) -> Optional[bool]:
-    name = primary(row)
-    value = (row.get("metrics") or {}).get(name) if name else None
-    if not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return value < 1.0
+    value = primary_score(row)
+    return None if value is None else value < 1.0
+
+
+def mark(row: dict[str, Any]) -> str:
+    """`` ✓`` / `` ✗`` for a primary score of 1 / 0, its value for a graded one, nothing without one."""
+    value = primary_score(row)
+    if value is None:
+        return ""
+    return {1.0: " ✓", 0.0: " ✗"}.get(value, f" ({value:.3g})")
 
 
 def _key(row: dict[str, Any]) -> tuple:
     return (row.get("task"), row.get("prompt"), row.get("reference"))
 
 
-def _text(value: Any, limit: int, tail: bool = False) -> str:
+def cell_text(value: Any, limit: int, tail: bool = False) -> str:
     """A table cell: newlines as ↵, white space folded, cut to ``limit`` characters (``tail``: the end
     of a prompt, without its special tokens), ``|`` escaped."""
     text = "" if value is None else str(value)
@@ -63,17 +66,7 @@ def _text(value: Any, limit: int, tail: bool = False) -> str:
 
 def _rows_of(path: Optional[str]) -> tuple[str, list[dict[str, Any]]]:
     """(stage, rows) of a predictions file: the test rows, else the validation rows."""
-    if not path:
-        return "", []
-    try:
-        rows = read_predictions(path)
-    except (OSError, ValueError):
-        return "", []
-    for stage in ("test", "val"):
-        mine = [r for r in rows if r.get("stage") == stage]
-        if mine:
-            return stage, mine
-    return "", []
+    return stage_rows(path) if path else ("", [])
 
 
 def _run_file(runs: pd.DataFrame, run_ids: list) -> Optional[str]:
@@ -98,9 +91,13 @@ def examples_section(points: pd.DataFrame, runs: pd.DataFrame, n: int) -> str:
             out += [f"### {name}: no predictions file", ""]
             continue
         judged = [r for r in rows if is_wrong(r) is not None]
-        wrong = [r for r in judged if is_wrong(r)]
-        metric = primary(wrong[0] if wrong else judged[0]) if judged else "–"
-        out.append(f"### {name}: {len(wrong)} of {len(judged)} {stage} rows wrong ({metric})")
+        # the lowest primary scores first; sorted() keeps file order among equal scores
+        wrong = sorted((r for r in judged if is_wrong(r)), key=primary_score)
+        metric = primary_metric(wrong[0] if wrong else judged[0]) if judged else "–"
+        if is_binary([primary_score(r) for r in judged]):
+            out.append(f"### {name}: {len(wrong)} of {len(judged)} {stage} rows wrong ({metric})")
+        else:
+            out.append(f"### {name}: {len(wrong)} of {len(judged)} {stage} rows below 1 ({metric}; the lowest first)")
         out.append("")
         if not wrong:
             continue
@@ -108,15 +105,14 @@ def examples_section(points: pd.DataFrame, runs: pd.DataFrame, n: int) -> str:
         out.append("| " + " | ".join(h.replace("|", "\\|") for h in head) + " |")
         out.append("|" + "|".join("---" for _ in head) + "|")
         for row in wrong[:n]:
-            cells = [_text(row.get("task") or "–", 30), _text(row.get("prompt"), PROMPT_CHARS, tail=True),
-                     _text(row.get("reference"), ANSWER_CHARS)]
+            cells = [cell_text(row.get("task") or "–", 30), cell_text(row.get("prompt"), PROMPT_CHARS, tail=True),
+                     cell_text(row.get("reference"), ANSWER_CHARS)]
             for table in lookup:
                 other = table.get(_key(row))
                 if other is None:
                     cells.append("–")
                     continue
-                mark = {True: " ✗", False: " ✓", None: ""}[is_wrong(other)]
-                cells.append(_text(other.get("prediction"), ANSWER_CHARS) + mark)
+                cells.append(cell_text(other.get("prediction"), ANSWER_CHARS) + mark(other))
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"

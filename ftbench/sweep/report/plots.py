@@ -1,6 +1,8 @@
 """PNG plots from the points frame (matplotlib, Agg; imported only when plots are made).
 
 * ``accuracy_vs_memory.png``: exact match against peak memory per fit point, the Pareto front marked;
+  error bars: the 95 % interval of exact match over the test rows (Wilson's, :mod:`.comparison`) where
+  the predictions files give one, else ± the std over seeds;
 * ``throughput.png``: trained tokens/s per fit point;
 * ``loss_curves.png``: val (solid) and train (dotted) loss per logged step, mean over seeds.
 """
@@ -32,6 +34,16 @@ def _name(row: pd.Series) -> str:
 
 def _std(v: Any) -> float:
     return 0.0 if pd.isna(v) else float(v)
+
+
+def accuracy_error(row: pd.Series) -> tuple[float, float]:
+    """(below, above) the point's exact match, in points: its 95 % interval over the test rows when the
+    interval is of exact match, else ± its std over seeds."""
+    low, high = row.get("score_ci_low"), row.get("score_ci_high")
+    if row.get("paired_metric") == "accuracy" and not pd.isna(low) and not pd.isna(high):
+        return 100 * max(0.0, row["accuracy"] - low), 100 * max(0.0, high - row["accuracy"])
+    std = 100 * _std(row["accuracy" + SEED_STD])
+    return std, std
 
 
 def curves(points: pd.DataFrame, runs: pd.DataFrame) -> list[tuple[str, str, list[int], list[float]]]:
@@ -68,7 +80,8 @@ def make_plots(points: pd.DataFrame, runs: pd.DataFrame, out: Path, prefix: str 
         xy = list(zip(pts["device_mem_mb"], 100 * pts["accuracy"]))
         front = pareto_front(xy)
         for i, (_, r) in enumerate(pts.iterrows()):
-            ax.errorbar(xy[i][0], xy[i][1], xerr=_std(r["device_mem_mb" + SEED_STD]), yerr=100 * _std(r["accuracy" + SEED_STD]),
+            below, above = accuracy_error(r)
+            ax.errorbar(xy[i][0], xy[i][1], xerr=_std(r["device_mem_mb" + SEED_STD]), yerr=[[below], [above]],
                         fmt="o", ms=9 if i in front else 6, mfc="none" if i not in front else None, capsize=3,
                         label=_name(r))
         ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "k--", lw=1, label="Pareto front")
@@ -80,7 +93,10 @@ def make_plots(points: pd.DataFrame, runs: pd.DataFrame, out: Path, prefix: str 
                       "peak memory (MB): CUDA allocated peak, or the predicted device peak on CPU runs" if predicted.any()
                       else "peak memory (MB)")
         ax.set_ylabel("exact match (%)")
-        ax.set_title("Accuracy vs peak memory (filled: Pareto front)")
+        with_ci = (pts["paired_metric"] == "accuracy") & pts["score_ci_low"].notna() if "paired_metric" in pts else pts["n"] < 0
+        bars = ("95% interval over the test rows" if with_ci.all() else
+                "95% interval over the test rows, else ± std over seeds" if with_ci.any() else "± std over seeds")
+        ax.set_title(f"Accuracy vs peak memory (filled: Pareto front)\nbars: {bars}", fontsize=10)
         ax.legend(fontsize=7)
         written.append(out / f"{prefix}accuracy_vs_memory.png")
         _save(fig, written[-1])

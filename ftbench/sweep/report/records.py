@@ -75,9 +75,35 @@ def load_records(directory: str | Path, problems: Optional[list[tuple[str, str]]
         if not (isinstance(rec.get("run_info"), dict) and isinstance(rec.get("train_info"), dict)):
             _problem(p, "run_info or train_info missing or not an object", problems)
             continue
+        wrong = shape_problem(rec)
+        if wrong:
+            _problem(p, wrong, problems)
+            continue
         rec["_path"] = str(p)
         records.append(rec)
     return sorted(records, key=lambda r: (str(r["run_info"].get("created", "")), r["_path"]))
+
+
+#: the record entries the report reads and the JSON types each may have (null is always allowed)
+_SHAPES = (("run_info", "config", dict), ("run_info", "run_id", str), ("run_info", "subcommand", str),
+           ("run_info", "created", str), ("run_info", "seed", (int, float)), ("train_info", "status", str),
+           ("train_info", "method", str), ("train_info", "final", dict), ("train_info", "metrics", list),
+           ("train_info", "predictions", dict), *(("train_info", s, dict) for s in SECTIONS))
+_NAMES = {dict: "an object", list: "a list", str: "a string", (int, float): "a number"}
+
+
+def shape_problem(rec: dict[str, Any]) -> Optional[str]:
+    """What makes a record unreadable though it is valid JSON (an entry of another type than a record
+    gives it, e.g. ``train_info.final: [1, 2]``), or None."""
+    for part, key, kind in _SHAPES:
+        value = rec[part].get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"{part}.{key} is {type(value).__name__}, not {_NAMES[kind]}"
+    for i, row in enumerate(rec["train_info"].get("metrics") or []):
+        step = row.get("step") if isinstance(row, dict) else None
+        if not isinstance(row, dict) or not (step is None or (isinstance(step, (int, float)) and not isinstance(step, bool))):
+            return f"train_info.metrics[{i}] is not an object with a numeric step"
+    return None
 
 
 def _problem(path: Path, reason: str, problems: Optional[list[tuple[str, str]]]) -> None:

@@ -1,5 +1,6 @@
 """Grid points from runs: mean ± std over seeds, selection by a validation metric, the reference
-comparison (memory, speed, Welch's t-test) and the Pareto front.
+comparison (memory, speed, Welch's t-test; the paired tests on the test rows in :mod:`.comparison` and
+:mod:`.paired`) and the Pareto front.
 
 A **grid point** is the runs whose resolved config is the same but for the seed; its figures are the
 mean and sample std (n-1) over the runs that completed. scipy is imported only for the t-test.
@@ -222,9 +223,10 @@ def _ratio(a: float, b: float) -> float:
     return a / b if a and b and not (math.isnan(a) or math.isnan(b)) else math.nan
 
 
-def compare(points: pd.DataFrame, reference: str = "full") -> pd.DataFrame:
-    """Add ``is_reference``, ``mem_rel`` and ``speed_rel`` (fit points against their reference) and
-    ``t``, ``p`` (Welch's t-test of exact match over seeds against the reference)."""
+def compare(points: pd.DataFrame, reference: str = "full", runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Add ``is_reference``, ``mem_rel`` and ``speed_rel`` (fit points against their reference),
+    ``t``, ``p`` (Welch's t-test of exact match over seeds against the reference) and, from the runs'
+    predictions files, the paired comparison on the rows both answered (:mod:`.comparison`)."""
     points = points.copy()
     refs = {i: pick_reference(points, i, reference) for i in points.index}
     points["is_reference"] = [refs[i] == i for i in points.index]
@@ -235,7 +237,9 @@ def compare(points: pd.DataFrame, reference: str = "full") -> pd.DataFrame:
              for i, r in refs.items()]
     points["t"] = [t[0] if t else math.nan for t in tests]
     points["p"] = [t[1] if t else math.nan for t in tests]
-    return points
+    from ftbench.sweep.report.comparison import paired_columns
+
+    return paired_columns(points, runs, refs)
 
 
 def summarise(runs: pd.DataFrame, reference: str = "full", select: Optional[str] = None,
@@ -245,7 +249,7 @@ def summarise(runs: pd.DataFrame, reference: str = "full", select: Optional[str]
     said: list[str] = []
     if select:
         points, said = select_points(points, select, select_over)
-    return compare(points.reset_index(drop=True), reference), said
+    return compare(points.reset_index(drop=True), reference, runs), said
 
 
 # ---------------------------------------------------------------------------------- tests

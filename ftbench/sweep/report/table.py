@@ -31,7 +31,13 @@ KNOWN = {
     "speed_rel": ("speed vs {ref}", "ratio"), "wall_s": ("wall (s)", "int"), "val_loss": ("val loss", "loss"),
     "val_ppl": ("val ppl", "ppl"), "test_loss": ("test loss", "loss"), "accuracy": ("exact match", "percent"),
     "forgetting": ("forgetting (Δ general loss)", "delta"), "p": ("p vs {ref} (Welch)", "p"), "t": ("t vs {ref}", "num"),
+    # the paired comparison on the test rows (ftbench.sweep.report.comparison)
+    "score_ci": ("95% CI", "interval"), "paired_rows": ("paired rows", "int"), "diff": ("Δ vs {ref} [95% CI]", "diff"),
+    "p_paired": ("p vs {ref} (paired)", "p"), "p_holm": ("Holm p", "p"), "verdict": ("verdict", "verdict"),
+    "mdd": ("MDD", "num"), "paired_test": ("paired test", "text"),
 }
+#: the paired comparison's columns in the default table, where there is one
+PAIRED = ("score_ci", "diff", "p_paired", "p_holm", "verdict")
 #: the memory breakdown's columns, shown when records have one (ftbench.bench.memory)
 BREAKDOWN = ("weights_mb", "grads_mb", "optimizer_mb", "activations_mb", "pred_peak_mb")
 #: what the memory columns mean (under a table that shows the breakdown)
@@ -57,7 +63,8 @@ DEFAULT_ANSWER_METRICS = ("test/label_accuracy", "test/mc_accuracy", "test/mc_ac
                           "test/chrf", "test/bleu")
 #: points-frame columns that are not for a table
 _INTERNAL = ("point", "config", "label", "objective", "tuner", "subcommand", "runs", "seeds", "run_ids", "common", "acc_values",
-             "is_reference")
+             "is_reference", "paired_metric", "paired_stage", "paired_note", "score_ci_low", "score_ci_high",
+             "score_ci_proportion", "diff_ci_low", "diff_ci_high")
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,13 @@ def available(points: pd.DataFrame) -> list[str]:
     """Every key a table can show for these points."""
     metrics = [c for c in points.columns if c not in _INTERNAL and c not in ("run", "method", "setting", "n", "status")
                and not (c.endswith(SEED_STD) and c[: -len(SEED_STD)] in points.columns)]
-    return ["run", "method", "setting", "n", "status", *metrics]
+    virtual = ["score_ci"] if "score_ci_low" in points.columns else []
+    return ["run", "method", "setting", "n", "status", *metrics, *virtual]
+
+
+def _has(points: pd.DataFrame, key: str) -> bool:
+    column_ = "score_ci_low" if key == "score_ci" else key
+    return column_ in points.columns and points[column_].notna().any()
 
 
 def default_keys(points: pd.DataFrame) -> list[str]:
@@ -120,10 +133,12 @@ def default_keys(points: pd.DataFrame) -> list[str]:
     keys += [k for k in BREAKDOWN if k in points.columns and points[k].notna().any()]
     keys += ["peak_mem_mb", "mem_rel", "tokens_per_s", "speed_rel", "wall_s", "val_loss", "val_ppl", "test_loss",
              "accuracy"]
+    keys += ["score_ci"] if _has(points, "score_ci") else []
     keys += sorted((c for c in points.columns if _task(c)), key=_task)
     keys += [k for k in DEFAULT_ANSWER_METRICS if k in points.columns and points[k].notna().any()]
     keys += [c for c in points.columns if _lm_eval(c) and points[c].notna().any()]
     keys += [k for k in ("forgetting", "p") if points[k].notna().any()]
+    keys += [k for k in PAIRED if k != "score_ci" and _has(points, k)]
     return keys
 
 
@@ -133,15 +148,25 @@ def _lm_eval(key: str) -> bool:
     return len(parts) == 3 and parts[0] == "lm_eval" and not key.endswith(SEED_STD)
 
 
-def choose_keys(points: pd.DataFrame, spec: Optional[list[str]] = None) -> list[str]:
-    """The default keys, or those ``spec`` names (names or glob patterns; ``default`` for the default
-    set), led by ``method`` (and ``setting`` where points differ) unless ``spec`` places them or names
-    ``run`` (the sweep's name for a run says which it is)."""
+def _named(have: list[str], item: str, reference: str) -> list[str]:
+    """The keys ``item`` names: by key or glob pattern (``test/*/accuracy``), or by the title the table
+    shows (``exact match``, ``mem vs full``; case and surrounding spaces aside)."""
+    found = [k for k in have if fnmatch.fnmatchcase(k, item)]
+    if found:
+        return found
+    title = " ".join(item.split()).casefold()
+    return [k for k in have if column(k, reference).title.casefold() == title]
+
+
+def choose_keys(points: pd.DataFrame, spec: Optional[list[str]] = None, reference: str = "full") -> list[str]:
+    """The default keys, or those ``spec`` names (names, glob patterns or the titles the table shows;
+    ``default`` for the default set), led by ``method`` (and ``setting`` where points differ) unless
+    ``spec`` places them or names ``run`` (the sweep's name for a run says which it is)."""
     if not spec:
         return default_keys(points)
     have, keys = available(points), []
     for item in spec:
-        found = default_keys(points) if item == "default" else [k for k in have if fnmatch.fnmatchcase(k, item)]
+        found = default_keys(points) if item == "default" else _named(have, item, reference)
         keys += [k for k in found if k not in keys]
     if "run" in keys:
         return keys
@@ -149,10 +174,10 @@ def choose_keys(points: pd.DataFrame, spec: Optional[list[str]] = None) -> list[
     return lead + keys
 
 
-def unmatched(points_list: list[pd.DataFrame], spec: list[str]) -> list[str]:
-    """The items of ``spec`` that name no column of any of these studies."""
-    have = {k for points in points_list for k in available(points)}
-    return [s for s in spec if s != "default" and not any(fnmatch.fnmatchcase(k, s) for k in have)]
+def unmatched(points_list: list[pd.DataFrame], spec: list[str], reference: str = "full") -> list[str]:
+    """The items of ``spec`` that name no column of any of these studies (by key, pattern or title)."""
+    have = list(dict.fromkeys(k for points in points_list for k in available(points)))
+    return [s for s in spec if s != "default" and not _named(have, s, reference)]
 
 
 # ---------------------------------------------------------------------------------- cells
@@ -208,6 +233,8 @@ def cell(row: pd.Series, col: Column) -> str:
 
 def _cell(row: pd.Series, col: Column) -> str:
     value = row.get(col.key)
+    if col.kind in ("interval", "diff", "verdict"):
+        return _paired_cell(row, col)
     if col.kind == "text":
         return "–" if _missing(value) else str(value)
     if col.kind == "n":
@@ -222,14 +249,38 @@ def _cell(row: pd.Series, col: Column) -> str:
     return f"{fmt(col.kind, value)} ± {fmt(col.kind, std).lstrip('+')}"
 
 
+def _paired_cell(row: pd.Series, col: Column) -> str:
+    """The paired comparison's cells: a point's interval (``44.3–63.4%``... as ``[44.3, 63.4]%``), the
+    difference to the reference with its interval (``-9.0 [-18.0, +0.0]``, points for a percentage),
+    the verdict (``no evidence (MDD 13.2)``)."""
+    from ftbench.sweep.report.comparison import interval_text, number, verdict_text
+
+    metric = row.get("paired_metric")
+    if col.kind == "interval":
+        return interval_text(row.get("score_ci_low"), row.get("score_ci_high"), metric)
+    if col.kind == "diff":
+        if _missing(row.get("diff")):
+            return "–"
+        return f"{number(row['diff'], metric, sign=True)} {interval_text(row.get('diff_ci_low'), row.get('diff_ci_high'), metric, sign=True)}"
+    if row.get("is_reference") and not _missing(row.get("score_ci_low")):
+        return "(ref)"
+    same = row.get("diff_ci_low") == 0 and row.get("diff_ci_high") == 0 and row.get("diff") == 0
+    return verdict_text(row.get("verdict"), row.get("mdd"), metric, bool(same))
+
+
 def markdown_table(points: pd.DataFrame, keys: Optional[list[str]] = None, reference: str = "full") -> str:
     cols = [column(k, reference) for k in (keys or default_keys(points))]
     head = "| " + " | ".join(c.title for c in cols) + " |"
-    sep = "|" + "|".join("---" if c.kind == "text" else "---:" for c in cols) + "|"
+    sep = "|" + "|".join("---" if c.kind in ("text", "verdict") else "---:" for c in cols) + "|"
     body = ["| " + " | ".join(cell(row, c) for c in cols) + " |" for _, row in points.iterrows()]
     marked = any(CONTENDED in line for line in body)
     notes = [MEMORY_NOTE] if any(c.key in BREAKDOWN for c in cols) else []
     notes += [CONTENDED_NOTE] if marked else []
+    if any(c.key in PAIRED for c in cols):
+        from ftbench.sweep.report.comparison import table_note
+
+        paired = table_note(points, [c.key for c in cols], reference)
+        notes += [paired] if paired else []
     return "\n".join([head, sep, *body]) + "".join(f"\n\n{n}" for n in notes)
 
 
@@ -241,6 +292,8 @@ def csv_text(points: pd.DataFrame) -> str:
     for k in DERIVED:
         keys += [k, k + SEED_STD]
     keys += ["mem_rel", "speed_rel", "t", "p"]
+    keys += ["paired_metric", "paired_stage", "paired_rows", "score_ci_low", "score_ci_high", "diff", "diff_ci_low",
+             "diff_ci_high", "paired_test", "p_paired", "p_holm", "mdd", "verdict"]
     for k in available(points)[5:]:
         if k not in keys and k not in KNOWN:
             keys += [k, k + SEED_STD]
@@ -248,7 +301,7 @@ def csv_text(points: pd.DataFrame) -> str:
     out["setting"] = out["setting"].fillna("")
     for k in out.columns[6 + named:]:
         values = out[k].dropna()
-        if len(values) and (values == values.round()).all() and values.abs().max() < 2**53:
+        if len(values) and pd.api.types.is_numeric_dtype(values) and (values == values.round()).all() and values.abs().max() < 2**53:
             out[k] = out[k].astype("Int64")
     out["seeds"] = points["seeds"].map(lambda v: ";".join(str(s) for s in v))
     out["run_ids"] = points["run_ids"].map(lambda v: ";".join(str(s) for s in v))
