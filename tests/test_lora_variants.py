@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import tiny_data
 from pinning import four_step_losses, load_pins
 from test_memory import LAYERS
-from test_optimizers import LINEARS, _tiny, tiny_data
+from test_optimizers import LINEARS, _tiny
 
 PIN_NAME = "lora_variants"
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import tiny_data
 from pinning import four_step_losses, load_pins
 from test_memory import F32, H, I, K, LAYERS, PARAMS, PER_BLOCK, V, lora_tuner, measure
 
@@ -284,15 +285,6 @@ def method(name: str, model_dir: Path, out: Path, tuner: str = "full", objective
     return cli.model
 
 
-def tiny_data(backbone):
-    from ftbench.data import InstructionData
-
-    dm = InstructionData(backbone=backbone, builtin_size=80, batch_size=4, eval_batch_size=4, max_length=96,
-                         val_fraction=0.1, test_fraction=0.1, seed=0)
-    dm.setup("fit")
-    return dm
-
-
 def compute_pins(tmp_dir: Path) -> dict:
     from ftbench.testing import build_tiny_llama
 
@@ -314,3 +306,47 @@ def test_four_step_losses(tiny_model_dir, tmp_path, name):
     else:
         assert len(moved) == 21
     assert all(math.isfinite(x) for x in losses)
+
+
+# ---------------------------------------------------------------------- every objective
+def _objective(kind: str, model_dir: Path, tuner, factory):
+    from ftbench.backbone import Backbone
+    from ftbench.objectives import DPO, GRPO, Reward
+
+    bb = Backbone(model=str(model_dir))
+    if kind == "reward":
+        from helpers import preference_data
+
+        return Reward(backbone=bb, tuner=tuner, optimizer=factory, warmup_steps=0), preference_data(bb)
+    if kind == "dpo":
+        from helpers import preference_data
+
+        return DPO(backbone=bb, tuner=tuner, optimizer=factory, warmup_steps=0), preference_data(bb)
+    from ftbench.data import InstructionData
+
+    m = GRPO(backbone=bb, tuner=tuner, optimizer=factory, warmup_steps=0, num_generations=2,
+             max_completion_length=4, reward_funcs=[lambda prompts, completions, **kw: [float(i % 2) for i in range(len(completions))]])
+    return m, InstructionData(backbone=bb, source="builtin:instruction", builtin_size=40, batch_size=2, max_length=96,
+                              val_fraction=0.1, test_fraction=0.1, seed=0, prompt_batches=True, eval_batch_size=4)
+
+
+@pytest.mark.parametrize("kind", ["reward", "dpo", "grpo"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_objective_trains_full_and_freeze(tiny_model_dir, name, kind):
+    """Two steps of each objective with the full tuner (and, for DPO, freeze): finite losses, and the
+    weights the optimizer is given move (BAdam: its active block; a reward model's new score head
+    under BAdam too, which is always active)."""
+    from ftbench.tuners import Freeze, Full
+
+    kw = {"rank": R} if name in ("galore", "galore8bit", "apollo") else {}
+    tuners = [Full(lr=1e-3)] + ([Freeze(trainable_layers=1, lr=1e-3)] if kind == "dpo" else [])
+    for tuner in tuners:
+        m, dm = _objective(kind, tiny_model_dir, tuner, optimizer(name, **kw))
+        before: dict = {}
+        losses = four_step_losses(m, dm, steps=2, after_setup=lambda o: before.update(
+            {n: p.detach().clone() for n, p in o.model.named_parameters() if p.requires_grad}))
+        assert all(math.isfinite(x) for x in losses)
+        moved = [n for n, p in m.model.named_parameters() if n in before and not torch.equal(p.detach(), before[n])]
+        assert moved, (kind, type(tuner).__name__)
+        if kind == "reward":
+            assert "score.weight" in moved

@@ -24,7 +24,8 @@ class BAdam(badam.BlockOptimizer if badam else torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, switch_block_every: int = 50,
                  switch_mode: Literal["descending", "ascending", "random", "fixed"] = "descending",
-                 start_block: Optional[int] = None, include_embedding: bool = False, include_lm_head: bool = False):
+                 start_block: Optional[int] = None, include_embedding: bool = False, include_lm_head: bool = False,
+                 always_active: Optional[list[str]] = None):
         """
         Args:
             params: The trainable parameters by name (``optimization`` hands them over).
@@ -39,6 +40,9 @@ class BAdam(badam.BlockOptimizer if badam else torch.optim.Optimizer):
             include_embedding: The embeddings are a block of their own.
             include_lm_head: The head and every parameter outside the layers are one more block (without
                 it they stay frozen).
+            always_active: Name parts of parameters that train at every step besides the active block
+                (BAdam's ``active_modules``; default ``[score.]``: a reward model's new score head, which
+                starts random, always trains).
         """
         require(badam, "badam", "BAdam")
         named = named_parameters(params, "BAdam")
@@ -55,8 +59,9 @@ class BAdam(badam.BlockOptimizer if badam else torch.optim.Optimizer):
         if start_block is not None and not 0 <= start_block < len(blocks):
             raise ConfigError(f"model.init_args.optimizer.init_args.start_block: {start_block} is not one of BAdam's "
                               f"{len(blocks)} blocks (0 to {len(blocks) - 1})")
+        active = ["score."] if always_active is None else list(always_active)
         super().__init__(base, named, block_prefix_list=blocks, switch_block_every=switch_block_every,
-                         start_block=start_block, switch_mode=switch_mode, verbose=0)
+                         start_block=start_block, switch_mode=switch_mode, active_modules=active, verbose=0)
 
     def switch_trainable_params(self, verbose: Optional[int] = None) -> None:
         # BlockOptimizer.step calls this with its default verbose=1, which prints the new block's
