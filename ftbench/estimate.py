@@ -282,14 +282,16 @@ def convert_true_precision(module: torch.nn.Module, dtype: torch.dtype) -> None:
 # ---------------------------------------------------------------------- one estimate
 def optimizer_factory(name_or_factory: Any) -> Callable:
     """An optimizer factory from a short name (``adamw``, ``adamw8bit``, ``paged_adamw8bit``, ``sgd``,
-    ``sgd_momentum``), a ``class_path`` YAML (``configs/optim/*.yaml``), or a callable."""
+    ``sgd_momentum``, or a shipped config's: ``galore``, ``badam``, ``muon``, ...), a ``class_path`` YAML
+    (``configs/optim/*.yaml``), or a callable."""
     if callable(name_or_factory):
         return name_or_factory
     spec = str(name_or_factory)
+    shipped = ROOT / "configs" / "optim" / f"{spec}.yaml"
     if spec in OPTIMIZERS:
         class_path, init_args = OPTIMIZERS[spec]
     else:
-        cfg = _load_yaml(spec)
+        cfg = _load_yaml(str(shipped) if shipped.is_file() and not Path(spec).is_file() else spec)
         class_path, init_args = cfg["class_path"], cfg.get("init_args") or {}
     module, _, cls = class_path.rpartition(".")
     import importlib
@@ -330,9 +332,13 @@ class MetaRun:
             convert_true_precision(self.objective, torch.bfloat16)
         self.objective.check_finite = lambda *a, **k: None  # reads the loss's value
         self.objective.log = lambda *a, **k: None  # no trainer to log to
+        # as a run: the optimizer is made after the model and before the first step (BAdam leaves only its
+        # first block trainable, so the weights' split, the gradients and the activations follow it)
+        self.optimizer = meta_optimizer(self.objective, self.optimizer_factory)
         self.weights = weight_breakdown(self.objective)
         self.params = self.objective.parameter_counts()
         self._optimizer: Optional[dict[str, Any]] = None
+        self._block_gradients: Optional[dict[str, Any]] = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -361,19 +367,14 @@ class MetaRun:
         return parts
 
     def optimizer_state(self) -> dict[str, Any]:
-        """The optimizer's state after its first step on the gradients of the last :meth:`step`."""
+        """The optimizer's state after its first step on the gradients of the last :meth:`step` (BAdam:
+        the largest over its blocks, see :func:`step_on_meta`)."""
         if self._optimizer is None:
-            params = [p for p in self.objective.parameters() if p.requires_grad]
-            if not params:
+            if self.optimizer is None:
                 self._optimizer = optimizer_breakdown([])
             else:
-                opt = self.optimizer_factory(params)
-                if getattr(opt, "is_paged", False):
-                    # bitsandbytes' paged states are CUDA unified memory of the same dtypes and shapes;
-                    # there is none on meta (or without CUDA), so they are made as plain tensors here
-                    opt.is_paged = False
-                opt.step()
-                self._optimizer = optimizer_breakdown([opt])
+                opt = self.optimizer
+                self._optimizer, self._block_gradients = step_on_meta(opt)
                 self._optimizer["class"] = f"{type(opt).__module__}.{type(opt).__name__}"
         return self._optimizer
 
@@ -381,6 +382,8 @@ class MetaRun:
         """The same dict :class:`~ftbench.bench.memory.MemoryBreakdown` records for a real run."""
         parts = self.step(batch_size, seq_len)
         parts["optimizer"] = self.optimizer_state()
+        if self._block_gradients is not None and self._block_gradients["bytes"] > parts["gradients"]["bytes"]:
+            parts["gradients"] = self._block_gradients  # BAdam: the largest block's, as a run's breakdown keeps
         parts["weights"] = self.weights
         parts["device"] = "meta"
         parts["batch_shape"] = [batch_size, seq_len]
@@ -417,6 +420,79 @@ class MetaRun:
         while b < limit and budget - (peak(b) + slope) > -0.01 * slope and peak(b + 1) <= budget:
             b += 1
         return b
+
+
+def meta_optimizer(objective, factory: Callable) -> Optional[torch.optim.Optimizer]:
+    """The optimizer a run's ``configure_optimizers`` makes (named parameters, the tuner's grouping and
+    rate: :func:`ftbench.objectives.optim.make_optimizer`), or None when nothing trains."""
+    from ftbench.objectives.optim import make_optimizer
+
+    if not any(p.requires_grad for p in objective.model.parameters()):
+        return None
+    opt = make_optimizer(objective.model, objective.tuner, factory, objective.method_label)
+    if getattr(opt, "is_paged", False):
+        # bitsandbytes' paged states are CUDA unified memory of the same dtypes and shapes; there is
+        # none on meta (or without CUDA), so they are made as plain tensors here
+        opt.is_paged = False
+    return opt
+
+
+class MetaValues(TorchFunctionMode):
+    """A value read from a meta tensor during an optimizer's step is 1 (Adafactor reads its step count
+    with ``.item()``, APOLLO compares its norm-growth limiter): values decide no state's size."""
+
+    _READS = {torch.Tensor.item: 1.0, torch.Tensor.__float__: 1.0, torch.Tensor.__int__: 1, torch.Tensor.__bool__: True}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._READS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return self._READS[func]
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def optimizer_on_meta() -> Iterator[None]:
+    """An optimizer's step on meta tensors: values read are 1 (:class:`MetaValues`), and APOLLO's seeded
+    Gaussian projection (a ``torch.Generator`` has no meta device) is an empty meta tensor of its shape."""
+    from unittest import mock
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(MetaValues())
+        if sys.modules.get("apollo_torch") is not None:
+            def empty_randn(shape, seed, device=None, dtype=torch.float32):
+                return torch.empty(shape, device=device, dtype=dtype)
+
+            stack.enter_context(mock.patch("apollo_torch.random_projector.stable_randn", empty_randn))
+        yield
+
+
+def step_on_meta(opt: torch.optim.Optimizer) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """Step ``opt`` on the gradients it has and read its state as a run's breakdown does, before and after
+    the step, the largest kept. badam's BlockOptimizer is stepped on through every block (``switch_block_every``
+    steps each, gradients made empty for the active block), since a run keeps the largest block's state
+    and gradients over its timed steps; the second value is the largest block's gradients (else None)."""
+    reads = [optimizer_breakdown([opt])]
+    with optimizer_on_meta():
+        opt.step()
+    reads.append(optimizer_breakdown([opt]))
+    badam = sys.modules.get("badam")
+    block_grads: Optional[dict[str, Any]] = None
+    if badam is not None and isinstance(opt, badam.BlockOptimizer):
+        params = [p for group in opt.param_groups for p in group["params"]]
+        trainable = [p.requires_grad for p in params]  # put back after: later steps see the first block
+        for _ in range(opt.block_num * opt.switch_block_every):
+            for p in params:
+                p.grad = torch.empty_like(p) if p.requires_grad else None
+            grads = gradient_breakdown(params)
+            if block_grads is None or grads["bytes"] > block_grads["bytes"]:
+                block_grads = grads
+            reads.append(optimizer_breakdown([opt]))
+            with optimizer_on_meta():
+                opt.step()
+            reads.append(optimizer_breakdown([opt]))
+        for p, flag in zip(params, trainable):
+            p.requires_grad_(flag)
+            p.grad = None
+    return max(reads, key=lambda r: r["bytes"]), block_grads
 
 
 def _backward(loss: torch.Tensor) -> None:

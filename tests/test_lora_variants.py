@@ -173,3 +173,28 @@ def test_loraplus_settings_are_checked():
     with pytest.raises(ConfigError, match=r"^tuner.loraplus_lr_ratio: LoRA\+ sets the rate of LoRA's B matrices; "
                                           r"tuner ia3 has none$"):
         Peft(peft_config=IA3Config(), loraplus_lr_ratio=16.0, lr=1e-3)
+
+
+# ---------------------------------------------------------------------- ftbench estimate = measured
+@pytest.mark.parametrize("name", CONFIGS)
+def test_estimate_equals_measured_step(tiny_model_dir, tmp_path, name):
+    """Each variant's shipped tuner under SFT with AdamW (LoRA+: its grouping, built as a run builds it):
+    the estimate on meta equals the measured breakdown part for part. (On meta every initialisation
+    gives LoRA's shapes: there are no values to take an SVD or a quantization of.)"""
+    from ftbench.backbone import Backbone
+    from ftbench.estimate import estimate
+    from test_memory import B, T, adamw, measure
+
+    tuner = method(name, tiny_model_dir, tmp_path).tuner
+    real = measure(tiny_model_dir, tuner, optimizer=adamw(), steps=2)
+    tuner = method(name, tiny_model_dir, tmp_path).tuner
+    est = estimate(Backbone(model=str(tiny_model_dir)), tuner, batch_size=B, seq_len=T, precision="32-true",
+                   optimizer=adamw())
+    assert est["weights"] == real["weights"]
+    assert est["gradients"] == real["gradients"]
+    for key in ("bytes", "tensors", "by_dtype", "by_entry", "step_tensors", "step_bytes"):
+        assert est["optimizer"][key] == real["optimizer"][key], key
+    # AdamW: two float32 moments and a step per A and B matrix
+    assert est["optimizer"]["bytes"] == 2 * LORA16 * 4 + 2 * 7 * LAYERS * 4
+    assert est["activations"]["bytes"] == real["activations"]["bytes"]
+    assert est["largest_transient"]["bytes"] == real["largest_transient"]["bytes"]

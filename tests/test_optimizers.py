@@ -350,3 +350,43 @@ def test_every_objective_trains_full_and_freeze(tiny_model_dir, name, kind):
         assert moved, (kind, type(tuner).__name__)
         if kind == "reward":
             assert "score.weight" in moved
+
+
+# ---------------------------------------------------------------------- ftbench estimate = measured
+@pytest.mark.parametrize("name", CONFIGS)
+def test_estimate_equals_measured_step(tiny_model_dir, name):
+    """On the meta device the estimate builds the optimizer as a run does (named parameters, BAdam's
+    first block) and steps it: every part equals the measured breakdown, the optimizer entry by entry."""
+    from ftbench.backbone import Backbone
+    from ftbench.estimate import estimate
+    from ftbench.tuners import Full
+    from test_memory import B, T
+
+    factory = optimizer(name, **({"rank": R} if name in ("galore", "galore8bit", "apollo") else {}))
+    real = measure(tiny_model_dir, Full(), optimizer=factory, steps=3)
+    est = estimate(Backbone(model=str(tiny_model_dir)), Full(), batch_size=B, seq_len=T, precision="32-true",
+                   optimizer=factory)
+    assert est["weights"] == real["weights"]
+    assert est["gradients"] == real["gradients"]
+    for key in ("bytes", "tensors", "by_dtype", "by_entry", "step_tensors", "step_bytes"):
+        assert est["optimizer"][key] == real["optimizer"][key], key
+    assert est["optimizer"]["by_entry"] == EXPECTED[name]
+    assert est["activations"]["bytes"] == real["activations"]["bytes"]
+    assert est["largest_transient"]["bytes"] == real["largest_transient"]["bytes"]
+
+
+def test_estimate_of_badam_is_its_largest_block(tiny_model_dir):
+    """Blocks of different sizes (include_lm_head): the estimate steps through every block, as a run's
+    breakdown keeps the largest over its timed steps (4 steps here reach the last block)."""
+    from ftbench.backbone import Backbone
+    from ftbench.estimate import estimate
+    from ftbench.tuners import Full
+    from test_memory import B, T
+
+    bad = optimizer("badam", switch_block_every=2, switch_mode="ascending", include_lm_head=True)
+    real = measure(tiny_model_dir, Full(), optimizer=bad, steps=4)
+    est = estimate(Backbone(model=str(tiny_model_dir)), Full(), batch_size=B, seq_len=T, precision="32-true",
+                   optimizer=bad)
+    assert est["optimizer"]["by_entry"] == real["optimizer"]["by_entry"]
+    assert est["optimizer"]["bytes"] == 3 * (2 * V * H + H) * F32 + 3 * F32
+    assert est["gradients"]["bytes"] == real["gradients"]["bytes"] == (2 * V * H + H) * F32

@@ -93,6 +93,10 @@ class Peft(Tuner):
         from peft import AdaLoraConfig, TaskType
 
         config = copy.deepcopy(self.peft_config)
+        if isinstance(getattr(config, "init_lora_weights", True), str) and any(p.is_meta for p in model.parameters()):
+            # ftbench estimate's model has no values to initialise from (PiSSA's SVD, LoftQ's quantization):
+            # every initialisation gives LoRA's shapes and dtypes, which are all a meta model has
+            config.init_lora_weights = True
         if getattr(config, "task_type", None) is None:
             config.task_type = TaskType.SEQ_CLS if getattr(model, "ftbench_head", None) == "score" else TaskType.CAUSAL_LM
         if isinstance(config, AdaLoraConfig) and self.total_steps is not None and self.total_steps != config.total_step:
