@@ -91,3 +91,5 @@ def test_efficiency_estimate_table_is_the_estimate():
     # which are GiB (its Llama2-7B full row, 38.72, is below bf16 weights + gradients + 8-bit Adam in 1e9 bytes)
     assert "| sft+full | 4.67 | 4.67 | 4.74 |" in table and "| 15.10 | 17.06 | 0.89 |" in table
     assert "| predicted peak (GiB) | paper, measured (GiB) |" in table
+    # the GaLore row (galore-torch's 8-bit GaLore, rank 16), beside the paper's 10.16
+    assert "| sft+full, GaLore | 4.67 | 4.67 | 1.03 | 0.53 | 0.49 | 11.39 | 10.16 | 1.12 |" in table
