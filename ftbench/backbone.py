@@ -110,33 +110,52 @@ class Backbone:
     def _resolve(self) -> str:
         from ftbench import gguf_cache
 
+        kind, where = self.source()
+        return str(gguf_cache.cached_folder(Path(where), self.cache_dir)) if kind == "gguf" else where
+
+    def source(self, download: bool = True) -> tuple[Literal["gguf", "folder", "hub"], str]:
+        """What ``model`` (and ``gguf_file``) names, found without converting or reading a weight:
+        ``("gguf", file)``, ``("folder", path)`` (a folder with ``config.json``) or ``("hub", id)``.
+        A GGUF file of a hub id is downloaded, or with ``download=False`` taken from the local cache
+        only (``ftbench estimate`` never waits for the network)."""
+        from ftbench import gguf_cache
+
         if self.model == EMBEDDED:
-            return str(gguf_cache.cached_folder(gguf_cache.embedded_gguf(), self.cache_dir))
+            return "gguf", str(gguf_cache.embedded_gguf())
         path = Path(self.model).expanduser()
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise BackboneError(f"backbone.model: GGUF file {str(path)!r} does not exist")
-            return str(gguf_cache.cached_folder(path, self.cache_dir))
+            return "gguf", str(path)
         if path.exists():
             if self.gguf_file:
-                return str(gguf_cache.cached_folder(path / self.gguf_file, self.cache_dir))
+                if not (path / self.gguf_file).is_file():
+                    raise BackboneError(f"backbone.gguf_file: GGUF file {str(path / self.gguf_file)!r} does not exist")
+                return "gguf", str(path / self.gguf_file)
             if not (path / "config.json").is_file():
                 raise BackboneError(
                     f"backbone.model: {str(path)!r} is not a model folder (no config.json in it)"
                 )
-            return str(path)
+            return "folder", str(path)
         if _HUB_ID.match(self.model) and not self.model.startswith((".", "/", "~")):
-            if self.gguf_file:
-                from huggingface_hub import hf_hub_download
+            if not self.gguf_file:
+                return "hub", self.model
+            if not download:
+                from huggingface_hub import try_to_load_from_cache
 
-                try:
-                    local = hf_hub_download(self.model, self.gguf_file, revision=self.revision)
-                except Exception as err:  # offline, unknown repo, missing file
-                    raise BackboneError(
-                        f"backbone.model: cannot get {self.gguf_file!r} from hub id {self.model!r}: {err}"
-                    ) from err
-                return str(gguf_cache.cached_folder(Path(local), self.cache_dir))
-            return self.model
+                local = try_to_load_from_cache(self.model, self.gguf_file, revision=self.revision)
+                if not isinstance(local, str):
+                    raise BackboneError(f"backbone.gguf_file: {self.gguf_file!r} of hub id {self.model!r} is not "
+                                        "in the local cache")
+                return "gguf", local
+            from huggingface_hub import hf_hub_download
+
+            try:
+                return "gguf", hf_hub_download(self.model, self.gguf_file, revision=self.revision)
+            except Exception as err:  # offline, unknown repo, missing file
+                raise BackboneError(
+                    f"backbone.model: cannot get {self.gguf_file!r} from hub id {self.model!r}: {err}"
+                ) from err
         raise BackboneError(
             f"backbone.model: {self.model!r} is neither an existing folder, a .gguf file, "
             f"a hub id (owner/name) nor {EMBEDDED!r}"
@@ -263,6 +282,13 @@ def score_module(model: torch.nn.Module) -> torch.nn.Module:
     if not found:
         raise BackboneError(f"backbone: {type(model).__name__} has no score head (load it with head='score')")
     return model.get_submodule(found[0])
+
+
+def train_score_head(model: torch.nn.Module) -> None:
+    """A score head is new (randomly initialised): it trains under every tuner, and is saved with what
+    the tuner trained (peft: as a ``modules_to_save`` layer; others: it requires grad)."""
+    if not any(p.requires_grad for p in score_module(model).parameters()):
+        score_module(model).requires_grad_(True)
 
 
 def last_token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

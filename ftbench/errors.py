@@ -34,3 +34,8 @@ class BackboneError(FTBenchError):
 class OutputError(FTBenchError):
     """``--out`` cannot hold the run's records (not a folder, not writable), or holding them would
     replace a completed record."""
+
+
+class EstimateError(FTBenchError):
+    """An estimate (``ftbench estimate``) that cannot be made as asked; the message names the option
+    or the config field."""

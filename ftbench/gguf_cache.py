@@ -67,6 +67,19 @@ def _valid(folder: Path) -> bool:
         return False
 
 
+def folder_for(gguf: Path, cache_dir: Optional[str | Path] = None) -> Path:
+    """Where the converted folder of ``gguf`` lives (built or not): ``{cache}/models/{stem}-{fingerprint}``."""
+    gguf = Path(gguf).expanduser().resolve()
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return root / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
+
+
+def built_folder(gguf: Path, cache_dir: Optional[str | Path] = None) -> Optional[Path]:
+    """The converted folder of ``gguf`` if a complete one is cached, else None (builds nothing)."""
+    folder = folder_for(gguf, cache_dir)
+    return folder if _valid(folder) else None
+
+
 def cached_folder(gguf: Path, cache_dir: Optional[str | Path] = None) -> Path:
     """Return the cached safetensors folder for ``gguf``, building it if missing or invalid."""
     gguf = Path(gguf).expanduser().resolve()
@@ -74,8 +87,7 @@ def cached_folder(gguf: Path, cache_dir: Optional[str | Path] = None) -> Path:
         from ftbench.errors import BackboneError
 
         raise BackboneError(f"backbone.gguf_file: GGUF file {str(gguf)!r} does not exist")
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    final = root / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
+    final = folder_for(gguf, cache_dir)
     if _valid(final):
         return final
     if final.exists():

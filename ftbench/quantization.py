@@ -20,9 +20,8 @@ from typing import Any, Optional
 import torch
 
 from ftbench.errors import FTBenchError
+from ftbench.storage import STORAGE, storage_of
 
-#: storage format of a quantized linear layer's weight, by quantization kind
-STORAGE = {"nf4": "bnb-nf4", "fp4": "bnb-fp4", "int8": "bnb-int8"}
 KINDS = ("nf4", "fp4", "int8")
 
 
@@ -108,42 +107,6 @@ def _added_markers(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(markers)
 
 
-def _storage_of(param: torch.Tensor, owner: Optional[torch.nn.Module] = None) -> tuple[str, int]:
-    """Storage format and in-memory bytes of one backbone weight (quantization constants included);
-    ``owner`` is the module holding it (an int8 layer moves its row scales there at the first forward)."""
-    cls = type(param).__name__
-    nbytes = param.numel() * param.element_size()
-    if cls == "Params4bit":
-        state = getattr(param, "quant_state", None)
-        kind = getattr(state, "quant_type", None) or getattr(param, "quant_type", "nf4")
-        if state is not None:
-            nbytes += _quant_state_bytes(state)
-        return STORAGE.get(kind, f"bnb-{kind}"), nbytes
-    if cls == "Int8Params" or param.dtype == torch.int8:
-        scb = getattr(param, "SCB", None)
-        if scb is None and owner is not None:
-            scb = getattr(getattr(owner, "state", None), "SCB", None)
-        if isinstance(scb, torch.Tensor):
-            nbytes += scb.numel() * scb.element_size()
-        return STORAGE["int8"], nbytes
-    return str(param.dtype).replace("torch.", ""), nbytes
-
-
-def _quant_state_bytes(state) -> int:
-    total = 0
-    for attr in ("absmax", "code"):
-        t = getattr(state, attr, None)
-        if isinstance(t, torch.Tensor):
-            total += t.numel() * t.element_size()
-    nested = getattr(state, "state2", None)
-    if nested is not None:
-        total += _quant_state_bytes(nested)
-        offset = getattr(state, "offset", None)
-        if isinstance(offset, torch.Tensor):
-            total += offset.numel() * offset.element_size()
-    return total
-
-
 def weight_footprint(model: torch.nn.Module, quantization: str = "none") -> dict[str, Any]:
     """Bytes the backbone's weights take in memory, by storage format.
 
@@ -162,7 +125,7 @@ def weight_footprint(model: torch.nn.Module, quantization: str = "none") -> dict
         if _is_added(name, markers) or id(param) in seen:
             continue
         seen.add(id(param))
-        fmt, nbytes = _storage_of(param, owners.get(id(param)))
+        fmt, nbytes = storage_of(param, owners.get(id(param)))
         by_storage[fmt] = by_storage.get(fmt, 0) + nbytes
     total = sum(by_storage.values())
     if quantization in STORAGE and STORAGE[quantization] in by_storage:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ftbench.data.base import DataFormatError
-from ftbench.data.domain import DomainData, forgetting, pack_documents, read_documents
+from ftbench.data.domain import DomainData, pack_documents, read_documents
 
 APPLE = [301, 393, 389, 358]  # "apple river" with the tiny tokenizer
 STONE = [266, 403, 507, 503, 381, 268, 71, 349]  # "stone cloud garden"
@@ -298,13 +298,8 @@ def test_lora_fit_on_domain_data_writes_the_record(tiny_model_dir, tmp_path):
             assert name in info[phase], (phase, name)
     assert "test/domain/perplexity" in info["final"]
     assert info["initial"]["val/general/loss"] > 0
-    change = forgetting(info)
+    from ftbench.sweep.report.records import runs_frame  # the report's forgetting column
+
+    change = runs_frame([record])["forgetting"].iloc[0]
     assert change == info["final"]["val/general/loss"] - info["initial"]["val/general/loss"]
     assert change != 0.0  # two LoRA steps moved the general-text loss
-    assert forgetting({"final": info["final"]}) is None
-
-
-def test_forgetting_from_a_record():
-    info = {"initial": {"val/general/loss": 2.5}, "final": {"val/general/loss": 2.75, "val/loss": 1.0}}
-    assert forgetting(info) == 0.25
-    assert forgetting({"initial": {}, "final": {"val/general/loss": 2.0}}) is None

@@ -231,3 +231,102 @@ def test_cli_errors(llama_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError):
         read_config(backbone(tmp_path / "empty"))
+
+
+# ---------------------------------------------------------------------- settings that cannot work: one line, status 2
+def one_line_error(capsys, argv) -> str:
+    from ftbench.estimate import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_a_config_without_its_sizes_is_refused(tmp_path, capsys):
+    """``{"model_type": "llama"}`` alone would describe LlamaConfig's default 7B model."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert one_line_error(capsys, ["--model", str(tmp_path), "--tuner", "lora"]) == (
+        f"ftbench: error: estimate: the config of {str(tmp_path)!r} lacks hidden_size, num_hidden_layers, "
+        "vocab_size, num_attention_heads, intermediate_size: without them it would describe LlamaConfig's "
+        "default model, not yours")
+
+
+def test_an_absurd_size_is_refused_before_anything_is_built(tmp_path, capsys):
+    import time
+
+    H, I, V, L = 4096, 11008, 32000, 1_000_000
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": H, "num_hidden_layers": L, "num_attention_heads": 32,
+        "intermediate_size": I, "vocab_size": V}))
+    total = 2 * V * H + H + L * (4 * H * H + 3 * H * I + 2 * H)  # embedding, head, final norm; per block
+    assert f"{total:.3g}" == "2.02e+14"
+    t0 = time.perf_counter()
+    assert one_line_error(capsys, ["--model", str(tmp_path), "--tuner", "lora"]) == (
+        f"ftbench: error: estimate: the config of {str(tmp_path)!r} describes 2.02e+14 parameters "
+        "(num_hidden_layers=1000000), over the bound of 2e+12: no such model exists (a mistyped size?)")
+    assert time.perf_counter() - t0 < 20
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--batch_size", "0", "--batch_size must be >= 1, got 0"),
+    ("--seq_len", "-3", "--seq_len must be >= 1, got -3"),
+    ("--gpu_memory", "0GiB", "--gpu_memory must be >= 1, got 0"),
+    ("--batch_size", "two", "argument --batch_size: invalid int value: 'two'"),
+    ("--gpu_memory", "lots", "argument --gpu_memory: not a size: 'lots' (e.g. 24GiB, 80GB, 16e9)"),
+])
+def test_every_numeric_option_is_checked(llama_dir, capsys, option, value, message):
+    assert one_line_error(capsys, ["--model", str(llama_dir), "--tuner", "lora", option, value]) == (
+        f"ftbench: error: estimate: {message}")
+
+
+def test_rows_of_one_tuner_with_two_settings_are_labelled_apart(llama_dir, tmp_path, capsys):
+    from ftbench.estimate import main
+
+    specs = []
+    for r in (8, 16):
+        spec = tmp_path / f"lora_r{r}.yaml"
+        spec.write_text("class_path: ftbench.tuners.Peft\ninit_args:\n  peft_config:\n    class_path: peft.LoraConfig\n"
+                        f"    init_args: {{r: {r}, lora_alpha: 16, target_modules: all-linear}}\n")
+        specs += ["--tuner", str(spec)]
+    out = tmp_path / "rows.json"
+    assert main(["--model", str(llama_dir), *specs, "--batch_size", "1", "--seq_len", "16", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["label"]) for r in rows] == [("sft+lora", "sft+lora r8"), ("sft+lora", "sft+lora r16")]
+    assert [r["params"]["trainable"] for r in rows] == [LAYERS * r * sum(o + i for o, i in LINEARS) for r in (8, 16)]
+    table = capsys.readouterr().out
+    assert "sft+lora r8 " in table and "sft+lora r16 " in table
+
+
+# ---------------------------------------------------------------------- what an objective holds
+def test_what_an_objective_declares_it_holds_is_measured_and_estimated(tiny_model_dir):
+    """An objective that only declares ``needs_reference`` holds a frozen copy under full tuning: the
+    run's breakdown and the estimate count it under ``weights.held``, equally. One that declares
+    ``holds_reward_model`` and builds none before its first step gets a stand-in in the estimate: the
+    backbone with a score head, frozen."""
+    from ftbench.estimate import estimate
+    from ftbench.objectives import SFT
+    from test_memory import BUFFERS, F32, H, PARAMS, V
+
+    class WithReference(SFT):
+        needs_reference = True
+
+    class WithRewardModel(SFT):
+        holds_reward_model = True
+
+    one = PARAMS * F32 + BUFFERS
+    real = measure(tiny_model_dir, full_tuner(), objective_class=WithReference, steps=2)
+    assert real["weights"]["held"] == {"reference": one} and real["weights"]["bytes"] == 2 * one
+    bb, tuner = backbone(tiny_model_dir), full_tuner()
+    est = estimate(bb, tuner, WithReference(backbone=bb, tuner=tuner, optimizer=adamw()), batch_size=B, seq_len=T,
+                   precision="32-true", optimizer=adamw())
+    assert est["weights"] == real["weights"]
+    assert est["gradients"] == real["gradients"]  # the copy takes no gradient
+
+    bb, tuner = backbone(tiny_model_dir), lora_tuner()
+    est = estimate(bb, tuner, WithRewardModel(backbone=bb, tuner=tuner), batch_size=1, seq_len=8, precision="32-true")
+    score = one - V * H * F32 + H * F32  # the LM head (V x H) replaced by a score head (1 x H)
+    assert est["weights"]["held"] == {"reward_model": score}
+    plain = estimate(backbone(tiny_model_dir), lora_tuner(), batch_size=1, seq_len=8, precision="32-true")
+    assert "held" not in plain["weights"]
+    assert est["weights"]["bytes"] == plain["weights"]["bytes"] + score

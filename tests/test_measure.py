@@ -245,7 +245,8 @@ def test_contention_rule(device, kw, expected):
 
 # ---------------------------------------------------------------------------------- a real fit
 def test_contention_fields_of_a_short_cpu_fit(tiny_model_dir, tmp_path):
-    from test_sft import make_data, make_method, trainer
+    from helpers import cpu_trainer, instruction_data
+    from test_sft import make_method
 
     from ftbench.bench.record import RunRecorder
 
@@ -255,7 +256,7 @@ def test_contention_fields_of_a_short_cpu_fit(tiny_model_dir, tmp_path):
         method = make_method("lora", tiny_model_dir)
         tp = Throughput(warmup_steps=2)
         rec = RunRecorder(tmp_path / "run.json", {"run_id": "run", "subcommand": "fit", "seed": 0, "config": {}})
-        trainer(5, [tp, rec]).fit(method, datamodule=make_data(method.backbone))
+        cpu_trainer(5, [tp, rec]).fit(method, datamodule=instruction_data(method.backbone))
         rec.finish()
     finally:
         torch.set_num_threads(threads)

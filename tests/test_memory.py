@@ -112,8 +112,8 @@ def full_batch() -> dict[str, torch.Tensor]:
 
 
 def measure(model_dir, tuner, *, quantization="none", double_quant=False, gradient_checkpointing=False,
-            precision="32-true", optimizer=None, steps=3, batch_index=1, keep=None) -> dict:
-    """One fit of SFT with ``tuner`` and the callback; the callback's results."""
+            precision="32-true", optimizer=None, steps=3, batch_index=1, keep=None, objective_class=None) -> dict:
+    """One fit of SFT (or ``objective_class``) with ``tuner`` and the callback; the callback's results."""
     import lightning as L
 
     from ftbench.backbone import Backbone
@@ -122,7 +122,7 @@ def measure(model_dir, tuner, *, quantization="none", double_quant=False, gradie
 
     bb = Backbone(model=str(model_dir), quantization=quantization, double_quant=double_quant,
                   gradient_checkpointing=gradient_checkpointing)
-    objective = SFT(backbone=bb, tuner=tuner, optimizer=optimizer or adamw())
+    objective = (objective_class or SFT)(backbone=bb, tuner=tuner, optimizer=optimizer or adamw())
     cb = MemoryBreakdown(batch_index=batch_index)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftbench.sweep.cli import ChildProgress, decide, parse_progress, plan, record_status, wandb_sweep_config
+from ftbench.sweep.cli import RunProgress, decide, plan, record_status, run_summary, wandb_sweep_config
 from ftbench.sweep.grid import RunSpec, SweepError, load_sweep, parse_overrides, parse_shard, shard
 from ftbench.sweep.report import load_records
 
@@ -269,20 +269,17 @@ def test_record_status_reads_interrupts_as_reruns(tmp_path):
     assert [record_status(tmp_path / f"{x}.json") for x in "abcd"] == ["interrupted", "failed", None, None]
 
 
-def test_progress_parses_lightning_output():
-    out = ("Sanity Checking DataLoader 0:   0%|          | 0/1 [00:00<?, ?it/s]\r"
-           "Epoch 0:  10%|█         | 1/10 [00:00<00:03,  2.31it/s, v_num=0, train/loss=6.210]\r"
-           "Epoch 0:  20%|██        | 2/10 [00:01<00:03,  2.31it/s, v_num=0, train/loss=5.980]\n"
-           "Validation DataLoader 0: 100%|██████████| 1/1 [00:00<00:00,  8.1it/s]\r")
-    p = parse_progress(out)
-    assert (p.phase, p.epoch, p.batch, p.batches, p.steps_done, p.loss) == ("validate", 0, 2, 10, 2, 5.98)
-    p.feed("Epoch 1:  10%|█         | 1/10 [00:00<00:03, v_num=0, train/loss=nan]\r")
-    assert (p.epoch, p.steps_done, p.phase) == (1, 11, "train") and p.loss != p.loss  # nan
-    p.feed("[ftbench] lora-x: lora completed trainable params=1\n")
-    assert p.summary == "[ftbench] lora-x: lora completed trainable params=1"
-    assert ChildProgress().phase == "starting"
-    rich = parse_progress("Epoch 0/-2 ━━━━━━━━━━╺━━━━━━━━━ 3/6 0:00:10 • 0:00:05 0.17it/s train/loss: 6.216")
-    assert (rich.epoch, rich.batch, rich.batches, rich.steps_done, rich.loss) == (0, 3, 6, 3, 6.216)
+def test_the_end_of_run_line_comes_from_the_record_not_the_log(tmp_path):
+    """The sweep reads a run's progress from its progress file and its summary from its record: the
+    log (whatever progress bar or prints it holds) is never parsed."""
+    rec = {"run_info": {"run_id": "lora-x", "subcommand": "fit"},
+           "train_info": {"status": "completed", "method": "sft+lora", "params": {"trainable": 1}}}
+    (tmp_path / "lora-x.json").write_text(json.dumps(rec))
+    (tmp_path / "lora-x.log").write_text("[ftbench] lora-x: something else entirely\n")
+    assert run_summary(tmp_path / "lora-x.json") == "[ftbench] lora-x: sft+lora completed trainable params=1"
+    assert run_summary(tmp_path / "absent.json") is None
+    (tmp_path / "torn.json").write_text('{"run_info": {}, "train_in')
+    assert run_summary(tmp_path / "torn.json") is None
 
 
 def test_wandb_sweep_config_calls_ftbench(tmp_path):
@@ -472,7 +469,7 @@ def test_progress_file_and_estimate(tmp_path):
     cb.on_fit_start(trainer, None)
     trainer.global_step, trainer.callback_metrics = 7, {"train/loss": torch.tensor(2.5)}
     cb.on_train_batch_end(trainer, None, None, None, 6)
-    p = ChildProgress()
+    p = RunProgress()
     assert p.read_file(path) == 40 and (p.phase, p.steps_done, p.loss) == ("train", 7, 2.5)
     cb.on_validation_start(trainer, None)
     assert json.loads(path.read_text())["phase"] == "validate"

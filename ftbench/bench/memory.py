@@ -9,7 +9,9 @@ and storages, never at an allocator:
   by storage format (``float32``, ``bfloat16``, ``bnb-nf4``, ``bnb-int8`` ...) and by
   trainable/frozen. A 4-bit weight counts its packed bytes plus its quantisation state (absmax, code,
   and with double quantisation the 8-bit absmax, its offset and the second-level absmax and code); an
-  8-bit weight its int8 bytes plus its float32 row scales (``SCB``).
+  8-bit weight its int8 bytes plus its float32 row scales (``SCB``). ``held``: the bytes of each
+  model the objective holds besides the policy (``Objective.held_models``: a frozen reference copy, a
+  reward model, a critic), which are in the totals too.
 * **gradients** - the ``.grad`` tensors after the backward of the measured batch (read in
   ``on_before_optimizer_step``), each storage once.
 * **optimizer** - every tensor the optimizer keeps between steps (:func:`optimizer_state_tensors`):
@@ -45,7 +47,6 @@ it in the record.
 
 from __future__ import annotations
 
-import math
 import sys
 from typing import Any, Iterable, Iterator, Optional
 
@@ -54,6 +55,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ftbench.objectives.base import Objective
+from ftbench.storage import dtype_name, numel, quant_state_tensors, storage_key, storage_of
+
 try:  # a weak reference to a storage: its address is not reused while we hold it
     from torch.multiprocessing.reductions import StorageWeakRef
 except ImportError:  # pragma: no cover - every supported torch has it
@@ -61,71 +65,41 @@ except ImportError:  # pragma: no cover - every supported torch has it
 
 
 # ---------------------------------------------------------------------- storages
-def storage_key(t: torch.Tensor) -> tuple[int, int]:
-    """(identity of the tensor's storage, its bytes). Works on meta tensors (no data pointer there)."""
-    try:
-        st = t.untyped_storage()
-        return st._cdata, st.nbytes()
-    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested or other storage-less tensors
-        return id(t), t.numel() * t.element_size()
-
-
-def _quant_state_tensors(param: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors a bitsandbytes 4-bit weight keeps besides its packed bytes (absmax, code, offset,
-    and the nested state of double quantisation), or an 8-bit weight's row scales."""
-    out: list[torch.Tensor] = []
-    state = getattr(param, "quant_state", None)
-    while state is not None:
-        for attr in ("absmax", "code", "offset"):
-            t = getattr(state, attr, None)
-            if isinstance(t, torch.Tensor):
-                out.append(t)
-        state = getattr(state, "state2", None)
-    scb = getattr(param, "SCB", None)
-    if isinstance(scb, torch.Tensor):
-        out.append(scb)
-    return out
-
-
-def _numel(p: torch.Tensor) -> int:
-    try:
-        from ftbench.tuners.base import numel
-    except ImportError:  # pragma: no cover
-        shape = getattr(getattr(p, "quant_state", None), "shape", None)
-        return int(math.prod(shape)) if shape is not None else p.numel()
-    return numel(p)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def _add(d: dict[str, int], key: str, n: int) -> None:
     d[key] = d.get(key, 0) + n
 
 
 # ---------------------------------------------------------------------- the parts
-def weight_breakdown(model: torch.nn.Module) -> dict[str, Any]:
+def weight_breakdown(model: torch.nn.Module, held: Optional[dict[str, torch.nn.Module]] = None) -> dict[str, Any]:
     """Bytes of every parameter and buffer of ``model``, each storage once, by storage format and
-    by trainable/frozen, with quantisation state included in its weight's format."""
-    from ftbench.quantization import _storage_of
+    by trainable/frozen, with quantisation state included in its weight's format.
 
-    owners = {id(p): mod for mod in model.modules() for p in mod.parameters(recurse=False)}
+    ``held``: the models an objective holds besides the policy, by role (``Objective.held_models``):
+    ``held`` gives each one's bytes; one that is not part of ``model`` (a reward model a reward
+    function keeps) is counted in the totals too."""
     seen: set[int] = set()
     by_format: dict[str, int] = {}
     out = {"trainable_bytes": 0, "frozen_bytes": 0, "trainable_params": 0, "frozen_params": 0,
            "quant_state_bytes": 0, "buffer_bytes": 0}
+    for module in [model, *(held or {}).values()]:
+        _count_weights(module, seen, by_format, out)
+    out["bytes"] = out["trainable_bytes"] + out["frozen_bytes"] + out["buffer_bytes"]
+    out["by_format"] = dict(sorted(by_format.items()))
+    if held:
+        out["held"] = {role: weight_breakdown(module)["bytes"] for role, module in held.items()}
+    return out
+
+
+def _count_weights(model: torch.nn.Module, seen: set[int], by_format: dict[str, int], out: dict[str, Any]) -> None:
+    """Add the storages of ``model``'s parameters and buffers not in ``seen`` to ``by_format`` and ``out``."""
+    owners = {id(p): mod for mod in model.modules() for p in mod.parameters(recurse=False)}
     for p in model.parameters():
         key, nbytes = storage_key(p)
         if key in seen:
             continue
         seen.add(key)
-        fmt, _ = _storage_of(p, owners.get(id(p)))
-        scb_owner = getattr(getattr(owners.get(id(p)), "state", None), "SCB", None)
-        extra = _quant_state_tensors(p)
-        if isinstance(scb_owner, torch.Tensor) and getattr(p, "SCB", None) is None:
-            extra.append(scb_owner)  # an int8 layer moves its row scales to the module at the first forward
-        for t in extra:
+        fmt, _ = storage_of(p, owners.get(id(p)))
+        for t in quant_state_tensors(p, owners.get(id(p))):
             k, n = storage_key(t)
             if k not in seen:
                 seen.add(k)
@@ -134,15 +108,12 @@ def weight_breakdown(model: torch.nn.Module) -> dict[str, Any]:
         _add(by_format, fmt, nbytes)
         kind = "trainable" if p.requires_grad else "frozen"
         out[f"{kind}_bytes"] += nbytes
-        out[f"{kind}_params"] += _numel(p)
+        out[f"{kind}_params"] += numel(p)
     for b in model.buffers():
         key, nbytes = storage_key(b)
         if key not in seen:
             seen.add(key)
             out["buffer_bytes"] += nbytes
-    out["bytes"] = out["trainable_bytes"] + out["frozen_bytes"] + out["buffer_bytes"]
-    out["by_format"] = dict(sorted(by_format.items()))
-    return out
 
 
 def gradient_breakdown(params: Iterable[torch.Tensor]) -> dict[str, Any]:
@@ -159,7 +130,7 @@ def gradient_breakdown(params: Iterable[torch.Tensor]) -> dict[str, Any]:
             continue
         seen.add(key)
         tensors += 1
-        _add(by_dtype, _dtype_name(g.dtype), nbytes)
+        _add(by_dtype, dtype_name(g.dtype), nbytes)
     return {"bytes": sum(by_dtype.values()), "tensors": tensors, "by_dtype": by_dtype}
 
 
@@ -208,7 +179,7 @@ def optimizer_breakdown(optimizers: Iterable[torch.optim.Optimizer]) -> dict[str
                 continue
             seen.add(key)
             tensors += 1
-            _add(by_dtype, _dtype_name(t.dtype), nbytes)
+            _add(by_dtype, dtype_name(t.dtype), nbytes)
             _add(by_device, t.device.type, nbytes)
             _add(by_entry, name, nbytes)
             if name == "step":
@@ -265,7 +236,7 @@ class ActivationMeter:
         key, nbytes = storage_key(t)
         if key in self._exclude or key in self._made:
             return
-        self._made[key] = (_weak(t), nbytes, _dtype_name(t.dtype), tuple(t.shape), str(func))
+        self._made[key] = (_weak(t), nbytes, dtype_name(t.dtype), tuple(t.shape), str(func))
 
     @property
     def active(self) -> bool:
@@ -360,7 +331,8 @@ class MemoryBreakdown(L.Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._batches == self.batch_index and "activations" not in self._parts:
-            self._parts["weights"] = weight_breakdown(pl_module)
+            held = pl_module.held_models() if isinstance(pl_module, Objective) else None
+            self._parts["weights"] = weight_breakdown(pl_module, held)
             self._parts["device"] = pl_module.device.type
             shape = _batch_shape(batch)
             if shape is not None:

@@ -49,6 +49,8 @@ class Row:
     fields: dict[str, Any]
     source: str
     line: Optional[int]
+    form: Optional[str] = None  # the form it was read in (ftbench.data.formats), None: ftbench's own
+    checked: bool = False  # its chat messages were checked by its form's rules when it was converted
 
     def error(self, field: Optional[str], problem: str) -> DataFormatError:
         return DataFormatError(self.source, self.line, field, problem)
@@ -65,7 +67,10 @@ class Row:
 
 
 # ---------------------------------------------------------------------------- reading
-def _read_text(path: Path) -> str:
+def read_text_file(path: str | Path) -> str:
+    """The text of a file, decoded as UTF-8; a :class:`DataFormatError` names the file and the line
+    of the first byte that is not UTF-8."""
+    path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -80,7 +85,7 @@ def _read_text(path: Path) -> str:
 def read_rows(path: str | Path) -> list[Row]:
     """Read ``.jsonl``/``.json``/``.csv`` rows, each with its file and line. Empty files are errors."""
     path = Path(path)
-    text = _read_text(path)
+    text = read_text_file(path)
     src = str(path)
     suffix = path.suffix.lower()
     rows: list[Row] = []
@@ -192,15 +197,16 @@ def group_split(keys: Sequence[Hashable], fractions: Sequence[float], seed: int)
 
 # ---------------------------------------------------------------------------- chat rows
 CHAT_ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def chat_messages(row: Row, name: str, value: Any, sharegpt: bool = False) -> list[dict[str, str]]:
+def chat_messages(row: Row, name: str, value: Any) -> list[dict[str, str]]:
     """The messages of field ``name`` as ``{role, content}`` dicts, each checked: an object with a
-    known role and string content (``{from, value}`` with ShareGPT roles when ``sharegpt``). A single
-    message object counts as a list of one."""
+    known role and string content. A single message object counts as a list of one. A converted row
+    (``row.checked``: LLaMA-Factory's forms, ``ftbench.data.formats``) was checked by its form's rules."""
     if isinstance(value, dict):
         value = [value]
+    if row.checked:
+        return list(value)
     if not isinstance(value, list) or not value:
         raise row.error(name, "must be a non-empty list of messages")
     out = []
@@ -208,18 +214,11 @@ def chat_messages(row: Row, name: str, value: Any, sharegpt: bool = False) -> li
         where = f"{name}[{i}]"
         if not isinstance(m, dict):
             raise row.error(where, "must be an object with 'role' and 'content'")
-        if sharegpt:
-            role, content = SHAREGPT_ROLES.get(m.get("from")), m.get("value")
-            if role is None:
-                raise row.error(f"{where}.from", f"unknown role {m.get('from')!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
-            if not isinstance(content, str):
-                raise row.error(f"{where}.value", "missing or not a string")
-        else:
-            role, content = m.get("role"), m.get("content")
-            if role not in CHAT_ROLES:
-                raise row.error(f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
-            if not isinstance(content, str):
-                raise row.error(f"{where}.content", "missing or not a string")
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES:
+            raise row.error(f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
+        if not isinstance(content, str):
+            raise row.error(f"{where}.content", "missing or not a string")
         out.append({"role": role, "content": content})
     return out
 
@@ -227,7 +226,10 @@ def chat_messages(row: Row, name: str, value: Any, sharegpt: bool = False) -> li
 def check_conversation(row: Row, *fields: tuple[str, list[dict[str, str]]]) -> None:
     """One conversation, possibly spread over fields (``("prompt", msgs), ("chosen", msgs)``):
     an optional leading system message, then user and assistant turns alternating, the last one the
-    assistant's. Errors name the field and the message's index in it."""
+    assistant's. Errors name the field and the message's index in it. A converted row
+    (``row.checked``) was checked by its form's rules."""
+    if row.checked:
+        return
     named = [(f"{name}[{i}]", m) for name, msgs in fields for i, m in enumerate(msgs)]
     start = 1 if named and named[0][1]["role"] == "system" else 0
     for k, (where, m) in enumerate(named[start:]):
@@ -429,12 +431,6 @@ def padding_stats(lengths: Sequence[int], batches: Iterable[Sequence[int]], mult
         padded += width * len(lens) - sum(lens)
     total = real + padded
     return {"tokens": real, "padded": padded, "fraction": padded / total if total else 0.0}
-
-
-def read_text_file(path: str | Path) -> str:
-    """The text of a file, decoded as UTF-8; a :class:`DataFormatError` names the file and the line
-    of the first byte that is not UTF-8."""
-    return _read_text(Path(path))
 
 
 # ---------------------------------------------------------------------------- the shared data module

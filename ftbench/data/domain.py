@@ -326,15 +326,4 @@ class DomainData(SplitDataModule):
         }
 
 
-def forgetting(train_info: dict[str, Any], metric: str = f"val/{GENERAL_TASK}/loss") -> Optional[float]:
-    """Change in the general-text loss over training, ``final - initial`` of ``val/general/loss``
-    in a record's ``train_info`` (positive: the model got worse on general text, i.e. forgot).
-    None when the run had no general set or no validation before fit."""
-    before = (train_info.get("initial") or {}).get(metric)
-    after = (train_info.get("final") or {}).get(metric)
-    if not isinstance(before, (int, float)) or not isinstance(after, (int, float)):
-        return None
-    return float(after) - float(before)
-
-
-__all__ = ["forgetting", "DomainData", "Document", "read_documents", "pack_documents", "split_text", "IGNORE_INDEX"]
+__all__ = ["DomainData", "Document", "read_documents", "pack_documents", "split_text", "IGNORE_INDEX"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from collections import Counter
 from typing import Any, NamedTuple, Optional
 
 from ftbench.data import tasks
@@ -15,11 +16,11 @@ from ftbench.data.base import (
     TruncationStats,
     chat_messages,
     check_conversation,
-    load_rows,
     prompt_key,
     row_choices,
     segments_to_example,
 )
+from ftbench.data.formats import PROMPT_TURNS, Format, read_source
 from ftbench.errors import ConfigError
 
 BUILTIN = "builtin:"
@@ -52,7 +53,9 @@ class Formatted(NamedTuple):
 def conversation(row: Row) -> list[dict[str, str]]:
     """An instruction row as chat messages, validated by the shared chat check (roles known and
     alternating, the last one the assistant's): its ``messages``, or the Alpaca fields as one turn.
-    A multiple-choice row (``choices`` and ``gold``) without ``output`` answers with its gold choice."""
+    A multiple-choice row (``choices`` and ``gold``) without ``output`` answers with its gold choice.
+    Rows of other forms (TRL's prompt-completion, LLaMA-Factory's) arrive converted to these two
+    (:mod:`ftbench.data.formats`)."""
     if "messages" in row.fields:
         msgs = chat_messages(row, "messages", row.fields["messages"])
         check_conversation(row, ("messages", msgs))
@@ -93,12 +96,16 @@ class Formatter:
         self.system_prompt = system_prompt
 
     # -- rows -> messages / prompt text
-    def messages(self, row: Row) -> list[dict[str, str]]:
-        """The row as chat messages (:func:`conversation`) with the system prompt put first when it has none."""
+    def messages(self, row: Row) -> tuple[list[dict[str, str]], int]:
+        """The row as chat messages (:func:`conversation`) with the system prompt put first when it has
+        none, and the index of the first message that may be trained (a converted prompt-completion
+        row's prompt is context, its assistant turns included; see ``ftbench.data.formats``)."""
         out = conversation(row)
+        first_trained = row.fields.get(PROMPT_TURNS, 0)
         if self.system_prompt is not None and out[0]["role"] != "system":
             out.insert(0, {"role": "system", "content": self.system_prompt})
-        return out
+            first_trained += 1
+        return out, first_trained
 
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -109,7 +116,7 @@ class Formatter:
     def segments(self, row: Row) -> "Formatted":
         """Token segments (trained or not), the prompt ids for generation, the reference answer and
         the prompt as text."""
-        msgs = self.messages(row)
+        msgs, first_trained = self.messages(row)
         if self.template == "chat":
             segs: list[tuple[list[int], bool]] = []
             done = ""
@@ -123,7 +130,7 @@ class Formatter:
                     raise row.error("messages", "the chat template does not render turns as prefixes of each other; use a prompt_template")
                 segs.append((self._encode(prompt[len(done) :]), False))
                 prompt_ids = [t for s, _ in segs for t in s]
-                segs.append((self._encode(full[len(prompt) :]), True))
+                segs.append((self._encode(full[len(prompt) :]), i >= first_trained))
                 done = full
             return Formatted(segs, prompt_ids, msgs[-1]["content"], prompt)
         if "messages" in row.fields:
@@ -158,6 +165,7 @@ class InstructionData(SplitDataModule):
         self,
         *,
         source: Source = "builtin:instruction",
+        format: Format = "auto",
         prompt_template: str = "auto",
         system_prompt: Optional[str] = None,
         **kwargs: Any,
@@ -168,13 +176,22 @@ class InstructionData(SplitDataModule):
                 for ``datasets.load_dataset`` or a ``save_to_disk`` folder (a list reads several).
                 Rows: ``{instruction, input?, output}`` or chat ``{messages: [{role, content}]}``;
                 a multiple-choice row adds ``choices`` (the options) and ``gold`` (the right one's index;
-                ``output`` defaults to that option).
+                ``output`` defaults to that option). ``dataset_info:PATH#NAME`` reads the set ``NAME`` of
+                LLaMA-Factory's ``dataset_info.json`` (its ``file_name``, ``formatting``, ``columns``, ``tags``).
+            format: The rows' form (``ftbench.data.formats``): ``auto`` (each row's by its fields), ``trl``
+                (``messages``, or ``prompt``/``completion`` as strings or chat messages), ``alpaca``
+                (LLaMA-Factory's: ``instruction``, ``input``, ``output``, ``system``, ``history``) or
+                ``sharegpt`` (``conversations: [{from, value}]``, roles human/gpt/system/observation/function_call).
             prompt_template: ``auto`` (the tokenizer's chat template if it has one, else ``alpaca``),
                 ``chat``, ``alpaca``, ``short``, or a format string with ``{instruction}`` and ``{input}``.
             system_prompt: A system message put before every row that has none.
             **kwargs: The arguments every regime shares (:class:`~ftbench.data.base.SplitDataModule`).
         """
         super().__init__(source=source, **kwargs)
+        if format not in ("auto", "trl", "alpaca", "sharegpt"):
+            raise ConfigError(f"data.format: {format!r} is not one of auto, trl, alpaca, sharegpt")
+        self.format = format
+        self.forms: dict[str, int] = {}
         self.prompt_template, self.system_prompt = prompt_template, system_prompt
         self.stats = TruncationStats()
 
@@ -183,7 +200,7 @@ class InstructionData(SplitDataModule):
         if source.startswith(BUILTIN):
             name = source[len(BUILTIN) :]
             return [Row(r, f"{source}#{i + 1}", None) for i, r in enumerate(tasks.generate(name, self.builtin_size, self.seed))]
-        return load_rows(source)
+        return read_source(source, "instruction", self.format)
 
     def split_rows(self) -> dict[str, list[Row]]:
         """Train/val/test rows under the shared split rule (rows with the same prompt share a split)."""
@@ -216,6 +233,8 @@ class InstructionData(SplitDataModule):
             return
         formatter = self.formatter()
         rows = self.split_rows()
+        # the forms the rows came in (ftbench.data.formats), for the record: {"sharegpt": 60}
+        self.forms = dict(Counter(row.form or "builtin" for part in rows.values() for row in part))
         self.stats = TruncationStats()
         self.splits = {name: self.encode(r, formatter) for name, r in rows.items()}
         self.finish_setup(stage)
@@ -229,6 +248,8 @@ class InstructionData(SplitDataModule):
         return {
             "regime": self.regime,
             "source": self.source,
+            "format": self.format,
+            "forms": self.forms,
             "rows": {k: len(v) for k, v in self.splits.items()},
             "removed_as_held_out": self.removed_as_held_out,
             "prompt_template": Formatter(self.backbone.tokenizer, self.prompt_template).template,

@@ -27,7 +27,6 @@ without one, so exact match is computed for every instruction task.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Optional, Sequence
 
@@ -152,10 +151,6 @@ class MixtureSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
-
-    def task_draws(self) -> torch.Tensor:
-        """The task index of each draw this epoch."""
-        return torch.multinomial(self.probs, self.num_samples, replacement=True, generator=self._generator())
 
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -373,9 +368,3 @@ def _key(e: Example) -> tuple[int, ...]:
     """What must not be both trained and held out across tasks: the prompt's tokens (a domain
     block, which has no prompt: its tokens)."""
     return tuple(e.prompt_ids if e.prompt_ids is not None else e.input_ids)
-
-
-def task_counts(sampler: MixtureSampler, names: Sequence[str]) -> dict[str, int]:
-    """How many of the sampler's draws went to each task (for tests and reports)."""
-    counts = Counter(sampler.task_draws().tolist())
-    return {name: counts.get(i, 0) for i, name in enumerate(names)}

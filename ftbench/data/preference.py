@@ -1,15 +1,20 @@
 """Preference pairs: a prompt with a chosen and a rejected response, for reward models and DPO.
 
-Accepted rows (the forms TRL and LLaMA-Factory read):
+Accepted rows (the forms TRL and LLaMA-Factory read, detected row by row or named by ``format``;
+:mod:`ftbench.data.formats` converts the LLaMA-Factory forms and TRL's standard implicit prompt into
+the native ones below):
 
 - TRL standard, explicit prompt: ``{"prompt": str, "chosen": str, "rejected": str}``
+- TRL standard, implicit prompt: ``{"chosen": str, "rejected": str}``; the prompt is their common
+  prefix (TRL's ``extract_prompt``)
 - TRL conversational, explicit prompt: ``{"prompt": [messages], "chosen": [assistant message],
   "rejected": [assistant message]}`` (messages are ``{"role", "content"}``)
 - TRL conversational, implicit prompt: ``{"chosen": [messages], "rejected": [messages]}``; the
   prompt is the longest common run of leading messages
-- LLaMA-Factory Alpaca: ``{"instruction", "input"?, "chosen": str, "rejected": str}``
-- LLaMA-Factory ShareGPT: ``{"conversations": [{"from", "value"}], "chosen": {"from": "gpt",
+- LLaMA-Factory alpaca: ``{"instruction", "input"?, "system"?, "history"?, "chosen": str, "rejected": str}``
+- LLaMA-Factory sharegpt: ``{"conversations": [{"from", "value"}], "chosen": {"from": "gpt",
   "value"}, "rejected": {...}}``
+- a ranking set of LLaMA-Factory's ``dataset_info.json``: ``source: dataset_info:PATH#NAME``
 
 Any form may add ``answer`` (a string): the exact answer, for exact-match evaluation and for the
 rewards of online RL (the built-in pairs set it to the chosen response). Chat messages are checked by
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
@@ -46,11 +52,11 @@ from ftbench.data.base import (
     chat_messages,
     check_conversation,
     left_padded,
-    load_rows,
     pad_batch,
     prompt_key,
     segments_to_example,
 )
+from ftbench.data.formats import Format, read_source
 from ftbench.errors import ConfigError
 
 BUILTIN = "builtin:"
@@ -137,13 +143,6 @@ def parse_pair(row: Row) -> Pair:
     answer = f.get("answer")
     if answer is not None and not isinstance(answer, str):
         raise row.error("answer", f"must be a string, got {type(answer).__name__}")
-    if "conversations" in f:  # LLaMA-Factory ShareGPT
-        prompt = chat_messages(row, "conversations", f["conversations"], sharegpt=True)
-        chosen = chat_messages(row, "chosen", f["chosen"], sharegpt=True)
-        rejected = chat_messages(row, "rejected", f["rejected"], sharegpt=True)
-        for name, msgs in (("chosen", chosen), ("rejected", rejected)):
-            check_conversation(row, ("conversations", prompt), (name, msgs))
-        return Pair(prompt, chosen, rejected, True, row, answer)
     if isinstance(f["chosen"], list) or isinstance(f.get("prompt"), list):
         chosen = chat_messages(row, "chosen", f["chosen"])
         rejected = chat_messages(row, "rejected", f["rejected"])
@@ -244,6 +243,7 @@ class PreferenceData(SplitDataModule):
         self,
         *,
         source: Source = "builtin:instruction",
+        format: Format = "auto",
         prompt_template: Literal["auto", "chat", "plain"] = "auto",
         system_prompt: Optional[str] = None,
         identical: Literal["warn", "drop", "error"] = "warn",
@@ -255,7 +255,13 @@ class PreferenceData(SplitDataModule):
                 case rejected), ``builtin:TASK`` (pairs from ``ftbench.data.tasks``: chosen = the right
                 answer, rejected = a plausible wrong one), a .jsonl/.json/.csv file, ``hf:NAME`` or a
                 ``save_to_disk`` folder (a list reads several); rows in TRL's or LLaMA-Factory's
-                preference forms, with an optional exact ``answer``.
+                preference forms, with an optional exact ``answer``; ``dataset_info:PATH#NAME`` reads the
+                ranking set ``NAME`` of LLaMA-Factory's ``dataset_info.json``.
+            format: The rows' form (``ftbench.data.formats``): ``auto`` (each row's by its fields), ``trl``
+                (``prompt``/``chosen``/``rejected``, or ``chosen``/``rejected`` with the prompt their common
+                prefix; strings or chat messages), ``alpaca`` (LLaMA-Factory's ``instruction``/``input``/
+                ``system``/``history`` with ``chosen``/``rejected`` strings) or ``sharegpt``
+                (``conversations`` ending with the user, ``chosen``/``rejected`` messages).
             prompt_template: ``chat`` (the tokenizer's chat template), ``plain`` (prompt text, then
                 the response and EOS; chat rows need ``chat``), or ``auto`` (``chat`` when the
                 tokenizer has a chat template).
@@ -267,6 +273,10 @@ class PreferenceData(SplitDataModule):
                 and a pair is truncated or dropped when either of its sequences is too long.
         """
         super().__init__(source=source, **kwargs)
+        if format not in ("auto", "trl", "alpaca", "sharegpt"):
+            raise ConfigError(f"data.format: {format!r} is not one of auto, trl, alpaca, sharegpt")
+        self.format = format
+        self.forms: dict[str, int] = {}
         self.prompt_template, self.system_prompt, self.identical = prompt_template, system_prompt, identical
         self.stats = TruncationStats()
         self.identical_count = {"seen": 0, "dropped": 0}
@@ -276,7 +286,7 @@ class PreferenceData(SplitDataModule):
         if source.startswith(BUILTIN):
             name = source[len(BUILTIN):]
             return [Row(r, f"{source}#{i + 1}", None) for i, r in enumerate(builtin_pairs(name, self.builtin_size, self.seed))]
-        return load_rows(source)
+        return read_source(source, "preference", self.format)
 
     def split_rows(self) -> dict[str, list[Row]]:
         """Train/val/test rows under the shared split rule (pairs with the same prompt share a split)."""
@@ -352,6 +362,8 @@ class PreferenceData(SplitDataModule):
             return
         template = self.template()
         rows = self.split_rows()
+        # the forms the rows came in (ftbench.data.formats), for the record: {"sharegpt": 60}
+        self.forms = dict(Counter(row.form or "builtin" for part in rows.values() for row in part))
         self.stats = TruncationStats()
         self.identical_count = {"seen": 0, "dropped": 0}
         self.splits = {name: self.encode(r, template) for name, r in rows.items()}
@@ -366,6 +378,8 @@ class PreferenceData(SplitDataModule):
         return {
             "regime": self.regime,
             "source": self.source,
+            "format": self.format,
+            "forms": self.forms,
             "rows": {k: len(v) for k, v in self.splits.items()},
             "removed_as_held_out": self.removed_as_held_out,
             "prompt_template": self.template(),

@@ -1,16 +1,14 @@
-"""The shared loop of every objective: model set-up through the tuner, the training-step skeleton,
-the optimizer and schedule, and the evaluation hooks (the run's :class:`~ftbench.evaluation.evaluator.Evaluator`
-generates, scores, aggregates by task and keeps the prediction rows).
+"""The shared loop of every objective: model set-up through the tuner, the training-step skeleton and
+the optimizer and schedule (the evaluation hooks: :mod:`ftbench.objectives.evaluating`).
 
 An objective (``sft``, ``reward``, ``dpo``, ``grpo``) is a subclass that says only what differs: its
 settings (checked in its ``__init__``, each error a :class:`~ftbench.errors.ConfigError` naming the
-option), its loss (:meth:`Objective.training_loss`, returning a :class:`TrainingLoss`) and what its
-evaluation computes itself (:meth:`Objective.evaluate`, handing it to the evaluator). The step around the loss is one, here
-(:meth:`Objective.training_step`): the tuner's regularization (AdaLoRA's orthogonality penalty) added,
-the non-finite check, ``train/loss`` logged every step and the objective's other training metrics every
-``trainer.log_every_n_steps`` steps and at the last (or every step, when the objective asks), and the
-token counts the throughput callback reads. What trains is the tuner's business (``ftbench.tuners``), so
-a difference between two rows of a results table comes from the tuner or the objective and nothing else.
+option), its loss (:meth:`Objective.training_loss`, a :class:`TrainingLoss`), what its evaluation
+computes itself (``evaluate``) and what it holds besides the policy (see :class:`Objective`). The step
+around the loss is one, here (:meth:`Objective.training_step`): the tuner's regularization added, the
+non-finite check, ``train/loss`` every step and the other training metrics every
+``trainer.log_every_n_steps`` steps, and the token counts the throughput callback reads. What trains
+is the tuner's business, so two rows of a results table differ by the tuner or the objective alone.
 """
 
 from __future__ import annotations
@@ -25,19 +23,34 @@ from lightning.pytorch.cli import OptimizerCallable
 from ftbench.errors import ConfigError
 from ftbench.evaluation.evaluator import Evaluator
 from ftbench.tuners.saved import load_backbone
-from ftbench.backbone import Backbone, Head
+from ftbench.backbone import Backbone, Head, train_score_head
 from ftbench.naming import method_label
+from ftbench.objectives.evaluating import EvaluationSteps
 from ftbench.objectives.optim import optimization
 from ftbench.objectives.step import FiniteCheck, TrainingLoss, logs_this_step
 from ftbench.tuners.base import Tuner
 
-class Objective(L.LightningModule):
-    """Base of the objectives: what is optimised, on whatever the tuner makes trainable."""
+class Objective(EvaluationSteps, L.LightningModule):
+    """Base of the objectives: what is optimised, on whatever the tuner makes trainable.
+
+    What an objective holds in memory besides the policy, it declares in three class attributes (a
+    property where a setting decides, as DPO's ``precompute_reference`` or GRPO's ``beta``), read by
+    the memory breakdown (``memory_breakdown.weights.held``) and ``ftbench estimate``:
+
+    * ``needs_reference``: a step reads the reference policy (``tuner.reference``): an adapter switched
+      off holds nothing more; a tuner that trains the backbone's own weights keeps a frozen copy,
+      held here as the submodule ``reference_model`` (moved with the model, kept in eval mode);
+    * ``holds_reward_model``: a frozen reward model scores the samples (held as ``reward_model``);
+    * ``holds_critic``: a value model trains beside the policy (held as ``critic``).
+
+    :meth:`held_models` gives them by role; an objective that keeps one elsewhere overrides it.
+    """
 
     #: the objective part of the method label (``ftbench.naming``)
     name = "objective"
     #: the backbone head this objective trains (``causal_lm`` or ``score``)
     head: Head = "causal_lm"
+    needs_reference = holds_reward_model = holds_critic = False  # what it holds (see above)
 
     def __init__(
         self,
@@ -71,29 +84,15 @@ class Objective(L.LightningModule):
         self.lr_scheduler = lr_scheduler
         self.warmup_steps = warmup_steps
         self.model: Optional[torch.nn.Module] = None
+        self.reference_model: Optional[torch.nn.Module] = None  # a tuner's frozen copy (see the class doc)
         self.evaluator = evaluator or Evaluator()
         self._finite_check = FiniteCheck()
-
-    @property
-    def evaluator(self) -> Evaluator:
-        """The run's evaluation (:mod:`ftbench.evaluation.evaluator`); setting one attaches it here."""
-        return self._evaluator
-
-    @evaluator.setter
-    def evaluator(self, evaluator: Evaluator) -> None:
-        evaluator.attach(self)
-        self._evaluator = evaluator
 
     # ------------------------------------------------------------------ identity
     @property
     def method_label(self) -> str:
         """``objective+tuner[+quantization]``, as :func:`ftbench.naming.method_label` defines it."""
         return method_label(self.name, self.tuner.name if self.tuner else "none", self.backbone.quantization)
-
-    @property
-    def needs_reference(self) -> bool:
-        """Whether this objective reads the untouched backbone (the tuner then keeps what it needs)."""
-        return False
 
     # ------------------------------------------------------------------ what trains
     def configure_model(self) -> None:
@@ -105,21 +104,27 @@ class Objective(L.LightningModule):
             self.tuner.total_steps = int(self.trainer.estimated_stepping_batches)
         model = self.tuner.prepare(load_backbone(self.backbone, head=self.head), self.backbone)
         if self.head == "score":
-            self.train_new_head(model)
+            train_score_head(model)
         self.model = model
         self.model.train()  # from_pretrained returns eval mode; the trainer switches for evaluation
         if self.needs_reference:
-            self.tuner.keep_reference(self.model)
+            self.reference_model = self.tuner.keep_reference(self.model)
             with self.tuner.reference(self.model):  # a tuner that cannot give the untouched backbone says so now
                 pass
 
-    def train_new_head(self, model: torch.nn.Module) -> None:
-        """A score head is new (randomly initialised): it trains under every tuner, and is saved with
-        what the tuner trained (peft: as a ``modules_to_save`` layer; others: it requires grad)."""
-        from ftbench.backbone import score_module
+    def held_models(self) -> dict[str, torch.nn.Module]:
+        """The models held besides the policy, by role (``reference``, ``reward_model``, ``critic``):
+        those the class declares (see the class doc) and has built."""
+        roles = (("reference", self.needs_reference, "reference_model"),
+                 ("reward_model", self.holds_reward_model, "reward_model"), ("critic", self.holds_critic, "critic"))
+        return {role: getattr(self, attr) for role, held, attr in roles
+                if held and isinstance(getattr(self, attr, None), torch.nn.Module)}
 
-        if not any(p.requires_grad for p in score_module(model).parameters()):
-            score_module(model).requires_grad_(True)
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "reference_model", None) is not None:
+            self.reference_model.eval()  # the reference never drops out
+        return self
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable and total parameters (shared tensors such as tied embeddings counted once)."""
@@ -192,37 +197,6 @@ class Objective(L.LightningModule):
         accumulate = max(1, int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1))
         if (batch_idx + 1) % accumulate == 0:  # once per optimizer step, after it and before zero_grad
             self.tuner.after_optimizer_step(self.model, self.global_step)
-
-    # ------------------------------------------------------------------ evaluation (ftbench.evaluation)
-    def evaluate(self, batch: dict[str, Any], stage: str) -> None:
-        """One evaluation batch: what the objective computes itself, handed to ``self.evaluator.update``
-        (which adds the data set's answer metrics)."""
-        raise NotImplementedError
-
-    def derived_metrics(self, results: dict[str, float], stage: str) -> None:
-        """Metrics computed from the others at the end of an evaluation (e.g. perplexity)."""
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.evaluate(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.evaluate(batch, "test")
-
-    def on_validation_epoch_start(self) -> None:
-        self.evaluator.start("val")
-
-    def on_test_epoch_start(self) -> None:
-        self.evaluator.start("test")
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_results("val")
-
-    def on_test_epoch_end(self) -> None:
-        self.log_results("test")
-
-    def log_results(self, stage: str) -> None:
-        for name, value in self.evaluator.results(stage, self.derived_metrics).items():
-            self.log(name, value, prog_bar=name in (f"{stage}/loss", f"{stage}/accuracy"), sync_dist=False)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -71,7 +71,6 @@ from ftbench.objectives.step import TrainingLoss
 from ftbench.objectives.losses import DPO_LOSS_TYPES, dpo_loss, dpo_metrics, sequence_logps
 from ftbench.objectives.reference_cache import (ReferenceTable, cache_meta, cache_path, data_fingerprint,
                                                 default_cache_dir, row_keys, weights_hash)
-from ftbench.tuners.base import Tuner
 
 SPLITS = ("train", "val", "test")
 
@@ -92,12 +91,6 @@ def check_settings(beta: float, loss_type: str, label_smoothing: float, sft_weig
         raise ConfigError(f"objective dpo: label_smoothing is not used by loss_type {loss_type!r}; set it to 0 (got {eps})")
     if not sft_weight >= 0:
         raise ConfigError(f"objective dpo: sft_weight must be >= 0, got {sft_weight}")
-
-
-def reference_is_a_copy(tuner: Tuner) -> bool:
-    """Whether the tuner's reference is a frozen copy of the weights (full, freeze), rather than the
-    model with its added modules switched off (peft, adapters) or the model itself (none)."""
-    return type(tuner).keep_reference is not Tuner.keep_reference
 
 
 class DPO(Objective):
@@ -140,8 +133,6 @@ class DPO(Objective):
         self.reference_source: Optional[str] = None
         self.reference_cache_file: Optional[Path] = None
         self._initial_weights: Optional[str] = None
-        #: the tuner's frozen copy of the backbone, when its reference is one (full, freeze, on the fly)
-        self.reference_model: Optional[torch.nn.Module] = None
 
     def memory_batch(self, batch_size: int, seq_len: int, device: str | torch.device = "meta") -> dict[str, torch.Tensor]:
         """``ftbench estimate``'s batch: ``batch_size`` pairs of two ``seq_len``-token sequences; with
@@ -165,18 +156,6 @@ class DPO(Objective):
             # from (ftbench estimate builds the model on meta: no data, nothing to hash)
             if not any(p.is_meta for p in self.model.parameters()):
                 self._initial_weights = weights_hash(self.model)
-        else:
-            with self.tuner.reference(self.model) as ref:
-                if ref is not self.model:
-                    # a frozen copy (full, freeze): a submodule, so that Lightning moves it with the model,
-                    # a checkpoint keeps it and the memory breakdown counts its weights
-                    self.reference_model = ref
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if getattr(self, "reference_model", None) is not None:
-            self.reference_model.eval()  # the reference never drops out
-        return self
 
     # ------------------------------------------------------------------ log-probs
     def _precision_context(self):
@@ -320,7 +299,7 @@ class DPO(Objective):
 
     @torch.no_grad()
     def _compute_reference_table(self, meta: dict[str, Any], datamodule=None) -> ReferenceTable:
-        copy_tuner = reference_is_a_copy(self.tuner)
+        copy_tuner = self.tuner.trains_backbone_weights
         if copy_tuner and weights_hash(self.model) != self._initial_weights:
             raise RuntimeError(
                 f"objective dpo: precompute_reference: tuner {self.tuner.name} changes the backbone's own weights and "

@@ -407,6 +407,17 @@ class GRPO(Objective):
     def needs_reference(self) -> bool:
         return self.beta != 0.0
 
+    @property
+    def holds_reward_model(self) -> bool:
+        from ftbench.objectives.rewards import RewardModel
+
+        return any(isinstance(f, RewardModel) for f in self.reward_funcs)
+
+    def held_models(self) -> dict[str, torch.nn.Module]:
+        """The reference copy, and the reward models its reward functions load (at their first score)."""
+        models = [f.model for f in self.reward_funcs if isinstance(getattr(f, "model", None), torch.nn.Module)]
+        return super().held_models() | {"reward_model" + (f".{i + 1}" if i else ""): m for i, m in enumerate(models)}
+
     def configure_model(self) -> None:
         if getattr(self.tuner, "is_prompt_learning", False):
             raise ConfigError(f"objective grpo: tuner {self.tuner.name} (prompt learning) cannot sample completions: "

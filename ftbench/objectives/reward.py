@@ -43,6 +43,7 @@ class Reward(Objective):
 
     name = "reward"
     head = "score"
+    needs_reference = holds_reward_model = holds_critic = False  # it trains the reward model: the policy is it
 
     def __init__(self, center_rewards_coefficient: Optional[float] = None, **kwargs):
         """

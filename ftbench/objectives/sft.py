@@ -36,6 +36,7 @@ class SFT(Objective):
     """Next-token cross-entropy on the response tokens, averaged over the batch's trained tokens."""
 
     name = "sft"
+    needs_reference = holds_reward_model = holds_critic = False  # nothing in memory besides the policy
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean loss over the batch's trained tokens, per-row summed losses, per-row token counts)."""

@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -60,6 +59,20 @@ def record_status(path: Path) -> Optional[str]:
     if status in FAILED and (rec["train_info"].get("error") or {}).get("type") in INTERRUPTS:
         return "interrupted"
     return status
+
+
+def run_summary(path: Path) -> Optional[str]:
+    """The one line :func:`ftbench.sweep.report.summary_line` makes of the record at ``path`` (None
+    when there is no readable record)."""
+    rec = read_record(path)
+    if rec is None:
+        return None
+    from ftbench.sweep.report import summary_line
+
+    try:
+        return summary_line(rec)
+    except (KeyError, TypeError, ValueError):  # a record torn by a killed run: its status says so
+        return None
 
 
 def decide(status: Optional[str], retry_failed: bool) -> tuple[bool, str]:
@@ -101,67 +114,27 @@ def _mark_failed(path: Path, spec: RunSpec, returncode: int, log: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- progress
-# tqdm ("Epoch 0:  20%|██  | 2/10 [..., train/loss=5.98]") and rich ("Epoch 0/-2 ━━━ 2/10 0:00:10 • ... train/loss: 5.98")
-_EPOCH = re.compile(r"Epoch (\d+)(?:/-?\d+)?:?\s+(?:\d+%\|[^|]*\|\s*|[━╸╺─]+\s*)?(\d+)/(\d+|\?)")
-_EVAL = re.compile(r"(Validation|Testing|Sanity Checking)(?: DataLoader \d+)?:\s*(?:\d+%\|[^|]*\|\s*)?(\d+)/(\d+|\?)")
-_LOSS = re.compile(r"train/loss(?:_step)?(?:=|: )([-+0-9.eE]+|nan|inf)")
-_SUMMARY = re.compile(r"^\[ftbench\] .*$", re.M)
-
-
 @dataclass
-class ChildProgress:
-    """What the child's output (Lightning's progress bar) says about where it is."""
+class RunProgress:
+    """Where a run is, as its progress file last said (the sweep's side of :mod:`ftbench.sweep.progress`)."""
 
     phase: str = "starting"
-    epoch: Optional[int] = None
-    batch: Optional[int] = None
-    batches: Optional[int] = None
     loss: Optional[float] = None
     steps_done: int = 0
-    summary: Optional[str] = None
-    _epoch_base: dict[int, int] = field(default_factory=dict)
 
     def read_file(self, path: Path) -> Optional[int]:
-        """Take the run's own progress file (``ftbench.sweep.progress``) when there is one; returns its max_steps."""
+        """Take what the run's progress file says, when there is one; returns its max_steps."""
         try:
-            state = json.loads(path.read_text())
+            state = json.loads(Path(path).read_text())
         except (OSError, ValueError):
+            return None
+        if not isinstance(state, dict):
             return None
         self.phase = state.get("phase") or self.phase
         self.steps_done = max(self.steps_done, int(state.get("step") or 0))
         if isinstance(state.get("loss"), (int, float)):
             self.loss = float(state["loss"])
         return state.get("max_steps") if isinstance(state.get("max_steps"), int) else None
-
-    def feed(self, text: str) -> None:
-        for chunk in re.split(r"[\r\n]+", text):
-            m = _EPOCH.search(chunk)
-            if m:
-                self.phase = "train"
-                self.epoch, self.batch = int(m.group(1)), int(m.group(2))
-                self.batches = int(m.group(3)) if m.group(3) != "?" else None
-                # batches so far (= optimizer steps without gradient accumulation)
-                base = self.epoch * self.batches if self.batches else self._epoch_base.setdefault(self.epoch, self.steps_done)
-                self.steps_done = max(self.steps_done, base + self.batch)
-            else:
-                e = _EVAL.search(chunk)
-                if e:
-                    self.phase = {"Validation": "validate", "Testing": "test", "Sanity Checking": "sanity"}[e.group(1)]
-            loss = _LOSS.search(chunk)
-            if loss:
-                try:
-                    self.loss = float(loss.group(1))
-                except ValueError:
-                    pass
-        s = _SUMMARY.findall(text)
-        if s:
-            self.summary = s[-1]
-
-
-def parse_progress(text: str) -> ChildProgress:
-    p = ChildProgress()
-    p.feed(text)
-    return p
 
 
 def _fmt_time(s: Optional[float]) -> str:
@@ -215,7 +188,7 @@ class Progress:
             return None
         return max(0.0, per_run - elapsed_run) + per_run * left_after
 
-    def update(self, i: int, spec: RunSpec, elapsed_run: float, p: ChildProgress, max_steps: Optional[int]) -> None:
+    def update(self, i: int, spec: RunSpec, elapsed_run: float, p: RunProgress, max_steps: Optional[int]) -> None:
         fraction = min(1.0, p.steps_done / max_steps) if max_steps and p.steps_done else None
         step = f"step {p.steps_done}" + (f"/{max_steps}" if max_steps else "") if p.steps_done else p.phase
         if p.phase in ("validate", "test", "sanity") and p.steps_done:
@@ -256,19 +229,16 @@ def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str
     cmd = [python, "-m", "ftbench.cli", *spec.argv(str(out))]
     progress.print(f"[{i}/{progress.total}] {spec.run_id}: ftbench {' '.join(cmd[3:])}")
     t0 = time.monotonic()
-    p = ChildProgress()
+    p = RunProgress()
     max_steps = spec.max_steps() if spec.subcommand == "fit" else None
     with part.open("w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, preexec_fn=die_with_parent if os.name == "posix" else None)
         try:
-            with part.open("r", errors="replace") as reader:
-                while proc.poll() is None:
-                    time.sleep(0.25)
-                    p.feed(reader.read())
-                    max_steps = p.read_file(side) or max_steps
-                    progress.update(i, spec, time.monotonic() - t0, p, max_steps)
-                p.feed(reader.read())
+            while proc.poll() is None:
+                time.sleep(0.25)
+                max_steps = p.read_file(side) or max_steps
+                progress.update(i, spec, time.monotonic() - t0, p, max_steps)
         except KeyboardInterrupt:
             # Ctrl-C reached the run too (same process group): give it a moment, then stop it. Its
             # record says interrupted or running; the next invocation reruns it.
@@ -290,7 +260,8 @@ def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str
     if status in (None, "running"):  # exited 0 without a finished record: not a completed run
         _mark_failed(path, spec, proc.returncode, log)
         status = "failed"
-    progress.print(f"      {status} in {dt:.0f} s" + (f"  {p.summary}" if p.summary else "") + f"  (log: {log})")
+    summary = run_summary(path)
+    progress.print(f"      {status} in {dt:.0f} s" + (f"  {summary}" if summary else "") + f"  (log: {log})")
     return status
 
 

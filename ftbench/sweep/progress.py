@@ -2,8 +2,10 @@
 
 ``ftbench sweep`` sets ``FTBENCH_PROGRESS_FILE`` for each run; the CLI then adds
 :class:`ProgressFile`, which rewrites that small JSON file (atomically, at most once a second) with
-the global step, ``max_steps``, the last training loss and the phase. It does not depend on which
-progress bar (tqdm, rich, none) the run shows, and nothing of it reaches the record.
+the global step, ``max_steps``, the last training loss and the phase; the sweep reads it back with
+:class:`ftbench.sweep.cli.RunProgress` (which imports nothing of Lightning: the sweep's own process
+stays torch-free). It does not depend on which progress bar (tqdm, rich, none) the run shows (the
+sweep reads nothing of the run's log), and nothing of it reaches the record.
 """
 
 from __future__ import annotations
@@ -73,3 +75,4 @@ class ProgressFile(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         self._write(trainer, force=True, phase="fit done", step=trainer.global_step, loss=self._loss(trainer))
+

@@ -130,6 +130,7 @@ class Adapters(Tuner):
     The reference is the same model with every adapter switched off (no second copy)."""
 
     name = "adapters"
+    saved_kind = "adapters"  # adapter_config.json with a placement + the adapter weights
 
     def __init__(
         self,
@@ -227,6 +228,22 @@ class Adapters(Tuner):
         save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
         (path / CONFIG_NAME).write_text(json.dumps(self.adapter_config(model), indent=2) + "\n")
         return path
+
+    @classmethod
+    def load_saved(cls, model: nn.Module, path: Path, backbone: "Backbone", merge: bool = True) -> nn.Module:
+        """The adapters placed again as they were saved and loaded; they stay as frozen modules."""
+        saved = json.loads((Path(path) / CONFIG_NAME).read_text())
+        tuner = cls(placement=saved["placement"], bottleneck_size=saved["bottleneck_size"],
+                    nonlinearity=saved["nonlinearity"], dropout=saved.get("dropout", 0.0),
+                    train_norms=saved.get("train_norms", False))
+        model = tuner.prepare(model, backbone)
+        if getattr(model, "ftbench_head", None) == "score":  # a reward run trains and saves its head too
+            from ftbench.backbone import score_module
+
+            score_module(model).requires_grad_(True)
+        tuner.load(model, path)
+        model.requires_grad_(False)
+        return model
 
     def load(self, model: nn.Module, path: str | Path) -> None:
         """Load adapter weights saved by :meth:`save` into ``model`` (prepared by this tuner)."""

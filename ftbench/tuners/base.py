@@ -27,17 +27,10 @@ import torch
 from torch import nn
 
 from ftbench.errors import ConfigError
+from ftbench.storage import numel
 
 if TYPE_CHECKING:
     from ftbench.backbone import Backbone
-
-
-def numel(p: torch.Tensor) -> int:
-    """Parameters a tensor stands for: a bitsandbytes 4-bit weight packs two into each byte and keeps
-    its real shape in ``quant_state``."""
-    quant_state = getattr(p, "quant_state", None)
-    shape = getattr(quant_state, "shape", None)
-    return int(math.prod(shape)) if shape is not None else p.numel()
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -68,11 +61,16 @@ def freeze_backbone(model: nn.Module, backbone: "Backbone") -> nn.Module:
 
 
 def refuse_quantized(tuner: "Tuner", backbone: "Backbone") -> None:
-    if backbone.quantization != "none":
+    if tuner.trains_backbone_weights and backbone.quantization != "none":
         raise ConfigError(
             f"tuner {tuner.name}: a {backbone.quantization} backbone cannot train its own weights "
             "(quantized weights take no gradient); use backbone.quantization: none, or LoRA on it (QLoRA)"
         )
+
+
+#: the tuner class that reads each kind of saved folder back (:mod:`ftbench.tuners.saved`), registered
+#: by each class that sets ``saved_kind``
+SAVED_KINDS: dict[str, type["Tuner"]] = {}
 
 
 class Tuner:
@@ -80,6 +78,17 @@ class Tuner:
 
     #: the tuner part of the method label (``ftbench.naming``): ``full``, ``lora``, ``adapters``, ...
     name = "tuner"
+    #: whether it trains the backbone's own weights (full, freeze) rather than added modules: then it
+    #: cannot train a quantized backbone, and its reference (:meth:`reference`) is a frozen copy
+    trains_backbone_weights = False
+    #: the kind of folder :meth:`save` writes (:func:`ftbench.tuners.saved.saved_kind` tells it by its
+    #: files); the class that sets it reads such a folder back (:meth:`load_saved`)
+    saved_kind: Optional[str] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("saved_kind"):
+            SAVED_KINDS[cls.saved_kind] = cls
 
     def __init__(self, lr: Optional[float] = None):
         """
@@ -110,10 +119,21 @@ class Tuner:
         model.save_pretrained(path, safe_serialization=True)
         return path
 
+    @classmethod
+    def load_saved(cls, model: nn.Module, path: Path, backbone: "Backbone", merge: bool = True) -> nn.Module:
+        """``model`` with what a tuner of this class saved at ``path`` applied, frozen (a pipeline's
+        later stage starts from it); ``merge=False`` keeps added modules apart where they can be
+        merged (for inference only). Returns the model (a new object where the method wraps it)."""
+        raise NotImplementedError(f"tuner {cls.name}: saves no folder of its own kind")
+
     # ------------------------------------------------------------------ the untouched backbone
-    def keep_reference(self, model: nn.Module) -> None:
-        """Called by an objective that needs :meth:`reference`, once, before the first step. Tuners
-        that change the backbone's own weights keep a frozen copy here; the others need nothing."""
+    def keep_reference(self, model: nn.Module) -> Optional[nn.Module]:
+        """Called by an objective that needs :meth:`reference`, once, before the first step. A tuner
+        that trains the backbone's own weights keeps a frozen copy here and returns it (the objective
+        holds it); the others need nothing (None)."""
+        if self.trains_backbone_weights:
+            self._frozen_copy(model)
+        return self._reference
 
     @contextlib.contextmanager
     def reference(self, model: nn.Module) -> Iterator[nn.Module]:

@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
+import torch
 from torch import nn
 
 from ftbench.errors import ConfigError
@@ -20,14 +21,17 @@ class Full(Tuner):
     of the weights as they were, made only when an objective asks for one."""
 
     name = "full"
+    trains_backbone_weights = True
+    saved_kind = "full"  # config.json + *.safetensors: every weight (save_pretrained)
 
     def prepare(self, model: nn.Module, backbone: "Backbone") -> nn.Module:
         refuse_quantized(self, backbone)
         model.requires_grad_(True)
         return model
 
-    def keep_reference(self, model: nn.Module) -> None:
-        self._frozen_copy(model)
+    @classmethod
+    def load_saved(cls, model: nn.Module, path: Path, backbone: "Backbone", merge: bool = True) -> nn.Module:
+        return copy_saved_weights(model, path, every_weight=True)
 
 
 class Freeze(Tuner):
@@ -36,6 +40,8 @@ class Freeze(Tuner):
     the rest of the backbone stays frozen. Saves only the trained weights."""
 
     name = "freeze"
+    trains_backbone_weights = True
+    saved_kind = "partial"  # *.safetensors alone: the trained weights, by name
 
     def __init__(self, trainable_layers: int = 1, trainable_modules: Optional[list[str]] = None,
                  extra_modules: Optional[list[str]] = None, **kwargs):
@@ -92,8 +98,9 @@ class Freeze(Tuner):
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
         return path
 
-    def keep_reference(self, model: nn.Module) -> None:
-        self._frozen_copy(model)
+    @classmethod
+    def load_saved(cls, model: nn.Module, path: Path, backbone: "Backbone", merge: bool = True) -> nn.Module:
+        return copy_saved_weights(model, path, every_weight=False)
 
 
 class NoTuning(Tuner):
@@ -108,3 +115,36 @@ class NoTuning(Tuner):
     @contextlib.contextmanager
     def reference(self, model: nn.Module) -> Iterator[nn.Module]:
         yield model  # nothing trained: the model is the backbone
+
+
+def copy_saved_weights(model: nn.Module, path: Path, every_weight: bool) -> nn.Module:
+    """Copy the weights saved at ``path`` into ``model`` by name (``every_weight``: the folder must
+    hold all of the backbone's, as a full model does). A reward model started from an LM has no LM head."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    if getattr(model, "ftbench_head", None) == "score":
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ConfigError(f"backbone.init_from: {str(path)!r} has weights this backbone does not: {unknown[:3]}")
+    if every_weight:
+        missing = sorted(k for k in own if k not in state and not _tied(model, k))
+        if missing:
+            raise ConfigError(f"backbone.init_from: {str(path)!r} lacks weights of this backbone: {missing[:3]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if own[name].shape != tensor.shape:
+                raise ConfigError(f"backbone.init_from: {name} is {tuple(tensor.shape)} in {str(path)!r} but "
+                                  f"{tuple(own[name].shape)} in the backbone")
+            own[name].copy_(tensor.to(own[name].dtype))
+    return model
+
+
+def _tied(model: nn.Module, key: str) -> bool:
+    """A weight ``save_pretrained`` leaves out because it is tied to another (the output head)."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return out is not None and bool(getattr(model.config, "tie_word_embeddings", False)) and key.startswith("lm_head")

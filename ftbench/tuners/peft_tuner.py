@@ -56,6 +56,7 @@ class Peft(Tuner):
     """A peft method chosen by its config class (``peft_config.class_path``); the backbone is frozen."""
 
     name = "peft"
+    saved_kind = "peft"  # adapter_config.json with a peft_type + the adapter weights
 
     def __init__(self, peft_config: Optional[PeftConfig] = None, loraplus_lr_ratio: Optional[float] = None, **kwargs):
         """
@@ -143,6 +144,26 @@ class Peft(Tuner):
         """The ``init_lora_weights`` that rewrites the backbone's weights, or None."""
         init = getattr(self.peft_config, "init_lora_weights", True)
         return init if isinstance(init, str) and init.startswith(self.RESIDUAL_INITS) else None
+
+    @classmethod
+    def load_saved(cls, model: nn.Module, path: Path, backbone: "Backbone", merge: bool = True) -> nn.Module:
+        """The adapter loaded with peft and merged into the weights (``merge_and_unload``); on a
+        quantized backbone a merge would round the update into 4/8 bits, so it is refused."""
+        from peft import PeftModel
+
+        if not merge:
+            return PeftModel.from_pretrained(model, str(path))
+        if backbone.quantization != "none":
+            raise ConfigError(f"backbone.init_from: merging the peft adapter in {str(path)!r} into a "
+                              f"{backbone.quantization} backbone would round it into its quantized weights; "
+                              "start from a backbone with quantization: none")
+        config = PeftConfig.from_pretrained(str(path))
+        if getattr(model, "ftbench_head", None) == "score":
+            # an SFT stage's adapter (task CAUSAL_LM) under a reward model: peft's causal-LM wrapper
+            # wants generation methods a score-head model lacks; the plain PeftModel merges the same
+            # body weights (the adapter never touches the LM head, which the score head replaces)
+            config.task_type = None
+        return PeftModel.from_pretrained(model, str(path), config=config).merge_and_unload()
 
     @contextlib.contextmanager
     def reference(self, model: nn.Module) -> Iterator[nn.Module]:
