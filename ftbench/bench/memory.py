@@ -14,11 +14,16 @@ and storages, never at an allocator:
   reward model, a critic), which are in the totals too.
 * **gradients** - the ``.grad`` tensors after the backward of the measured batch (read in
   ``on_before_optimizer_step``), each storage once.
-* **optimizer** - every tensor in ``optimizer.state`` after the optimizer's first step: AdamW's two
-  moments *and* its ``step`` counters (one float32 scalar per trained tensor, reported as
+* **optimizer** - every tensor the optimizer keeps between steps (:func:`optimizer_state_tensors`):
+  AdamW's two moments *and* its ``step`` counters (one float32 scalar per trained tensor, reported as
   ``step_tensors``/``step_bytes``; torch keeps them on the host unless ``capturable``/``fused``),
   bitsandbytes' 8-bit states with their block absmax and quantile maps (maps shared by all tensors
-  counted once), paged states at their real size.
+  counted once), paged states at their real size, GaLore's and APOLLO's projection matrices and
+  projected moments, BAdam's moments and float32 copy of the active block, Muon's momentum,
+  Adafactor's factored moments. It is read before and after every step from ``batch_index`` on and
+  the largest is kept (``at_batch``: the batch of that step): where the state changes from step to
+  step (BAdam's next block; GaLore's refreshed projector) one step could mislead. The gradients
+  likewise (the largest over those steps).
 * **activations** - what autograd saves for backward during one training step: a
   ``saved_tensors_hooks`` pack hook is pushed at ``on_train_batch_start`` of batch ``batch_index``
   (after warm-up) and popped at ``on_before_backward``. Each storage is counted once (views and
@@ -42,7 +47,8 @@ it in the record.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+import sys
+from typing import Any, Iterable, Iterator, Optional
 
 import lightning as L
 import torch
@@ -128,32 +134,59 @@ def gradient_breakdown(params: Iterable[torch.Tensor]) -> dict[str, Any]:
     return {"bytes": sum(by_dtype.values()), "tensors": tensors, "by_dtype": by_dtype}
 
 
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor an optimizer keeps from one step to the next, with the name of its state entry:
+
+    * the tensors of ``optimizer.state`` (nested containers too): AdamW's moments and ``step``,
+      Muon's ``momentum_buffer``, Adafactor's factored ``row_var``/``col_var``, bitsandbytes' 8-bit
+      ``state1``/``state2`` with their absmax and quantile maps, APOLLO's norm-limiter scalar;
+    * the tensors held by an object in the state, under that entry's name: GaLore's and APOLLO's
+      ``projector`` keeps its projection matrix (``ortho_matrix``, a list of two for GaLore's ``full``);
+    * for badam's ``BlockOptimizer``, which wraps its base optimizer and keeps none of its own, the base
+      optimizer's state and the float32 copies of the active block it steps (``master_weights``:
+      ``param_idx2hp``, outside any state).
+    """
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's LightningOptimizer wraps the real one
+    badam = sys.modules.get("badam")  # loaded if (and only if) a BlockOptimizer can exist
+    if badam is not None and isinstance(optimizer, badam.BlockOptimizer):
+        for t in getattr(optimizer, "param_idx2hp", {}).values():
+            yield "master_weights", t
+        optimizer = optimizer.base_optimizer
+    for state in optimizer.state.values():
+        for name, value in state.items():
+            for leaf in tree_leaves(value):
+                if isinstance(leaf, torch.Tensor):
+                    yield name, leaf
+                elif hasattr(leaf, "__dict__"):  # e.g. GaLoreProjector: its tensors are attributes
+                    for t in tree_leaves(vars(leaf)):
+                        if isinstance(t, torch.Tensor):
+                            yield name, t
+
+
 def optimizer_breakdown(optimizers: Iterable[torch.optim.Optimizer]) -> dict[str, Any]:
-    """Bytes of every tensor in the optimizers' state, each storage once, by dtype and device;
-    the per-tensor ``step`` counters separately too (they are part of ``bytes``)."""
+    """Bytes of every tensor the optimizers keep (:func:`optimizer_state_tensors`), each storage once,
+    by dtype, by device and by state entry (``by_entry``: ``exp_avg``, ``projector``, ``master_weights``
+    ...); the per-tensor ``step`` counters separately too (they are part of ``bytes``)."""
     seen: set[int] = set()
     by_dtype: dict[str, int] = {}
     by_device: dict[str, int] = {}
+    by_entry: dict[str, int] = {}
     tensors = step_tensors = step_bytes = 0
     for opt in optimizers:
-        opt = getattr(opt, "optimizer", opt)  # Lightning's LightningOptimizer wraps the real one
-        for state in opt.state.values():
-            for name, value in state.items():
-                for t in tree_leaves(value):
-                    if not isinstance(t, torch.Tensor):
-                        continue
-                    key, nbytes = storage_key(t)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    tensors += 1
-                    _add(by_dtype, dtype_name(t.dtype), nbytes)
-                    _add(by_device, t.device.type, nbytes)
-                    if name == "step":
-                        step_tensors += 1
-                        step_bytes += nbytes
+        for name, t in optimizer_state_tensors(opt):
+            key, nbytes = storage_key(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            tensors += 1
+            _add(by_dtype, dtype_name(t.dtype), nbytes)
+            _add(by_device, t.device.type, nbytes)
+            _add(by_entry, name, nbytes)
+            if name == "step":
+                step_tensors += 1
+                step_bytes += nbytes
     return {"bytes": sum(by_dtype.values()), "tensors": tensors, "by_dtype": by_dtype, "by_device": by_device,
-            "step_tensors": step_tensors, "step_bytes": step_bytes}
+            "by_entry": dict(sorted(by_entry.items())), "step_tensors": step_tensors, "step_bytes": step_bytes}
 
 
 # ---------------------------------------------------------------------- activations
@@ -313,16 +346,28 @@ class MemoryBreakdown(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self._close()  # a training step that never called backward (manual optimisation)
-        if "activations" in self._parts and "gradients" not in self._parts:
-            self._parts["gradients"] = gradient_breakdown(pl_module.parameters())
+        if "activations" in self._parts:
+            grads = gradient_breakdown(pl_module.parameters())
+            if grads["bytes"] >= self._parts.get("gradients", {}).get("bytes", 0):
+                self._parts["gradients"] = grads  # the largest over the timed steps (BAdam: per block)
+            self._read_optimizer(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._close()
         self._batches += 1
-        if "activations" in self._parts and "optimizer" not in self._parts:
-            opt = optimizer_breakdown(trainer.optimizers)
-            if opt["tensors"] or not _has_state_kind(trainer.optimizers):
-                self._parts["optimizer"] = opt
+        if "activations" in self._parts:
+            self._read_optimizer(trainer, self._batches - 1)
+
+    def _read_optimizer(self, trainer, batch: Optional[int] = None) -> None:
+        """Keep the largest optimizer state seen over the timed steps, read before and after each step:
+        the state can change from step to step (GaLore's projector refresh; BAdam's switch to another
+        block, which happens inside ``step`` and clears the state, so the full state of a block is seen
+        before the step that ends it)."""
+        opt = optimizer_breakdown(trainer.optimizers)
+        if (opt["tensors"] or not _has_state_kind(trainer.optimizers)) and \
+                opt["bytes"] > self._parts.get("optimizer", {}).get("bytes", -1):
+            opt["at_batch"] = self._batches if batch is None else batch
+            self._parts["optimizer"] = opt
 
     def on_exception(self, trainer, pl_module, exception):
         self._close()

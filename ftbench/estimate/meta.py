@@ -275,3 +275,33 @@ def convert_true_precision(module: torch.nn.Module, dtype: torch.dtype) -> None:
         for name, b in list(sub._buffers.items()):
             if b is not None and b.is_floating_point():
                 sub._buffers[name] = b.to(dtype)
+
+
+# ---------------------------------------------------------------------- an optimizer's step on meta
+class MetaValues(TorchFunctionMode):
+    """A value read from a meta tensor during an optimizer's step is 1 (Adafactor reads its step count
+    with ``.item()``, APOLLO compares its norm-growth limiter): values decide no state's size."""
+
+    _READS = {torch.Tensor.item: 1.0, torch.Tensor.__float__: 1.0, torch.Tensor.__int__: 1, torch.Tensor.__bool__: True}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._READS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return self._READS[func]
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def optimizer_on_meta() -> Iterator[None]:
+    """An optimizer's step on meta tensors: values read are 1 (:class:`MetaValues`), and APOLLO's seeded
+    Gaussian projection (a ``torch.Generator`` has no meta device) is an empty meta tensor of its shape."""
+    import sys
+    from unittest import mock
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(MetaValues())
+        if sys.modules.get("apollo_torch") is not None:
+            def empty_randn(shape, seed, device=None, dtype=torch.float32):
+                return torch.empty(shape, device=device, dtype=dtype)
+
+            stack.enter_context(mock.patch("apollo_torch.random_projector.stable_randn", empty_randn))
+        yield

@@ -26,14 +26,16 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 def optimizer_factory(name_or_factory: Any) -> Callable:
     """An optimizer factory from a short name (``adamw``, ``adamw8bit``, ``paged_adamw8bit``, ``sgd``,
-    ``sgd_momentum``), a ``class_path`` YAML (``configs/optim/*.yaml``), or a callable."""
+    ``sgd_momentum``, or a shipped config's: ``galore``, ``badam``, ``muon``, ...), a ``class_path`` YAML
+    (``configs/optim/*.yaml``), or a callable."""
     if callable(name_or_factory):
         return name_or_factory
     spec = str(name_or_factory)
+    shipped = ROOT / "configs" / "optim" / f"{spec}.yaml"
     if spec in OPTIMIZERS:
         class_path, init_args = OPTIMIZERS[spec]
     else:
-        cfg = load_yaml(spec, "--optimizer")
+        cfg = load_yaml(str(shipped) if shipped.is_file() and not Path(spec).is_file() else spec, "--optimizer")
         if "class_path" not in cfg:
             raise EstimateError(f"estimate: --optimizer {spec}: no class_path in it (or a name: {', '.join(OPTIMIZERS)})")
         class_path, init_args = cfg["class_path"], cfg.get("init_args") or {}

@@ -3,8 +3,8 @@
 The model is built from its config on meta (:mod:`ftbench.estimate.meta`), the tuner prepares it
 (``Tuner.prepare``: the one way a method is applied, through the objective's ``configure_model``), the
 objective takes one training step on a full batch (every token real and trained), backward runs, and
-the optimizer takes one step on meta tensors (so its state is the optimizer's own, 8-bit ones
-included). Each part is then read by the same functions :class:`ftbench.bench.memory.MemoryBreakdown`
+the optimizer, made as a run's ``configure_optimizers`` makes it, takes one step on meta tensors (so its
+state is the optimizer's own: 8-bit ones, GaLore's and APOLLO's projectors, BAdam's largest block). Each part is then read by the same functions :class:`ftbench.bench.memory.MemoryBreakdown`
 uses on a real run.
 
 Activations are what one step saves for a batch of ``batch_size`` x ``seq_len`` tokens with no
@@ -14,6 +14,7 @@ padding (a padded batch saves a boolean attention mask besides).
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -22,8 +23,8 @@ import torch
 from ftbench.bench.memory import (ActivationMeter, gradient_breakdown, optimizer_breakdown, predicted_peak,
                                   weight_breakdown)
 from ftbench.errors import EstimateError
-from ftbench.estimate.meta import (MetaKernels, convert_true_precision, loading_on_meta, meta_model, precision_context,
-                                  sized_config)
+from ftbench.estimate.meta import (MetaKernels, convert_true_precision, loading_on_meta, meta_model,
+                                  optimizer_on_meta, precision_context, sized_config)
 from ftbench.estimate.options import optimizer_factory
 
 PRECISIONS = {"32-true": "32-true", "32": "32-true", "fp32": "32-true", "bf16-mixed": "bf16-mixed",
@@ -63,6 +64,9 @@ class MetaRun:
             convert_true_precision(self.objective, torch.bfloat16)
         self.objective.check_finite = lambda *a, **k: None  # reads the loss's value
         self.objective.log = lambda *a, **k: None  # no trainer to log to
+        # as a run: the optimizer is made after the model and before the first step (BAdam leaves only its
+        # first block trainable, so the weights' split, the gradients and the activations follow it)
+        self.optimizer = meta_optimizer(self.objective, self.optimizer_factory)
         held = self.objective.held_models()
         if self.objective.holds_reward_model and not any(role.startswith("reward_model") for role in held):
             # a run loads it at its first score (GRPO's reward functions): the backbone with a score head,
@@ -71,6 +75,7 @@ class MetaRun:
         self.weights = weight_breakdown(self.objective, held)
         self.params = self.objective.parameter_counts()
         self._optimizer: Optional[dict[str, Any]] = None
+        self._block_gradients: Optional[dict[str, Any]] = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -99,19 +104,14 @@ class MetaRun:
         return parts
 
     def optimizer_state(self) -> dict[str, Any]:
-        """The optimizer's state after its first step on the gradients of the last :meth:`step`."""
+        """The optimizer's state after its first step on the gradients of the last :meth:`step` (BAdam:
+        the largest over its blocks, see :func:`step_on_meta`)."""
         if self._optimizer is None:
-            params = [p for p in self.objective.parameters() if p.requires_grad]
-            if not params:
+            if self.optimizer is None:
                 self._optimizer = optimizer_breakdown([])
             else:
-                opt = self.optimizer_factory(params)
-                if getattr(opt, "is_paged", False):
-                    # bitsandbytes' paged states are CUDA unified memory of the same dtypes and shapes;
-                    # there is none on meta (or without CUDA), so they are made as plain tensors here
-                    opt.is_paged = False
-                opt.step()
-                self._optimizer = optimizer_breakdown([opt])
+                opt = self.optimizer
+                self._optimizer, self._block_gradients = step_on_meta(opt)
                 self._optimizer["class"] = f"{type(opt).__module__}.{type(opt).__name__}"
         return self._optimizer
 
@@ -119,6 +119,8 @@ class MetaRun:
         """The same dict :class:`~ftbench.bench.memory.MemoryBreakdown` records for a real run."""
         parts = self.step(batch_size, seq_len)
         parts["optimizer"] = self.optimizer_state()
+        if self._block_gradients is not None and self._block_gradients["bytes"] > parts["gradients"]["bytes"]:
+            parts["gradients"] = self._block_gradients  # BAdam: the largest block's, as a run's breakdown keeps
         parts["weights"] = self.weights
         parts["device"] = "meta"
         parts["batch_shape"] = [batch_size, seq_len]
@@ -155,6 +157,52 @@ class MetaRun:
         while b < limit and budget - (peak(b) + slope) > -0.01 * slope and peak(b + 1) <= budget:
             b += 1
         return b
+
+
+def meta_optimizer(objective, factory: Callable) -> Optional[torch.optim.Optimizer]:
+    """The optimizer a run's ``configure_optimizers`` makes (named parameters, the tuner's grouping and
+    rate: :func:`ftbench.objectives.optim.make_optimizer`), or None when nothing trains."""
+    from ftbench.objectives.optim import make_optimizer
+
+    if not any(p.requires_grad for p in objective.model.parameters()):
+        return None
+    opt = make_optimizer(objective.model, objective.tuner, factory, objective.method_label)
+    if getattr(opt, "is_paged", False):
+        # bitsandbytes' paged states are CUDA unified memory of the same dtypes and shapes; there is
+        # none on meta (or without CUDA), so they are made as plain tensors here
+        opt.is_paged = False
+    return opt
+
+
+def step_on_meta(opt: torch.optim.Optimizer) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """Step ``opt`` on the gradients it has and read its state as a run's breakdown does, before and after
+    the step, the largest kept. badam's BlockOptimizer is stepped on through every block
+    (``switch_block_every`` steps each, empty gradients for the active block), since a run keeps the
+    largest block's state and gradients over its timed steps; the second value is the largest block's
+    gradients (else None). The model's trainable flags are put back after (later steps see the first block)."""
+    reads = [optimizer_breakdown([opt])]
+    with optimizer_on_meta():
+        opt.step()
+    reads.append(optimizer_breakdown([opt]))
+    badam = sys.modules.get("badam")
+    block_grads: Optional[dict[str, Any]] = None
+    if badam is not None and isinstance(opt, badam.BlockOptimizer):
+        params = [p for group in opt.param_groups for p in group["params"]]
+        trainable = [p.requires_grad for p in params]
+        for _ in range(opt.block_num * opt.switch_block_every):
+            for p in params:
+                p.grad = torch.empty_like(p) if p.requires_grad else None
+            grads = gradient_breakdown(params)
+            if block_grads is None or grads["bytes"] > block_grads["bytes"]:
+                block_grads = grads
+            reads.append(optimizer_breakdown([opt]))
+            with optimizer_on_meta():
+                opt.step()
+            reads.append(optimizer_breakdown([opt]))
+        for p, flag in zip(params, trainable):
+            p.requires_grad_(flag)
+            p.grad = None
+    return max(reads, key=lambda r: r["bytes"]), block_grads
 
 
 def _backward(loss: torch.Tensor) -> None:

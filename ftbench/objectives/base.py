@@ -73,8 +73,9 @@ class Objective(EvaluationSteps, L.LightningModule):
             backbone: The shared backbone (linked from the top-level ``backbone`` by the CLI).
             tuner: What trains (linked from the top-level ``tuner`` by the CLI).
             optimizer: Optimizer class and its arguments (``configs/optim/*.yaml``); any importable
-                optimizer works (bitsandbytes' 8-bit and paged ones too). The tuner's ``lr``, when
-                set, replaces the ``lr`` given here.
+                optimizer works (bitsandbytes' 8-bit and paged ones too; GaLore, APOLLO, BAdam and
+                Muon through ``ftbench.optimizers``). It receives the trainable parameters by name.
+                The tuner's ``lr``, when set, replaces the ``lr`` given here.
             lr_scheduler: Learning-rate schedule (``transformers.get_scheduler``), stepped per
                 optimizer step over ``trainer.estimated_stepping_batches``.
             warmup_steps: Linear warm-up steps of the schedule.
@@ -120,6 +121,8 @@ class Objective(EvaluationSteps, L.LightningModule):
         self.model.train()  # from_pretrained returns eval mode; the trainer switches for evaluation
         if self.needs_reference:
             self.reference_model = self.tuner.keep_reference(self.model)
+            with self.tuner.reference(self.model):  # a tuner that cannot give the untouched backbone says so now
+                pass
 
     def held_models(self) -> dict[str, torch.nn.Module]:
         """The models held besides the policy, by role (``reference``, ``reward_model``, ``critic``):
@@ -209,8 +212,5 @@ class Objective(EvaluationSteps, L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError(f"{self.method_label}: nothing to train (no parameter requires grad)")
-        return optimization(params, self.optimizer_factory, self.tuner.lr, self.lr_scheduler, self.warmup_steps,
-                            max(1, int(self.trainer.estimated_stepping_batches)))
+        return optimization(self.model, self.tuner, self.optimizer_factory, self.method_label, self.lr_scheduler,
+                            self.warmup_steps, max(1, int(self.trainer.estimated_stepping_batches)))

@@ -158,6 +158,13 @@ class Tuner:
             ref.eval()
             self._reference = ref
 
+    # ------------------------------------------------------------------ the optimizer
+    def optimizer(self, model: nn.Module, named_parameters: list[tuple[str, nn.Parameter]],
+                  make: Any) -> torch.optim.Optimizer:
+        """The optimizer ``make`` builds on what this tuner trains (``named_parameters``: the trainable
+        ones by name). A tuner that sets rates per group (LoRA+) builds the groups here."""
+        return make(named_parameters)
+
     # ------------------------------------------------------------------ hooks of the shared loop
     def align_logits(self, logits: torch.Tensor, input_length: int) -> torch.Tensor:
         """Logits for exactly the ``input_length`` input positions (prompt tuning prepends some)."""

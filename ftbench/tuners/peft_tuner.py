@@ -58,13 +58,15 @@ class Peft(Tuner):
     name = "peft"
     saved_kind = "peft"  # adapter_config.json with a peft_type + the adapter weights
 
-    def __init__(self, peft_config: Optional[PeftConfig] = None, **kwargs):
+    def __init__(self, peft_config: Optional[PeftConfig] = None, loraplus_lr_ratio: Optional[float] = None, **kwargs):
         """
         Args:
             peft_config: A peft config by ``class_path`` and ``init_args``, e.g. ``peft.LoraConfig``,
                 ``peft.IA3Config``, ``peft.PrefixTuningConfig``, ``peft.PromptTuningConfig``,
                 ``peft.LoHaConfig``, ``peft.VeraConfig``, ``peft.AdaLoraConfig``, ``peft.OFTConfig`` or
                 ``peft.LoraConfig`` with ``use_dora: true``. ``task_type`` follows the backbone's head.
+            loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): the B matrices train at this ratio x ``lr``
+                (peft's ``create_loraplus_optimizer``; the paper: 16), with any optimizer.
         """
         super().__init__(**kwargs)
         if peft_config is None:
@@ -73,6 +75,16 @@ class Peft(Tuner):
             raise ConfigError(f"tuner peft: peft_config must be a peft.PeftConfig, got {type(peft_config).__name__}")
         self.peft_config = peft_config
         self.name = peft_label(type(peft_config).__name__, bool(getattr(peft_config, "use_dora", False)))
+        if loraplus_lr_ratio is not None:
+            if self.name != "lora":
+                raise ConfigError(f"tuner.loraplus_lr_ratio: LoRA+ sets the rate of LoRA's B matrices; tuner "
+                                  f"{self.name} has none")
+            if not loraplus_lr_ratio > 0:
+                raise ConfigError(f"tuner.loraplus_lr_ratio: must be > 0 (the paper: 16), got {loraplus_lr_ratio}")
+            if self.lr is None:
+                raise ConfigError("tuner.loraplus_lr_ratio: LoRA+ needs tuner.lr (the A matrices' rate; "
+                                  f"B's is {loraplus_lr_ratio} x it)")
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         self.total_steps: Optional[int] = None  # set by the objective from the trainer, for AdaLoRA's check
 
     @classmethod
@@ -90,6 +102,10 @@ class Peft(Tuner):
         from peft import AdaLoraConfig, TaskType
 
         config = copy.deepcopy(self.peft_config)
+        if isinstance(getattr(config, "init_lora_weights", True), str) and any(p.is_meta for p in model.parameters()):
+            # ftbench estimate's model has no values to initialise from (PiSSA's SVD, LoftQ's quantization):
+            # every initialisation gives LoRA's shapes and dtypes, which are all a meta model has
+            config.init_lora_weights = True
         if getattr(config, "task_type", None) is None:
             config.task_type = TaskType.SEQ_CLS if getattr(model, "ftbench_head", None) == "score" else TaskType.CAUSAL_LM
         if isinstance(config, AdaLoraConfig) and self.total_steps is not None and self.total_steps != config.total_step:
@@ -110,6 +126,32 @@ class Peft(Tuner):
         path = Path(path)
         model.save_pretrained(path, safe_serialization=True)
         return path
+
+    def optimizer(self, model: nn.Module, named_parameters: list[tuple[str, nn.Parameter]],
+                  make: Any) -> torch.optim.Optimizer:
+        """LoRA+: peft's ``create_loraplus_optimizer`` groups the parameters (A matrices and the rest at
+        ``lr``, B matrices at ``loraplus_lr_ratio`` x ``lr``, LoRA on embeddings at peft's 1e-6) and
+        ``make`` builds the configured optimizer on those groups."""
+        if self.loraplus_lr_ratio is None:
+            return make(named_parameters)
+        from peft.optimizers import create_loraplus_optimizer
+
+        def configured(groups, **kwargs):  # peft passes lr=..., which the groups carry anyway
+            return make(groups, **kwargs)
+
+        return create_loraplus_optimizer(model, optimizer_cls=configured, lr=self.lr,
+                                         loraplus_lr_ratio=self.loraplus_lr_ratio)
+
+    #: LoRA initialisations that move part of each weight into the adapter and leave the backbone
+    #: holding the rest (PiSSA, OLoRA, CorDA) or its quantized round trip (LoftQ): switching the adapter
+    #: off then no longer gives the backbone as loaded
+    RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
+
+    @property
+    def changes_backbone(self) -> Optional[str]:
+        """The ``init_lora_weights`` that rewrites the backbone's weights, or None."""
+        init = getattr(self.peft_config, "init_lora_weights", True)
+        return init if isinstance(init, str) and init.startswith(self.RESIDUAL_INITS) else None
 
     @classmethod
     def load_saved(cls, model: nn.Module, path: Path, backbone: "Backbone", merge: bool = True) -> nn.Module:
@@ -133,6 +175,13 @@ class Peft(Tuner):
 
     @contextlib.contextmanager
     def reference(self, model: nn.Module) -> Iterator[nn.Module]:
+        init = self.changes_backbone
+        if init is not None:
+            raise ConfigError(
+                f"tuner {self.name}: init_lora_weights={init!r} rewrites the backbone's weights (it keeps W - BA, "
+                "or W's quantized round trip, in the backbone), so the model with the adapter switched off is not "
+                "the untouched backbone that a reference (DPO's reference policy, GRPO's KL anchor) must be",
+                hint="use init_lora_weights: true (or gaussian), or an objective without a reference")
         with model.disable_adapter():
             yield model
 
