@@ -15,36 +15,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from pinning import four_step_losses
+from pinning import four_step_losses, load_pins
 
 from ftbench.backbone import Backbone
-from ftbench.data.preference import PreferenceData
 from ftbench.objectives import CPO, ORPO
 from ftbench.objectives.losses import cpo_loss, orpo_loss, token_logps
 from ftbench.tuners import Full, Peft
+from helpers import lora, preference_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def lora() -> Peft:
-    from peft import LoraConfig
-
-    return Peft(peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), lr=1e-3)
+def lora_1e3() -> Peft:
+    return lora(lr=1e-3)
 
 
-def make(cls, model_dir, tuner=lora, **kw):
+def make(cls, model_dir, tuner=lora_1e3, **kw):
     kw.setdefault("warmup_steps", 0)
     kw.setdefault("lr_scheduler", "constant")
     return cls(backbone=Backbone(model=str(model_dir)), tuner=tuner(), **kw)
 
 
-def make_data(backbone: Backbone) -> PreferenceData:
-    return PreferenceData(backbone=backbone, source="builtin:capitals", builtin_size=64, batch_size=4, max_length=96,
-                          val_fraction=0.125, test_fraction=0.125, seed=0)
-
-
 def first_batch(backbone: Backbone) -> dict:
-    dm = make_data(backbone)
+    dm = preference_data(backbone)
     dm.setup("fit")
     return next(iter(dm.train_dataloader()))
 
@@ -131,12 +124,7 @@ def test_no_reference_model_is_held(tiny_model_dir):
 # ---------------------------------------------------------------------------- pinned losses
 # 4 seeded fp32 steps, LoRA r=8 (lr 1e-3) on builtin:capitals, 4 pairs a batch. CPO's loss is large: its
 # sigmoid term reads SUMMED log-probs and its NLL (weight 1) is the random backbone's (about ln 512 = 6.2 per token).
-PINNED = {
-    "cpo": [17.302282333374023, 16.079212188720703, 16.777732849121094, 17.858121871948242],
-    "simpo": [1.356196641921997, 1.371688723564148, 1.2963311672210693, 1.2435076236724854],
-    "alphapo": [1.5279531478881836, 1.6117116212844849, 1.2469128370285034, 1.0218743085861206],
-    "orpo": [6.3168559074401855, 6.315820217132568, 6.293355941772461, 6.256748676300049],
-}
+PIN_NAME = "cpo_orpo"
 SETTINGS = {
     "cpo": (CPO, {}),
     "simpo": (CPO, {"loss_type": "simpo", "beta": 2.0, "simpo_gamma": 1.0, "cpo_alpha": 0.0}),
@@ -145,12 +133,22 @@ SETTINGS = {
 }
 
 
+def pinned_run(model_dir, name: str) -> list[float]:
+    cls, kw = SETTINGS[name]
+    method = make(cls, model_dir, **kw)
+    return four_step_losses(method, preference_data(method.backbone))
+
+
+def compute_pins(tmp_dir: Path) -> dict:
+    from ftbench.testing import build_tiny_llama
+
+    model_dir = build_tiny_llama(Path(tmp_dir) / "tiny")
+    return {name: pinned_run(model_dir, name) for name in SETTINGS}
+
+
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_pinned_four_step_losses(tiny_model_dir, name):
-    cls, kw = SETTINGS[name]
-    method = make(cls, tiny_model_dir, **kw)
-    losses = four_step_losses(method, make_data(method.backbone))
-    assert losses == pytest.approx(PINNED[name], abs=1e-5)
+    assert pinned_run(tiny_model_dir, name) == pytest.approx(load_pins(PIN_NAME)[name], abs=1e-5)
 
 
 # ---------------------------------------------------------------------------- CLI

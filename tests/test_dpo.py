@@ -21,27 +21,23 @@ import torch
 from ftbench.backbone import Backbone
 from ftbench.evaluation.evaluator import Evaluator
 from ftbench.evaluation.options import EvaluationOptions
-from ftbench.data.preference import PreferenceData
 from ftbench.objectives import DPO, SFT
 from ftbench.objectives.dpo import ConservativeDPOWarning
 from ftbench.objectives.losses import DPO_LOSS_TYPES, dpo_batch_loss, dpo_loss, sequence_logps, token_logps
 from ftbench.objectives.reference_cache import ReferenceTable, data_fingerprint, row_keys
 from ftbench.data.pairs import concatenate_pairs
 from ftbench.objectives.sft import sequence_losses
-from ftbench.tuners import Adapters, Freeze, Full, NoTuning, Peft
+from ftbench.tuners import Adapters, Freeze, Full, NoTuning
+from helpers import LossRecorder, cpu_trainer, lora, preference_data
+from pinning import load_pins
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4
 
 
-def lora() -> Peft:
-    from peft import LoraConfig
-
-    return Peft(peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), lr=1e-3)
-
-
-TUNERS = {"lora": lora, "adapters": lambda: Adapters(bottleneck_size=8, lr=1e-3), "full": lambda: Full(lr=1e-3),
-          "freeze": lambda: Freeze(lr=1e-3), "none": NoTuning}
+TUNERS = {"lora": lambda: lora(lr=1e-3), "adapters": lambda: Adapters(bottleneck_size=8, lr=1e-3),
+          "full": lambda: Full(lr=1e-3), "freeze": lambda: Freeze(lr=1e-3), "none": NoTuning}
+PIN_NAME = "dpo"
 
 
 def make_dpo(model_dir, tuner: str = "lora", **kw) -> DPO:
@@ -50,36 +46,15 @@ def make_dpo(model_dir, tuner: str = "lora", **kw) -> DPO:
     return DPO(backbone=Backbone(model=str(model_dir)), tuner=TUNERS[tuner](), **kw)
 
 
-def make_data(backbone: Backbone, **kw) -> PreferenceData:
-    kw = {"source": "builtin:capitals", "builtin_size": 64, "batch_size": 4, "max_length": 96,
-          "val_fraction": 0.125, "test_fraction": 0.125, "seed": 0, **kw}
-    return PreferenceData(backbone=backbone, **kw)
-
-
-def trainer(max_steps: int, callbacks=(), **kw) -> L.Trainer:
-    kw.setdefault("limit_val_batches", 0)
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, precision="32-true", logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     num_sanity_val_steps=0, callbacks=list(callbacks), **kw)
-
-
-class LossRecorder(L.Callback):
-    def __init__(self):
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
-
-
 def train(method: DPO, steps: int = STEPS, **data_kw) -> list[float]:
     L.seed_everything(0, verbose=False)
     rec = LossRecorder()
-    trainer(steps, [rec]).fit(method, datamodule=make_data(method.backbone, **data_kw))
+    cpu_trainer(steps, [rec]).fit(method, datamodule=preference_data(method.backbone, **data_kw))
     return rec.losses
 
 
 def first_batch(backbone: Backbone, split: str = "train", **kw) -> dict:
-    dm = make_data(backbone, **kw)
+    dm = preference_data(backbone, **kw)
     dm.setup("fit")
     loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
     return next(iter(loader))
@@ -183,14 +158,12 @@ def test_bad_arguments():
 
 # ---------------------------------------------------------------------------- pinned losses
 # 4 seeded fp32 steps of full DPO (sigmoid, beta 0.1, lr 1e-3) on builtin:capitals, 4 pairs a batch.
-# Step 0: policy = reference, so the loss is log 2 = 0.693147.
-PINNED_FULL = [0.6931471824645996, 0.5231490731239319, 0.4055333137512207, 0.3191211223602295]
-
-
+# Step 0: policy = reference, so the loss is log 2 = 0.693147 (pins "full").
 def test_pinned_losses_on_the_fly_and_precomputed_are_equal(tiny_model_dir, tmp_path):
     on_the_fly = make_dpo(tiny_model_dir, "full")
     losses = train(on_the_fly)
-    assert losses == pytest.approx(PINNED_FULL, abs=1e-5)
+    assert losses == pytest.approx(load_pins(PIN_NAME)["full"], abs=1e-5)
+    assert losses[0] == pytest.approx(0.6931472, abs=1e-6)
     ref = on_the_fly.reference_model  # a frozen copy, for full tuning: a submodule (moved, counted, checkpointed)
     assert ref is on_the_fly.tuner._reference and ref is not on_the_fly.model and not ref.training
     assert {id(p) for p in ref.parameters()} <= {id(p) for p in on_the_fly.parameters()}
@@ -235,7 +208,7 @@ def test_cache_is_reused_and_invalidated_by_other_data(tiny_model_dir, tmp_path)
     # without a trainer (e.g. to precompute before a sweep): the data module is given
     alone = make_dpo(tiny_model_dir, "full", precompute_reference=True, reference_cache_dir=str(tmp_path))
     alone.configure_model()
-    dm = make_data(alone.backbone)
+    dm = preference_data(alone.backbone)
     dm.setup("fit")
     assert len(alone.ensure_reference_table(dm)) == 64
     assert alone.reference_source == "cache" and alone.reference_cache_file == path
@@ -243,7 +216,7 @@ def test_cache_is_reused_and_invalidated_by_other_data(tiny_model_dir, tmp_path)
 
 def test_rows_are_matched_by_their_tokens_not_their_position(tiny_model_dir):
     backbone = Backbone(model=str(tiny_model_dir))
-    dm = make_data(backbone)
+    dm = preference_data(backbone)
     dm.setup("fit")
     rows = dm.splits["train"][:4]
     collate = dm.collator(generation=False)
@@ -269,8 +242,8 @@ def test_rows_are_matched_by_their_tokens_not_their_position(tiny_model_dir):
 def test_full_model_that_moved_is_refused_as_its_own_reference(tiny_model_dir, tmp_path):
     method = make_dpo(tiny_model_dir, "full", precompute_reference=True, reference_cache_dir=str(tmp_path))
     L.seed_everything(0, verbose=False)
-    dm = make_data(method.backbone)
-    t = trainer(1)
+    dm = preference_data(method.backbone)
+    t = cpu_trainer(1)
     t.fit(method, datamodule=dm)  # precomputed before the step, from the untouched weights
     method.reference_table = None
     with pytest.raises(RuntimeError, match="tuner full changes the backbone's own weights and they have changed"):
@@ -299,24 +272,29 @@ def test_estimate_counts_the_frozen_copy_and_not_a_precomputed_reference(tiny_mo
 
 # ---------------------------------------------------------------------------- learning
 # LoRA r=8, lr 1e-3, 12 steps (one epoch) of 4 pairs on builtin:capitals; validation on its 8 held-out
-# pairs. Before: policy = reference, every implicit reward is 0 and a tie is not a win (strict).
-PINNED_RISE = {"start": 0.0, "end": 1.0, "end_margin": 0.418115, "end_loss": 0.506909}
-
-
-def test_rewards_accuracies_rise_on_the_easy_pairs(tiny_model_dir):
-    method = make_dpo(tiny_model_dir, "lora", evaluator=Evaluator(EvaluationOptions(max_new_tokens=4)))
-    dm = make_data(method.backbone)
+# pairs. Before: policy = reference, every implicit reward is 0 and a tie is not a win (strict) (pins "rise").
+def easy_pairs_run(model_dir) -> tuple[dict, dict]:
+    """The validation metrics before and after 12 steps on the easy pairs."""
+    method = make_dpo(model_dir, "lora", evaluator=Evaluator(EvaluationOptions(max_new_tokens=4)))
+    dm = preference_data(method.backbone)
     L.seed_everything(0, verbose=False)
-    t = trainer(12, limit_val_batches=None, val_check_interval=12)
+    t = cpu_trainer(12, limit_val_batches=None, val_check_interval=12)
     t.validate(method, datamodule=dm, verbose=False)
     before = {k: float(v) for k, v in t.callback_metrics.items()}
     t.fit(method, datamodule=dm)
     after = {k: float(v) for k, v in t.callback_metrics.items()}
-    assert before["val/rewards/accuracies"] == PINNED_RISE["start"]
+    return before, after
+
+
+def test_rewards_accuracies_rise_on_the_easy_pairs(tiny_model_dir):
+    pins = load_pins(PIN_NAME)["rise"]
+    before, after = easy_pairs_run(tiny_model_dir)
+    assert pins["start"] == 0.0 and pins["end"] == 1.0  # from chance (all ties) to every pair
+    assert before["val/rewards/accuracies"] == pins["start"]
     assert before["val/rewards/margins"] == 0.0 and before["val/loss"] == pytest.approx(0.6931472, abs=1e-6)
-    assert after["val/rewards/accuracies"] == pytest.approx(PINNED_RISE["end"], abs=1e-6)
-    assert after["val/rewards/margins"] == pytest.approx(PINNED_RISE["end_margin"], abs=1e-4)
-    assert after["val/loss"] == pytest.approx(PINNED_RISE["end_loss"], abs=1e-4)
+    assert after["val/rewards/accuracies"] == pytest.approx(pins["end"], abs=1e-6)
+    assert after["val/rewards/margins"] == pytest.approx(pins["end_margin"], abs=1e-4)
+    assert after["val/loss"] == pytest.approx(pins["end_loss"], abs=1e-4)
     assert after["val/pairwise_accuracy"] == after["val/rewards/accuracies"]
     for key in ("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/accuracies",
                 "train/rewards/margins", "train/logps/chosen", "train/logps/rejected", "val/accuracy",
@@ -474,11 +452,21 @@ def test_new_settings_are_checked():
 
 
 # 4 seeded fp32 steps of full MPO (sigmoid + bco_pair + sft, 0.8 / 0.2 / 1.0, beta 0.1, lr 1e-3), 4 pairs a batch.
-# Step 0: sigmoid and bco_pair at policy = reference: 0.8 log 2 + 0.2 x 2 log 2, plus the random backbone's NLL.
-PINNED_MPO = [7.056953430175781, 6.756503105163574, 6.511519432067871, 6.294918060302734]
+# Step 0: sigmoid and bco_pair at policy = reference: 0.8 log 2 + 0.2 x 2 log 2, plus the random backbone's NLL
+# (pins "mpo").
+def mpo_losses(model_dir) -> list[float]:
+    return train(make_dpo(model_dir, "full", loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]))
 
 
 def test_pinned_mpo_losses(tiny_model_dir):
-    losses = train(make_dpo(tiny_model_dir, "full", loss_type=["sigmoid", "bco_pair", "sft"],
-                            loss_weights=[0.8, 0.2, 1.0]))
-    assert losses == pytest.approx(PINNED_MPO, abs=1e-5)
+    assert mpo_losses(tiny_model_dir) == pytest.approx(load_pins(PIN_NAME)["mpo"], abs=1e-5)
+
+
+def compute_pins(tmp_dir: Path) -> dict:
+    from ftbench.testing import build_tiny_llama
+
+    model_dir = build_tiny_llama(Path(tmp_dir) / "tiny")
+    before, after = easy_pairs_run(model_dir)
+    rise = {"start": before["val/rewards/accuracies"], "end": after["val/rewards/accuracies"],
+            "end_margin": after["val/rewards/margins"], "end_loss": after["val/loss"]}
+    return {"full": train(make_dpo(model_dir, "full")), "rise": rise, "mpo": mpo_losses(model_dir)}

@@ -26,6 +26,8 @@ from ftbench.objectives.losses import grpo_advantages, rloo_advantages
 from ftbench.objectives.rewards import (ExactAnswer, FromImport, RewardError, RewardModel, chat_turn_end,
                                         load_reward_model)
 from ftbench.tuners import Adapters, Freeze, Full, Peft
+from helpers import cpu_trainer, instruction_data, lora
+from pinning import load_pins
 
 ROOT = Path(__file__).resolve().parent.parent
 EOS, PAD = 2, 3  # the tiny tokenizer's <|im_end|> and <pad>
@@ -44,28 +46,14 @@ def completion_length(prompts, completions, scale: float = 1.0, **columns):
     return [scale * len(c) for c in completions]
 
 
-def lora(**kw) -> Peft:
-    from peft import LoraConfig
-
-    return Peft(peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), **kw)
-
-
 def make_data(backbone: Backbone, **kw) -> InstructionData:
-    kw = {"source": "builtin:instruction", "builtin_size": 200, "batch_size": 4, "max_length": 96,
-          "val_fraction": 0.1, "test_fraction": 0.1, "seed": 0, "prompt_batches": True, "eval_batch_size": 10, **kw}
-    return InstructionData(backbone=backbone, **kw)
+    """GRPO's prompts: 200 built-in instruction rows, batched by prompt, 10 a validation batch."""
+    return instruction_data(backbone, **{"builtin_size": 200, "prompt_batches": True, "eval_batch_size": 10, **kw})
 
 
 def first_batch(dm: InstructionData) -> dict:
     dm.setup("fit")
     return next(iter(dm.train_dataloader()))
-
-
-def trainer(max_steps: int, callbacks=(), **kw) -> L.Trainer:
-    kw = {"limit_val_batches": 0, **kw}
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, precision="32-true", logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     num_sanity_val_steps=0, callbacks=list(callbacks), **kw)
 
 
 class Rewards(L.Callback):
@@ -209,7 +197,7 @@ def test_supervised_batches_are_refused_with_the_fix(tiny_model_dir):
     backbone = Backbone(model=str(tiny_model_dir))
     m = GRPO(backbone=backbone, tuner=lora(), num_generations=2, max_completion_length=2)
     with pytest.raises(ConfigError, match="supervised training batches") as err:
-        trainer(1).fit(m, datamodule=make_data(backbone, prompt_batches=False))
+        cpu_trainer(1).fit(m, datamodule=make_data(backbone, prompt_batches=False))
     assert "prompt_batches: true" in err.value.hint
     m.configure_model()
     with pytest.raises(ConfigError, match="no prompts") as err:
@@ -234,7 +222,7 @@ def test_lora_reference_logps_are_the_untouched_backbone(tiny_model_dir):
              max_completion_length=6, beta=0.1)
     assert m.needs_reference and not GRPO(backbone=backbone, tuner=lora()).needs_reference
     L.seed_everything(0, verbose=False)
-    trainer(3).fit(m, datamodule=make_data(backbone, batch_size=2))
+    cpu_trainer(3).fit(m, datamodule=make_data(backbone, batch_size=2))
     assert float(trainer_metrics(m)["train/kl"]) > 0
     m.model.eval()
     torch.manual_seed(1)
@@ -284,7 +272,8 @@ def test_log_probs_are_those_of_the_sampling_distribution(tiny_model_dir):
 # first 4 steps and of the last 4 (fp32, CPU, seed 0). Each step's reward is a multiple of 1/128
 # (16 completions x 8 tokens), so the pins are exact. Per step:
 # 0.109 0.133 0.109 0.148 | 0.117 0.172 0.156 0.180 0.242 0.328 0.375 0.430 | 0.438 0.500 0.586 0.594
-PINNED_RISE = {"start": 0.125, "end": 0.529296875}
+# (pins "rise": start 0.125, end 0.529296875)
+PIN_NAME = "grpo"
 
 
 def rising_run(tiny_model_dir, steps: int = 16) -> tuple[list[float], GRPO]:
@@ -294,15 +283,21 @@ def rising_run(tiny_model_dir, steps: int = 16) -> tuple[list[float], GRPO]:
              lr_scheduler="constant")
     rec = Rewards()
     L.seed_everything(0, verbose=False)
-    trainer(steps, [rec]).fit(m, datamodule=make_data(backbone))
+    cpu_trainer(steps, [rec]).fit(m, datamodule=make_data(backbone))
     return rec.rewards, m
+
+
+def rise_of(rewards: list[float]) -> tuple[float, float]:
+    """The mean reward of the first 4 steps and of the last 4."""
+    return sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
 
 
 def test_reward_rises_on_a_rule_pinned(tiny_model_dir):
     rewards, m = rising_run(tiny_model_dir)
-    start, end = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
-    assert start == pytest.approx(PINNED_RISE["start"], abs=1e-6), rewards
-    assert end == pytest.approx(PINNED_RISE["end"], abs=1e-6), rewards
+    start, end = rise_of(rewards)
+    pins = load_pins(PIN_NAME)["rise"]
+    assert start == pytest.approx(pins["start"], abs=1e-6), rewards
+    assert end == pytest.approx(pins["end"], abs=1e-6), rewards
     assert end > start + 0.3
     metrics = trainer_metrics(m)
     for name in ("train/loss", "train/reward", "train/reward_std", "train/rewards/target_share/mean",
@@ -325,7 +320,7 @@ def test_evaluation_exact_match_and_reward(tiny_model_dir):
     m = GRPO(backbone=backbone, tuner=lora(), reward_funcs=[ExactAnswer(), completion_length], num_generations=2,
              evaluator=Evaluator(EvaluationOptions(max_new_tokens=4)))
     dm = make_data(backbone)
-    t = trainer(1, limit_val_batches=None)
+    t = cpu_trainer(1, limit_val_batches=None)
     t.validate(m, datamodule=dm, verbose=False)
     got = {k: float(v) for k, v in t.callback_metrics.items()}
     # the same greedy answers through the evaluator's exact match and the length reward by hand
@@ -453,7 +448,7 @@ def test_reward_model_from_a_reward_run_scores_like_its_training_data(tiny_model
     dm = PreferenceData(backbone=backbone, source="builtin:capitals", builtin_size=64, batch_size=4,
                         val_fraction=0.1, test_fraction=0.1, max_length=64, seed=0, prompt_batches=False)
     L.seed_everything(0, verbose=False)
-    trainer(4).fit(rm, datamodule=dm)
+    cpu_trainer(4).fit(rm, datamodule=dm)
     rm.save_trained(tmp_path / "weights")
     assert chat_turn_end(backbone.tokenizer) == "\n"
 
@@ -559,10 +554,10 @@ def variant_run(tiny_model_dir, repeats: int = 1, **kw) -> tuple[list[float], GR
 
 
 # 4 updates of variant_run (fp32, CPU, seed 0). Updates 1 and 3 generate; 2 and 4 reuse the rollout
-# with pi_old stored at generation, after an optimizer step: their ratios differ from 1.
-PINNED_DAPO_S2 = [1.2417634032146907e-08, -0.054897528141736984, 2.9802322387695312e-08, 0.05633026361465454]
-PINNED_MU2 = [7.450580596923828e-09, 0.0002446373400744051, -1.7384687467369986e-08, 0.003906314726918936]
-PINNED_RLOO_MU2 = [-9.313225746154785e-10, -8.333474397659302e-05, 0.0, -0.00016666948795318604]
+# with pi_old stored at generation, after an optimizer step: their ratios differ from 1. The pins' names:
+VARIANTS = {"dapo_s2": {"loss_type": "dapo", "steps_per_generation": 2},
+            "mu2": {"num_iterations": 2, "epsilon": 1e-3},
+            "rloo_mu2": {"advantage": "rloo", "num_iterations": 2, "epsilon": 1e-3}}
 
 
 def check_reused(seen: list[dict[str, float]], m: GRPO, clip: str) -> None:
@@ -579,8 +574,8 @@ def check_reused(seen: list[dict[str, float]], m: GRPO, clip: str) -> None:
 def test_dapo_over_two_micro_batches_pinned(tiny_model_dir):
     """dapo with steps_per_generation 2: each generated batch (2 prompts x 4) is split in two updates of
     4 completions, each normalised by the tokens of the whole generated batch x 2."""
-    losses, m, seen = variant_run(tiny_model_dir, 2, loss_type="dapo", steps_per_generation=2)
-    assert losses == pytest.approx(PINNED_DAPO_S2, abs=1e-6), losses
+    losses, m, seen = variant_run(tiny_model_dir, 2, **VARIANTS["dapo_s2"])
+    assert losses == pytest.approx(load_pins(PIN_NAME)["dapo_s2"], abs=1e-6), losses
     assert m.stores_old_logps()  # 1 % 2 != 0: the second micro-batch trains after an optimizer step
     check_reused(seen, m, "clip_ratio/region_mean")
 
@@ -588,15 +583,15 @@ def test_dapo_over_two_micro_batches_pinned(tiny_model_dir):
 def test_num_iterations_two_pinned(tiny_model_dir):
     """num_iterations 2 (epsilon 1e-3, so the second update's ratios are clipped): the same rollout
     trains two updates in a row, the second off-policy."""
-    losses, m, seen = variant_run(tiny_model_dir, 2, num_iterations=2, epsilon=1e-3)
-    assert losses == pytest.approx(PINNED_MU2, abs=1e-6), losses
+    losses, m, seen = variant_run(tiny_model_dir, 2, **VARIANTS["mu2"])
+    assert losses == pytest.approx(load_pins(PIN_NAME)["mu2"], abs=1e-6), losses
     check_reused(seen, m, "clip_ratio/region_mean")
     assert seen[1]["clip_ratio/low_mean"] > 0 and seen[1]["clip_ratio/high_max"] == 1.0
 
 
 def test_rloo_reused_pinned(tiny_model_dir):
-    losses, m, seen = variant_run(tiny_model_dir, 2, advantage="rloo", num_iterations=2, epsilon=1e-3)
-    assert losses == pytest.approx(PINNED_RLOO_MU2, abs=1e-6), losses
+    losses, m, seen = variant_run(tiny_model_dir, 2, **VARIANTS["rloo_mu2"])
+    assert losses == pytest.approx(load_pins(PIN_NAME)["rloo_mu2"], abs=1e-6), losses
     check_reused(seen, m, "clip_ratio/region_mean")
     assert "kl" not in seen[0]  # beta 0: no reference, no KL in the reward
 
@@ -621,7 +616,7 @@ def test_a_reuse_that_gets_new_prompts_is_refused(tiny_model_dir):
     m = GRPO(backbone=backbone, tuner=lora(), reward_funcs=[target_share], num_generations=2,
              max_completion_length=2, num_iterations=2)
     with pytest.raises(ConfigError, match="num_iterations x steps_per_generation = 2 updates reuse each rollout") as err:
-        trainer(2).fit(m, datamodule=make_data(backbone, batch_size=2))
+        cpu_trainer(2).fit(m, datamodule=make_data(backbone, batch_size=2))
     assert "give each batch 2 times in a row" in err.value.hint
 
 
@@ -633,7 +628,7 @@ def test_steps_per_generation_must_divide_the_generated_batch(tiny_model_dir):
     dm.train_batch_repeats = 3
     with pytest.raises(ConfigError, match=r"steps_per_generation=3 must divide the completions of a generated batch "
                                           r"\(data.batch_size x num_generations = 8\)"):
-        trainer(1).fit(m, datamodule=dm)
+        cpu_trainer(1).fit(m, datamodule=dm)
 
 
 def test_rloo_takes_beta_times_the_summed_kl_off_the_reward(tiny_model_dir):
@@ -699,3 +694,14 @@ def test_a_bad_grpo_setting_is_one_line(option, value, expected, tiny_model_dir,
     lines = [line for line in res.stderr.splitlines() if line.startswith("ftbench: ")]
     assert lines and lines[0].startswith(expected), res.stderr[-3000:]
     assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("ftbench: hint: ")), res.stderr[-3000:]
+
+
+def compute_pins(tmp_dir: Path) -> dict:
+    from ftbench.testing import build_tiny_llama
+
+    model_dir = build_tiny_llama(Path(tmp_dir) / "tiny")
+    start, end = rise_of(rising_run(model_dir)[0])
+    pins = {"rise": {"start": start, "end": end}}
+    for name, kw in VARIANTS.items():
+        pins[name] = variant_run(model_dir, 2, **kw)[0]
+    return pins

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pinning import four_step_losses
+from pinning import four_step_losses, load_pins
 
 from ftbench.backbone import Backbone
 from ftbench.data.base import DataFormatError
@@ -21,21 +21,15 @@ from ftbench.data.unpaired import UnpairedData
 from ftbench.objectives import KTO
 from ftbench.objectives.kto import weighting_warning
 from ftbench.objectives.losses import kto_loss, sequence_logps
-from ftbench.tuners import Peft
+from helpers import lora
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def lora() -> Peft:
-    from peft import LoraConfig
-
-    return Peft(peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), lr=1e-3)
 
 
 def make_kto(model_dir, **kw) -> KTO:
     kw.setdefault("warmup_steps", 0)
     kw.setdefault("lr_scheduler", "constant")
-    return KTO(backbone=Backbone(model=str(model_dir)), tuner=lora(), **kw)
+    return KTO(backbone=Backbone(model=str(model_dir)), tuner=lora(lr=1e-3), **kw)
 
 
 def make_data(backbone: Backbone, **kw) -> UnpairedData:
@@ -180,15 +174,26 @@ def test_weighting_warning_has_the_numbers():
 # 4 seeded fp32 steps, LoRA r=8 (lr 1e-3) on builtin:capitals unpaired, 4 rows a batch. Step 0: policy =
 # reference, z = 0 and every row's loss is 1 - sigmoid(0) = 0.5. apo_zero_unpaired is kto at z = 0: on these
 # steps the KL estimate stays at or near 0, so the two differ from the third step on, and little.
-PINNED = {"kto": [0.5, 0.4971919059753418, 0.5028409361839294, 0.4996943771839142],
-          "apo_zero_unpaired": [0.5, 0.4971919059753418, 0.5028408765792847, 0.4995642900466919]}
+PIN_NAME = "kto"
+PINNED_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
-@pytest.mark.parametrize("loss_type", list(PINNED))
+def pinned_run(model_dir, loss_type: str) -> list[float]:
+    method = make_kto(model_dir, loss_type=loss_type)
+    return four_step_losses(method, make_data(method.backbone))
+
+
+def compute_pins(tmp_dir: Path) -> dict:
+    from ftbench.testing import build_tiny_llama
+
+    model_dir = build_tiny_llama(Path(tmp_dir) / "tiny")
+    return {loss_type: pinned_run(model_dir, loss_type) for loss_type in PINNED_LOSS_TYPES}
+
+
+@pytest.mark.parametrize("loss_type", PINNED_LOSS_TYPES)
 def test_pinned_four_step_losses(tiny_model_dir, loss_type):
-    method = make_kto(tiny_model_dir, loss_type=loss_type)
-    losses = four_step_losses(method, make_data(method.backbone))
-    assert losses == pytest.approx(PINNED[loss_type], abs=1e-5)
+    losses = pinned_run(tiny_model_dir, loss_type)
+    assert losses == pytest.approx(load_pins(PIN_NAME)[loss_type], abs=1e-5)
     assert losses[0] == pytest.approx(0.5, abs=1e-6)
 
 
@@ -258,4 +263,4 @@ def test_estimate_steps_kto_with_its_kl_rows_and_counts_the_frozen_copy(tiny_mod
 
     one_model = 4 * 139_584 + 2 * 4 * 8  # float32 parameters + the rotary buffers (as tests/test_dpo.py)
     assert parts(Full(lr=1e-3))["weights"]["bytes"] == 2 * one_model
-    assert parts(lora())["weights"]["bytes"] < 2 * one_model
+    assert parts(lora(lr=1e-3))["weights"]["bytes"] < 2 * one_model
