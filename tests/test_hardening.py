@@ -194,7 +194,9 @@ def test_wandb_with_a_key_and_no_server_goes_offline_quickly(capsys):
     assert f"ftbench: warning: W&B server http://127.0.0.1:{port} did not answer within 3 s: logging offline" in capsys.readouterr().err
     without_key: dict[str, str] = {}
     offline_unless_reachable(without_key)
-    assert without_key == {"WANDB_MODE": "offline"}
+    # offline, and every W&B call bounded (ftbench.wandb_mode.WANDB_BOUNDS: init 30 s, service 30 s, http 10 s, finish 60 s)
+    assert without_key == {"WANDB_MODE": "offline", "WANDB_INIT_TIMEOUT": "30", "WANDB__SERVICE_WAIT": "30",
+                           "WANDB_HTTP_TIMEOUT": "10", "WANDB_FINISH_TIMEOUT": "60"}
     explicit = {"WANDB_API_KEY": "k", "WANDB_MODE": "disabled"}
     offline_unless_reachable(explicit)
     assert explicit["WANDB_MODE"] == "disabled"

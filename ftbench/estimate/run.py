@@ -166,7 +166,8 @@ def meta_optimizer(objective, factory: Callable) -> Optional[torch.optim.Optimiz
 
     if not any(p.requires_grad for p in objective.model.parameters()):
         return None
-    opt = make_optimizer(objective.model, objective.tuner, factory, objective.method_label)
+    opt = make_optimizer(objective.model, objective.tuner, factory, objective.method_label,
+                         objective.trained_beside_policy())
     if getattr(opt, "is_paged", False):
         # bitsandbytes' paged states are CUDA unified memory of the same dtypes and shapes; there is
         # none on meta (or without CUDA), so they are made as plain tensors here

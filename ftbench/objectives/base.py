@@ -211,6 +211,12 @@ class Objective(EvaluationSteps, L.LightningModule):
             self.tuner.after_optimizer_step(self.model, self.global_step)
 
     # ------------------------------------------------------------------ optimisation
+    def trained_beside_policy(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """Trainable parameters outside the policy that its optimizer steps too (PPO's critic)."""
+        policy = {id(p) for p in self.model.parameters()}
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad and id(p) not in policy]
+
     def configure_optimizers(self):
         return optimization(self.model, self.tuner, self.optimizer_factory, self.method_label, self.lr_scheduler,
-                            self.warmup_steps, max(1, int(self.trainer.estimated_stepping_batches)))
+                            self.warmup_steps, max(1, int(self.trainer.estimated_stepping_batches)),
+                            self.trained_beside_policy())
