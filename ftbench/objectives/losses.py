@@ -582,12 +582,7 @@ def cpo_loss(
     with torch.no_grad():
         chosen_rewards, rejected_rewards = beta * v_c.detach(), beta * v_r.detach()
         metrics = {
-            "rewards/chosen": chosen_rewards.mean(),
-            "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": s_c.detach().mean(),
-            "logps/rejected": s_r.detach().mean(),
+            **dpo_metrics(chosen_rewards, rejected_rewards, s_c, s_r),  # TRL's pair metrics, as DPO's
             "nll_loss": nll.detach(),
         }
     return loss, losses, metrics
@@ -642,12 +637,7 @@ def orpo_loss(
     with torch.no_grad():
         chosen_rewards, rejected_rewards = beta * c32.detach(), beta * r32.detach()
         metrics = {
-            "rewards/chosen": chosen_rewards.mean(),
-            "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": s_c.detach().mean(),
-            "logps/rejected": s_r.detach().mean(),
+            **dpo_metrics(chosen_rewards, rejected_rewards, s_c, s_r),  # TRL's pair metrics, as DPO's
             "nll_loss": nll.detach(),
             "log_odds_ratio": ratio.detach().mean(),
             "log_odds_chosen": log_odds.detach().mean(),
