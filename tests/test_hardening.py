@@ -25,9 +25,10 @@ def at_root(monkeypatch):
     monkeypatch.delenv("FTBENCH_TRACEBACK", raising=False)
 
 
-def fit_argv(tiny: Path, out: Path, *extra: str, tuner: str = "lora") -> list[str]:
+def fit_argv(tiny: Path, out: Path, *extra: str, tuner: str = "lora",
+             data: str = "configs/data/instruction.yaml") -> list[str]:
     return ["fit", "--backbone.model", str(tiny), "--tuner", f"configs/tuner/{tuner}.yaml",
-            "--model", "configs/objective/sft.yaml", "--data", "configs/data/instruction.yaml",
+            "--model", "configs/objective/sft.yaml", "--data", data,
             "--data.init_args.builtin_size", "60", "--data.init_args.batch_size", "4",
             "--trainer", "configs/trainer/cpu.yaml", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from ftbench.cli import main
+from test_hardening import fit_argv, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = [{"instruction": f"What is {i} plus {i}?", "output": str(2 * i)} for i in range(40)]
@@ -28,21 +29,6 @@ ROWS = [{"instruction": f"What is {i} plus {i}?", "output": str(2 * i)} for i in
 def at_root(monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("FTBENCH_TRACEBACK", raising=False)
-
-
-def fit_argv(tiny: Path, out: Path, *extra: str, data: str = "configs/data/instruction.yaml") -> list[str]:
-    return ["fit", "--backbone.model", str(tiny), "--tuner", "configs/tuner/lora.yaml",
-            "--model", "configs/objective/sft.yaml", "--data", data,
-            "--data.init_args.builtin_size", "60", "--data.init_args.batch_size", "4",
-            "--trainer", "configs/trainer/cpu.yaml", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-            "--test_after_fit", "false", "--out", str(out), *extra]
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    return e.value.code, capsys.readouterr().err
 
 
 def error_line(err: str) -> str:
