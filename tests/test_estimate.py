@@ -330,3 +330,35 @@ def test_what_an_objective_declares_it_holds_is_measured_and_estimated(tiny_mode
     plain = estimate(backbone(tiny_model_dir), lora_tuner(), batch_size=1, seq_len=8, precision="32-true")
     assert "held" not in plain["weights"]
     assert est["weights"]["bytes"] == plain["weights"]["bytes"] + score
+
+
+# ---------------------------------------------------------------------- online RL
+RL_CONFIGS = ["grpo", "dapo", "gspo", "cispo", "rloo", "grpo_mu2", "grpo_reward_model", "ppo"]
+
+
+def test_every_rl_objective_is_estimated(tiny_model_dir, tmp_path, capsys):
+    """Online RL is stepped on one update's rollout, handed in as if sampled (every token real and
+    trained: ``GRPO.memory_batch``/``PPO.memory_batch``); nothing is sampled on meta and no reward run
+    is read. Full tuning holds the reference as a frozen copy (DAPO's beta 0 holds none); a reward
+    model or critic is the backbone with a score head; the gradients are the trainable bytes. Every
+    shipped RL config but grpo_reward_model's (beta 0.04) has beta 0: no reference; PPO's KL penalty
+    always reads one."""
+    from ftbench.estimate.cli import main
+    from test_memory import BUFFERS, F32, H, PARAMS, V
+
+    one = PARAMS * F32 + BUFFERS
+    score = one - V * H * F32 + H * F32  # the LM head (V x H) replaced by a score head (1 x H)
+    out = tmp_path / "rl.json"
+    rows = []
+    for name in RL_CONFIGS:
+        assert main(["--model", str(tiny_model_dir), "--objective", name, "--tuner", "full", "--batch_size", "2",
+                     "--seq_len", "16", "--precision", "32-true", "--json", str(out)]) == 0, capsys.readouterr().out
+        rows.append(json.loads(out.read_text())["rows"][0])
+    held = {name: r["weights"].get("held", {}) for name, r in zip(RL_CONFIGS, rows)}
+    for name in ("grpo", "dapo", "gspo", "cispo", "rloo", "grpo_mu2"):
+        assert held[name] == {}, name
+    assert held["grpo_reward_model"] == {"reference": one, "reward_model": score}
+    assert set(held["ppo"]) == {"reference", "critic", "reward_model"} and held["ppo"]["reward_model"] == score
+    for name, r in zip(RL_CONFIGS, rows):
+        assert r["gradients"]["bytes"] == r["weights"]["trainable_bytes"] > 0, name
+        assert r["activations"]["bytes"] > 0, name

@@ -372,3 +372,33 @@ def test_shipped_ppo_yaml_runs_with_its_defaults(tiny_model_dir, reward_run, tmp
     for name in ("train/objective/kl", "train/objective/scores", "train/loss/value_avg", "val/accuracy", "val/reward"):
         assert isinstance(entry[name], float), name
     assert isinstance(info["final"]["test/accuracy"], float) and isinstance(info["final"]["test/reward"], float)
+
+
+# ---------------------------------------------------------------------------- ftbench estimate
+def test_estimate_holds_policy_critic_and_reward_model_as_the_run(tiny_model_dir, reward_run):
+    """``ftbench estimate`` builds PPO on meta without reading the reward run (the backbone with a score
+    head stands for it): the policy with its LoRA (its reference is the policy with the adapter off:
+    nothing held), the critic (backbone + score head + its own LoRA, trained beside the policy) and the
+    frozen reward model, each the bytes the run holds; the reward run's adapter, which the run keeps
+    unmerged on its reward model (LoRA and the score head's trained copy), is what the stand-in leaves out. The gradients are the
+    trainable bytes of policy and critic (float32)."""
+    from ftbench.bench.memory import weight_breakdown
+    from ftbench.estimate import estimate
+    from ftbench.estimate.meta import reward_runs_on_meta
+
+    m = ppo(tiny_model_dir, reward_run)
+    m.configure_model()
+    real = weight_breakdown(m, m.held_models())
+    # what peft adds on the reward model, kept unmerged: the LoRA matrices and the score head's trained copy
+    reward_adapter = sum(p.numel() * 4 for n, p in m.reward_model.named_parameters()
+                         if "lora_" in n or "modules_to_save" in n)
+    assert reward_adapter == 65536 + 256
+    with reward_runs_on_meta(m.backbone):  # as the CLI reads the config: no reward run needed on disk
+        objective = ppo(tiny_model_dir, "no/such/reward/run")
+    est = estimate(objective.backbone, objective.tuner, objective, batch_size=2, seq_len=12, precision="32-true")
+    assert set(est["weights"]["held"]) == {"critic", "reward_model"}
+    assert est["weights"]["held"]["critic"] == real["held"]["critic"]
+    assert est["weights"]["held"]["reward_model"] == real["held"]["reward_model"] - reward_adapter
+    assert est["weights"]["trainable_bytes"] == real["trainable_bytes"]
+    assert est["gradients"]["bytes"] == real["trainable_bytes"]
+    assert est["activations"]["bytes"] > 0

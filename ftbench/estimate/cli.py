@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ftbench.errors import EstimateError, FTBenchError
-from ftbench.estimate.meta import sized_config
+from ftbench.estimate.meta import reward_runs_on_meta, sized_config
 from ftbench.estimate.options import OPTIMIZERS, config_file, instantiate_config, load_yaml, optimizer_factory, parse_bytes
 from ftbench.estimate.run import PRECISIONS, estimate
 from ftbench.estimate.table import flat_settings, row_labels, table
@@ -170,7 +170,8 @@ def crossed_rows(args: argparse.Namespace, backbones: list, tuners: list[tuple])
                 objective = None
                 try:
                     if args.objective:
-                        objective = instantiate_config("objective", args.objective, Objective)
+                        with reward_runs_on_meta(bb):  # PPO's reward run need not exist to be estimated
+                            objective = instantiate_config("objective", args.objective, Objective)
                         objective.backbone, objective.tuner = bb, tuner
                         objective.optimizer_factory = optimizer_factory(args.optimizer)
                     r = estimate(bb, tuner, objective, batch_size=args.batch_size, seq_len=args.seq_len,

@@ -190,6 +190,36 @@ def quantize_on_meta(model: torch.nn.Module, qconfig) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
+def reward_runs_on_meta(backbone, config=None) -> Iterator[None]:
+    """Within the block, the reward runs an objective reads (PPO's reward model and critic start, a
+    ``RewardModel`` reward function) are the backbone with a score head on meta, and any folder is
+    taken for one: what a run's saved weights change is values, not sizes, so an estimate needs no reward
+    run on disk. Left out: a peft reward run's adapter, which a run keeps unmerged on its reward model
+    (its LoRA matrices and the score head's trained copy; at r 16 on every linear layer 4.9M parameters,
+    3.6 % of SmolLM2-135M)."""
+    from ftbench.objectives import ppo, rewards
+    from ftbench.tuners import saved
+
+    def bind_on_meta(reward_model: rewards.RewardModel, objective) -> None:
+        reward_model.backbone = reward_model.backbone or objective.backbone
+        reward_model._policy_tokenizer = objective.backbone.tokenizer
+        reward_model.model = meta_model(backbone, head="score", config=config).requires_grad_(False).eval()
+        reward_model.device = torch.device("meta")
+
+    replaced = {(ppo, "reward_run_problem"): lambda path: None,
+                (saved, "apply_saved"): lambda model, path, backbone, merge=True: model,
+                (rewards.RewardModel, "bind"): bind_on_meta}
+    kept = {key: getattr(*key) for key in replaced}
+    for (module, name), value in replaced.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for (module, name), value in kept.items():
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
 def loading_on_meta(backbone, config=None) -> Iterator[None]:
     """Within the block, ``backbone.load_model`` builds the model on meta (so an objective's
     ``configure_model`` applies the tuner to it exactly as in a run)."""

@@ -19,12 +19,13 @@ import time
 from typing import Any, Callable, Optional
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 from ftbench.bench.memory import (ActivationMeter, gradient_breakdown, optimizer_breakdown, predicted_peak,
                                   weight_breakdown)
 from ftbench.errors import EstimateError
 from ftbench.estimate.meta import (MetaKernels, convert_true_precision, loading_on_meta, meta_model,
-                                  optimizer_on_meta, precision_context, sized_config)
+                                  optimizer_on_meta, precision_context, reward_runs_on_meta, sized_config)
 from ftbench.estimate.options import optimizer_factory
 
 PRECISIONS = {"32-true": "32-true", "32": "32-true", "fp32": "32-true", "bf16-mixed": "bf16-mixed",
@@ -58,7 +59,8 @@ class MetaRun:
         self.objective = objective if objective is not None else default_objective(backbone, tuner,
                                                                                   self.optimizer_factory)
         config = sized_config(backbone)  # refused before anything is built when it cannot be a real model
-        with loading_on_meta(backbone, config), torch.device("meta"):  # what a tuner adds is made on meta too
+        # what a tuner adds is made on meta too; reward runs (PPO's reward model and critic) stand in on meta
+        with loading_on_meta(backbone, config), reward_runs_on_meta(backbone, config), torch.device("meta"):
             self.objective.configure_model()
         if self.precision == "bf16-true":
             convert_true_precision(self.objective, torch.bfloat16)
@@ -89,7 +91,9 @@ class MetaRun:
         batch = full_batch(obj, batch_size, seq_len)
         kernels = MetaKernels(torch.bfloat16 if self.precision == "bf16-mixed" else None)
         meter = ActivationMeter(list(obj.parameters()) + list(obj.buffers()))
-        with precision_context(self.precision, kernels):
+        # masks select with boolean indexing (the RL losses' metrics), which meta can size only by assuming
+        # every element is selected: true of this batch, where every token is real and trained
+        with precision_context(self.precision, kernels), fx_config.patch(meta_nonzero_assume_all_nonzero=True):
             meter.start()
             try:
                 out = obj.training_step(batch, 0)

@@ -522,6 +522,22 @@ class GRPO(Objective):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def memory_batch(self, batch_size: int, seq_len: int, device: str | torch.device = "meta") -> dict[str, Any]:
+        """``ftbench estimate``'s batch: one update's rollout of ``batch_size`` completions of ``seq_len``
+        tokens each (prompt, then ``min(max_completion_length, seq_len - 1)`` completion tokens, every one
+        real and trained), as if sampled. The sampling itself is not stepped: its no-grad forwards keep
+        a KV cache of 2 x layers x rows x tokens x the key/value width, far below what the training
+        step saves for backward over the same tokens."""
+        T = max(1, min(self.max_completion_length, seq_len - 1))
+        ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+        mask = torch.ones_like(ids)
+        completion_mask = torch.ones(batch_size, T, dtype=torch.long, device=device)
+        rows = torch.zeros(batch_size, device=device)
+        old = torch.zeros(batch_size, T, device=device) if self.stores_old_logps() else None
+        rollout = Rollout(ids, mask, torch.zeros_like(ids), ids[:, -T:], completion_mask, completion_mask, rows,
+                          rows, metrics={"reward": rows.mean()}, old_logps=old)
+        return {"rollout": rollout, "input_ids": ids, "attention_mask": mask}
+
     @property
     def train_batch_repeats(self) -> int:
         """Training steps per generated batch (``num_iterations x steps_per_generation``): the data
@@ -547,6 +563,9 @@ class GRPO(Objective):
         """The micro-batch this step trains on: a new rollout of ``batch`` split into
         ``steps_per_generation`` micro-batches when the last one is used up (after ``num_iterations``
         passes over its micro-batches, TRL's order: 0, 1, ..., S - 1, 0, 1, ...), else the next one."""
+        if "rollout" in batch:  # a rollout handed in ready-made (ftbench estimate: nothing is sampled on meta)
+            self._num_items = batch["rollout"].loss_mask.sum()
+            return batch["rollout"]
         S = self.steps_per_generation
         if self._updates_left == 0:
             rollout = self.rollout(batch)

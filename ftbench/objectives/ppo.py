@@ -435,11 +435,27 @@ class PPO(Objective):
         self._sync()
         self._t_step = time.perf_counter()
 
+    def memory_batch(self, batch_size: int, seq_len: int, device: str | torch.device = "meta") -> dict[str, Any]:
+        """``ftbench estimate``'s batch: one update's mini-batch of ``batch_size`` completions of
+        ``seq_len`` tokens (prompt, then ``min(max_completion_length, seq_len - 1)`` completion tokens,
+        every one real), as if sampled and scored: the step runs the policy and the critic forward and
+        backward on it. Sampling and the no-grad reference, value and reward forwards are not stepped
+        (their KV cache and activations are freed before the step and below it)."""
+        T = max(1, min(self.max_completion_length, seq_len - 1))
+        ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+        per_token = torch.zeros(batch_size, T, device=device)
+        piece = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.zeros_like(ids),
+                 "completion_ids": ids[:, -T:], "mask": torch.ones(batch_size, T, dtype=torch.long, device=device),
+                 "logps": per_token, "values": per_token, "advantages": per_token, "returns": per_token}
+        return {"experience": piece, "input_ids": ids, "attention_mask": piece["attention_mask"]}
+
     def next_update(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], bool]:
         """``(mini-batch, rollout metrics, rolled out now)`` for this step: a new rollout of ``batch``
         after the last one's ``num_ppo_epochs x num_mini_batches`` updates are done (step 8, the KL
         controller, runs then, on the finished rollout's KL), else the next mini-batch of the stored
         one (a fresh permutation split into ``num_mini_batches`` at each epoch's start: TRL)."""
+        if "experience" in batch:  # a mini-batch handed in ready-made (ftbench estimate: nothing is sampled on meta)
+            return batch["experience"], {"objective/scores": batch["experience"]["values"].mean()}, False
         generating = self._experience is None or self._updates_done == self.train_batch_repeats
         if generating:
             if self._experience is not None:  # 8. TRL <= 0.11: n_steps = the batch's completions
