@@ -428,7 +428,8 @@ def main(argv=None) -> int:
                   f"({quick['verdict'] or 'no pin'}; within {PIN_TOLERANCE:.2f} is ok) [{quick['status']}]", ""]
     text = "\n".join(lines)
     (out / "summary.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps({"device": device, "seconds": seconds, "rows": rows,
+    plain = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in rows]
+    (out / "summary.json").write_text(json.dumps({"device": device, "seconds": seconds, "rows": plain,
                                                   "quickstart": quick, "estimates": est}, indent=1, default=str))
     import pandas as pd
 
