@@ -260,6 +260,42 @@ def estimates(points: list[Point], args, cache: Optional[Path]) -> dict[str, dic
     return out
 
 
+def estimates_apart(points: list[Point], args, cache: Optional[Path], out: Path) -> dict[str, dict[str, Any]]:
+    """:func:`estimates` in a child process with CUDA hidden: the estimate needs no GPU, and this process
+    then never holds a CUDA context while the fits run (Throughput counts another process on the GPU as
+    contention)."""
+    request = out / "estimates-request.json"
+    request.write_text(json.dumps({"argv": args.argv, "points": [vars(p) for p in points],
+                                   "cache": str(cache) if cache else None}))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--estimates", str(request)], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        error = f"estimate process exit {proc.returncode}: {(proc.stdout + proc.stderr)[-300:]}"
+        return {p.run_id: {"error": error} for p in points}
+    return json.loads(lines[-1])
+
+
+def estimates_child(request: Path) -> int:
+    spec = json.loads(request.read_text())
+    args = parse_args(spec["argv"])
+    points = [Point(**p) for p in spec["points"]]
+    print(json.dumps(estimates(points, args, Path(spec["cache"]) if spec["cache"] else None)), flush=True)
+    return 0
+
+
+def gpu_name() -> str:
+    """The GPU's name from nvidia-smi (torch.cuda.get_device_name would make a CUDA context in this process)."""
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=30).stdout.split("\n")
+        return names[0].strip() or "a CUDA GPU"
+    except (OSError, subprocess.SubprocessError):
+        return "a CUDA GPU"
+
+
 # ---------------------------------------------------------------------------------- the summary
 def _num(row, key: str) -> float:
     value = row.get(key) if hasattr(row, "get") else None
@@ -357,7 +393,11 @@ def quickstart_result(folder: Path, run_id: Optional[str], pin: Optional[float],
 
 # ---------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--estimates"]:
+        return estimates_child(Path(argv[1]))
     args = parse_args(argv)
+    args.argv = argv
     import torch
 
     if not args.tiny and not torch.cuda.is_available():
@@ -369,7 +409,7 @@ def main(argv=None) -> int:
     records = out / "records"
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache" if args.tiny else None  # on a GPU: ftbench's cache ($FTBENCH_CACHE), reused by reruns
-    device = "cpu (--tiny)" if args.tiny else torch.cuda.get_device_name(0)
+    device = "cpu (--tiny)" if args.tiny else gpu_name()
     if args.tiny:
         models = tiny_models(out)
     else:
@@ -412,7 +452,7 @@ def main(argv=None) -> int:
         print(f"  {p.run_id:28s} {statuses[p.run_id]:8s} {time.perf_counter() - t:5.1f} s"
               + ("" if rc == 0 else f"  {tail(out / 'logs' / f'{p.run_id}.log')}"), flush=True)
 
-    est = estimates(points, args, cache)
+    est = estimates(points, args, cache) if args.in_process else estimates_apart(points, args, cache, out)
     rows = summary_rows(points, records, est, statuses)
     table = markdown(rows)
     seconds = time.perf_counter() - t0
