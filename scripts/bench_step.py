@@ -223,7 +223,8 @@ def compare(args, run: dict, sides: tuple[str, ...], timed_tokens: Optional[int]
     for s in sides:
         if s == "bare":
             continue
-        print(f"{s} / bare {what}: {ratios(times, s)}; whole-run wall ratio {sum(walls['bare']) / sum(walls[s]):.3f}")
+        own = " (TRL's own batches of the same rows: a ratio of step times)" if s == "trl" else ""
+        print(f"{s} / bare {what}{own}: {ratios(times, s)}; whole-run wall ratio {sum(walls['bare']) / sum(walls[s]):.3f}")
         # the CPU time each step took (all threads), against the bare loop's: the work a side adds, which
         # waiting for a CPU on a busy machine hardly moves (on CUDA: the host's work, not the device's)
         print(f"{s} / bare by process CPU time per step: {ratios(cpus, s)}")
@@ -370,7 +371,10 @@ class Bench:
         return round_
 
     def timed_hf(self, make_trainer, model):
-        """``transformers.Trainer`` (or a TRL trainer, a subclass) timed from ``on_step_begin`` to ``on_step_end``."""
+        """``transformers.Trainer`` (or a TRL trainer, a subclass) timed from ``on_step_begin`` to ``on_step_end``.
+        ``model``: the model, or a function making a fresh one each round (TRL's DPOTrainer adds a ``ref``
+        adapter, a copy of the initial one, to a peft model it is given: once per model)."""
+        import torch
         from transformers import PrinterCallback, TrainerCallback
 
         a = self.args
@@ -385,9 +389,10 @@ class Bench:
                 def on_step_end(self, *args, **kwargs):
                     timer.stop()
 
-            opt = self.new_optimizer([p for p in model.parameters() if p.requires_grad])
+            this = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
+            opt = self.new_optimizer([p for p in this.parameters() if p.requires_grad])
             t0 = time.perf_counter()
-            trainer = make_trainer(opt, [Timed()])
+            trainer = make_trainer(this, opt, [Timed()])
             trainer.remove_callback(PrinterCallback)  # it prints the end-of-training metrics
             trainer.train()
             wall = time.perf_counter() - t0
@@ -432,15 +437,14 @@ class Bench:
             from transformers import Trainer
 
             hf_model = self.plain_model()
-            run["hf"] = self.timed_hf(lambda opt, cbs: Trainer(
-                model=hf_model, args=self.training_args(), train_dataset=batches, data_collator=lambda items: items[0],
+            run["hf"] = self.timed_hf(lambda model, opt, cbs: Trainer(
+                model=model, args=self.training_args(), train_dataset=batches, data_collator=lambda items: items[0],
                 optimizers=(opt, None), callbacks=cbs), hf_model)
         if "trl" in sides:
-            trl_model = self.plain_model(head)
-            run["trl"] = self.timed_hf(self.trl_trainer(name, trl_model, text_rows), trl_model)
+            run["trl"] = self.timed_hf(self.trl_trainer(name, text_rows), lambda: self.plain_model(head))
         return run, tokens, module.parameter_counts()
 
-    def trl_trainer(self, name: str, model, rows: list[dict]):
+    def trl_trainer(self, name: str, rows: list[dict]):
         """A TRL trainer of ``name`` on ``rows`` (conversational, in order) with the given optimizer."""
         import datasets
         import trl
@@ -462,7 +466,7 @@ class Bench:
             extra = dict(max_length=self.args.max_length)
         dataset = datasets.Dataset.from_list(data)
 
-        def make(opt, callbacks):
+        def make(model, opt, callbacks):
             return trainer_class(model=model, args=self.training_args(config, **extra), train_dataset=dataset,
                                  processing_class=tok, optimizers=(opt, None), callbacks=callbacks)
         return make

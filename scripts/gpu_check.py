@@ -23,7 +23,8 @@ What it runs (records under OUT_DIR/records/, the quickstart's under OUT_DIR/qui
   runs: the model on the meta device, one step of a full batch), with the same settings.
 * **The quickstart LoRA run** (``configs/sweeps/quickstart.yaml``'s LoRA point: the embedded
   SmolLM2-135M, 40 steps, exact match on 100 held-out rows), whose exact match is compared with the
-  committed CPU record of the same run id (``experiments/quickstart/results/``: the pin). Another
+  committed CPU record of that sweep point (``experiments/quickstart/results/``, 45 of 100: the pin; the
+  summary names the record and says when today's settings give the point another run id). Another
   device sums in another order, so 40 training steps end a little apart and a few greedy answers may
   differ: within 5 points of the pin reads ``ok``; a broken GPU path (masking, padding, dtypes) shows
   as far below.
@@ -360,19 +361,29 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join([head, sep, *body])
 
 
-def quickstart_pin(argv: list[str], tiny: bool) -> tuple[Optional[str], Optional[float]]:
-    """(the run id of the quickstart argv, the committed record's exact match for it, if there is one)."""
+def quickstart_pin(argv: list[str], tiny: bool) -> tuple[Optional[str], Optional[float], str]:
+    """(the run id of the quickstart argv, the committed record's exact match, where the pin came from).
+    The committed record of the same run id if there is one, else the one ``sft+lora`` record of the
+    quickstart sweep (the same sweep point, recorded by an earlier ftbench whose settings gave another id)."""
     from ftbench.runcli import read_run
 
     at = argv.index("--out")
     run_id = read_run(argv[:at] + argv[at + 2:]).run_id  # where the record goes is no part of a run's id
     if tiny:
-        return run_id, None
-    record = QUICKSTART_RECORDS / f"{run_id}.json"
-    try:
-        return run_id, float(json.loads(record.read_text())["train_info"]["final"]["test/accuracy"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return run_id, None
+        return run_id, None, "none (--tiny)"
+    candidates = [QUICKSTART_RECORDS / f"{run_id}.json"] + sorted(QUICKSTART_RECORDS.glob("sft+lora-*.json"))
+    for record in candidates:
+        try:
+            rec = json.loads(record.read_text())
+            if rec["train_info"].get("method") != "sft+lora":
+                continue
+            pin = float(rec["train_info"]["final"]["test/accuracy"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        commit = ((rec.get("meta_info") or {}).get("git") or {}).get("commit") or "?"
+        return run_id, pin, (f"{record.relative_to(ROOT)} ({rec['train_info'].get('device')}, ftbench {commit[:10]}"
+                             + (")" if record.stem == run_id else f"; today's settings give run id {run_id})"))
+    return run_id, None, "no committed record"
 
 
 def quickstart_result(folder: Path, run_id: Optional[str], pin: Optional[float], status: str) -> dict[str, Any]:
@@ -427,13 +438,14 @@ def main(argv=None) -> int:
     quick: dict[str, Any] = {}
     if not args.no_quickstart:
         qargv = quickstart_argv(args, models, out / "quickstart")
-        run_id, pin = quickstart_pin(qargv, args.tiny)
+        run_id, pin, pin_source = quickstart_pin(qargv, args.tiny)
         if completed(out / "quickstart" / f"{run_id}.json"):
             status = "completed (reused)"
         else:
             rc = run_ftbench(qargv, args.in_process, out / "logs" / "quickstart.log")
             status = "completed" if rc == 0 else f"exit {rc}: {tail(out / 'logs' / 'quickstart.log')}"
         quick = quickstart_result(out / "quickstart", run_id, pin, status)
+        quick["pin_source"] = pin_source
         print(f"quickstart LoRA: exact match {quick['exact_match']} (pin {pin}: {quick['verdict']}) [{status}] "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -464,8 +476,8 @@ def main(argv=None) -> int:
              table, ""]
     if quick:
         lines += [f"Quickstart LoRA run ({quick['run_id']}): exact match {quick['exact_match']}, test loss "
-                  f"{quick['test_loss']}, against the committed CPU record's exact match {quick['pin']} "
-                  f"({quick['verdict'] or 'no pin'}; within {PIN_TOLERANCE:.2f} is ok) [{quick['status']}]", ""]
+                  f"{quick['test_loss']}, against the pinned exact match {quick['pin']} of {quick['pin_source']}: "
+                  f"{quick['verdict'] or 'no pin'} (within {PIN_TOLERANCE:.2f} is ok) [{quick['status']}]", ""]
     text = "\n".join(lines)
     (out / "summary.md").write_text(text)
     plain = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in rows]
