@@ -142,3 +142,15 @@ def test_the_report_refuses_the_accuracy_of_random_weights(tmp_path, capsys):
     (folder / "sft+lora-t.json").write_text(json.dumps(tested))
     assert report_main([str(folder), "--no-plots"]) == 2
     assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+def test_a_weightless_folder_without_random_init_is_one_line(config_only, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = [a for a in argv(config_only, tmp_path / "out", "--test_after_fit", "false") if a not in
+            ("--backbone.random_init", "true")]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"ftbench: error: backbone.model: {str(config_only)!r} has a config.json but no weights (*.safetensors); "
+        "set backbone.random_init: true to train it from random weights")
