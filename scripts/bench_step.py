@@ -451,8 +451,6 @@ class Bench:
 
         tok = self.backbone.tokenizer
         if name == "sft":
-            from ftbench.data.instruction import InstructionData  # noqa: F401 - the rows are instruction rows
-
             data = [{"prompt": [{"role": "user", "content": f"{r['instruction']}\n{r.get('input', '')}".strip()}],
                      "completion": [{"role": "assistant", "content": r["output"]}]} for r in rows]
             config, trainer_class = trl.SFTConfig, trl.SFTTrainer
@@ -472,7 +470,7 @@ class Bench:
         return make
 
 
-def _sequence_logps(model, cat) -> "torch.Tensor":
+def _sequence_logps(model, cat):
     """Summed log-probs of the completion tokens (labels != -100) of each row, written out."""
     import torch
 
