@@ -48,6 +48,7 @@ class Backbone:
         chat_template: Optional[str] = None,
         cache_dir: Optional[str] = None,
         init_from: Optional[str] = None,
+        random_init: bool = False,
     ):
         """
         Args:
@@ -77,6 +78,14 @@ class Backbone:
                 what it trained is applied to the weights as they load (a peft adapter merged, full or
                 freeze weights copied, bottleneck adapters kept frozen), so this run starts from it and
                 its reference model is it. A sweep sets it from ``init_from: <run name>``.
+            random_init: Train from random weights built from ``model``'s ``config.json`` (transformers'
+                ``from_config``, seed 0, in ``dtype``; :mod:`ftbench.random_init`): memory and speed
+                checks and scaling studies need no pretrained weights, and the folder needs none
+                (``configs/models/``). ``model`` must be a folder. The tokenizer is ``tokenizer`` if
+                given, else the folder's own if it has one, else the embedded SmolLM2 tokenizer (49,152
+                tokens: the config's ``vocab_size`` must be at least that). Its accuracy measures
+                nothing: ``fit`` refuses to test it, and ``ftbench report`` refuses a record of it that
+                has accuracy metrics.
         """
         self.model = model
         self.gguf_file = gguf_file
@@ -93,6 +102,7 @@ class Backbone:
         self.chat_template = chat_template
         self.cache_dir = cache_dir
         self.init_from = init_from
+        self.random_init = random_init
         self._resolved: Optional[str] = None
         self._tokenizer = None
 
@@ -168,13 +178,23 @@ class Backbone:
         return kwargs
 
     # ------------------------------------------------------------------ tokenizer
+    def _tokenizer_source(self) -> str:
+        """Where the tokenizer is read from when ``tokenizer`` is not given: next to the weights; for a
+        random-initialised folder without a tokenizer of its own, the embedded model's."""
+        if self.random_init:
+            from ftbench.random_init import has_tokenizer
+
+            folder = self.random_init_folder()
+            return folder if has_tokenizer(folder) else Backbone(model=EMBEDDED, cache_dir=self.cache_dir).resolve()
+        return self.resolve()
+
     @property
     def tokenizer(self):
         """The tokenizer (loaded once), with a pad token and right padding."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            source = self.tokenizer_path or self.resolve()
+            source = self.tokenizer_path or self._tokenizer_source()
             try:
                 tok = AutoTokenizer.from_pretrained(source, **self._pretrained_kwargs())
             except (OSError, ValueError) as err:
@@ -217,7 +237,7 @@ class Backbone:
         their own saved folders; the backbone knows no tuner), the one loader a run uses."""
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        source = self.resolve()
+        source = self._weights_folder()
         kwargs = self._pretrained_kwargs()
         kwargs["dtype"] = self.torch_dtype
         kwargs["use_safetensors"] = True
@@ -232,9 +252,11 @@ class Backbone:
         elif head != "causal_lm":
             raise BackboneError(f"backbone: unknown head {head!r} (causal_lm or score)")
         auto = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
+        from safetensors import SafetensorError
+
         try:
             model = auto.from_pretrained(source, **kwargs)
-        except (OSError, ValueError) as err:  # missing/unreadable files; unknown architecture
+        except (OSError, ValueError, SafetensorError) as err:  # missing/unreadable files; unknown architecture
             raise BackboneError(f"backbone.model: cannot load weights from {source!r}: {err}") from err
         model.ftbench_head = head
         if qconfig is not None:
@@ -254,6 +276,35 @@ class Backbone:
         model.ftbench_head = head
         return model
 
+    def random_init_folder(self) -> str:
+        """``model`` as a folder with ``config.json`` (what ``random_init`` builds from), else a
+        :class:`BackboneError` naming the option."""
+        kind, where = self.source(download=False)
+        if kind != "folder":
+            raise BackboneError(f"backbone.random_init: needs backbone.model to be a folder with a config.json, "
+                                f"got {self.model!r}")
+        return where
+
+    def _weights_folder(self) -> str:
+        """What ``from_pretrained`` loads: the resolved model; with ``random_init`` its random weights
+        (built once, :func:`ftbench.random_init.random_weights`). A model folder without weights is
+        refused here, where weights are needed (``ftbench estimate`` reads such a folder's config)."""
+        from ftbench import random_init
+
+        if self.random_init:
+            folder = self.random_init_folder()
+            config = random_init.read_config(folder, self.trust_remote_code)
+            vocab, tokens = getattr(config, "vocab_size", None), len(self.tokenizer)
+            if isinstance(vocab, int) and tokens > vocab:
+                raise BackboneError(f"backbone.random_init: the tokenizer has {tokens} tokens, more than the "
+                                    f"vocab_size {vocab} of {folder!r}: its ids would index outside the embedding")
+            return str(random_init.random_weights(folder, self.torch_dtype, self.cache_dir, self.trust_remote_code))
+        source = self.resolve()
+        if Path(source).is_dir() and not random_init.has_weights(source):
+            raise BackboneError(f"backbone.model: {source!r} has a config.json but no weights (*.safetensors); "
+                                "set backbone.random_init: true to train it from random weights")
+        return source
+
     def describe(self) -> dict[str, Any]:
         """What the record says about the backbone."""
         return {
@@ -269,6 +320,7 @@ class Backbone:
             "attn_implementation": self.attn_implementation,
             "trust_remote_code": self.trust_remote_code,
             "init_from": self.init_from,
+            "random_init": self.random_init,
         }
 
     def __repr__(self) -> str:

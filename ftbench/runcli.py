@@ -124,6 +124,9 @@ def cli_class():
             if self.subcommand == "fit" and cfg.trainer.get("max_steps") == 0:
                 raise ConfigError("trainer.max_steps: 0 trains nothing (a run recorded 'completed' with no step); "
                                   "evaluate without training with `ftbench test`")
+            refusal = random_init_refusal(cfg, self.subcommand)
+            if refusal:
+                raise ConfigError(refusal)
             if not cfg.trainer.get("default_root_dir"):
                 cfg.trainer.default_root_dir = os.path.join(cfg.out, self.run_id)
             self.run_config = redact(portable(plain))
@@ -288,6 +291,26 @@ def run_parser():
     for parser in (cli.parser, *cli._subcommand_parsers.values()):
         parser.exit_on_error = False
     return cli
+
+
+def random_init_refusal(cfg, subcommand: Optional[str]) -> Optional[str]:
+    """Why a run of random weights (``backbone.random_init: true``) cannot go as configured, or None.
+    Its accuracy measures nothing, so no study may report one: every setting that measures accuracy
+    (the test stage, answers generated in validation, lm-evaluation-harness tasks) is refused; its
+    memory, speed and losses are what it is for."""
+    if not (cfg.get("backbone") or {}).get("random_init"):
+        return None
+    why = "backbone.random_init: true trains random weights, whose accuracy measures nothing"
+    evaluate = cfg.get("evaluate") or {}
+    if subcommand == "test":
+        return f"{why}: `ftbench test` refused (measure its memory and speed with fit --test_after_fit false)"
+    if subcommand == "fit" and cfg.get("test_after_fit"):
+        return f"{why}: set --test_after_fit false"
+    if evaluate.get("generate_in_validation"):
+        return f"{why}: set --evaluate.generate_in_validation false (validation keeps its loss)"
+    if evaluate.get("lm_eval_tasks"):
+        return f"{why}: --evaluate.lm_eval_tasks refused"
+    return None
 
 
 def check_out(out: str) -> None:

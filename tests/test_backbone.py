@@ -109,14 +109,23 @@ def test_a_file_that_is_not_a_model(tmp_path):
 
 
 def test_folder_without_weights(tiny_model_dir, tmp_path):
+    """A config-only folder (configs/models/) trains only with backbone.random_init (tests/test_random_init.py)."""
     shutil.copy(tiny_model_dir / "config.json", tmp_path / "config.json")
     msg = error_of(lambda: Backbone(model=str(tmp_path), tokenizer=str(tiny_model_dir)).load_model())
+    assert msg == (f"backbone.model: {str(tmp_path)!r} has a config.json but no weights (*.safetensors); "
+                   "set backbone.random_init: true to train it from random weights")
+
+
+def test_unreadable_weights(tiny_model_dir, tmp_path):
+    shutil.copy(tiny_model_dir / "config.json", tmp_path / "config.json")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    msg = error_of(lambda: Backbone(model=str(tmp_path), tokenizer=str(tiny_model_dir)).load_model())
     assert msg.startswith(f"backbone.model: cannot load weights from {str(tmp_path)!r}: ")
-    assert "model.safetensors" in msg
 
 
 def test_config_json_that_is_not_json(tiny_model_dir, tmp_path):
     (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "model.safetensors").write_bytes(b"")  # weights to load: the config is read first
     msg = error_of(lambda: Backbone(model=str(tmp_path), tokenizer=str(tiny_model_dir)).load_model())
     assert msg.startswith(f"backbone.model: cannot load weights from {str(tmp_path)!r}: ")
     assert "not a valid JSON file" in msg
@@ -125,6 +134,7 @@ def test_config_json_that_is_not_json(tiny_model_dir, tmp_path):
 def test_unknown_architecture_is_a_backbone_error(tiny_model_dir, tmp_path):
     """transformers raises ValueError (not OSError) for a model type it does not know."""
     (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
     msg = error_of(lambda: Backbone(model=str(tmp_path), tokenizer=str(tiny_model_dir)).load_model())
     assert msg.startswith(f"backbone.model: cannot load weights from {str(tmp_path)!r}: ")
     assert "no-such-architecture" in msg

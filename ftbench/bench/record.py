@@ -359,6 +359,11 @@ class RunRecorder(L.Callback):
         breakdown = self._callback(trainer, MemoryBreakdown)
         if breakdown is not None and breakdown.results:
             info["memory_breakdown"] = breakdown.results
+        from ftbench.bench.syncs import HostSyncs
+
+        syncs = self._callback(trainer, HostSyncs)  # added by a check (scripts/gpu_check.py), not by every run
+        if syncs is not None and syncs.results:
+            info["host_syncs"] = syncs.results
         info["final"].update(self._metrics(trainer, "val/"))
         if "train/loss" in trainer.callback_metrics:
             info["final"]["train/loss"] = float(trainer.callback_metrics["train/loss"])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -38,7 +39,8 @@ from ftbench.naming import NOT_SETTINGS, SEED, grid_point
 SEED_STD = "_seed_std"
 
 #: train_info sections whose numbers are columns (``section.key``); ``final`` gives bare metric names
-SECTIONS = ("throughput", "memory", "test_memory", "params", "memory_breakdown", "initial", "step_time_split")
+SECTIONS = ("throughput", "memory", "test_memory", "params", "memory_breakdown", "initial", "step_time_split",
+            "host_syncs")
 #: per-run columns that are not metrics
 IDENTITY = ("run_id", "run", "method", "label", "objective", "tuner", "subcommand", "seed", "status", "created",
             "path", "point", "setting", "curve", "predictions")
@@ -286,6 +288,7 @@ def runs_frame(records: list[dict[str, Any]], names: Optional[dict[str, str]] = 
                      "created": run.get("created"), "path": rec.get("_path"), "point": point, "setting": setting,
                      "curve": info.get("metrics") or [], "predictions": predictions_file(rec)})
     check_one_data_per_point(records, [r["point"] for r in rows])
+    check_no_random_init_accuracy(records)
     ident = pd.DataFrame(rows, columns=list(IDENTITY))
     metrics = metrics_frame([rec["train_info"] for rec in records])
     derived = pd.DataFrame({k: f(metrics) for k, f in DERIVED.items()}, index=metrics.index)
@@ -310,6 +313,33 @@ def check_one_data_per_point(records: list[dict[str, Any]], points: list[str]) -
                 raise ReportError(f"runs {first[1]} and {run} are one grid point but read {source} in two versions "
                                   f"({first[0]} and {value}: bytes:sha256); rerun one of them on the same data, or "
                                   "report them from separate folders")
+
+
+#: metric names that measure what a model answers (a test stage, answer metrics, lm-eval, accuracies)
+_ACCURACY = re.compile(r"^(test|lm_eval)/|accurac|exact_match|rouge|chrf|bleu")
+
+
+def random_init(rec: dict[str, Any]) -> bool:
+    """Whether the record's run trained random weights (``backbone.random_init: true``)."""
+    settings = rec["run_info"].get("settings")
+    backbone = rec["train_info"].get("backbone")
+    return bool((isinstance(settings, dict) and isinstance(settings.get("backbone"), dict)
+                 and settings["backbone"].get("random_init"))
+                or (isinstance(backbone, dict) and backbone.get("random_init")))
+
+
+def check_no_random_init_accuracy(records: list[dict[str, Any]]) -> None:
+    """A run of random weights has no accuracy a study may report (``ftbench fit`` refuses to measure
+    one, :func:`ftbench.runcli.random_init_refusal`): a record of one that has accuracy metrics anyway
+    is a :class:`ReportError` naming the run and the metric."""
+    for rec in records:
+        final = rec["train_info"].get("final") if isinstance(rec["train_info"].get("final"), dict) else {}
+        found = sorted(k for k in final if _ACCURACY.search(str(k)))
+        if found and random_init(rec):
+            run = rec["run_info"].get("run_id") or rec.get("_path")
+            raise ReportError(f"run {run} trained random weights (backbone.random_init: true) but records "
+                              f"{found[0]}: a random model's accuracy measures nothing, so no study reports it; "
+                              "report its memory and speed from a run without accuracy metrics")
 
 
 def metric_columns(runs: pd.DataFrame) -> list[str]:
