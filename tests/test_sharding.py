@@ -1,0 +1,132 @@
+"""Several processes, one model: FSDP2 (``configs/trainer/fsdp2.yaml``) run with 2 CPU processes
+(gloo) for full fine-tuning and LoRA; FSDP1 (``fsdp.yaml``), which Lightning refuses on a CPU,
+and DeepSpeed's ZeRO-2/3 (``deepspeed_zero*.yaml``) built from their YAML; ``ftbench estimate
+--world_size 2 --strategy ...`` against hand arithmetic; QLoRA under FSDP2 refused.
+
+The 2-process runs start ``python -m ftbench.cli fit`` in a subprocess (Lightning's launcher re-runs
+the command line for rank 1), as tests/test_ddp.py does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_ddp import DATA, LORA, ROOT
+
+TESTS = ROOT / "tests"
+
+# the tiny Llama (tests/conftest.py): vocab 512, hidden 64, 2 layers, 4 heads of 16, 2 KV heads,
+# MLP 128, untied head. Parameters: embeddings 512 x 64 = 32,768, head 32,768; per layer q 4,096,
+# k 2,048, v 2,048, o 4,096, gate/up/down 8,192 each, two norms 128 = 36,992; final norm 64:
+# 2 x 32,768 + 2 x 36,992 + 64 = 139,584 (float32: 558,336 bytes). Buffers: the rotary inv_freq,
+# 8 float32 = 32 bytes, in the model and in its rotary module (64 counted: two storages).
+FULL_PARAMS, FULL_BYTES, BUFFER_BYTES = 139_584, 558_336, 64
+# LoRA r=4 on every linear but the head (tests/test_ddp.py): 8,192 parameters, 28 tensors (A and B of
+# 7 linears x 2 layers)
+LORA_PARAMS, LORA_TENSORS = 8_192, 28
+
+
+def fit_two_processes(tmp_path, tiny_model_dir, tuner: str, trainer_args: list[str], run_id: str):
+    """A 3-step, 2-process fit with the probe (tests/shard_probe.py) on; returns (record, log)."""
+    out = tmp_path / "runs"
+    tuner_args = LORA if tuner == "lora" else ["--tuner", "ftbench.tuners.Full", *LORA[8:]]
+    probe = json.dumps({"class_path": "shard_probe.ShardProbe", "init_args": {"out": str(tmp_path / "probe")}})
+    cmd = [sys.executable, "-m", "ftbench.cli", "fit", "--backbone.model", str(tiny_model_dir), *tuner_args, *DATA,
+           *trainer_args, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+           "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
+           "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+           f"--trainer.callbacks+={probe}", "--test_after_fit", "false", "--warmup_batches", "1",
+           "--out", str(out), "--run_id", run_id]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]),
+               MASTER_PORT=str(27500 + os.getpid() % 2000))
+    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-4000:]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [f"{run_id}.json"]  # rank 0's only
+    assert log.count(f"[ftbench] {run_id}:") == 1
+    return json.loads((out / f"{run_id}.json").read_text()), log
+
+
+def replay_in_one_process(tiny_model_dir, tuner: str, probes: list[dict]) -> list[list[float]]:
+    """The same global batches in one process: from the same weights, each step's loss is the mean of
+    the ranks' losses on their rows (data parallelism averages the ranks' gradients, so this is the
+    gradient FSDP applies), AdamW as the run made it. Returns the losses per rank and step."""
+    from helpers import lora
+
+    from ftbench.backbone import Backbone
+    from ftbench.objectives import SFT
+    from ftbench.tuners import Full
+
+    objective = SFT(backbone=Backbone(model=str(tiny_model_dir)), tuner=lora(r=4) if tuner == "lora" else Full())
+    objective.configure_model()
+    objective.log = lambda *a, **k: None  # no trainer to log to
+    trainable = {n: p for n, p in objective.model.named_parameters() if p.requires_grad}
+    assert trainable.keys() == probes[0]["initial"].keys()
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(probes[0]["initial"][name])
+    opt = torch.optim.AdamW(list(trainable.values()), **probes[0]["optimizer"])
+    losses: list[list[float]] = [[] for _ in probes]
+    for step in range(len(probes[0]["batches"])):
+        per_rank = [objective.training_step(p["batches"][step], step)["loss"] for p in probes]
+        torch.stack(per_rank).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        for rank, loss in enumerate(per_rank):
+            losses[rank].append(float(loss.detach()))
+    return losses
+
+
+FSDP2_CPU = ["--trainer", str(ROOT / "configs" / "trainer" / "fsdp2.yaml"), "--trainer.accelerator", "cpu",
+             "--trainer.devices", "2", "--trainer.precision", "32-true"]
+
+
+@pytest.mark.parametrize("tuner", ["full", "lora"])
+def test_fsdp2_two_cpu_processes_train_as_one(tmp_path, tiny_model_dir, tuner):
+    rec, _ = fit_two_processes(tmp_path, tiny_model_dir, tuner, FSDP2_CPU, f"fsdp2-{tuner}")
+    info = rec["train_info"]
+    assert info["status"] == "completed" and info["world_size"] == 2 and info["global_steps"] == 3
+    assert rec["run_info"]["config"]["trainer"]["strategy"]["class_path"].endswith("ModelParallelStrategy")
+
+    # the losses: each rank's, at each step, equal the one-process replay of the same global batches
+    probes = [torch.load(tmp_path / "probe" / f"rank{r}.pt") for r in (0, 1)]
+    assert [len(p["losses"]) for p in probes] == [3, 3]
+    assert not torch.equal(probes[0]["batches"][0]["input_ids"], probes[1]["batches"][0]["input_ids"])  # own rows
+    replayed = replay_in_one_process(tiny_model_dir, tuner, probes)
+    for rank in (0, 1):
+        assert probes[rank]["losses"] == pytest.approx(replayed[rank], abs=1e-5)
+    assert probes[0]["losses"][2] < probes[0]["losses"][0] - 0.01 or tuner == "lora"  # full fine-tuning learns
+
+    # the memory breakdown is rank 0's share: every dimension here is even, so exactly half of each
+    # split part; the buffers and AdamW's per-tensor step counters (4 bytes each) stay whole
+    mb = info["memory_breakdown"]
+    assert mb["sharding"] == {"strategy": "fsdp", "world_size": 2, "sharded": ["weights", "gradients", "optimizer"]}
+    trainable_bytes = FULL_BYTES if tuner == "full" else LORA_PARAMS * 4
+    tensors = 21 if tuner == "full" else LORA_TENSORS
+    assert info["params"]["trainable"] == (FULL_PARAMS if tuner == "full" else LORA_PARAMS)  # the whole model's
+    assert mb["weights"]["trainable_bytes"] == trainable_bytes // 2  # 279,168 full; 16,384 LoRA
+    assert mb["weights"]["frozen_bytes"] == (0 if tuner == "full" else FULL_BYTES // 2)
+    assert mb["weights"]["buffer_bytes"] == BUFFER_BYTES
+    assert mb["gradients"]["bytes"] == trainable_bytes // 2
+    assert mb["optimizer"]["by_entry"] == {"exp_avg": trainable_bytes // 2, "exp_avg_sq": trainable_bytes // 2,
+                                           "step": 4 * tensors}
+    # and it is what `ftbench estimate --world_size 2 --strategy fsdp` predicts for the rank
+    from helpers import lora
+
+    from ftbench.backbone import Backbone
+    from ftbench.estimate import estimate
+    from ftbench.tuners import Full
+
+    est = estimate(Backbone(model=str(tiny_model_dir)), lora(r=4) if tuner == "lora" else Full(),
+                   batch_size=2, seq_len=16, precision="32-true", optimizer="adamw", strategy="fsdp", world_size=2)
+    for part in ("weights", "gradients", "optimizer"):
+        assert est[part]["bytes"] == mb[part]["bytes"], part
+    # the saved weights were gathered from both ranks: the whole model (full) or the adapter (LoRA)
+    assert info["saved"]["bytes"] > (FULL_BYTES if tuner == "full" else LORA_PARAMS * 4)
