@@ -130,3 +130,144 @@ def test_fsdp2_two_cpu_processes_train_as_one(tmp_path, tiny_model_dir, tuner):
         assert est[part]["bytes"] == mb[part]["bytes"], part
     # the saved weights were gathered from both ranks: the whole model (full) or the adapter (LoRA)
     assert info["saved"]["bytes"] > (FULL_BYTES if tuner == "full" else LORA_PARAMS * 4)
+
+
+# ---------------------------------------------------------------------- the shipped strategy configs
+def trainer_argv(tiny_model_dir, out, name: str, *extra: str) -> list[str]:
+    return ["fit", "--backbone.model", str(tiny_model_dir), "--tuner", str(ROOT / "configs" / "tuner" / "lora.yaml"),
+            "--model", str(ROOT / "configs" / "objective" / "sft.yaml"), "--data",
+            str(ROOT / "configs" / "data" / "instruction.yaml"), "--trainer", str(ROOT / "configs" / "trainer" / name),
+            "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("name, cls, kind", [
+    ("fsdp.yaml", "FSDPStrategy", "fsdp"), ("fsdp2.yaml", "ModelParallelStrategy", "fsdp"),
+    ("deepspeed_zero2.yaml", "DeepSpeedStrategy", "zero2"), ("deepspeed_zero3.yaml", "DeepSpeedStrategy", "zero3")])
+def test_shipped_strategy_is_built_from_its_yaml(tiny_model_dir, tmp_path, name, cls, kind):
+    """The strategy object the CLI's own parser makes from the YAML (no trainer: these need GPUs), and
+    what the memory breakdown reads from it (which parts each rank holds 1/N of)."""
+    from ftbench.bench.memory import SHARDED_PARTS, strategy_kind
+    from ftbench.runcli import parse_run, run_parser
+
+    parser = run_parser().parser
+    strategy = parser.instantiate(parse_run(trainer_argv(tiny_model_dir, tmp_path, name))).fit.trainer.strategy
+    assert type(strategy).__name__ == cls and strategy_kind(strategy) == kind
+    assert SHARDED_PARTS[kind] == {"fsdp": ("weights", "gradients", "optimizer"), "zero2": ("gradients", "optimizer"),
+                                   "zero3": ("weights", "gradients", "optimizer")}[kind]
+    if cls == "DeepSpeedStrategy":
+        assert strategy.config["zero_optimization"]["stage"] == int(kind[-1])
+    if cls == "FSDPStrategy":
+        assert strategy.sharding_strategy.name == "FULL_SHARD"
+    if cls == "ModelParallelStrategy":
+        assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (2, 1)
+
+
+@pytest.mark.parametrize("name, extra, message", [
+    ("deepspeed_zero2.yaml", ["--trainer.accelerator", "cpu"],
+     "trainer.strategy: DeepSpeedStrategy does not run with trainer.accelerator cpu (Lightning runs DeepSpeed on "
+     "CUDA GPUs only)"),
+    ("fsdp.yaml", ["--trainer.accelerator", "cpu"],
+     "trainer.strategy: FSDPStrategy (FSDP1) does not run with trainer.accelerator cpu (Lightning requires a GPU "
+     "accelerator for it)"),
+    ("fsdp2.yaml", ["--trainer.accelerator", "cpu", "--trainer.devices", "4"],
+     "trainer.strategy.init_args.data_parallel_size: 2 x tensor_parallel_size 1 must equal the processes, "
+     "trainer.devices 4 x num_nodes 1"),
+])
+def test_a_strategy_that_cannot_start_is_one_line(tiny_model_dir, tmp_path, capsys, name, extra, message):
+    """Lightning's own refusals (``The DeepSpeed strategy is only supported on CUDA GPUs but
+    `CPUAccelerator` is used.`` at the first fit; ``The strategy `fsdp` requires a GPU accelerator`` when
+    the trainer is made) come as one line before anything is built."""
+    from test_hardening import last_line, run_main
+
+    code, err = run_main(trainer_argv(tiny_model_dir, tmp_path, name, *extra), capsys)
+    assert code == 2 and last_line(err) == f"ftbench: error: {message}"
+    assert "Traceback" not in err
+
+
+def test_deepspeed_missing_names_the_extra(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from test_hardening import last_line, run_main
+
+    import ftbench.runcli
+
+    monkeypatch.setattr(ftbench.runcli, "installed", lambda package: package != "deepspeed")
+    code, err = run_main(trainer_argv(tiny_model_dir, tmp_path, "deepspeed_zero3.yaml"), capsys)
+    assert code == 2 and last_line(err) == ("ftbench: error: trainer.strategy: DeepSpeedStrategy needs the deepspeed "
+                                            "package: pip install 'ftbench[deepspeed]'")
+
+
+# ---------------------------------------------------------------------- QLoRA under FSDP2
+QLORA_REFUSAL = ("backbone.quantization: nf4 weights cannot be sharded by trainer.strategy ModelParallelStrategy "
+                 "(FSDP2 fully_shard): a bitsandbytes quantized weight is not a plain tensor fully_shard can split "
+                 "(QLoRA under FSDP2: accelerate#3874)")
+
+
+def test_qlora_under_fsdp2_is_refused_before_the_load(tiny_model_dir, monkeypatch):
+    """A 4-bit backbone with the device mesh Lightning's ModelParallelStrategy hands the module: refused in
+    ``configure_model`` before any weight is loaded (naming the quantization and the strategy)."""
+    from helpers import lora
+
+    import ftbench.objectives.base
+    from ftbench.backbone import Backbone
+    from ftbench.errors import ConfigError
+    from ftbench.objectives import SFT
+
+    objective = SFT(backbone=Backbone(model=str(tiny_model_dir), quantization="nf4"), tuner=lora(r=4))
+    objective._device_mesh = {"data_parallel": object()}  # what ModelParallelStrategy sets before configure_model
+    monkeypatch.setattr(ftbench.objectives.base, "load_backbone", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ConfigError) as err:
+        objective.configure_model()
+    assert str(err.value) == QLORA_REFUSAL
+    assert objective.model is None
+
+
+def test_qlora_under_fsdp_in_the_estimate_is_one_line(tiny_model_dir, capsys):
+    from ftbench.estimate.cli import main
+
+    assert main(["--model", str(tiny_model_dir), "--quantization", "nf4", "--tuner", "lora",
+                 "--world_size", "2", "--strategy", "fsdp"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"ftbench: error: estimate: --strategy fsdp: {QLORA_REFUSAL}"
+
+
+# ---------------------------------------------------------------------- the estimate, one rank of two
+def test_estimate_for_two_ranks_by_hand(tiny_model_dir, capsys):
+    """Full fine-tuning of the tiny Llama in float32 with AdamW, batch 2 x 16 per rank. One process holds
+    weights 558,336 + 64 (buffers), gradients 558,336, AdamW's two moments 2 x 558,336 and 21 step
+    counters of 4 bytes = 1,116,756. Over 2 ranks: ddp holds all of it; zero1 halves the moments;
+    zero2 the gradients too; zero3 and fsdp the weights too (buffers and step counters stay whole);
+    activations are the rank's own rows, the same under every strategy."""
+    from ftbench.backbone import Backbone
+    from ftbench.estimate import estimate
+    from ftbench.tuners import Full
+
+    def rank(strategy, world_size=2):
+        return estimate(Backbone(model=str(tiny_model_dir)), Full(), batch_size=2, seq_len=16, precision="32-true",
+                        optimizer="adamw", strategy=strategy, world_size=world_size)
+
+    one = rank("ddp", 1)
+    assert (one["weights"]["bytes"], one["gradients"]["bytes"], one["optimizer"]["bytes"]) == (
+        FULL_BYTES + BUFFER_BYTES, FULL_BYTES, 2 * FULL_BYTES + 21 * 4)
+    half = FULL_BYTES // 2  # 279,168
+    expected = {"ddp": (558_400, 558_336, 1_116_756), "zero1": (558_400, 558_336, 2 * half + 84),
+                "zero2": (558_400, half, 2 * half + 84), "zero3": (half + 64, half, 2 * half + 84),
+                "fsdp": (half + 64, half, 558_420)}
+    for strategy, (weights, grads, optimizer) in expected.items():
+        r = rank(strategy)
+        assert (r["weights"]["bytes"], r["gradients"]["bytes"], r["optimizer"]["bytes"]) == (weights, grads, optimizer)
+        assert r["activations"] == one["activations"]
+        assert r["predicted_peak_bytes"] == one["predicted_peak_bytes"] - (558_400 - weights) - (558_336 - grads) \
+            - (1_116_756 - optimizer)
+        assert r["sharding"]["world_size"] == 2 and r["sharding"]["strategy"] == strategy
+    # the command line: one rank's table under zero3
+    from ftbench.estimate.cli import main
+
+    assert main(["--model", str(tiny_model_dir), "--tuner", "full", "--precision", "32-true", "--batch_size", "2",
+                 "--seq_len", "16", "--world_size", "2", "--strategy", "zero3"]) == 0
+    out = capsys.readouterr().out
+    assert "one rank of 2 under zero3: weights, gradients, optimizer split 2 ways (batch 2 per rank)" in out
+
+
+def test_estimate_refuses_a_bad_world_size(tiny_model_dir, capsys):
+    from ftbench.estimate.cli import main
+
+    assert main(["--model", str(tiny_model_dir), "--world_size", "0", "--strategy", "zero2"]) == 2
+    assert capsys.readouterr().err.strip() == "ftbench: error: estimate: --world_size must be >= 1, got 0"
