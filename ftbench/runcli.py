@@ -364,11 +364,27 @@ def check_not_completed(record: str, overwrite: bool) -> None:
         raise err
 
 
+class _StderrOnly:
+    """A logging filter that writes a record to stderr and keeps it from the logger's own handlers."""
+
+    def filter(self, record) -> bool:
+        print(f"[{record.levelname}] {record.getMessage()}", file=sys.stderr)
+        return False
+
+
 def quiet_environment() -> None:
+    import logging
+
     from ftbench.wandb_mode import default_to_offline
 
     default_to_offline()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed's logger writes to stdout (at its import: "Setting accelerator to CPU ..."), which is where
+    # `--print_config` prints the config: its lines go to stderr (a filter on the logger outlives the
+    # handler DeepSpeed adds to it when it is imported later)
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _StderrOnly) for f in deepspeed_logger.filters):
+        deepspeed_logger.addFilter(_StderrOnly())
 
 
 def die_with_parent() -> None:  # pragma: no cover - a sweep runs it in the child between fork and exec
