@@ -121,14 +121,16 @@ class Objective(EvaluationSteps, L.LightningModule):
         model = self.tuner.prepare(load_backbone(self.backbone, head=self.head), self.backbone)
         if self.head == "score":
             train_score_head(model)
-        if mesh is not None:
-            fully_shard_model(model, mesh)  # FSDP2: each rank keeps 1/N of every weight (objectives/sharding.py)
         self.model = model
         self.model.train()  # from_pretrained returns eval mode; the trainer switches for evaluation
         if self.needs_reference:
             self.reference_model = self.tuner.keep_reference(self.model)
             with self.tuner.reference(self.model):  # a tuner that cannot give the untouched backbone says so now
                 pass
+        if mesh is not None:
+            # FSDP2: each rank keeps 1/N of every weight of the policy (objectives/sharding.py); a frozen
+            # reference copy, kept above, stays whole on every rank
+            fully_shard_model(self.model, mesh)
 
     def data_parallel_mesh(self):
         """The data-parallel device mesh Lightning's ``ModelParallelStrategy`` hands the module (FSDP2:

@@ -60,6 +60,10 @@ def fully_shard_model(model: torch.nn.Module, mesh) -> torch.nn.Module:
         if isinstance(module, blocks):
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        # what transformers' own FSDP2 set-up marks: its generate() then keeps every rank stepping until
+        # all are done (synced_gpus), since a rank that stopped early would leave the others' gathers waiting
+        module._is_fsdp_managed_module = True
     return model
 
 
