@@ -32,8 +32,10 @@ FULL_PARAMS, FULL_BYTES, BUFFER_BYTES = 139_584, 558_336, 64
 LORA_PARAMS, LORA_TENSORS = 8_192, 28
 
 
-def fit_two_processes(tmp_path, tiny_model_dir, tuner: str, trainer_args: list[str], run_id: str):
-    """A 3-step, 2-process fit with the probe (tests/shard_probe.py) on; returns (record, log)."""
+def fit_two_processes(tmp_path, tiny_model_dir, tuner: str, trainer_args: list[str], run_id: str,
+                      files: tuple[str, ...] = ()):
+    """A 3-step, 2-process fit with the probe (tests/shard_probe.py) on; returns (record, log).
+    ``files``: what the run writes beside its record in ``--out`` (by rank 0 alone)."""
     out = tmp_path / "runs"
     tuner_args = LORA if tuner == "lora" else ["--tuner", "ftbench.tuners.Full", *LORA[8:]]
     probe = json.dumps({"class_path": "shard_probe.ShardProbe", "init_args": {"out": str(tmp_path / "probe")}})
@@ -49,7 +51,7 @@ def fit_two_processes(tmp_path, tiny_model_dir, tuner: str, trainer_args: list[s
     res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [f"{run_id}.json"]  # rank 0's only
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted([f"{run_id}.json", *files])  # rank 0's
     assert log.count(f"[ftbench] {run_id}:") == 1
     return json.loads((out / f"{run_id}.json").read_text()), log
 
@@ -93,7 +95,12 @@ def test_fsdp2_two_cpu_processes_train_as_one(tmp_path, tiny_model_dir, tuner):
     # LoRA's run also generates in its validation: every rank keeps stepping until all have stopped
     # (transformers' synced_gpus, which ftbench's FSDP2 set-up turns on), or a gather would wait forever
     generate = ["--evaluate.generate_in_validation", "true"] if tuner == "lora" else []
-    rec, _ = fit_two_processes(tmp_path, tiny_model_dir, tuner, FSDP2_CPU + generate, f"fsdp2-{tuner}")
+    rec, _ = fit_two_processes(tmp_path, tiny_model_dir, tuner, FSDP2_CPU + generate, f"fsdp2-{tuner}",
+                               files=("fsdp2-lora.predictions.jsonl",) if generate else ())
+    if generate:  # the generated answers of both ranks' validation rows, gathered and written once
+        rows = [json.loads(line) for line in (tmp_path / "runs" / "fsdp2-lora.predictions.jsonl").read_text().splitlines()]
+        assert len(rows) == 6 and len({r["reference"] for r in rows}) == 6 and all(r["prediction"] for r in rows)
+        assert "val/accuracy" in rec["train_info"]["metrics"][0]
     info = rec["train_info"]
     assert info["status"] == "completed" and info["world_size"] == 2 and info["global_steps"] == 3
     assert rec["run_info"]["config"]["trainer"]["strategy"]["class_path"].endswith("ModelParallelStrategy")

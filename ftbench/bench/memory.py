@@ -38,6 +38,11 @@ and storages, never at an allocator:
   float32 logits a loss upcasts over the whole vocabulary. Backward creates the gradient with respect
   to that tensor, of the same size, at its start, on top of the saved activations.
 
+Under a strategy of several processes every part is what this rank holds (a sharded tensor counts its
+local shard: :func:`ftbench.storage.storage_key`), and ``sharding`` says which parts the strategy splits
+N ways (:data:`SHARDED_PARTS`: FSDP's FULL_SHARD and ZeRO-3 all three, ZeRO-2 gradients and optimizer
+state, DDP none); :func:`sharded_parts` makes a rank's share from a whole-model breakdown (the estimate's).
+
 ``predicted_peak_bytes`` is weights + gradients + optimizer state + activations (saved and other
 live) + the largest transient: a conservative device peak (a gradient and the activation it
 replaces are not both alive in reality; the optimizer's own temporaries are left out). The measured
