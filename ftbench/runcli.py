@@ -26,6 +26,44 @@ CLI_KWARGS = {"subclass_mode_model": True, "subclass_mode_data": True, "seed_eve
               "auto_configure_optimizers": False, "parser_kwargs": PARSER_KWARGS}
 
 
+def installed(package: str) -> bool:
+    """Whether ``package`` can be imported (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+def check_strategy(trainer) -> None:
+    """Refuse, in one line, a multi-device strategy that cannot start as configured (before Lightning
+    builds it): DeepSpeed not installed (the ``deepspeed`` extra); DeepSpeed or FSDP1 on a CPU
+    accelerator, which Lightning 2.6 refuses (``The DeepSpeed strategy is only supported on CUDA
+    GPUs``; ``The strategy `fsdp` requires a GPU accelerator``; FSDP2 runs there:
+    configs/trainer/fsdp2.yaml); FSDP2's ``data_parallel_size`` x ``tensor_parallel_size`` not the
+    number of processes."""
+    from ftbench.errors import ConfigError
+
+    strategy = trainer.get("strategy")
+    name = str(getattr(strategy, "class_path", None) or strategy).rpartition(".")[2]
+    on_cpu = str(trainer.get("accelerator")).lower() == "cpu"
+    if "deepspeed" in name.lower():
+        if not installed("deepspeed"):
+            raise ConfigError(f"trainer.strategy: {name} needs the deepspeed package: pip install 'ftbench[deepspeed]'")
+        if on_cpu:
+            raise ConfigError(f"trainer.strategy: {name} does not run with trainer.accelerator cpu (Lightning runs "
+                              "DeepSpeed on CUDA GPUs only)", hint="trainer.accelerator gpu, or FSDP2 on a CPU: "
+                              "configs/trainer/fsdp2.yaml")
+    if name in ("FSDPStrategy", "fsdp", "fsdp_cpu_offload") and on_cpu:
+        raise ConfigError(f"trainer.strategy: {name} (FSDP1) does not run with trainer.accelerator cpu (Lightning "
+                          "requires a GPU accelerator for it)", hint="FSDP2 runs on a CPU: configs/trainer/fsdp2.yaml")
+    args = getattr(strategy, "init_args", None)
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    if name == "ModelParallelStrategy" and args is not None and str(devices).isdigit():
+        dp, tp = args.get("data_parallel_size", "auto"), args.get("tensor_parallel_size", "auto")
+        if isinstance(dp, int) and isinstance(tp, int) and dp * tp != int(devices) * nodes:
+            raise ConfigError(f"trainer.strategy.init_args.data_parallel_size: {dp} x tensor_parallel_size {tp} "
+                              f"must equal the processes, trainer.devices {devices} x num_nodes {nodes}")
+
+
 def cli_class():
     """(the run CLI class, the objective base, the data module base, the config saver) for
     LightningCLI; built on demand so that importing this module needs no torch."""
@@ -120,6 +158,7 @@ def cli_class():
 
                 self.run_id = check_file_name(cfg.run_id, "--run_id")
             check_out(cfg.out)
+            check_strategy(cfg.trainer)
             check_not_completed(os.path.join(cfg.out, f"{self.run_id}.json"), cfg.overwrite)
             if self.subcommand == "fit" and cfg.trainer.get("max_steps") == 0:
                 raise ConfigError("trainer.max_steps: 0 trains nothing (a run recorded 'completed' with no step); "
@@ -348,11 +387,27 @@ def check_not_completed(record: str, overwrite: bool) -> None:
         raise err
 
 
+class _StderrOnly:
+    """A logging filter that writes a record to stderr and keeps it from the logger's own handlers."""
+
+    def filter(self, record) -> bool:
+        print(f"[{record.levelname}] {record.getMessage()}", file=sys.stderr)
+        return False
+
+
 def quiet_environment() -> None:
+    import logging
+
     from ftbench.wandb_mode import default_to_offline
 
     default_to_offline()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed's logger writes to stdout (at its import: "Setting accelerator to CPU ..."), which is where
+    # `--print_config` prints the config: its lines go to stderr (a filter on the logger outlives the
+    # handler DeepSpeed adds to it when it is imported later)
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _StderrOnly) for f in deepspeed_logger.filters):
+        deepspeed_logger.addFilter(_StderrOnly())
 
 
 def die_with_parent() -> None:  # pragma: no cover - a sweep runs it in the child between fork and exec

@@ -35,7 +35,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def storage_key(t: torch.Tensor) -> tuple[int, int]:
-    """(identity of the tensor's storage, its bytes). Works on meta tensors (no data pointer there)."""
+    """(identity of the tensor's storage, its bytes). Works on meta tensors (no data pointer there).
+    A sharded tensor (a ``DTensor``: FSDP2's parameters, their gradients and optimizer state) counts
+    the shard this process holds: the memory it takes here, about 1/N of the whole."""
+    local = getattr(t, "_local_tensor", None)  # DTensor.to_local() without autograd
+    if isinstance(local, torch.Tensor):
+        t = local
     try:
         st = t.untyped_storage()
         return st._cdata, st.nbytes()

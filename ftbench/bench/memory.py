@@ -38,6 +38,11 @@ and storages, never at an allocator:
   float32 logits a loss upcasts over the whole vocabulary. Backward creates the gradient with respect
   to that tensor, of the same size, at its start, on top of the saved activations.
 
+Under a strategy of several processes every part is what this rank holds (a sharded tensor counts its
+local shard: :func:`ftbench.storage.storage_key`), and ``sharding`` says which parts the strategy splits
+N ways (:data:`SHARDED_PARTS`: FSDP's FULL_SHARD and ZeRO-3 all three, ZeRO-2 gradients and optimizer
+state, DDP none); :func:`sharded_parts` makes a rank's share from a whole-model breakdown (the estimate's).
+
 ``predicted_peak_bytes`` is weights + gradients + optimizer state + activations (saved and other
 live) + the largest transient: a conservative device peak (a gradient and the activation it
 replaces are not both alive in reality; the optimizer's own temporaries are left out). The measured
@@ -296,6 +301,70 @@ def _alive(ref) -> bool:
     return ref is None or not ref.expired()
 
 
+# ---------------------------------------------------------------------- several processes, one model
+#: which parts of the breakdown a strategy splits across its N data-parallel processes (each rank
+#: holds about 1/N of them): DDP none (a full replica per rank); ZeRO-1 the optimizer state; ZeRO-2
+#: the gradients too; ZeRO-3 and FSDP's FULL_SHARD (FSDP1 or FSDP2's fully_shard) the weights too;
+#: FSDP's SHARD_GRAD_OP as ZeRO-2. Activations are never split: each rank runs its own rows.
+SHARDED_PARTS: dict[str, tuple[str, ...]] = {
+    "ddp": (), "zero1": ("optimizer",), "zero2": ("gradients", "optimizer"),
+    "zero3": ("weights", "gradients", "optimizer"), "fsdp": ("weights", "gradients", "optimizer"),
+}
+
+
+def strategy_kind(strategy: Any) -> Optional[str]:
+    """The :data:`SHARDED_PARTS` key of a Lightning strategy object, or None for a single process."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, ModelParallelStrategy):
+        return "fsdp"  # ftbench applies fully_shard to every block (ftbench/objectives/sharding.py)
+    if isinstance(strategy, FSDPStrategy):
+        name = getattr(strategy.sharding_strategy, "name", str(strategy.sharding_strategy))
+        return {"NO_SHARD": "ddp", "SHARD_GRAD_OP": "zero2", "_HYBRID_SHARD_ZERO2": "zero2"}.get(name, "fsdp")
+    if isinstance(strategy, DeepSpeedStrategy):
+        stage = (strategy.config or {}).get("zero_optimization", {}).get("stage", 0)
+        return {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}[int(stage)]
+    if isinstance(strategy, DDPStrategy):
+        return "ddp"
+    return None
+
+
+def sharded_parts(parts: dict[str, Any], kind: str, world_size: int) -> dict[str, Any]:
+    """One rank's share of a whole-model breakdown when ``kind`` (:data:`SHARDED_PARTS`) splits it over
+    ``world_size`` processes (what ``ftbench estimate --strategy --world_size`` prints).
+
+    A split part is its bytes / N, rounded up. What stays whole on every rank: the buffers (FSDP and
+    ZeRO-3 shard parameters only) and the optimizer's per-tensor ``step`` counters (a scalar for each
+    parameter's shard). Each tensor split on its first dimension, as FSDP2 does, gives rank 0 up to one
+    row more per tensor where N does not divide it (a padded row): ~1/N, not exact, then."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in parts.items()}
+
+    def share(n: int) -> int:
+        return -(-int(n) // world_size)
+
+    split = SHARDED_PARTS[kind]
+    if "weights" in split and "weights" in out:
+        w = out["weights"]
+        for key in ("trainable_bytes", "frozen_bytes", "quant_state_bytes"):
+            w[key] = share(w.get(key, 0))
+        w["by_format"] = {k: share(v) for k, v in (w.get("by_format") or {}).items()}
+        w["bytes"] = w["trainable_bytes"] + w["frozen_bytes"] + w.get("buffer_bytes", 0)
+    if "gradients" in split and "gradients" in out:
+        g = out["gradients"]
+        g["by_dtype"] = {k: share(v) for k, v in (g.get("by_dtype") or {}).items()}
+        g["bytes"] = sum(g["by_dtype"].values())
+    if "optimizer" in split and "optimizer" in out:
+        o = out["optimizer"]
+        steps = o.get("step_bytes", 0)
+        o["bytes"] = share(o["bytes"] - steps) + steps
+        o["by_entry"] = {k: (v if k == "step" else share(v)) for k, v in (o.get("by_entry") or {}).items()}
+        for key in ("by_dtype", "by_device"):  # the whole model's; by_entry says the rank's share
+            o.pop(key, None)
+    out["sharding"] = {"strategy": kind, "world_size": world_size, "sharded": list(split)}
+    out["predicted_peak_bytes"] = predicted_peak(out)
+    return out
+
+
 # ---------------------------------------------------------------------- the whole step
 def predicted_peak(parts: dict[str, Any]) -> int:
     """weights + gradients + optimizer state + activations (saved and other live) + largest transient."""
@@ -331,6 +400,10 @@ class MemoryBreakdown(L.Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._batches == self.batch_index and "activations" not in self._parts:
+            kind = strategy_kind(trainer.strategy)
+            if kind is not None:  # the parts below are this rank's: the split ones are ~1/N of the model's
+                self._parts["sharding"] = {"strategy": kind, "world_size": trainer.world_size,
+                                           "sharded": list(SHARDED_PARTS[kind]) if trainer.world_size > 1 else []}
             held = pl_module.held_models() if isinstance(pl_module, Objective) else None
             self._parts["weights"] = weight_breakdown(pl_module, held)
             self._parts["device"] = pl_module.device.type

@@ -368,9 +368,11 @@ class RunRecorder(L.Callback):
         if "train/loss" in trainer.callback_metrics:
             info["final"]["train/loss"] = float(trainer.callback_metrics["train/loss"])
         self._divergence(pl_module)
-        if trainer.is_global_zero and hasattr(pl_module, "save_trained"):
-            info["saved"] = self._save(pl_module)
-            self.write()
+        if hasattr(pl_module, "save_trained"):
+            with pl_module.gathered_weights():  # FSDP2: every rank takes part in gathering the shards
+                if trainer.is_global_zero:
+                    info["saved"] = self._save(pl_module)
+                    self.write()
 
     def _save(self, pl_module) -> dict[str, Any]:
         """Save what the method trained and measure its size; kept only when asked for. Without

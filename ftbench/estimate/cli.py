@@ -13,14 +13,15 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ftbench.bench.memory import SHARDED_PARTS
 from ftbench.errors import EstimateError, FTBenchError
 from ftbench.estimate.meta import reward_runs_on_meta, sized_config
 from ftbench.estimate.options import OPTIMIZERS, config_file, instantiate_config, load_yaml, optimizer_factory, parse_bytes
-from ftbench.estimate.run import PRECISIONS, estimate
+from ftbench.estimate.run import PRECISIONS, check_sharding, estimate
 from ftbench.estimate.table import flat_settings, row_labels, table
 
 #: the numeric options and the least value each takes
-POSITIVE = {"batch_size": 1, "seq_len": 1, "gpu_memory": 1}
+POSITIVE = {"batch_size": 1, "seq_len": 1, "gpu_memory": 1, "world_size": 1}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gradient_checkpointing", type=_bool, default=None)
     ap.add_argument("--gpu_memory", type=parse_bytes, default=None,
                     help="e.g. 24GiB: also print the largest batch size whose predicted peak fits")
+    ap.add_argument("--strategy", default="ddp", choices=list(SHARDED_PARTS),
+                    help="how --world_size processes hold the model: ddp (a full replica each), zero1 (optimizer "
+                         "state split), zero2 (gradients too), zero3 and fsdp (FULL_SHARD: weights too)")
+    ap.add_argument("--world_size", type=int, default=1,
+                    help="processes training one model: the table is one rank's share (--batch_size per rank)")
     ap.add_argument("--json", default=None, metavar="FILE", help="write the breakdowns as JSON")
     return ap
 
@@ -122,6 +128,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         tuners = [_tuner(spec) for spec in (args.tuner or ["full", "lora"])]
         if args.objective:
             config_file("objective", args.objective)
+        for backbone in backbones:
+            for quant in args.quantization or [backbone.quantization]:
+                check_sharding(args.strategy, args.world_size, quant)
     except FTBenchError as err:
         # the one line ftbench.cli.report_error prints for every known error
         print(f"ftbench: error: {err}", file=sys.stderr)
@@ -134,6 +143,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"model {s['model']}: batch {s['batch_size']} x {s['seq_len']} tokens, precision {s['precision']}, "
               f"dtype {s['dtype']}, optimizer {s['optimizer']}, gradient checkpointing "
               f"{'on' if s['gradient_checkpointing'] else 'off'}; GiB = 2^30 bytes; total = predicted peak")
+        if args.world_size > 1:
+            split = ", ".join(SHARDED_PARTS[args.strategy]) or "nothing"
+            print(f"one rank of {args.world_size} under {args.strategy}: {split} split {args.world_size} ways "
+                  f"(batch {s['batch_size']} per rank)")
     print(table(rows))
     if args.gpu_memory is not None:
         print(f"max batch: the largest batch size (x {args.seq_len} tokens) whose predicted peak fits in "
@@ -176,7 +189,8 @@ def crossed_rows(args: argparse.Namespace, backbones: list, tuners: list[tuple])
                         objective.optimizer_factory = optimizer_factory(args.optimizer)
                     r = estimate(bb, tuner, objective, batch_size=args.batch_size, seq_len=args.seq_len,
                                  precision=args.precision, optimizer=args.optimizer,
-                                 gradient_checkpointing=args.gradient_checkpointing, gpu_memory=args.gpu_memory)
+                                 gradient_checkpointing=args.gradient_checkpointing, gpu_memory=args.gpu_memory,
+                                 strategy=args.strategy, world_size=args.world_size)
                 except Exception as err:  # noqa: BLE001 - one method failing leaves the others' rows
                     r = {"method": label, "error": f"{type(err).__name__}: {err}"}
                 rows.append(r)

@@ -22,14 +22,30 @@ import torch
 import torch.fx.experimental._config as fx_config
 
 from ftbench.bench.memory import (ActivationMeter, gradient_breakdown, optimizer_breakdown, predicted_peak,
-                                  weight_breakdown)
-from ftbench.errors import EstimateError
+                                  sharded_parts, weight_breakdown, SHARDED_PARTS)
+from ftbench.errors import EstimateError, FTBenchError
 from ftbench.estimate.meta import (MetaKernels, convert_true_precision, loading_on_meta, meta_model,
                                   optimizer_on_meta, precision_context, reward_runs_on_meta, sized_config)
 from ftbench.estimate.options import optimizer_factory
 
 PRECISIONS = {"32-true": "32-true", "32": "32-true", "fp32": "32-true", "bf16-mixed": "bf16-mixed",
               "bf16-true": "bf16-true", "bf16": "bf16-true"}
+
+def check_sharding(strategy: str, world_size: int, quantization: str) -> None:
+    """The strategy is known, N >= 1, and a quantized backbone is not sharded by FSDP (as a run refuses it:
+    :func:`ftbench.objectives.sharding.check_shardable`)."""
+    if strategy not in SHARDED_PARTS:
+        raise EstimateError(f"estimate: --strategy {strategy!r} is not one of {', '.join(SHARDED_PARTS)}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise EstimateError(f"estimate: --world_size must be an integer >= 1, got {world_size!r}")
+    if strategy == "fsdp" and world_size > 1 and quantization != "none":
+        from ftbench.objectives.sharding import check_shardable
+
+        try:
+            check_shardable(quantization)
+        except FTBenchError as err:
+            raise EstimateError(f"estimate: --strategy fsdp: {err}") from None
+
 
 def default_objective(backbone, tuner, optimizer: Callable):
     from ftbench.objectives.sft import SFT
@@ -50,9 +66,12 @@ def full_batch(objective, batch_size: int, seq_len: int, device: str | torch.dev
 class MetaRun:
     """One backbone x tuner x objective on the meta device, ready to take steps of any batch size."""
 
-    def __init__(self, backbone, tuner, objective=None, optimizer: Any = "adamw", precision: str = "bf16-mixed"):
+    def __init__(self, backbone, tuner, objective=None, optimizer: Any = "adamw", precision: str = "bf16-mixed",
+                 strategy: str = "ddp", world_size: int = 1):
         if precision not in PRECISIONS:
             raise EstimateError(f"estimate: precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        check_sharding(strategy, world_size, backbone.quantization)
+        self.strategy, self.world_size = strategy, world_size  # one rank's share (sharded_parts) when N > 1
         self.precision = PRECISIONS[precision]
         self.backbone = backbone
         self.optimizer_factory = optimizer_factory(optimizer)
@@ -130,6 +149,8 @@ class MetaRun:
         parts["batch_shape"] = [batch_size, seq_len]
         parts["params"] = self.params
         parts["predicted_peak_bytes"] = predicted_peak(parts)
+        if self.world_size > 1:
+            parts = sharded_parts(parts, self.strategy, self.world_size)
         return parts
 
     def largest_batch(self, seq_len: int, budget: int, known: Optional[tuple[int, int]] = None,
@@ -221,8 +242,11 @@ def _backward(loss: torch.Tensor) -> None:
 
 def estimate(backbone, tuner, objective=None, *, batch_size: int = 1, seq_len: int = 512,
              precision: str = "bf16-mixed", optimizer: Any = "adamw",
-             gradient_checkpointing: Optional[bool] = None, gpu_memory: Optional[int] = None) -> dict[str, Any]:
-    """The memory breakdown of one training step of ``tuner`` on ``backbone`` (no weights read).
+             gradient_checkpointing: Optional[bool] = None, gpu_memory: Optional[int] = None,
+             strategy: str = "ddp", world_size: int = 1) -> dict[str, Any]:
+    """The memory breakdown of one training step of ``tuner`` on ``backbone`` (no weights read): with
+    ``world_size`` N > 1, one rank's share under ``strategy`` (``ddp``, ``zero1``, ``zero2``, ``zero3``,
+    ``fsdp``: :data:`~ftbench.bench.memory.SHARDED_PARTS`; ``batch_size`` is then per rank).
 
     Returns the dict a run records as ``train_info.memory_breakdown`` (bytes), plus ``method``,
     ``params`` (trainable/total), the settings, and with ``gpu_memory`` (bytes) ``max_batch_size``.
@@ -236,7 +260,8 @@ def estimate(backbone, tuner, objective=None, *, batch_size: int = 1, seq_len: i
         backbone = copy.copy(backbone)
         backbone.gradient_checkpointing = gradient_checkpointing
     t0 = time.perf_counter()
-    run = MetaRun(backbone, tuner, objective, optimizer=optimizer, precision=precision)
+    run = MetaRun(backbone, tuner, objective, optimizer=optimizer, precision=precision, strategy=strategy,
+                  world_size=world_size)
     out = run.breakdown(batch_size, seq_len)
     out["method"] = getattr(run.objective, "method_label", None) or getattr(tuner, "name", "?")
     out["settings"] = {"batch_size": batch_size, "seq_len": seq_len, "precision": run.precision,

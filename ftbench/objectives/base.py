@@ -28,6 +28,7 @@ from ftbench.naming import method_label
 from ftbench.objectives.data_needs import check_data
 from ftbench.objectives.evaluating import EvaluationSteps
 from ftbench.objectives.optim import optimization
+from ftbench.objectives.sharding import check_shardable, fully_shard_model, unsharded
 from ftbench.objectives.step import FiniteCheck, TrainingLoss, logs_this_step
 from ftbench.tuners.base import Tuner
 
@@ -114,6 +115,9 @@ class Objective(EvaluationSteps, L.LightningModule):
             raise ConfigError(f"objective {self.name}: no tuner (give --tuner, e.g. configs/tuner/lora.yaml)")
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self.tuner.total_steps = int(self.trainer.estimated_stepping_batches)
+        mesh = self.data_parallel_mesh()
+        if mesh is not None:
+            check_shardable(self.backbone.quantization)  # before a quantized load that could not be sharded
         model = self.tuner.prepare(load_backbone(self.backbone, head=self.head), self.backbone)
         if self.head == "score":
             train_score_head(model)
@@ -123,6 +127,16 @@ class Objective(EvaluationSteps, L.LightningModule):
             self.reference_model = self.tuner.keep_reference(self.model)
             with self.tuner.reference(self.model):  # a tuner that cannot give the untouched backbone says so now
                 pass
+        if mesh is not None:
+            # FSDP2: each rank keeps 1/N of every weight of the policy (objectives/sharding.py); a frozen
+            # reference copy, kept above, stays whole on every rank
+            fully_shard_model(self.model, mesh)
+
+    def data_parallel_mesh(self):
+        """The data-parallel device mesh Lightning's ``ModelParallelStrategy`` hands the module (FSDP2:
+        ``configs/trainer/fsdp2.yaml``), or None under any other strategy."""
+        mesh = getattr(self, "_device_mesh", None)
+        return mesh["data_parallel"] if mesh is not None else None
 
     def held_models(self) -> dict[str, torch.nn.Module]:
         """The models held besides the policy, by role (``reference``, ``reward_model``, ``critic``):
@@ -142,6 +156,11 @@ class Objective(EvaluationSteps, L.LightningModule):
         """Trainable and total parameters (shared tensors such as tied embeddings counted once)."""
         assert self.model is not None
         return self.tuner.parameter_counts(self.model)
+
+    def gathered_weights(self):
+        """A context in which the policy's weights are whole on every rank (FSDP2: each unit gathered,
+        a collective every rank enters, and sharded again after); a no-op when it is not sharded."""
+        return unsharded(self.model)
 
     def save_trained(self, path: str | Path) -> Path:
         """Save what the tuner trained (adapter, trained blocks or full weights) as safetensors."""
