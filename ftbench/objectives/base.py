@@ -58,6 +58,10 @@ class Objective(EvaluationSteps, L.LightningModule):
     data_regimes: tuple[str, ...] = ()
     data_needs = ""
     samples_from_prompts = False
+    #: the regimes whose packed training batches (``data.packing``: :mod:`ftbench.data.packing`) its loss
+    #: reads; another regime's packed batches are refused before the model loads, ``packing_refusal`` saying why
+    packed_regimes: tuple[str, ...] = ()
+    packing_refusal = "its loss does not read packed batches"
 
     def __init__(
         self,
