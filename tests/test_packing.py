@@ -343,3 +343,25 @@ def test_kto_data_refuses_packing(backbone):
         UnpairedData(backbone=backbone, source="builtin:capitals", packing=True)
     assert str(err.value) == ("data.packing: KTO's batches are not packed (each row's KL term is scored with another "
                               "row's completion, a pairing built per padded batch)")
+
+
+def test_online_rl_refuses_packed_rows(backbone):
+    from ftbench.objectives import GRPO
+
+    with pytest.raises(ConfigError) as err:
+        _fit_check(GRPO(backbone=backbone, tuner=lora(), num_generations=2, max_completion_length=2),
+                   instruction_data(backbone, packing=True))
+    assert str(err.value) == ("objective grpo: data.packing: packed batches of instruction rows are refused: it "
+                              "samples completions from prompts (data.prompt_batches: true), which are not packed")
+
+
+def test_packed_config_is_the_quickstart_data_with_packing():
+    """configs/data/instruction_packed.yaml differs from instruction.yaml by packing alone (no drift)."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent / "configs" / "data"
+    plain, packed = (yaml.safe_load((root / f).read_text()) for f in ("instruction.yaml", "instruction_packed.yaml"))
+    assert packed["init_args"].pop("packing") is True
+    assert packed == plain
