@@ -365,3 +365,25 @@ def test_packed_config_is_the_quickstart_data_with_packing():
     plain, packed = (yaml.safe_load((root / f).read_text()) for f in ("instruction.yaml", "instruction_packed.yaml"))
     assert packed["init_args"].pop("packing") is True
     assert packed == plain
+
+
+def test_packed_config_runs_through_the_cli_and_the_record_says_so(tiny_model_dir, tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from ftbench.cli import cli_main
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    cli_main(["fit", "--backbone.model", str(tiny_model_dir), "--tuner", "configs/tuner/lora.yaml",
+              "--model", "configs/objective/sft.yaml", "--data", "configs/data/instruction_packed.yaml",
+              "--trainer", "configs/trainer/cpu.yaml", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+              "--data.init_args.builtin_size", "64", "--data.init_args.eval_batch_size", "8",
+              "--evaluate.max_new_tokens", "4", "--test_after_fit", "false", "--trainer.enable_progress_bar", "false",
+              "--out", str(tmp_path)])
+    [path] = [p for p in tmp_path.glob("*.json") if p.stem.startswith("sft+lora-")]
+    info = json.loads(path.read_text())["train_info"]
+    assert info["status"] == "completed" and info["global_steps"] == 2
+    packing = info["data"]["packing"]
+    assert packing["enabled"] is True
+    assert packing["padding"]["packed"]["fraction"] < packing["padding"]["unpacked"]["fraction"]
+    assert packing["padding"]["packed"]["tokens"] == packing["padding"]["unpacked"]["tokens"]
