@@ -238,6 +238,10 @@ def test_dpo_packed_batch_equals_unpacked(backbone):
     assert abs(float(a["loss"]) - 0.6931) > 1e-3  # the policy is not the reference: a real comparison
     out = method.training_loss(packed)
     assert out.input_ids is packed["packed_input_ids"] and out.rows == 4
+    # a precomputed reference table matches the rows of a packed batch by the same keys
+    from ftbench.objectives.reference_cache import row_keys
+
+    assert row_keys(packed) == row_keys(plain)
 
 
 def test_reward_packed_scores_equal_unpacked(backbone):

@@ -4,7 +4,8 @@ Log-probabilities
     A sequence's log-prob is the SUM of its completion tokens' log-probs (labels != -100 after the
     causal shift; the prompt and padding are left out), with the log-softmax in float32
     (:func:`ftbench.objectives.losses.sequence_logps`), as TRL, torchtune and LLaMA-Factory compute it.
-    Chosen and rejected go through ONE forward: ``cat([chosen, rejected])``, padded to one width.
+    Chosen and rejected go through ONE forward: ``cat([chosen, rejected])``, padded to one width (with
+    ``data.packing``, their packed blocks: :mod:`ftbench.objectives.pair_forward`).
 
 Losses (:func:`ftbench.objectives.losses.dpo_batch_loss`: every loss type of TRL 1.16, formulas in
 :mod:`ftbench.objectives.losses`), with ``D = (pi_c - ref_c) - (pi_r - ref_r)``:

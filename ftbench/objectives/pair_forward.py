@@ -4,7 +4,11 @@ log-probs of every attended token (:func:`ftbench.objectives.losses.token_logps`
 padding excluded), and two masks over them: the completion tokens (labels != -100) and every attended
 token but the sequence's first (prompt and completion: ORPO's NLL set, as TRL's ``ORPOTrainer`` takes it).
 On a completion token the label is the input id, so both masks read one set of log-probs: one
-log-softmax pass over the logits, not two."""
+log-softmax pass over the logits, not two.
+
+Packed pair batches (``data.packing``): the model sees the blocks, and the per-token log-probs are laid
+out as the concatenated rows' (:func:`packed_token_logps`), so every mask, sum and split downstream is
+the unpacked one (DPO reads the same helper for its policy and reference log-probs)."""
 
 from __future__ import annotations
 
