@@ -159,8 +159,9 @@ class UnpairedData(PreferenceData):
                 ``batch_size`` counts rows (KTO's KL estimate needs at least 2 in a batch), ``max_length``
                 each row, the KL rows too.
         """
-        refuse_arguments(kwargs, packing="KTO's batches are not packed (each row's KL term is scored with another "
-                                         "row's completion, a pairing built per padded batch)")
+        if kwargs.pop("packing", False):  # the CLI passes the inherited default (false) too
+            refuse_arguments({"packing": True}, packing="KTO's batches are not packed (each row's KL term is scored "
+                                                        "with another row's completion, a pairing built per padded batch)")
         super().__init__(**kwargs)
         self.labels_count = {"desirable": 0, "undesirable": 0}
 
