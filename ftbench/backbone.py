@@ -343,6 +343,21 @@ def train_score_head(model: torch.nn.Module) -> None:
         score_module(model).requires_grad_(True)
 
 
+def position_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                    position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The score head's output at every position, ``(B, T, 1)``, taken from the head with a forward hook
+    (the model's own pooling is not used; see :func:`last_token_scores`). Packed rows: ``position_ids``
+    restarting per row and ``attention_mask=None`` (``ftbench.data.packing``)."""
+    captured: list[torch.Tensor] = []
+    handle = score_module(model).register_forward_hook(lambda _m, _a, out: captured.append(out))
+    try:
+        packed = {} if position_ids is None else {"position_ids": position_ids}
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
 def last_token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """One scalar per row: the score head's output at the row's last real token, found from the
     attention mask (the rightmost position with mask 1).
@@ -352,13 +367,7 @@ def last_token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention
     before it (transformers #35352). The per-position scores are taken from the head itself with a
     forward hook, and indexed by the mask here.
     """
-    captured: list[torch.Tensor] = []
-    handle = score_module(model).register_forward_hook(lambda _m, _a, out: captured.append(out))
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    finally:
-        handle.remove()
-    per_position = captured[-1]  # (B, T, 1)
+    per_position = position_scores(model, input_ids, attention_mask)  # (B, T, 1)
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = (attention_mask.long() * positions).argmax(dim=1)
     return per_position[torch.arange(per_position.shape[0], device=per_position.device), last, 0]

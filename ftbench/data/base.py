@@ -492,6 +492,9 @@ class SplitDataModule(L.LightningDataModule):
     #: how many steps in a row each training batch is given (set by the CLI from the objective's
     #: ``train_batch_repeats``: GRPO reusing a rollout); 1: every step a new batch
     train_batch_repeats = 1
+    #: training batches' rows packed into ``max_length`` blocks (``data.packing`` of the instruction,
+    #: multitask and preference regimes: :mod:`ftbench.data.packing`); set by :meth:`set_row_packing`
+    row_packing = False
 
     def __init__(
         self,
@@ -687,10 +690,48 @@ class SplitDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def train_collator(self):
-        """Prompt batches with ``prompt_batches``, else the supervised collator without generation prompts."""
+        """Prompt batches with ``prompt_batches``, packed rows with ``packing``, else the supervised
+        collator without generation prompts."""
         if self.prompt_batches:
             return PromptCollator(self.backbone.tokenizer.pad_token_id)
+        if self.row_packing:
+            return self.packing_collator()
         return self.collator(generation=False)
+
+    # ------------------------------------------------------------------ packed training rows
+    def set_row_packing(self, packing: bool) -> None:
+        """``data.packing`` (:mod:`ftbench.data.packing`), refused with prompt batches (nothing to pack)."""
+        if packing and self.prompt_batches:
+            raise ConfigError("data.packing: prompt batches (online RL) hold prompts to generate from, not rows to "
+                              "pack; set data.packing or data.prompt_batches to false")
+        self.row_packing = bool(packing)
+
+    def packing_collator(self):
+        """The collator of packed training batches (:class:`~ftbench.data.packing.RowPackingCollator`)."""
+        from ftbench.data.packing import RowPackingCollator
+
+        return RowPackingCollator(self.backbone.tokenizer.pad_token_id, self.max_length, self.pad_to_multiple_of)
+
+    def item_lengths(self, item: Any) -> list[int]:
+        """The token lengths of one training item's sequences (one row: one)."""
+        return [len(item.input_ids)]
+
+    def training_batches(self) -> list[list[int]]:
+        """The first epoch's training batches (indices), in the training loader's seeded order."""
+        from ftbench.data.packing import first_epoch_batches
+
+        return first_epoch_batches(len(self.splits["train"]), self.batch_size, self.order_seed)
+
+    def packing_record(self) -> dict[str, Any]:
+        """What the record says about packing: on or off, and the padding fraction of the training
+        batches unpacked and packed (either way, so the lever's effect is in every record)."""
+        from ftbench.data.packing import training_padding
+
+        out: dict[str, Any] = {"enabled": self.row_packing}
+        if self.splits.get("train") and not self.prompt_batches:
+            out["padding"] = training_padding([self.item_lengths(e) for e in self.splits["train"]],
+                                              self.training_batches(), self.max_length, self.pad_to_multiple_of)
+        return out
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.order_seed) if shuffle else None

@@ -169,6 +169,7 @@ class InstructionData(SplitDataModule):
         format: Format = "auto",
         prompt_template: str = "auto",
         system_prompt: Optional[str] = None,
+        packing: bool = False,
         **kwargs: Any,
     ):
         """
@@ -186,6 +187,10 @@ class InstructionData(SplitDataModule):
             prompt_template: ``auto`` (the tokenizer's chat template if it has one, else ``alpaca``),
                 ``chat``, ``alpaca``, ``short``, or a format string with ``{instruction}`` and ``{input}``.
             system_prompt: A system message put before every row that has none.
+            packing: Pack each training batch's rows into ``max_length`` blocks, positions restarting
+                at each row and no attention across rows (``ftbench.data.packing``; TRL's
+                ``padding_free``): the same rows and loss, less padding. Validation and test batches
+                are not packed.
             **kwargs: The arguments every regime shares (:class:`~ftbench.data.base.SplitDataModule`).
         """
         super().__init__(source=source, **kwargs)
@@ -195,6 +200,7 @@ class InstructionData(SplitDataModule):
         self.forms: dict[str, int] = {}
         self.prompt_template, self.system_prompt = prompt_template, system_prompt
         self.stats = TruncationStats()
+        self.set_row_packing(packing)
 
     # ------------------------------------------------------------------ rows
     def read_one(self, source: str) -> list[Row]:
@@ -264,4 +270,5 @@ class InstructionData(SplitDataModule):
             "max_answer_tokens": self.max_answer_tokens,
             "truncation": {"policy": self.truncation, **self.stats.as_dict()},
             "metrics": self.metric_names(),
+            "packing": self.packing_record(),
         }

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from ftbench.data.base import Example, PackedCollator, SplitDataModule, refuse_arguments
 from ftbench.errors import ConfigError
@@ -209,6 +209,7 @@ class MultiTaskData(SplitDataModule):
         examples_per_epoch: Optional[int] = None,
         prompt_template: str = "auto",
         max_length: int = 256,
+        packing: bool = False,
         **kwargs: Any,
     ):
         """
@@ -223,6 +224,10 @@ class MultiTaskData(SplitDataModule):
             examples_per_epoch: Training draws per epoch (default: the sum of the capped sizes).
             prompt_template: Prompt format of instruction tasks (see ``InstructionData``).
             max_length: Longest instruction example; block size of domain tasks.
+            packing: Pack each training batch's rows into ``max_length`` blocks, positions restarting
+                at each row (a domain block keeps its own restarts) and no attention across rows
+                (``ftbench.data.packing``): the same rows and loss, less padding. Validation and test
+                batches are not packed.
             **kwargs: The arguments every regime shares (:class:`~ftbench.data.base.SplitDataModule`),
                 applied to each task: the fractions, ``builtin_size`` (a task's ``options`` override
                 it), ``truncation``, and ``max_train_rows``/``max_eval_rows`` per task; ``order_seed``
@@ -241,6 +246,7 @@ class MultiTaskData(SplitDataModule):
             for i, t in enumerate(self.tasks):
                 if t.regime == "domain":
                     raise ConfigError(f"data.prompt_batches: task {t.name!r} (data.tasks[{i}]) is domain text, which has no prompts")
+        self.set_row_packing(packing)
         self.sampling, self.temperature, self.weights, self.cap = sampling, temperature, weights, cap
         self.examples_per_epoch = examples_per_epoch
         self.prompt_template = prompt_template
@@ -327,6 +333,10 @@ class MultiTaskData(SplitDataModule):
         return DataLoader(self.splits["train"], batch_size=self.batch_size, sampler=self.sampler(),
                           collate_fn=self.train_collator(), num_workers=self.num_workers)
 
+    def training_batches(self) -> list[list[int]]:
+        """The first epoch's training batches (indices): the mixture's draws in ``batch_size`` batches."""
+        return list(BatchSampler(self.sampler(), self.batch_size, drop_last=False))
+
     def _eval_loader(self, split: str) -> DataLoader:
         # the batches are the dataset's items (batch_size=None: no automatic batching), so under DDP
         # Lightning's DistributedSampler gives each rank its own batches, as it shards any other loader
@@ -361,6 +371,7 @@ class MultiTaskData(SplitDataModule):
             "rows": {k: len(v) for k, v in self.splits.items()},
             "max_length": self.max_length,
             "metrics": self.metric_names(),
+            "packing": self.packing_record(),
         }
 
 

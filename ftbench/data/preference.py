@@ -220,6 +220,28 @@ class PreferenceCollator:
         return batch
 
 
+class PackedPairCollator(PreferenceCollator):
+    """Training batches of packed pairs (``data.packing``, :mod:`ftbench.data.packing`): the unpacked pair
+    batch, by which the objectives lay out their per-token masks and per-pair results (and the reference
+    table its row keys), plus its ``2 x pairs`` sequences, chosen rows first as
+    :func:`~ftbench.data.pairs.concatenate_pairs` stacks them, packed into blocks: ``packed_input_ids``,
+    ``packed_attention_mask``, ``packed_labels``, ``packed_position_ids`` and ``packed_segments``
+    (``(2 pairs, 3)``: each sequence's ``(block, start, length)``). The model sees only the blocks
+    (:mod:`ftbench.objectives.pair_forward`)."""
+
+    def __init__(self, pad_id: int, max_length: int, pad_to_multiple_of: int = 1):
+        from ftbench.data.packing import RowPackingCollator
+
+        super().__init__(pad_id, pad_to_multiple_of, generation=False)
+        self.rows = RowPackingCollator(pad_id, max_length, pad_to_multiple_of)
+
+    def __call__(self, examples: Sequence[PreferenceExample]) -> dict[str, Any]:
+        batch = super().__call__(examples)
+        packed = self.rows([e.chosen for e in examples] + [e.rejected for e in examples])
+        batch.update({f"packed_{k}": packed[k] for k in ("input_ids", "attention_mask", "labels", "position_ids", "segments")})
+        return batch
+
+
 class PreferenceData(SplitDataModule):
     """Prompt / chosen / rejected pairs, tokenised with the prompt masked, for preference methods.
 
@@ -248,6 +270,7 @@ class PreferenceData(SplitDataModule):
         prompt_template: Literal["auto", "chat", "plain"] = "auto",
         system_prompt: Optional[str] = None,
         identical: Literal["warn", "drop", "error"] = "warn",
+        packing: bool = False,
         **kwargs: Any,
     ):
         """
@@ -269,6 +292,11 @@ class PreferenceData(SplitDataModule):
             system_prompt: A system message put before every chat prompt that has none.
             identical: A pair whose chosen equals its rejected response: ``warn`` (keep, warn and
                 count), ``drop`` (count and leave out) or ``error``.
+            packing: Pack each training batch's chosen and rejected sequences into ``max_length``
+                blocks, positions restarting at each sequence and no attention across them
+                (``ftbench.data.packing``); objectives that read packed pairs (DPO, CPO, ORPO, the reward
+                model) gather each sequence's log-probs or score from its segment. Validation and test
+                batches are not packed.
             **kwargs: The arguments every regime shares (:class:`~ftbench.data.base.SplitDataModule`);
                 ``batch_size`` counts pairs (each is two sequences), ``max_length`` each sequence,
                 and a pair is truncated or dropped when either of its sequences is too long.
@@ -281,6 +309,7 @@ class PreferenceData(SplitDataModule):
         self.prompt_template, self.system_prompt, self.identical = prompt_template, system_prompt, identical
         self.stats = TruncationStats()
         self.identical_count = {"seen": 0, "dropped": 0}
+        self.set_row_packing(packing)
 
     # ------------------------------------------------------------------ rows
     def read_one(self, source: str) -> list[Row]:
@@ -380,6 +409,13 @@ class PreferenceData(SplitDataModule):
     def collator(self, generation: bool = True) -> PreferenceCollator:
         return PreferenceCollator(self.backbone.tokenizer.pad_token_id, self.pad_to_multiple_of, generation)
 
+    def packing_collator(self) -> PackedPairCollator:
+        return PackedPairCollator(self.backbone.tokenizer.pad_token_id, self.max_length, self.pad_to_multiple_of)
+
+    def item_lengths(self, item: PreferenceExample) -> list[int]:
+        """A pair's two sequences (padded to one width unpacked, packed together)."""
+        return [len(item.chosen.input_ids), len(item.rejected.input_ids)]
+
     def describe(self) -> dict[str, Any]:
         """What the record says about the data."""
         return {
@@ -393,4 +429,5 @@ class PreferenceData(SplitDataModule):
             "max_length": self.max_length,
             "truncation": {"policy": self.truncation, **self.stats.as_dict()},
             "identical_pairs": {"policy": self.identical, **self.identical_count},
+            "packing": self.packing_record(),
         }

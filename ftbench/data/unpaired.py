@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ftbench.data.base import (IGNORE_INDEX, DataFormatError, Example, Row, TruncationStats, chat_messages,
-                               check_conversation, left_padded, pad_batch, prompt_key, segments_to_example)
+                               check_conversation, left_padded, pad_batch, prompt_key, refuse_arguments,
+                               segments_to_example)
 from ftbench.data.preference import Pair, PreferenceData, completion_text, parse_pair
 
 _TRUE, _FALSE = "true", "false"
@@ -158,6 +159,9 @@ class UnpairedData(PreferenceData):
                 ``batch_size`` counts rows (KTO's KL estimate needs at least 2 in a batch), ``max_length``
                 each row, the KL rows too.
         """
+        if kwargs.pop("packing", False):  # the CLI passes the inherited default (false) too
+            refuse_arguments({"packing": True}, packing="KTO's batches are not packed (each row's KL term is scored "
+                                                        "with another row's completion, a pairing built per padded batch)")
         super().__init__(**kwargs)
         self.labels_count = {"desirable": 0, "undesirable": 0}
 
@@ -223,8 +227,12 @@ class UnpairedData(PreferenceData):
                               collate_fn=self.train_collator(), num_workers=self.num_workers)
         return super().train_dataloader()
 
+    def item_lengths(self, item: UnpairedExample) -> list[int]:
+        return [len(item.example.input_ids)]
+
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         out.pop("identical_pairs", None)
+        out.pop("packing", None)  # refused in __init__
         out["training_labels"] = dict(self.labels_count)
         return out

@@ -59,6 +59,10 @@ class Objective(EvaluationSteps, L.LightningModule):
     data_regimes: tuple[str, ...] = ()
     data_needs = ""
     samples_from_prompts = False
+    #: the regimes whose packed training batches (``data.packing``: :mod:`ftbench.data.packing`) its loss
+    #: reads; another regime's packed batches are refused before the model loads, ``packing_refusal`` saying why
+    packed_regimes: tuple[str, ...] = ()
+    packing_refusal = "its loss does not read packed batches"
 
     def __init__(
         self,
@@ -174,14 +178,18 @@ class Objective(EvaluationSteps, L.LightningModule):
         if position_ids is not None:
             # packed documents: positions restart per document and, with no 2-D mask, transformers
             # builds a block-diagonal causal mask from them (no attention across documents)
-            if getattr(self.tuner, "is_prompt_learning", False):
-                raise ConfigError(f"tuner {self.tuner.name}: packed batches (position ids restarting per document) "
-                                  "are not supported: peft's prompt learning ignores position_ids, so documents "
-                                  "would attend to each other", hint="set data.init_args.packing: false")
+            self.check_packed_forward()
             attention_mask = None
         out = (model or self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=False)
         return self.tuner.align_logits(out.logits, input_ids.shape[1])
+
+    def check_packed_forward(self) -> None:
+        """Refuse packed batches (position ids restarting per row) under a tuner that would ignore them."""
+        if getattr(self.tuner, "is_prompt_learning", False):
+            raise ConfigError(f"tuner {self.tuner.name}: packed batches (position ids restarting per document) "
+                              "are not supported: peft's prompt learning ignores position_ids, so documents "
+                              "would attend to each other", hint="set data.init_args.packing: false")
 
     # ------------------------------------------------------------------ the training step
     def training_loss(self, batch: dict[str, Any]) -> TrainingLoss:

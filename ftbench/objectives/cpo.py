@@ -30,7 +30,7 @@ from ftbench.data.pairs import pair_memory_batch
 from ftbench.errors import ConfigError
 from ftbench.objectives.base import Objective
 from ftbench.objectives.losses import CPO_LOSS_TYPES, cpo_loss
-from ftbench.objectives.pair_forward import pair_token_logps
+from ftbench.objectives.pair_forward import model_inputs, pair_token_logps
 from ftbench.objectives.step import TrainingLoss
 
 
@@ -60,6 +60,7 @@ class CPO(Objective):
     name = "cpo"
     data_regimes = ("preference",)
     data_needs = "preference pairs (chosen and rejected answers)"
+    packed_regimes = ("preference",)  # per-token log-probs gathered from the segments (pair_forward)
 
     def __init__(
         self,
@@ -105,8 +106,8 @@ class CPO(Objective):
 
     def training_loss(self, batch: dict[str, Any]) -> TrainingLoss:
         tokens, loss, losses, metrics = self.compute(batch)
-        cat = tokens.cat
-        return TrainingLoss(loss, tokens.completion_mask.sum(), cat["input_ids"], cat["attention_mask"], losses.shape[0],
+        ids, mask = model_inputs(batch, tokens.cat)  # the packed blocks when packed
+        return TrainingLoss(loss, tokens.completion_mask.sum(), ids, mask, losses.shape[0],
                             metrics=lambda: metrics)
 
     def evaluate(self, batch: dict[str, Any], stage: str) -> None:

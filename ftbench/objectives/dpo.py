@@ -4,7 +4,8 @@ Log-probabilities
     A sequence's log-prob is the SUM of its completion tokens' log-probs (labels != -100 after the
     causal shift; the prompt and padding are left out), with the log-softmax in float32
     (:func:`ftbench.objectives.losses.sequence_logps`), as TRL, torchtune and LLaMA-Factory compute it.
-    Chosen and rejected go through ONE forward: ``cat([chosen, rejected])``, padded to one width.
+    Chosen and rejected go through ONE forward: ``cat([chosen, rejected])``, padded to one width (with
+    ``data.packing``, their packed blocks: :mod:`ftbench.objectives.pair_forward`).
 
 Losses (:func:`ftbench.objectives.losses.dpo_batch_loss`: every loss type of TRL 1.16, formulas in
 :mod:`ftbench.objectives.losses`), with ``D = (pi_c - ref_c) - (pi_r - ref_r)``:
@@ -75,6 +76,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ftbench.data.pairs import concatenate_pairs, pair_memory_batch, split_pairs
 from ftbench.errors import ConfigError
 from ftbench.objectives.base import Objective
+from ftbench.objectives.pair_forward import is_packed, model_inputs, packed_token_logps
 from ftbench.objectives.step import TrainingLoss
 from ftbench.objectives.losses import (DPO_LOSS_TYPES, DPO_PAIR_LOSS_TYPES, dpo_batch_loss, dpo_loss, dpo_metrics,
                                        sequence_logps, token_logps)
@@ -143,6 +145,7 @@ class DPO(Objective):
     name = "dpo"
     data_regimes = ("preference",)
     data_needs = "preference pairs (chosen and rejected answers)"
+    packed_regimes = ("preference",)  # each sequence's log-probs gathered from its segment
 
     def __init__(
         self,
@@ -242,7 +245,10 @@ class DPO(Objective):
                 self.ensure_reference_table()
             return self.reference_table.lookup(row_keys(batch), device)
         with torch.no_grad(), self.tuner.reference(self.model) as ref:
-            logps, _ = self.sequence_logps(cat, model=ref)
+            if is_packed(batch):
+                logps = packed_token_logps(self, batch, batch["packed_labels"], cat["labels"].shape[1], model=ref)[0].sum(-1)
+            else:
+                logps, _ = self.sequence_logps(cat, model=ref)
         return split_pairs(logps, batch["chosen_input_ids"].shape[0])
 
     def compute(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -250,8 +256,11 @@ class DPO(Objective):
         n = batch["chosen_input_ids"].shape[0]
         cat = concatenate_pairs(batch, ("input_ids", "attention_mask", "labels"))
         ref_c, ref_r = self.reference_logps(batch, cat)  # first: its no-grad activations are gone before the policy's
-        logits = self(cat["input_ids"], cat["attention_mask"])
-        tokens, mask = token_logps(logits, cat["labels"])
+        if is_packed(batch):  # the blocks' log-probs laid out as the concatenated rows' (ftbench.objectives.pair_forward)
+            tokens, mask = packed_token_logps(self, batch, batch["packed_labels"], cat["labels"].shape[1])
+        else:
+            logits = self(cat["input_ids"], cat["attention_mask"])
+            tokens, mask = token_logps(logits, cat["labels"])
         logps, lengths = tokens.sum(-1), mask.sum(-1)  # = sequence_logps
         (pol_c, pol_r), (len_c, len_r) = split_pairs(logps, n), split_pairs(lengths, n)
         loss = dpo_batch_loss(pol_c, pol_r, ref_c, ref_r, self.beta, self.loss_types, self.label_smoothing, len_c, len_r,
@@ -292,9 +301,8 @@ class DPO(Objective):
                 logged["sft_loss"] = out["sft_loss"].detach()
             return logged
 
-        cat = out["cat"]
-        return TrainingLoss(loss, out["lengths"].sum(), cat["input_ids"], cat["attention_mask"], out["losses"].shape[0],
-                            metrics=metrics)
+        ids, mask = model_inputs(batch, out["cat"])
+        return TrainingLoss(loss, out["lengths"].sum(), ids, mask, out["losses"].shape[0], metrics=metrics)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, batch: dict[str, Any], stage: str) -> None:

@@ -233,6 +233,7 @@ class GRPO(Objective):
     name = "grpo"
     data_regimes = ("instruction", "multitask", "preference")
     data_needs = "prompts (data.prompt_batches: true on instruction rows, a mixture or preference pairs)"
+    packing_refusal = "it samples completions from prompts (data.prompt_batches: true), which are not packed"
     samples_from_prompts = True
 
     def __init__(

@@ -32,7 +32,7 @@ from ftbench.data.pairs import pair_memory_batch
 from ftbench.errors import ConfigError
 from ftbench.objectives.base import Objective
 from ftbench.objectives.losses import orpo_loss
-from ftbench.objectives.pair_forward import PairTokens, pair_token_logps
+from ftbench.objectives.pair_forward import PairTokens, model_inputs, pair_token_logps
 from ftbench.objectives.step import TrainingLoss
 
 
@@ -48,6 +48,7 @@ class ORPO(Objective):
     name = "orpo"
     data_regimes = ("preference",)
     data_needs = "preference pairs (chosen and rejected answers)"
+    packed_regimes = ("preference",)  # per-token log-probs gathered from the segments (pair_forward)
 
     def __init__(self, beta: float = 0.1, nll_on_prompt: bool = True, **kwargs):
         """
@@ -77,10 +78,10 @@ class ORPO(Objective):
 
     def training_loss(self, batch: dict[str, Any]) -> TrainingLoss:
         tokens, loss, losses, metrics = self.compute(batch)
-        cat = tokens.cat
+        ids, mask = model_inputs(batch, tokens.cat)  # the packed blocks when packed
         # trained tokens: both completions (the odds ratio) and the NLL's chosen prompt tokens, each once
         trained = tokens.completion_mask.sum() + (self.nll_tokens(tokens)[1] & ~tokens.chosen()[1]).sum()
-        return TrainingLoss(loss, trained, cat["input_ids"], cat["attention_mask"], losses.shape[0],
+        return TrainingLoss(loss, trained, ids, mask, losses.shape[0],
                             metrics=lambda: metrics)
 
     def evaluate(self, batch: dict[str, Any], stage: str) -> None:

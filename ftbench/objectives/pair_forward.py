@@ -4,12 +4,16 @@ log-probs of every attended token (:func:`ftbench.objectives.losses.token_logps`
 padding excluded), and two masks over them: the completion tokens (labels != -100) and every attended
 token but the sequence's first (prompt and completion: ORPO's NLL set, as TRL's ``ORPOTrainer`` takes it).
 On a completion token the label is the input id, so both masks read one set of log-probs: one
-log-softmax pass over the logits, not two."""
+log-softmax pass over the logits, not two.
+
+Packed pair batches (``data.packing``): the model sees the blocks, and the per-token log-probs are laid
+out as the concatenated rows' (:func:`packed_token_logps`), so every mask, sum and split downstream is
+the unpacked one (DPO reads the same helper for its policy and reference log-probs)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -39,9 +43,53 @@ class PairTokens:
 
 
 def pair_token_logps(forward: Any, batch: dict[str, Any]) -> PairTokens:
-    """``forward(input_ids, attention_mask) -> logits`` (the objective) on the concatenated pair batch."""
+    """``forward(input_ids, attention_mask) -> logits`` (the objective) on the concatenated pair batch (a
+    packed batch: on its blocks, :func:`packed_token_logps`)."""
     cat = concatenate_pairs(batch, ("input_ids", "attention_mask", "labels"))
-    every = cat["input_ids"].masked_fill(cat["attention_mask"] == 0, IGNORE_INDEX)
-    logps, attended = token_logps(forward(cat["input_ids"], cat["attention_mask"]), every)
+    if is_packed(batch):  # the same per-token layout, gathered from the blocks
+        every = batch["packed_input_ids"].masked_fill(batch["packed_attention_mask"] == 0, IGNORE_INDEX)
+        logps, attended = packed_token_logps(forward, batch, every, cat["input_ids"].shape[1])
+    else:
+        every = cat["input_ids"].masked_fill(cat["attention_mask"] == 0, IGNORE_INDEX)
+        logps, attended = token_logps(forward(cat["input_ids"], cat["attention_mask"]), every)
     completion = cat["labels"][:, 1:] != IGNORE_INDEX
     return PairTokens(cat, logps, completion, attended, batch["chosen_input_ids"].shape[0])
+
+
+# ---------------------------------------------------------------------------- packed pair batches
+def is_packed(batch: dict[str, Any]) -> bool:
+    """A packed pair batch (``data.packing``: :class:`~ftbench.data.preference.PackedPairCollator`)."""
+    return "packed_segments" in batch
+
+
+def model_inputs(batch: dict[str, Any], cat: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``input_ids`` and ``attention_mask`` the model sees: the packed blocks, else the concatenated pairs
+    (the step's padded and real token counts are read from them)."""
+    if is_packed(batch):
+        return batch["packed_input_ids"], batch["packed_attention_mask"]
+    return cat["input_ids"], cat["attention_mask"]
+
+
+def unpack_tokens(values: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor, width: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token values of packed blocks, ``(blocks, L - 1)`` after the causal shift, laid out as the
+    unpacked rows' ``(rows, width - 1)``: row ``i`` at ``(block b, start s, length l)`` takes
+    ``values[b, s + j]`` (position ``s + j`` predicting the row's token ``j + 1``) for ``j < l - 1``, and 0
+    (mask False) beyond, as :func:`~ftbench.objectives.losses.token_logps` leaves excluded positions.
+    Position ``s - 1``, the previous row's last token predicting this row's first, belongs to no row."""
+    j = torch.arange(width - 1, device=values.device)
+    block, start, length = segments.to(values.device).unbind(-1)
+    inside = j[None, :] < (length - 1)[:, None]
+    flat = ((block * values.shape[1] + start)[:, None] + j[None, :]).masked_fill(~inside, 0)
+    return values.reshape(-1)[flat].masked_fill(~inside, 0), mask.reshape(-1)[flat] & inside
+
+
+def packed_token_logps(forward: Any, batch: dict[str, Any], labels: torch.Tensor, width: int,
+                       model: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~ftbench.objectives.losses.token_logps` of a packed pair batch against ``labels`` (packed,
+    ``(blocks, L)``), unpacked to the concatenated rows' layout ``(2 pairs, width - 1)`` (:func:`unpack_tokens`).
+    ``forward(input_ids, attention_mask, position_ids, model=...)`` is the objective's: with position ids it
+    drops the mask, so the sequences of a block do not attend to each other."""
+    logits = forward(batch["packed_input_ids"], batch["packed_attention_mask"], batch["packed_position_ids"], model=model)
+    logps, mask = token_logps(logits, labels)
+    return unpack_tokens(logps, mask, batch["packed_segments"], width)

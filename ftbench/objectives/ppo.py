@@ -204,6 +204,7 @@ class PPO(Objective):
     name = "ppo"
     data_regimes = ("instruction", "multitask", "preference")
     data_needs = "prompts (data.prompt_batches: true on instruction rows, a mixture or preference pairs)"
+    packing_refusal = "it samples completions from prompts (data.prompt_batches: true), which are not packed"
     samples_from_prompts = True
     # the per-token KL is computed (and logged) whatever kl_coef is, as TRL; the frozen reward model and
     # the critic are submodules (reward_model, critic)

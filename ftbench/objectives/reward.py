@@ -31,12 +31,13 @@ from typing import Any, Optional
 
 import torch
 
-from ftbench.backbone import last_token_scores
+from ftbench.backbone import last_token_scores, position_scores
 from ftbench.data.pairs import concatenate_pairs, pair_memory_batch, split_pairs
 from ftbench.errors import ConfigError
 from ftbench.objectives.base import Objective
 from ftbench.objectives.step import TrainingLoss
 from ftbench.objectives.losses import reward_loss, reward_metrics
+from ftbench.objectives.pair_forward import is_packed, model_inputs
 
 class Reward(Objective):
     """Bradley-Terry reward model on the scalar score head (TRL ``RewardTrainer``'s loss and metrics)."""
@@ -44,6 +45,7 @@ class Reward(Objective):
     name = "reward"
     data_regimes = ("preference",)
     data_needs = "preference pairs (chosen and rejected answers)"
+    packed_regimes = ("preference",)  # each score read at its segment's last token
     head = "score"
     needs_reference = holds_reward_model = holds_critic = False  # it trains the reward model: the policy is it
 
@@ -67,7 +69,13 @@ class Reward(Objective):
     def scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(chosen scores, rejected scores, the concatenated inputs), scores in float32, ``(pairs,)``."""
         cat = concatenate_pairs(batch)
-        s = last_token_scores(self.model, cat["input_ids"], cat["attention_mask"]).float()
+        if is_packed(batch):  # each sequence's score at its segment's last token
+            self.check_packed_forward()
+            per_position = position_scores(self.model, batch["packed_input_ids"], None, batch["packed_position_ids"])
+            block, start, length = batch["packed_segments"].to(per_position.device).unbind(-1)
+            s = per_position[block, start + length - 1, 0].float()
+        else:
+            s = last_token_scores(self.model, cat["input_ids"], cat["attention_mask"]).float()
         chosen, rejected = split_pairs(s, batch["chosen_input_ids"].shape[0])
         return chosen, rejected, cat
 
@@ -82,8 +90,9 @@ class Reward(Objective):
     def training_loss(self, batch: dict[str, Any]) -> TrainingLoss:
         chosen, rejected, cat = self.scores(batch)
         loss = reward_loss(chosen, rejected, self.margin(batch, chosen), self.center_rewards_coefficient)
+        ids, mask = model_inputs(batch, cat)  # the packed blocks when packed
         # every real token of both sequences feeds the scores
-        return TrainingLoss(loss, cat["attention_mask"].sum(), cat["input_ids"], cat["attention_mask"], chosen.shape[0],
+        return TrainingLoss(loss, mask.sum(), ids, mask, chosen.shape[0],
                             metrics=lambda: reward_metrics(chosen.detach(), rejected.detach()))
 
     # ------------------------------------------------------------------ evaluation

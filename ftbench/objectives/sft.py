@@ -40,6 +40,10 @@ class SFT(Objective):
     # preference data too: its batches carry the chosen sequence under the plain names
     data_regimes = ("instruction", "domain", "multitask", "preference")
     data_needs = "supervised rows (instruction rows, domain text, a task mixture or preference pairs)"
+    # packed rows (data.packing): the loss is the same sum over the same trained tokens (ftbench.data.packing)
+    packed_regimes = ("instruction", "multitask")
+    packing_refusal = ("a packed pair batch holds chosen and rejected sequences together, and SFT trains on the "
+                       "chosen ones alone (pack instruction rows instead)")
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean loss over the batch's trained tokens, per-row summed losses, per-row token counts)."""
@@ -49,7 +53,9 @@ class SFT(Objective):
 
     def training_loss(self, batch: dict[str, Any]) -> TrainingLoss:
         loss, _, n_tok = self.loss(batch)
-        return TrainingLoss(loss, n_tok.sum(), batch["input_ids"], batch["attention_mask"], batch["input_ids"].shape[0])
+        # a packed batch's rows: its segments (several rows in a block), not its blocks
+        rows = batch["segments"].shape[0] if "segments" in batch else batch["input_ids"].shape[0]
+        return TrainingLoss(loss, n_tok.sum(), batch["input_ids"], batch["attention_mask"], rows)
 
     def evaluate(self, batch: dict[str, Any], stage: str) -> None:
         _, loss_sum, n_tok = self.loss(batch)
