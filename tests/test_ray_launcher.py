@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import builtins
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from ftbench.sweep import cli as sweep_cli
-from ftbench.sweep.cli import record_status
-from ftbench.sweep.grid import load_sweep
+from ftbench.sweep.cli import Progress, record_status
+from ftbench.sweep import launchers
+from ftbench.sweep.grid import load_sweep, weights_dir
 from ftbench.sweep.launchers import RAY_EXTRA, LocalLauncher, RayLauncher, task_resources
 
-from test_sweep import _env, _sweep_cmd, _tiny_sweep
-
-ray = pytest.importorskip("ray")
+from test_sweep import _tiny_sweep
 
 # what a run computes and how it ended: the same whoever launched it (timings and hosts differ)
 DETERMINISTIC = ("status", "global_steps", "final", "metrics")
@@ -32,6 +30,7 @@ DETERMINISTIC = ("status", "global_steps", "final", "metrics")
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray instance with 2 CPUs for the module (RayLauncher uses it as it is)."""
+    ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
@@ -59,8 +58,8 @@ def test_ray_records_equal_the_local_launchers_and_resume_reruns_only_the_killed
     grid = "  tuner: [lora.yaml]\n  lr: [1.0e-3, 3.0e-3, 1.0e-2]\n"
     local = _tiny_sweep(tmp_path / "local", tiny_model_dir, grid)
     on_ray = _tiny_sweep(tmp_path / "ray", tiny_model_dir, grid)
-    res = subprocess.run(_sweep_cmd(local), env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
+    code, printed = _run_sweep(local, LocalLauncher(), capsys)
+    assert code == 0, printed
     code, printed = _run_sweep(on_ray, RayLauncher(), capsys)
     assert code == 0, printed
     ids = [s.run_id for s in load_sweep(on_ray).runs]
@@ -88,6 +87,109 @@ def test_ray_records_equal_the_local_launchers_and_resume_reruns_only_the_killed
     assert record_status(killed) == "completed"
     assert {i: (out / f"{i}.json").stat().st_mtime_ns for i in kept} == kept
     assert _figures(_records(out)[ids[1]]) == _figures(by_local[ids[1]])
+
+
+class Ref:
+    """A fake ObjectRef: hashable, it says which task it is."""
+
+    def __init__(self, sweep, spec):
+        self.sweep, self.spec = sweep, spec
+
+
+class FakeRay:
+    """The Ray calls RayLauncher makes, answered in this process: tasks finish in the order they were
+    submitted, each writing the record its outcome says (no processes, no Ray start-up), so that the
+    scheduling (stages after their upstream runs, failures isolated) is checked in milliseconds."""
+
+    class exceptions:
+        class RayError(Exception):
+            pass
+
+    def __init__(self, outcomes: dict[str, str]):
+        self.outcomes, self.events, self.options_given = outcomes, [], {}
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def cluster_resources(self) -> dict[str, float]:
+        return {"CPU": 2.0}
+
+    def remote(self, body):
+        fake = self
+
+        class Task:
+            def options(self, **options):
+                self.given = options
+                return self
+
+            def remote(self, sweep, spec, i, total):
+                fake.events.append(("submit", spec.run_id))
+                fake.options_given[spec.run_id] = self.given
+                return Ref(sweep, spec)
+
+        return Task()
+
+    def wait(self, refs, num_returns=1):
+        return refs[:1], refs[1:]
+
+    def get(self, ref):
+        sweep, spec = ref.sweep, ref.spec
+        self.events.append(("finish", spec.run_id))
+        outcome = self.outcomes.get(spec.run_id, "completed")
+        if outcome == "lost":
+            raise self.exceptions.RayError("the worker died\n(traceback)")
+        (Path(sweep.out) / f"{spec.run_id}.json").write_text(json.dumps(
+            {"run_info": {"run_id": spec.run_id}, "train_info": {"status": outcome}}))
+        if outcome == "completed" and spec.overrides.get("save_weights"):
+            Path(weights_dir(sweep.out, spec.run_id)).mkdir(parents=True)
+        return outcome, [f"      {outcome}"]
+
+    def cancel(self, ref, force=False):
+        self.events.append(("cancel", ref.spec.run_id))
+
+
+def _pipeline(tmp_path: Path, tiny_model_dir: Path):
+    path = _tiny_sweep(tmp_path, tiny_model_dir, "  tuner: [lora.yaml]\n  lr: [3.0e-3]\n",
+                       runs="runs:\n  - {init_from: sft, tuner: full.yaml}\n  - {name: sft, tuner: lora.yaml}\n")
+    sweep = load_sweep(path)
+    (tmp_path / "results").mkdir()
+    other, sft, full = sweep.runs  # the stage that starts from sft is ordered after it
+    assert full.upstream == {"backbone.init_from": sft}
+    return sweep, other, sft, full
+
+
+def test_a_stage_is_submitted_once_its_upstream_task_has_finished(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    sweep, other, sft, full = _pipeline(tmp_path, tiny_model_dir)
+    fake = FakeRay({})
+    monkeypatch.setattr(launchers, "_import_ray", lambda: fake)
+    with RayLauncher() as launcher:
+        statuses = launcher.run(sweep, sweep.runs, Progress(3, live=False))
+    assert statuses == {other.run_id: "completed", sft.run_id: "completed", full.run_id: "completed"}
+    # the two independent runs at once; the stage after sft has finished
+    assert fake.events == [("submit", other.run_id), ("submit", sft.run_id), ("finish", other.run_id),
+                           ("finish", sft.run_id), ("submit", full.run_id), ("finish", full.run_id)]
+    assert fake.options_given[full.run_id] == {"num_cpus": 1, "num_gpus": 0, "max_retries": 0, "name": full.run_id}
+    assert f"[3/3] {full.run_id}: started as a Ray task (1 CPU, 0 GPU)" in capsys.readouterr().out
+
+
+def test_a_failed_or_lost_task_marks_its_run_and_the_others_go_on(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    sweep, other, sft, full = _pipeline(tmp_path, tiny_model_dir)
+    fake = FakeRay({sft.run_id: "failed", other.run_id: "lost"})
+    monkeypatch.setattr(launchers, "_import_ray", lambda: fake)
+    with RayLauncher() as launcher:
+        statuses = launcher.run(sweep, sweep.runs, Progress(3, live=False), start=4)
+    assert statuses == {other.run_id: "failed", sft.run_id: "failed", full.run_id: "skipped"}
+    out = Path(sweep.out)
+    lost = json.loads((out / f"{other.run_id}.json").read_text())
+    assert lost["train_info"]["status"] == "failed"
+    assert lost["train_info"]["error"] == {"type": "RayError", "message": "the Ray task was lost: the worker died"}
+    assert lost["run_info"]["run_id"] == other.run_id
+    skipped = json.loads((out / f"{full.run_id}.json").read_text())["train_info"]
+    assert skipped["error"]["message"] == f"upstream run sft ({sft.run_id}, backbone.init_from) is failed"
+    printed = capsys.readouterr().out
+    assert f"      {other.run_id}: the Ray task was lost (RayError: the worker died)" in printed
+    assert f"[6/3] {full.run_id}: skipped: upstream run sft ({sft.run_id}" in printed
+    assert ("submit", full.run_id) not in fake.events
 
 
 def test_task_resources_follow_the_trainer_config(tmp_path, tiny_model_dir):

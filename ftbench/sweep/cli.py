@@ -14,6 +14,10 @@ none                        runs it
 failed by an interrupt      reruns it (Ctrl-C / SIGTERM is not the run's fault)
 ==========================  =====================================================
 
+Where the processes run is the launcher's choice (:mod:`ftbench.sweep.launchers`: one after another
+here, the default, or as Ray tasks with ``--launcher ray``); the process, its record and these rules
+are the same either way.
+
 The parent reads every point with the run's own parser (:func:`ftbench.runcli.read_run`), which
 imports torch and lightning; the runs' memory is their own processes'.
 """
@@ -396,7 +400,7 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
     t_sweep = time.monotonic()
     try:
         write_text_atomic(out / MANIFEST, json.dumps(sweep.manifest(), indent=2, default=str))
-        with Progress(len(todo), live) as progress:
+        with Progress(len(todo), live) as progress, launcher:
             launcher.run(sweep, todo, progress)
     except KeyboardInterrupt:
         print("\ninterrupted: finished records are kept; run the same command again to resume.", file=sys.stderr)

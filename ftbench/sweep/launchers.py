@@ -7,7 +7,9 @@ marking of a run that died without a record), so the records, run ids and resume
 depend on the launcher. ``launcher.run(sweep, specs, progress)`` is the one call that runs a list of
 points (a grid's, or a search's trials) and returns each one's record status::
 
-    statuses = make_launcher("ray").run(sweep, specs, progress)   # {run_id: "completed", ...}
+    with make_launcher("ray") as launcher:          # Ray is stopped on leaving, if it started it
+        statuses = launcher.run(sweep, specs, progress)        # {run_id: "completed", ...}
+        more = launcher.run(sweep, trials, progress, start=len(specs) + 1)   # the same Ray instance
 
 The specs are in the sweep's order (every pipeline stage after the runs whose weights it takes); a
 stage starts once its upstream runs have finished, and is recorded ``skipped`` when one did not
@@ -68,6 +70,12 @@ class LocalLauncher:
     """The points one after another, each in its own process on this machine."""
 
     name = "local"
+
+    def __enter__(self) -> "LocalLauncher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
 
     def run(self, sweep: "Sweep", specs: list["RunSpec"], progress: "Progress", start: int = 1) -> dict[str, str]:
         """Run ``specs`` in order (``start``: the number the first one gets in the progress lines);
@@ -154,7 +162,9 @@ class RayLauncher:
     shuts it down afterwards; an address (``auto``, ``ray://host:10001``) joins a running cluster,
     whose nodes must have ftbench installed and the sweep's ``--out`` on shared storage (each task
     writes its record there, and the driver reads them). A Ray instance already started in this
-    process (``ray.init`` before) is used as it is."""
+    process (``ray.init`` before) is used as it is. Ray is started (or joined) by the first
+    :meth:`run` and kept for the next ones (a search's trials); leaving ``with launcher:`` shuts down
+    what this launcher started."""
 
     name = "ray"
 
@@ -162,29 +172,33 @@ class RayLauncher:
         self.ray = _import_ray()
         self.address = address
         self.num_cpus = num_cpus
+        self.started = False  # whether this launcher started (or joined) Ray, and so shuts it down
 
-    def _connect(self) -> bool:
-        """Start or join Ray unless this process already has; True when this call did (and so shuts it down)."""
+    def __enter__(self) -> "RayLauncher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.started:
+            self.ray.shutdown()
+            self.started = False
+
+    def _connect(self) -> None:
+        """Start or join Ray unless this process already has."""
         if self.ray.is_initialized():
-            return False
+            return
         options: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
         if self.address is None:
             options.update(num_cpus=self.num_cpus, include_dashboard=False)
         self.ray.init(address=self.address, **options)
-        return True
+        self.started = True
 
     def run(self, sweep: "Sweep", specs: list["RunSpec"], progress: "Progress", start: int = 1) -> dict[str, str]:
         """Run ``specs`` as Ray tasks; returns ``{run_id: record status}`` (see :meth:`LocalLauncher.run`).
         A stage is submitted once the runs of ``specs`` it takes weights from have finished. Ctrl-C
         cancels the tasks (their processes die with their workers; their records stay ``running``,
         which the next invocation reruns)."""
-        ray = self.ray
-        started_here = self._connect()
-        try:
-            return self._run(sweep, specs, progress, start)
-        finally:
-            if started_here:
-                ray.shutdown()
+        self._connect()
+        return self._run(sweep, specs, progress, start)
 
     def _run(self, sweep: "Sweep", specs: list["RunSpec"], progress: "Progress", start: int) -> dict[str, str]:
         ray = self.ray
