@@ -219,3 +219,14 @@ def test_without_ray_the_launcher_is_a_one_line_error(tmp_path, monkeypatch, cap
     assert sweep_cli.main(["sweep", str(tmp_path / "s.yaml"), "--launcher", "ray"]) == 2
     assert capsys.readouterr().err == f"error: --launcher ray needs Ray, an optional extra: {RAY_EXTRA}\n"
     assert RAY_EXTRA == "pip install 'ftbench[ray]'"
+
+
+def test_ray_options_are_refused_where_they_do_not_apply(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text("grid: {seed: [1, 2]}\n")
+    assert sweep_cli.main(["sweep", str(tmp_path / "s.yaml"), "--ray-cpus", "2"]) == 2
+    assert capsys.readouterr().err == "error: --ray-address/--ray-cpus apply to --launcher ray (the launcher is 'local')\n"
+    pytest.importorskip("ray")
+    argv = ["sweep", str(tmp_path / "s.yaml"), "--launcher", "ray", "--ray-address", "auto", "--ray-cpus", "2"]
+    assert sweep_cli.main(argv) == 2
+    assert capsys.readouterr().err == ("error: --ray-cpus sizes a local Ray instance; with --ray-address the "
+                                       "cluster's own CPUs are used\n")

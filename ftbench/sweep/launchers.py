@@ -248,7 +248,10 @@ class RayLauncher:
                     progress.print(line)
         except BaseException:  # Ctrl-C or a stop: no task outlives the sweep
             for ref in running:
-                ray.cancel(ref, force=True)
+                try:
+                    ray.cancel(ref, force=True)  # kills the worker: the run's process dies with it
+                except Exception:  # finished meanwhile, or Ray already gone
+                    pass
             raise
         return statuses
 
@@ -256,13 +259,14 @@ class RayLauncher:
     def _lost(sweep: "Sweep", spec: "RunSpec", err: Exception, progress: "Progress") -> str:
         """A task that returned nothing (its worker or node died, Ray's memory monitor killed it, or
         ``run_one`` raised): the run is recorded failed with Ray's reason, unless its record already
-        says how it ended (``--retry-failed`` reruns it, as a local run killed by a signal)."""
+        says how it ended (``--retry-failed`` reruns it, as a local run killed by a signal; an
+        interrupted one stays interrupted, which the next invocation reruns)."""
         from ftbench.fileio import write_text_atomic
-        from ftbench.sweep.cli import FAILED, _mark_failed, read_record, record_status
+        from ftbench.sweep.cli import _mark_failed, read_record, record_status
 
         path = Path(sweep.out) / f"{spec.run_id}.json"
         reason = (str(err).strip().splitlines() or [""])[0][:300]
-        if record_status(path) not in ("completed", *FAILED):
+        if record_status(path) in (None, "running"):  # the run did not get to say how it ended
             _mark_failed(path, spec, -9, Path(sweep.out) / f"{spec.run_id}.log")
             rec = read_record(path) or {}
             rec["train_info"]["error"] = {"type": type(err).__name__, "message": f"the Ray task was lost: {reason}"}
@@ -275,7 +279,11 @@ def make_launcher(name: str = "local", ray_address: Optional[str] = None,
                   ray_cpus: Optional[int] = None) -> LocalLauncher | RayLauncher:
     """The launcher ``--launcher NAME`` names (``--ray-address``/``--ray-cpus`` apply to Ray only)."""
     if name == "ray":
+        if ray_address is not None and ray_cpus is not None:
+            raise LauncherError("--ray-cpus sizes a local Ray instance; with --ray-address the cluster's own CPUs are used")
         return RayLauncher(ray_address, ray_cpus)
+    if ray_address is not None or ray_cpus is not None:
+        raise LauncherError(f"--ray-address/--ray-cpus apply to --launcher ray (the launcher is {name!r})")
     if name == "local":
         return LocalLauncher()
     raise LauncherError(f"--launcher {name!r}: expected one of {', '.join(LAUNCHERS)}")
