@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ftbench.fileio import write_text_atomic
 from ftbench.runcli import die_with_parent
@@ -40,6 +40,9 @@ from ftbench.sweep.child import python_command, with_this_package
 from ftbench.wandb_mode import default_to_offline
 from ftbench.sweep.grid import (RunSpec, Sweep, SweepError, load_sweep, parse_overrides, parse_shard, shard,
                                 point_text, short_value, weights_dir)
+
+if TYPE_CHECKING:
+    from ftbench.sweep.launchers import Launcher
 
 DONE = "completed"
 FAILED = ("failed", "nan", "oom")
@@ -358,7 +361,7 @@ def blocked_by(sweep: Sweep, spec: RunSpec) -> Optional[str]:
 
 def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
               shard_of: Optional[tuple[int, int]] = None, reference: str = "full", live: Optional[bool] = None,
-              run_index: Optional[int] = None, launcher=None) -> int:
+              run_index: Optional[int] = None, launcher: Optional[Launcher] = None) -> int:
     """Run the sweep's points that are not done (all, one shard, or the point ``run_index``) with
     ``launcher`` (:mod:`ftbench.sweep.launchers`; default: one after another here); 0 when every one
     of them completed, 1 otherwise (the runs that did not are named on stderr)."""

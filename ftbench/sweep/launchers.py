@@ -22,7 +22,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from ftbench.errors import FTBenchError
 
@@ -32,6 +32,20 @@ if TYPE_CHECKING:
 
 LAUNCHERS = ("local", "ray")
 RAY_EXTRA = "pip install 'ftbench[ray]'"
+
+
+class Launcher(Protocol):
+    """What runs a list of points: ``with launcher: launcher.run(sweep, specs, progress)``."""
+
+    name: str
+
+    def run(self, sweep: "Sweep", specs: list["RunSpec"], progress: "Progress", start: int = 1) -> dict[str, str]:
+        """Run ``specs`` (stages after their upstream runs); ``{run_id: record status}``."""
+        ...
+
+    def __enter__(self) -> "Launcher": ...
+
+    def __exit__(self, *exc: Any) -> None: ...
 
 
 class LauncherError(FTBenchError):
@@ -278,7 +292,7 @@ class RayLauncher:
 
 
 def make_launcher(name: str = "local", ray_address: Optional[str] = None,
-                  ray_cpus: Optional[int] = None) -> LocalLauncher | RayLauncher:
+                  ray_cpus: Optional[int] = None) -> Launcher:
     """The launcher ``--launcher NAME`` names (``--ray-address``/``--ray-cpus`` apply to Ray only)."""
     if name == "ray":
         if ray_address is not None and ray_cpus is not None:
