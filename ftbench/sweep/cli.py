@@ -14,6 +14,10 @@ none                        runs it
 failed by an interrupt      reruns it (Ctrl-C / SIGTERM is not the run's fault)
 ==========================  =====================================================
 
+Where the processes run is the launcher's choice (:mod:`ftbench.sweep.launchers`: one after another
+here, the default, or as Ray tasks with ``--launcher ray``); the process, its record and these rules
+are the same either way.
+
 The parent reads every point with the run's own parser (:func:`ftbench.runcli.read_run`), which
 imports torch and lightning; the runs' memory is their own processes'.
 """
@@ -28,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ftbench.fileio import write_text_atomic
 from ftbench.runcli import die_with_parent
@@ -36,6 +40,9 @@ from ftbench.sweep.child import python_command, with_this_package
 from ftbench.wandb_mode import default_to_offline
 from ftbench.sweep.grid import (RunSpec, Sweep, SweepError, load_sweep, parse_overrides, parse_shard, shard,
                                 point_text, short_value, weights_dir)
+
+if TYPE_CHECKING:
+    from ftbench.sweep.launchers import Launcher
 
 DONE = "completed"
 FAILED = ("failed", "nan", "oom")
@@ -354,9 +361,13 @@ def blocked_by(sweep: Sweep, spec: RunSpec) -> Optional[str]:
 
 def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
               shard_of: Optional[tuple[int, int]] = None, reference: str = "full", live: Optional[bool] = None,
-              run_index: Optional[int] = None) -> int:
-    """Run the sweep's points that are not done (all, one shard, or the point ``run_index``); 0 when
-    every one of them completed, 1 otherwise (the runs that did not are named on stderr)."""
+              run_index: Optional[int] = None, launcher: Optional[Launcher] = None) -> int:
+    """Run the sweep's points that are not done (all, one shard, or the point ``run_index``) with
+    ``launcher`` (:mod:`ftbench.sweep.launchers`; default: one after another here); 0 when every one
+    of them completed, 1 otherwise (the runs that did not are named on stderr)."""
+    from ftbench.sweep.launchers import LocalLauncher, RunStopped
+
+    launcher = launcher or LocalLauncher()
     out = Path(sweep.out)
     runs = shard(sweep.runs, *shard_of) if shard_of else sweep.runs
     if run_index is not None:
@@ -390,24 +401,16 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
         for line in changed_sources(out, [spec for spec, status, _, _ in rows if status == DONE]):
             print(line, file=sys.stderr)
     t_sweep = time.monotonic()
-    spec = None
     try:
         write_text_atomic(out / MANIFEST, json.dumps(sweep.manifest(), indent=2, default=str))
-        with Progress(len(todo), live) as progress:
-            for i, spec in enumerate(todo, 1):
-                why = blocked_by(sweep, spec)
-                if why is not None:
-                    _mark_skipped(out / f"{spec.run_id}.json", spec, why)
-                    progress.print(f"[{i}/{progress.total}] {spec.run_id}: skipped: {why}")
-                    continue
-                run_one(sweep, spec, i, progress)
+        with Progress(len(todo), live) as progress, launcher:
+            launcher.run(sweep, todo, progress)
     except KeyboardInterrupt:
         print("\ninterrupted: finished records are kept; run the same command again to resume.", file=sys.stderr)
         return 130
     except OSError as err:  # a full disk, a folder gone read-only: stop here, lose nothing completed
-        at = f" at run {spec.run_id}" if spec is not None else ""
-        if spec is not None:
-            _mark_stopped(out / f"{spec.run_id}.json", spec, err)
+        # (the launcher recorded the run it was on as stopped by the sweep: RunStopped)
+        at = f" at run {err.run_id}" if isinstance(err, RunStopped) else ""
         print(f"error: cannot write in {out} ({err.strerror or err}): the sweep stopped{at}; completed records are "
               "kept, and the same command resumes once it can write", file=sys.stderr)
         return 1
@@ -475,6 +478,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--run_index", "--run-index", type=int, dest="run_index",
                    help="run only the K-th point of the sweep (what a W&B agent passes)")
     p.add_argument("--reference", default="full", help="method the report compares memory/speed/accuracy with")
+    p.add_argument("--launcher", choices=("local", "ray"), default="local",
+                   help="who runs the points: local (one after another here) or ray (each a Ray task, as many "
+                        "at once as the CPUs/GPUs allow; needs the extra ftbench[ray])")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="join this Ray cluster (auto, ray://HOST:10001) instead of starting a local Ray instance; "
+                        "--out must then be on storage every node shares")
+    p.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs of the local Ray instance (default: this machine's)")
     p.add_argument("--wandb-sweep-config", action="store_true",
                    help="print a W&B Sweeps config (program/command) that runs this sweep's points, and exit")
     args, rest = parser.parse_known_args(argv[:1] + argv[1:])
@@ -484,6 +494,13 @@ def main(argv: list[str]) -> int:
         if tok.startswith("--") and name in known:
             print(f"error: {tok.split('=', 1)[0]} is spelled --{name} (extra --key VALUE arguments are config settings)", file=sys.stderr)
             return 2
+    from ftbench.sweep.launchers import LauncherError, make_launcher
+
+    try:  # before the points are read (which imports torch): a missing extra is said at once
+        launcher = make_launcher(args.launcher, args.ray_address, args.ray_cpus)
+    except LauncherError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         extra = parse_overrides(rest)
         sweep = load_sweep(args.sweep_file, args.out, extra)
@@ -498,4 +515,5 @@ def main(argv: list[str]) -> int:
         if not 0 <= args.run_index < len(sweep.runs):
             print(f"error: --run_index {args.run_index}: the sweep has {len(sweep.runs)} runs (0..{len(sweep.runs) - 1})", file=sys.stderr)
             return 2
-    return run_sweep(sweep, args.retry_failed, args.dry_run, shard_of, args.reference, run_index=args.run_index)
+    return run_sweep(sweep, args.retry_failed, args.dry_run, shard_of, args.reference, run_index=args.run_index,
+                     launcher=launcher)
