@@ -184,3 +184,25 @@ def test_validation_in_a_fit_merges_and_leaves_training_as_it_was(tiny_model_dir
     assert not q.merged
     trainer.test(m, datamodule=dm, verbose=False)
     assert not q.merged and 0.0 <= float(trainer.callback_metrics["test/accuracy"]) <= 1.0
+
+
+# ---------------------------------------------------------------------------- a lighter start
+def test_progress_bar_only_on_a_terminal_and_outside_the_timed_batch(tiny_model_dir, tmp_path, monkeypatch):
+    """No progress bar by default when the output is not a terminal (a sweep's child, a log file); on
+    a terminal, or asked for, it is there, and the throughput callback comes first (its batch-end mark
+    is taken before the bar redraws)."""
+    from pathlib import Path
+
+    from ftbench import cli
+    from ftbench.bench import Throughput
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    argv = ["--backbone.model", str(tiny_model_dir), "--tuner", "configs/tuner/lora.yaml",
+            "--model", "configs/objective/sft.yaml", "--data", "configs/data/instruction.yaml",
+            "--trainer", "configs/trainer/cpu.yaml", "--trainer.logger", "false", "--out", str(tmp_path)]
+    for terminal, extra, shown in ((False, [], False), (True, [], True), (False, ["--trainer.enable_progress_bar", "true"], True),
+                                   (True, ["--trainer.enable_progress_bar", "false"], False)):
+        monkeypatch.setattr(cli, "on_terminal", lambda: terminal)
+        run = cli.cli_main([*argv, *extra], run=False)
+        assert (run.trainer.progress_bar_callback is not None) == shown, (terminal, extra)
+        assert isinstance(run.trainer.callbacks[0], Throughput)

@@ -58,11 +58,12 @@ class EvaluationSteps:
         (:meth:`ftbench.tuners.base.Tuner.merge_for_evaluation`), on one device or under DDP (every
         rank merges the same weights); a sharding strategy (FSDP, DeepSpeed) holds shards, so it stays
         unmerged. Undone in the epoch-end hook, before Lightning's checkpoint callback saves weights
-        (``on_validation_end`` comes after it)."""
+        (``on_validation_end`` comes after it). An objective that reads the reference policy keeps it
+        unmerged: peft's ``disable_adapter()`` on a merged model unmerges it (and does not merge back)."""
         from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
         self._merged = False
-        if self.model is None or self.tuner is None or self._trainer is None:
+        if self.model is None or self.tuner is None or self._trainer is None or self.needs_reference:
             return
         if type(self.trainer.strategy) in (SingleDeviceStrategy, DDPStrategy):  # not DeepSpeed's DDP subclass
             self._merged = self.tuner.merge_for_evaluation(self.model, self.backbone)
