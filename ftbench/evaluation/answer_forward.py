@@ -18,8 +18,9 @@ it and computes only the last prompt token again (it needs one uncached token to
 The loss equals the right-padded forward's mathematically: the same tokens at the same positions
 (``position_ids`` from the attention mask, as ``generate`` makes them) attend to the same tokens. In
 floating point the two differ by the reordering of the sums in differently shaped matrix products
-(float32: ~1e-7 relative; the tests check 1e-5 in float32 and 1e-10 in float64), and greedy answers
-are the same unless two tokens' logits tie to that precision.
+(tests/test_evaluation_speed.py: the answer logits within 1e-10 in float64 and 1e-5 in float32; the
+loss, computed in float32 as in training, within 1e-6 relative), and greedy answers are the same
+unless two tokens' logits tie to that precision.
 
 Used only where it is this exact: the labels of every row are its answer, i.e. -100 on its prompt
 (``gen_input_ids``' tokens, first in ``input_ids``) and the input token on every other attended
