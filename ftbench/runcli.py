@@ -215,7 +215,9 @@ def cli_class():
 
             # the breakdown's step is the last warm-up batch: its hooks never slow a timed one
             breakdown = MemoryBreakdown(batch_index=max(0, cfg.warmup_batches - 1))
-            trainer.callbacks.extend([PeakMemory(), Throughput(cfg.warmup_batches), breakdown, self.recorder])
+            trainer.callbacks.extend([PeakMemory(), breakdown, self.recorder])
+            # first, so that its batch-end mark comes before the progress bar redraws (outside the timed batch)
+            trainer.callbacks.insert(0, Throughput(cfg.warmup_batches))
             if os.environ.get("FTBENCH_PROGRESS_FILE"):  # set by `ftbench sweep` for its live view
                 from ftbench.sweep.progress import ProgressFile
 

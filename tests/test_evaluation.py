@@ -442,10 +442,10 @@ def test_a_run_that_crashes_in_test_keeps_the_validation_predictions(tiny_model_
 
     real = Evaluator.answer_metrics
 
-    def crash_in_test(self, batch, stage, predictions=None):
+    def crash_in_test(self, batch, stage, predictions=None, prompt_cache=None):
         if stage == "test":
             raise RuntimeError("boom")
-        return real(self, batch, stage, predictions)
+        return real(self, batch, stage, predictions, prompt_cache)
 
     monkeypatch.setattr(Evaluator, "answer_metrics", crash_in_test)
     with pytest.raises(RuntimeError, match="boom"):

@@ -123,7 +123,7 @@ def test_per_task_validation_metrics_through_a_trainer(backbone, tmp_path):
 
     method = SFT(backbone=backbone, tuner=NoTuning())
     # exact match with a fixed "model": right on alpha, wrong on beta
-    method.evaluator.predict_answers = lambda batch: [
+    method.evaluator.predict_answers = lambda batch, prompt_cache=None: [
         a if t == "alpha" else "wrong" for a, t in zip(batch["answers"], batch["tasks"])]
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     with warnings.catch_warnings():

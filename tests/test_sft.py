@@ -145,7 +145,7 @@ def _test_metrics(tiny_model_dir, answers) -> dict[str, float]:
     """Run ``trainer.test`` with generation replaced by ``answers(batch)``."""
     L.seed_everything(0, verbose=False)
     method = make_method("baseline", tiny_model_dir)
-    method.evaluator.predict_answers = lambda batch: answers(batch)  # what the greedy decoder returned
+    method.evaluator.predict_answers = lambda batch, prompt_cache=None: answers(batch)  # what the greedy decoder returned
     dm = instruction_data(method.backbone, builtin_size=100, test_fraction=0.2, eval_batch_size=8)
     cpu_trainer(1).test(method, datamodule=dm, verbose=False)
     return {k: float(v) for k, v in trainer_metrics(method).items()}

@@ -20,6 +20,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ftbench.errors import ConfigError
 from ftbench.evaluation.aggregate import Reduction, StageMetrics
+from ftbench.evaluation.answer_forward import AnswerForward, answer_forward, cache_argument
 from ftbench.evaluation.metrics import default_metrics
 from ftbench.evaluation.options import EvaluationOptions
 
@@ -104,7 +105,9 @@ class Evaluator:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: Optional[int] = None,
                  **sampling: Any) -> list[str]:
         """Continuations of left-padded prompts through the tuner, decoded without special tokens (greedy
-        by default; budget: :meth:`generation_budget`)."""
+        by default; budget: :meth:`generation_budget`; ``cache`` (``past_key_values`` before transformers
+        5.2x): a KV cache of the prompts
+        less their last token, from :meth:`answer_forward`)."""
         obj = self.objective
         tok = obj.backbone.tokenizer
         budget = max_new_tokens if max_new_tokens is not None else self.generation_budget(input_ids.shape[1])
@@ -120,9 +123,24 @@ class Evaluator:
             raise SIGTERMException
         return tok.batch_decode(new, skip_special_tokens=True)
 
-    def predict_answers(self, batch: dict[str, Any]) -> list[str]:
-        """The greedy answers to the batch's generation prompts (``gen_input_ids``)."""
-        return self.generate(batch["gen_input_ids"], batch["gen_attention_mask"])
+    def predict_answers(self, batch: dict[str, Any], prompt_cache: Any = None) -> list[str]:
+        """The greedy answers to the batch's generation prompts (``gen_input_ids``), continuing from
+        ``prompt_cache`` when given (:meth:`answer_forward`)."""
+        if prompt_cache is None:
+            return self.generate(batch["gen_input_ids"], batch["gen_attention_mask"])
+        return self.generate(batch["gen_input_ids"], batch["gen_attention_mask"], **{cache_argument(): prompt_cache})
+
+    def answer_forward(self, batch: dict[str, Any], stage: str) -> Optional[AnswerForward]:
+        """The logits of the batch's answer tokens from one forward whose KV cache the answer metrics'
+        generation then continues (:mod:`ftbench.evaluation.answer_forward`), or None where that is not
+        exact (the caller computes its loss on the whole batch, and generation encodes the prompts).
+        The cache is kept only when this stage generates every row of the batch."""
+        obj = self.objective
+        if obj is None or obj.model is None or not obj.tuner.reuses_prompt_cache:
+            return None
+        generates = "gen_input_ids" in batch and self.generates(stage)
+        keep_cache = generates and len(self.generation_rows(batch)) == len(batch["answers"])
+        return answer_forward(obj.model, batch, keep_cache)
 
     def choice_scores(self, batch: dict[str, Any]) -> list[Optional[list[float]]]:
         """Per row, the summed log-probability of each option (``choice_ids``) after the row's generation
@@ -139,38 +157,48 @@ class Evaluator:
     def update(self, batch: dict[str, Any], stage: str, values: Optional[dict[str, torch.Tensor]] = None,
                weights: Optional[dict[str, torch.Tensor]] = None,
                reductions: Optional[dict[str, Reduction]] = None,
-               predictions: Optional[list[str]] = None) -> None:
+               predictions: Optional[list[str]] = None, prompt_cache: Any = None) -> None:
         """One evaluation batch: the objective's per-row ``values`` (``weights``: per-row weights of a
         weighted mean; ``reductions``: values reduced by min/max) and, when the batch has generation
         prompts and the stage generates, the data set's answer metrics (``predictions``: the greedy
-        answer of every row, when the objective generated them already)."""
+        answer of every row, when the objective generated them already; ``prompt_cache``: the prompts'
+        KV cache from :meth:`answer_forward`, which generation continues)."""
         values = dict(values or {})
         if "gen_input_ids" in batch and self.generates(stage):
-            values.update(self.answer_metrics(batch, stage, predictions))
+            values.update(self.answer_metrics(batch, stage, predictions, prompt_cache))
         if values:
             self.metrics.device = self.objective.device if self.objective is not None else "cpu"
             self.metrics.update(stage, batch.get("tasks"), values, weights, reductions)
 
+    def task_rows(self, batch: dict[str, Any]) -> dict[Optional[str], list[int]]:
+        """The batch's row indices by task (None: rows without one)."""
+        groups: dict[Optional[str], list[int]] = defaultdict(list)
+        for i, t in enumerate(batch.get("tasks") or [None] * len(batch["answers"])):
+            groups[t].append(i)
+        return groups
+
+    def generation_rows(self, batch: dict[str, Any]) -> list[int]:
+        """The rows whose task has a metric that needs a generated answer."""
+        return sorted(i for t, idx in self.task_rows(batch).items()
+                      if any(m.needs_generation for m in self.metrics_for(t)) for i in idx)
+
     def answer_metrics(self, batch: dict[str, Any], stage: str,
-                       predictions: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+                       predictions: Optional[list[str]] = None, prompt_cache: Any = None) -> dict[str, torch.Tensor]:
         """Each row's answer metrics (the metrics of its task): a tensor per metric name, NaN for rows
         whose task does not have it. Generates only the rows whose metrics need a generation (unless
         ``predictions`` are given), scores options only when a metric needs them; corpus metrics (BLEU,
         chrF) are fed here and not returned; every row goes to the predictions file."""
         answers = list(batch["answers"])
         n = len(answers)
-        tasks = batch.get("tasks") or [None] * n
-        groups: dict[Optional[str], list[int]] = defaultdict(list)
-        for i, t in enumerate(tasks):
-            groups[t].append(i)
+        groups = self.task_rows(batch)
         suites = {t: self.metrics_for(t) for t in groups}
-        gen_rows = sorted(i for t, idx in groups.items() if any(m.needs_generation for m in suites[t]) for i in idx)
+        gen_rows = self.generation_rows(batch)
         preds: list[Optional[str]] = [None] * n
         if predictions is not None:
             for i in gen_rows:
                 preds[i] = predictions[i]
         elif len(gen_rows) == n:
-            preds = list(self.predict_answers(batch))
+            preds = list(self.predict_answers(batch, prompt_cache))
         elif gen_rows:
             sel = torch.tensor(gen_rows, device=batch["gen_input_ids"].device)
             for i, text in zip(gen_rows, self.generate(batch["gen_input_ids"][sel], batch["gen_attention_mask"][sel])):

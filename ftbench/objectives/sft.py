@@ -23,12 +23,17 @@ def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     Position t predicts label t+1: the labels are shifted left (the last position gets -100) rather
     than the logits sliced, which would copy the B x T x vocabulary logits (as transformers'
     ForCausalLMLoss does it too)."""
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return target_losses(logits, F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX))
+
+
+def target_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed cross-entropy (float32) of ``logits[:, t]`` against ``targets[:, t]`` (no
+    shift), and the count of targets that are not -100."""
     loss = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
+        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
         ignore_index=IGNORE_INDEX, reduction="none",
-    ).view(shift_labels.shape)
-    mask = shift_labels != IGNORE_INDEX
+    ).view(targets.shape)
+    mask = targets != IGNORE_INDEX
     return (loss * mask).sum(1), mask.sum(1)
 
 
@@ -58,8 +63,16 @@ class SFT(Objective):
         return TrainingLoss(loss, n_tok.sum(), batch["input_ids"], batch["attention_mask"], rows)
 
     def evaluate(self, batch: dict[str, Any], stage: str) -> None:
-        _, loss_sum, n_tok = self.loss(batch)
-        self.evaluator.update(batch, stage, {"loss": loss_sum}, weights={"loss": n_tok})
+        # the answer tokens' logits only, from one forward whose cache generation continues (the same
+        # loss within float rounding; ftbench.evaluation.answer_forward), where the batch allows it
+        answer = self.evaluator.answer_forward(batch, stage)
+        if answer is None:
+            _, loss_sum, n_tok = self.loss(batch)
+            self.evaluator.update(batch, stage, {"loss": loss_sum}, weights={"loss": n_tok})
+            return
+        loss_sum, n_tok = target_losses(answer.logits, answer.targets)
+        self.evaluator.update(batch, stage, {"loss": loss_sum}, weights={"loss": n_tok},
+                              prompt_cache=answer.prompt_cache)
 
     def derived_metrics(self, results: dict[str, float], stage: str) -> None:
         import math

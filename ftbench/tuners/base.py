@@ -177,9 +177,23 @@ class Tuner:
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called once per optimizer step, after it and before ``zero_grad``."""
 
+    def merge_for_evaluation(self, model: nn.Module, backbone: "Backbone") -> bool:
+        """Fold what trains into the backbone's weights for an evaluation, where that computes the same
+        model faster (peft's ``merge_adapter``); True when it merged (then
+        :meth:`unmerge_after_evaluation` follows the evaluation). Default: nothing to merge."""
+        return False
+
+    def unmerge_after_evaluation(self, model: nn.Module) -> None:
+        """Undo :meth:`merge_for_evaluation` before training goes on or weights are saved."""
+
+    #: whether :meth:`generate` continues a KV cache the caller computed for the prompts
+    #: (``cache`` in ``sampling``; :mod:`ftbench.evaluation.answer_forward`)
+    reuses_prompt_cache = True
+
     def generate(self, model: nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int, **sampling: Any) -> torch.Tensor:
-        """New tokens (B x <= max_new_tokens, right-padded with the pad id) after left-padded prompts."""
+        """New tokens (B x <= max_new_tokens, right-padded with the pad id) after left-padded prompts
+        (``sampling`` goes to ``generate``: ``do_sample``, a ``cache``, ...)."""
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                              use_cache=True, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, **sampling)
