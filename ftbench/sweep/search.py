@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -205,8 +206,11 @@ def _probe(path: Path, where: str, sp: SearchPoint, index: int) -> None:
         try:
             probe.identity
         except ConfigError as err:
-            raise SweepError(f"{path}: {where}.{name}: not an option of point {index + 1} ({point_text(sp.point)}): "
-                             f"{err}") from None
+            # jsonargparse's refusal of a nested key lists every subtype it tried; its last clause says it
+            said = re.search(r"unrecognized arguments: \S+", str(err))
+            detail = said.group(0) if said else str(err).splitlines()[0][:300]
+            raise SweepError(f"{path}: {where}.{name}: not an option of the run at point {index + 1} "
+                             f"({point_text(sp.point)}): {detail}") from None
 
 
 def parse_search(path: Path, block: Any, points: list[RunSpec], index: dict[int, int]) -> Search:
@@ -406,6 +410,8 @@ def study_lines(search: Search, sweep_name: str, storage_url: str, points: list[
         try:
             import optuna
 
+            if storage_url.startswith("sqlite:///") and not Path(storage_url[len("sqlite:///"):]).exists():
+                raise FileNotFoundError  # a dry run creates no database
             study = optuna.load_study(study_name=name, storage=storage_url)
             c = counts(study.get_trials(deepcopy=False))
         except Exception:  # no database yet, or no such study: nothing run
