@@ -376,7 +376,7 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
     rows = plan(sweep, runs, retry_failed)
     todo = [spec for spec, _, run, _ in rows if run]
     print(f"sweep {sweep.name}: {len(sweep.runs)} runs{part} -> {out}")
-    problems = check_points(sweep, todo)
+    problems = check_points(sweep, todo + [sp.point for sp in searched])
     if problems:
         print(f"error: {sweep.path}: {len(problems)} point(s) do not parse; nothing was run:\n" + "\n".join(problems),
               file=sys.stderr)

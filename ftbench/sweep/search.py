@@ -7,7 +7,8 @@ point (e.g. each tuner x objective) into an Optuna study over a space of dotted 
       trials: 8                   # trials per grid point (completed + pruned + failed)
       metric: val/loss            # a validation metric; min:/max: NAME says the direction (as --select)
       sampler: tpe                # tpe (default) | random | grid (choice lists only)
-      seed: 0                     # the sampler's seed (trial k draws with seed + k)
+      seed: 0                     # the sampler's seed (trial k draws with seed + k); TPE draws the
+                                  # first half of the trials (at most 10) at random
       pruner: none                # none (default) | median | hyperband, on the validation curve
       heartbeat_s: 60             # a trial with no heartbeat for 2 x this is a killed one: rerun
       space:                      # one space for every point ...
@@ -323,7 +324,10 @@ def make_sampler(search: Search, point: SearchPoint, number: int = 0):
         return optuna.samplers.GridSampler(grid, seed=search.seed + number)
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=search.seed + number)
-    return optuna.samplers.TPESampler(seed=search.seed + number)
+    # Optuna's default of 10 random start-up trials would make a search of 8 trials a random search:
+    # half the budget (at least one trial) draws at random, the rest from TPE's model of the results
+    startup = max(1, min(10, search.trials // 2))
+    return optuna.samplers.TPESampler(seed=search.seed + number, n_startup_trials=startup)
 
 
 def make_pruner(name: str):

@@ -211,7 +211,7 @@ def _write(studies: list[Study], md: Path, reference: str, plots: bool, wandb: b
             text += "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in written)
         from ftbench.sweep.report.search import search_section
 
-        searches, pngs = search_section(load_records(s.directory), folder, prefix, plots)  # a sweep's search: block
+        searches, pngs = search_section(load_records(s.directory, []), folder, prefix, plots)  # a sweep's search: block
         if searches:
             text += "\n\n" + searches + "".join(f"\n\n![{p.stem}]({p.name})" for p in pngs)
             table += "\n\n" + searches
