@@ -2,6 +2,7 @@
 
     nice python scripts/bench_search.py                       # embedded SmolLM2-135M, 20 steps a run
     nice python scripts/bench_search.py --steps 30 --trials 8 --out results/bench_search
+    nice python scripts/bench_search.py --model tiny --steps 30   # the tests' tiny random Llama
 
 Two sweeps on one base (the embedded backbone, the built-in instruction task, the quickstart trainer
 with ``--steps`` steps, validation on the first 40 validation rows at the end, no test):
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 BASE = """\
 base:
-  backbone: {root}/configs/backbone/embedded.yaml
+  {backbone}
   objective: {root}/configs/objective/sft.yaml
   data: {root}/configs/data/instruction.yaml
   trainer: {root}/configs/trainer/quickstart.yaml
@@ -42,7 +43,8 @@ base:
 
 
 def sweep_files(out: Path, args) -> tuple[Path, Path]:
-    base = BASE.format(root=ROOT, steps=args.steps)
+    backbone = f"backbone.model: {args.model}" if args.model else f"backbone: {ROOT}/configs/backbone/embedded.yaml"
+    base = BASE.format(root=ROOT, steps=args.steps, backbone=backbone)
     full, lora = ROOT / "configs/tuner/full.yaml", ROOT / "configs/tuner/lora.yaml"
     grid = (f"name: bench_grid\nout: {out / 'grid'}\n{base}grid:\n"
             f"  - tuner: {full}\n    lr: {json.dumps(args.full_lr)}\n"
@@ -73,6 +75,8 @@ def records(folder: Path) -> list[dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/bench_search")
+    p.add_argument("--model", help="a backbone folder instead of the embedded SmolLM2-135M; 'tiny' builds the tests' "
+                                   "2-layer random Llama in --out (for a loaded CPU)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--trials", type=int, default=6, help="search trials per method")
     p.add_argument("--full-lr", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3])
@@ -80,6 +84,11 @@ def main() -> int:
     p.add_argument("--lora-r", type=int, nargs="+", default=[4, 16])
     args = p.parse_args()
     out = Path(args.out).resolve()
+    if args.model == "tiny":
+        sys.path.insert(0, str(ROOT))
+        from ftbench.testing import build_tiny_llama
+
+        args.model = str(out / "tiny-llama") if (out / "tiny-llama").is_dir() else str(build_tiny_llama(out / "tiny-llama"))
     grid_file, search_file = sweep_files(out, args)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -108,7 +117,8 @@ def main() -> int:
         rows.append({"method": method, "grid_runs": len(grid), "grid_best": grid_best, "grid_best_point": best_grid_point,
                      "search_trials": len(trials), "search_best": running, "search_best_values": best_trial,
                      "search_runs_to_grid_best": reached})
-    print(f"search vs grid, embedded SmolLM2-135M, {args.steps} steps a run (val/loss at the end; lower is better)")
+    model = args.model or "embedded SmolLM2-135M"
+    print(f"search vs grid, {model}, {args.steps} steps a run (val/loss at the end; lower is better)")
     print("| method | grid runs | grid best val/loss | search trials | search best val/loss | search runs to reach the grid's best |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
