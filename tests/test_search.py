@@ -5,7 +5,6 @@ and the report's section."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

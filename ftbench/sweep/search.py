@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import threading
 import warnings
@@ -60,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ftbench.errors import ConfigError
+from ftbench.errors import ConfigError, FTBenchError
 from ftbench.sweep.grid import ALIASES, RunSpec, SweepError, point_text, resolve_value
 
 KINDS = ("uniform", "log_uniform", "int", "log_int", "choice")
@@ -436,7 +435,7 @@ def run_search(search: Search, sweep_name: str, out: str | Path, storage_url: st
     import optuna
     from optuna.trial import TrialState
 
-    from ftbench.sweep.cli import DONE, FAILED, read_record, record_status
+    from ftbench.sweep.cli import DONE, read_record
 
     storage = make_storage(storage_url, search.heartbeat_s)
     callback, _ = _retry_callback(optuna)
@@ -461,32 +460,18 @@ def run_search(search: Search, sweep_name: str, out: str | Path, storage_url: st
                 if not c["waiting"] and _taken(c) >= search.budget(sp):
                     break
                 asked = study.ask()
-            # the values drawn with seed + trial number (see make_sampler); a queued trial keeps its own
-            draw = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(search, sp, asked.number))
-            trial = optuna.trial.Trial(draw, asked._trial_id)
-            params = {pname: suggest(trial, pname, dist) for pname, dist in sp.distributions.items()}
-            info = {"search": {"study": name, "trial": trial.number, "metric": search.metric,
-                               "direction": search.direction, "params": params, "space": sp.space_json()}}
-            env = {}
-            if search.pruner != "none":
-                env[TRIAL_ENV] = json.dumps({"storage": storage_url, "study": name, "trial_id": asked._trial_id,
-                                             "metric": search.metric, "pruner": search.pruner})
-            spec = sp.trial_spec(params, info, env)
-            path = Path(out) / f"{spec.run_id}.json"
-            status = record_status(path)
-            if status in (DONE, "pruned") or (status in FAILED and not retry_failed):
-                say(f"  trial {trial.number} of {name}: the same run as {spec.run_id} ({status}): not run again")
-            else:
-                say(f"  trial {trial.number} of {name}: {', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in params.items())}")
-                try:
-                    with Heartbeat(storage, asked._trial_id, search.heartbeat_s):
-                        status = runner(spec)
-                except BaseException:
-                    # Ctrl-C (or the sweep stopped): the trial is queued again with the same values
-                    study.tell(asked, state=TrialState.FAIL)
+            storage.record_heartbeat(asked._trial_id)  # from now on a process that dies leaves a stale trial
+            try:
+                status, spec = _run_trial(search, sp, name, storage, storage_url, asked, runner, out, retry_failed,
+                                          say, done)
+            except BaseException as err:
+                # Ctrl-C, the sweep stopped (a full disk): the trial is queued again with the same values;
+                # a setting the run refuses is the trial's own failure
+                study.tell(asked, state=TrialState.FAIL)
+                if not isinstance(err, FTBenchError):
                     callback(study, study.get_trials(deepcopy=False)[asked.number])
-                    raise
-                done.append((spec.run_id, status))
+                raise
+            path = Path(out) / f"{spec.run_id}.json"
             value = trial_value(read_record(path), search.metric) if status == DONE else None
             if status == DONE and value is not None:
                 study.tell(asked, value)
@@ -494,8 +479,40 @@ def run_search(search: Search, sweep_name: str, out: str | Path, storage_url: st
                 study.tell(asked, state=TrialState.PRUNED)
             else:
                 if status == DONE:
-                    say(f"  trial {trial.number}: the record has no {search.metric}: the trial counts as failed")
+                    say(f"  trial {asked.number}: the record has no {search.metric}: the trial counts as failed")
                 study.tell(asked, state=TrialState.FAIL)
                 if status == "interrupted":
                     callback(study, study.get_trials(deepcopy=False)[asked.number])
     return done
+
+
+def _run_trial(search: Search, sp: SearchPoint, name: str, storage: Any, storage_url: str, asked: Any,
+               runner: Runner, out: str | Path, retry_failed: bool, say: Callable[[str], None],
+               done: list[tuple[str, str]]) -> tuple[Optional[str], RunSpec]:
+    """Draw the asked trial's values, build its RunSpec and hand it to ``runner`` (unless the same run
+    already has a record: the same settings are the same run); (its record's status, the spec)."""
+    import optuna
+
+    from ftbench.sweep.cli import DONE, FAILED, record_status
+
+    # the values drawn with seed + trial number (see make_sampler); a queued trial keeps its own
+    draw = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(search, sp, asked.number))
+    trial = optuna.trial.Trial(draw, asked._trial_id)
+    params = {pname: suggest(trial, pname, dist) for pname, dist in sp.distributions.items()}
+    info = {"search": {"study": name, "trial": asked.number, "metric": search.metric,
+                       "direction": search.direction, "params": params, "space": sp.space_json()}}
+    env = {}
+    if search.pruner != "none":
+        env[TRIAL_ENV] = json.dumps({"storage": storage_url, "study": name, "trial_id": asked._trial_id,
+                                     "metric": search.metric, "pruner": search.pruner})
+    spec = sp.trial_spec(params, info, env)
+    status = record_status(Path(out) / f"{spec.run_id}.json")
+    if status in (DONE, "pruned") or (status in FAILED and not retry_failed):
+        say(f"  trial {asked.number} of {name}: the same run as {spec.run_id} ({status}): not run again")
+        return status, spec
+    values = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    say(f"  trial {asked.number} of {name}: {values}")
+    with Heartbeat(storage, asked._trial_id, search.heartbeat_s):
+        status = runner(spec)
+    done.append((spec.run_id, status))
+    return status, spec
