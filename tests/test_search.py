@@ -223,7 +223,7 @@ PINNED_R = [2, 2, 4]
 def test_search_end_to_end_resume_and_report(tmp_path, tiny_model_dir):
     sweep_file = _sweep(tmp_path, SPACES, model=str(tiny_model_dir))
     out = tmp_path / "results"
-    res = subprocess.run(_sweep_cmd(sweep_file), env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(_sweep_cmd(sweep_file), env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout + res.stderr
     records = [json.loads(p.read_text()) for p in sorted(out.glob("sft+*.json"))]
     assert len(records) == 6 and all(r["train_info"]["status"] == "completed" for r in records)

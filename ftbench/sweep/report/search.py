@@ -143,6 +143,11 @@ def search_section(records: list[dict[str, Any]], folder: Path, prefix: str = ""
              "|---|---:|---:|---:|---:|---:|---|---:|---|"]
     written: list[Path] = []
     studies = _trials(records)
+    try:
+        import optuna  # noqa: F401
+    except ImportError:  # the records read without it; the plots are Optuna's
+        plots = False
+        lines[2] += " (Optuna's plots need the search extra: pip install 'ftbench[search]'.)"
     for i, row in enumerate(rows, 1):
         values = ", ".join(f"{_short(k)}={_fmt(v)}" for k, v in row["values"].items()) or "–"
         test = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(row["test"].items())) or "–"
