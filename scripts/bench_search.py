@@ -72,6 +72,14 @@ def records(folder: Path) -> list[dict]:
     return out
 
 
+def values_of(rec: dict) -> dict:
+    """The searched settings of a run, from its record's settings (lr; LoRA's r where set)."""
+    tuner = (rec["run_info"].get("settings") or {}).get("tuner") or {}
+    args = tuner.get("init_args") or {}
+    r = ((args.get("peft_config") or {}).get("init_args") or {}).get("r")
+    return {"lr": args.get("lr"), **({"r": r} if r is not None else {})}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/bench_search")
@@ -112,7 +120,7 @@ def main() -> int:
             running = min(running, r["train_info"]["final"]["val/loss"])
             if reached is None and running <= grid_best:
                 reached = k
-        best_grid_point = min(grid, key=lambda r: r["train_info"]["final"]["val/loss"])["run_info"]["point"]
+        best_grid_point = values_of(min(grid, key=lambda r: r["train_info"]["final"]["val/loss"]))
         best_trial = min(trials, key=lambda r: r["train_info"]["final"]["val/loss"])["run_info"]["search"]["params"]
         rows.append({"method": method, "grid_runs": len(grid), "grid_best": grid_best, "grid_best_point": best_grid_point,
                      "search_trials": len(trials), "search_best": running, "search_best_values": best_trial,
@@ -123,7 +131,8 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         reach = r["search_runs_to_grid_best"] if r["search_runs_to_grid_best"] is not None else f"not in {r['search_trials']}"
-        print(f"| {r['method']} | {r['grid_runs']} | {r['grid_best']:.4f} | {r['search_trials']} | {r['search_best']:.4f} | {reach} |")
+        print(f"| {r['method']} | {r['grid_runs']} | {r['grid_best']:.4f} ({r['grid_best_point']}) | {r['search_trials']} | "
+              f"{r['search_best']:.4f} ({r['search_best_values']}) | {reach} |")
     print(f"wall: grid {seconds['grid']:.0f} s, search {seconds['search']:.0f} s")
     (out / "summary.json").write_text(json.dumps({"args": vars(args), "rows": rows, "seconds": seconds}, indent=2, default=str))
     return 0
