@@ -205,10 +205,14 @@ def cli_class():
                 offline_unless_reachable()
             trainer = super().instantiate_trainer(**kwargs)
             weights = os.path.join(cfg.out, self.run_id, "weights") if cfg.save_weights else None
+            import json
+
+            # entries a sweep adds to the record (a search trial's study and number), never settings
+            extra = json.loads(os.environ.get("FTBENCH_RUN_INFO") or "{}")
             self.recorder = RunRecorder(
                 os.path.join(cfg.out, f"{self.run_id}.json"),
                 {"run_id": self.run_id, "subcommand": self.subcommand, "seed": self._seed(cfg),
-                 "config": self.run_config, "settings": self.identity.settings},
+                 "config": self.run_config, "settings": self.identity.settings, **extra},
                 save_weights_to=weights, method=self.identity.label,
             )
             from ftbench.bench.memory import MemoryBreakdown
@@ -222,6 +226,12 @@ def cli_class():
                 from ftbench.sweep.progress import ProgressFile
 
                 trainer.callbacks.append(ProgressFile(os.environ["FTBENCH_PROGRESS_FILE"]))
+            self.pruning = None
+            if os.environ.get("FTBENCH_SEARCH_TRIAL") and self.subcommand == "fit":  # a search trial with a pruner
+                from ftbench.sweep.pruning import PruneOnValidation
+
+                self.pruning = PruneOnValidation.from_env(os.environ["FTBENCH_SEARCH_TRIAL"])
+                trainer.callbacks.append(self.pruning)
             if "wandb" in str(cfg.trainer.get("logger")).lower():
                 from ftbench.wandb_mode import start_or_offline
 
@@ -240,6 +250,10 @@ def cli_class():
 
         def after_fit(self) -> None:
             cfg = self._cfg()
+            if getattr(self, "pruning", None) is not None and self.pruning.pruned:
+                # the search's pruner stopped it: no test (a pruned trial is never the chosen one)
+                self.recorder.finish(self.trainer, status="pruned")
+                return
             if cfg.test_after_fit and hasattr(self.datamodule, "test_dataloader"):
                 splits = getattr(self.datamodule, "splits", None) or {}
                 if "test" in splits and not splits["test"]:

@@ -427,12 +427,13 @@ class RunRecorder(L.Callback):
             self._describe(trainer, pl_module)
 
     # -- end states
-    def finish(self, trainer: Optional[L.Trainer] = None) -> None:
-        self.train_info["status"] = "completed"
+    def finish(self, trainer: Optional[L.Trainer] = None, status: str = "completed") -> None:
+        """The run ended: ``completed``, or ``pruned`` (a search's pruner stopped it; its curve kept)."""
+        self.train_info["status"] = status
         self.train_info["ended"] = now()
         if trainer is None or trainer.is_global_zero:
             self.write()
-            if self.path != self.final_path:  # the new run completed: now it replaces the old one
+            if self.path != self.final_path and status == "completed":  # the new run completed: now it replaces the old one
                 from ftbench.evaluation.predictions import predictions_path
 
                 if self._predictions_file().exists():

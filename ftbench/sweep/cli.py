@@ -48,6 +48,7 @@ DONE = "completed"
 FAILED = ("failed", "nan", "oom")
 INTERRUPTS = ("KeyboardInterrupt", "SIGTERMException", "Interrupted", "SystemExit", "SweepWriteError")
 MANIFEST = "sweep.json"
+RUN_INFO_ENV = "FTBENCH_RUN_INFO"  # read by the run's CLI (ftbench.runcli)
 
 
 def read_record(path: Path) -> Optional[dict[str, Any]]:
@@ -99,7 +100,7 @@ def decide(status: Optional[str], retry_failed: bool) -> tuple[bool, str]:
 def _mark_skipped(path: Path, spec: RunSpec, why: str) -> None:
     """A stage whose upstream run did not complete is not run: recorded ``skipped`` with the reason."""
     rec = {"schema": 1, "run_info": {"run_id": spec.run_id, "subcommand": spec.subcommand, "point": spec.label,
-                                     "upstream": {k: u.run_id for k, u in spec.upstream.items()}},
+                                     "upstream": {k: u.run_id for k, u in spec.upstream.items()}, **spec.run_info},
            "train_info": {"method": spec.method, "status": "skipped", "metrics": [], "final": {},
                           "error": {"type": "UpstreamNotCompleted", "message": why}}, "meta_info": {}}
     write_text_atomic(path, json.dumps(rec, indent=2))
@@ -128,7 +129,7 @@ def _mark_failed(path: Path, spec: RunSpec, returncode: int, log: Path) -> None:
     rec = read_record(path)
     if rec is None or "train_info" not in rec:
         rec = {"schema": 1, "run_info": {"run_id": spec.run_id, "subcommand": spec.subcommand,
-                                         "argv": spec.argv(str(path.parent)), "point": spec.label},
+                                         "argv": spec.argv(str(path.parent)), "point": spec.label, **spec.run_info},
                "train_info": {"method": spec.method, "metrics": [], "final": {}}, "meta_info": {}}
     tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
     info = rec["train_info"]
@@ -240,7 +241,9 @@ def child_env(sweep: Sweep, spec: RunSpec) -> dict[str, str]:
     env.setdefault("WANDB_JOB_TYPE", spec.subcommand)
     env.setdefault("WANDB_NAME", spec.run_id)
     default_to_offline(env)  # never prompt, never hang
-    return env
+    if spec.run_info:  # extra record entries (a search trial's study and number): the run's record keeps them
+        env[RUN_INFO_ENV] = json.dumps(spec.run_info)
+    return {**env, **spec.env}
 
 
 def run_one(sweep: Sweep, spec: RunSpec, i: int, progress: Progress, python: str = sys.executable) -> str:
@@ -361,10 +364,13 @@ def blocked_by(sweep: Sweep, spec: RunSpec) -> Optional[str]:
 
 def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
               shard_of: Optional[tuple[int, int]] = None, reference: str = "full", live: Optional[bool] = None,
-              run_index: Optional[int] = None, launcher: Optional[Launcher] = None) -> int:
+              run_index: Optional[int] = None, launcher: Optional[Launcher] = None,
+              storage: Optional[str] = None) -> int:
     """Run the sweep's points that are not done (all, one shard, or the point ``run_index``) with
     ``launcher`` (:mod:`ftbench.sweep.launchers`; default: one after another here); 0 when every one
-    of them completed, 1 otherwise (the runs that did not are named on stderr)."""
+    of them completed, 1 otherwise (the runs that did not are named on stderr). With a ``search:``
+    block, each grid point is a study whose trials the same launcher runs (:mod:`ftbench.sweep.search`;
+    ``storage``: an Optuna database URL, default ``{out}/search.db``)."""
     from ftbench.sweep.launchers import LocalLauncher, RunStopped
 
     launcher = launcher or LocalLauncher()
@@ -373,10 +379,16 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
     if run_index is not None:
         runs = [sweep.runs[run_index]]
     part = f" (shard {shard_of[0]}/{shard_of[1]}: {len(runs)} of {len(sweep.runs)} runs)" if shard_of else ""
+    searched = [sp for sp in (sweep.search.points if sweep.search else []) if any(sp.point is r for r in runs)]
+    if sweep.search:  # a search point runs as its study's trials, not as a run of its own
+        runs = [r for r in runs if not any(sp.point is r for sp in sweep.search.points)]
+        from ftbench.sweep.search import default_storage
+
+        storage = storage or default_storage(out)
     rows = plan(sweep, runs, retry_failed)
     todo = [spec for spec, _, run, _ in rows if run]
     print(f"sweep {sweep.name}: {len(sweep.runs)} runs{part} -> {out}")
-    problems = check_points(sweep, todo)
+    problems = check_points(sweep, todo + [sp.point for sp in searched])
     if problems:
         print(f"error: {sweep.path}: {len(problems)} point(s) do not parse; nothing was run:\n" + "\n".join(problems),
               file=sys.stderr)
@@ -386,8 +398,12 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
         named = f"[{spec.name}] " if spec.name else ""
         after = f"  (after {', '.join(u.display_name for u in spec.upstream.values())})" if spec.upstream else ""
         print(f"  {spec.run_id:28s} {spec.subcommand:8s} {say:44s} {named}{point}{after}")
+    if searched:
+        from ftbench.sweep.search import study_lines
+
+        print("\n".join(study_lines(sweep.search, sweep.name, storage, searched)))
     if dry_run:
-        print(f"{len(todo)} of {len(runs)} runs to do")
+        print(f"{len(todo)} of {len(runs)} runs to do" + (f", and {len(searched)} searched point(s)" if searched else ""))
         return 0
     from ftbench.runcli import check_out
     from ftbench.errors import OutputError
@@ -401,10 +417,19 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
         for line in changed_sources(out, [spec for spec, status, _, _ in rows if status == DONE]):
             print(line, file=sys.stderr)
     t_sweep = time.monotonic()
+    trials: list[tuple[str, str]] = []
     try:
         write_text_atomic(out / MANIFEST, json.dumps(sweep.manifest(), indent=2, default=str))
-        with Progress(len(todo), live) as progress, launcher:
+        budget = sum(sweep.search.budget(sp) for sp in searched) if searched else 0
+        with Progress(len(todo) + budget, live) as progress, launcher:
             launcher.run(sweep, todo, progress)
+            if searched:  # each trial: a RunSpec handed to the same launcher as the points above
+                from ftbench.sweep.search import run_search
+
+                count = iter(range(len(todo) + 1, 10**9))
+                trials = run_search(sweep.search, sweep.name, out, storage,
+                                    lambda trial: launcher.run(sweep, [trial], progress, start=next(count))[trial.run_id],
+                                    searched, retry_failed, progress.print)
     except KeyboardInterrupt:
         print("\ninterrupted: finished records are kept; run the same command again to resume.", file=sys.stderr)
         return 130
@@ -414,7 +439,7 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
         print(f"error: cannot write in {out} ({err.strerror or err}): the sweep stopped{at}; completed records are "
               "kept, and the same command resumes once it can write", file=sys.stderr)
         return 1
-    print(f"sweep {sweep.name}: {len(todo)} run(s) in {time.monotonic() - t_sweep:.0f} s\n")
+    print(f"sweep {sweep.name}: {len(todo) + len(trials)} run(s) in {time.monotonic() - t_sweep:.0f} s\n")
     try:
         from ftbench.sweep.report import report
 
@@ -422,7 +447,7 @@ def run_sweep(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False,
     except Exception as err:  # the runs are done; a report problem must not hide their status
         print(f"report failed: {type(err).__name__}: {err}", file=sys.stderr)
     bad = [(s.run_id, record_status(out / f"{s.run_id}.json")) for s in runs]
-    bad = [(r, st) for r, st in bad if st != DONE]
+    bad = [(r, st) for r, st in bad + trials if st not in (DONE, "pruned")]
     if bad:
         print(f"\n{len(bad)} run(s) did not complete: " + ", ".join(f"{r} ({st})" for r, st in bad), file=sys.stderr)
         return 1
@@ -485,6 +510,8 @@ def main(argv: list[str]) -> int:
                    help="join this Ray cluster (auto, ray://HOST:10001) instead of starting a local Ray instance; "
                         "--out must then be on storage every node shares")
     p.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs of the local Ray instance (default: this machine's)")
+    p.add_argument("--storage", metavar="URL", help="with a search: block, the Optuna database of its studies "
+                   "(default: sqlite in --out); machines running the same command on one database share each study")
     p.add_argument("--wandb-sweep-config", action="store_true",
                    help="print a W&B Sweeps config (program/command) that runs this sweep's points, and exit")
     args, rest = parser.parse_known_args(argv[:1] + argv[1:])
@@ -516,4 +543,4 @@ def main(argv: list[str]) -> int:
             print(f"error: --run_index {args.run_index}: the sweep has {len(sweep.runs)} runs (0..{len(sweep.runs) - 1})", file=sys.stderr)
             return 2
     return run_sweep(sweep, args.retry_failed, args.dry_run, shard_of, args.reference, run_index=args.run_index,
-                     launcher=launcher)
+                     launcher=launcher, storage=args.storage)

@@ -44,6 +44,32 @@ an error before anything runs); a referenced run saves what it trained (``--save
 dependants get ``{out}/{its run id}/weights``. The upstream run id is part of the dependant's
 settings (``run:<id>``, :func:`ftbench.naming.upstream_ref`), so a changed upstream stage re-runs what
 depends on it.
+
+**Searches.** A ``search:`` block makes every grid point an Optuna study (``runs:`` entries still run
+once): per point ``trials`` runs whose values of the space's keys are drawn by the sampler, the
+target a validation metric (a test metric is refused), with an optional pruner on the validation
+curve; the space is one mapping for every point or a list of ``{when: {KEY: VALUE}, space: {...}}``
+entries (the first whose ``when`` matches the point gives its space: full fine-tuning has no rank)::
+
+    grid:
+      tuner: [../tuner/full.yaml, ../tuner/lora.yaml]
+    search:
+      trials: 8
+      metric: val/loss                  # or max:val/accuracy; never test/...
+      sampler: tpe                      # tpe (seeded: seed) | random | grid
+      pruner: none                      # none | median | hyperband
+      space:
+        - when: {tuner: ../tuner/full.yaml}
+          space: {lr: {log_uniform: [1.0e-6, 1.0e-4]}}
+        - when: {tuner: ../tuner/lora.yaml}
+          space:
+            lr: {log_uniform: [1.0e-5, 1.0e-2]}
+            tuner.init_args.peft_config.init_args.r: {choice: [4, 8, 16, 64]}
+
+Ranges: ``uniform``/``log_uniform``/``int``/``log_int`` ``[LOW, HIGH]`` and ``choice [...]``. Each
+trial is an ordinary run of the point with the drawn values (its own run id and record, the study
+and trial number in ``run_info.search``); studies live in ``{out}/search.db`` or ``--storage URL``.
+The whole of it (storage, resume, several machines): :mod:`ftbench.sweep.search`.
 """
 
 from __future__ import annotations
@@ -70,7 +96,7 @@ SUBCOMMANDS = ("fit", "validate", "test")
 ALIASES = {"objective": "model", "seed": "seed_everything", "lr": "tuner.init_args.lr",
            "optim": "model.init_args.optimizer", "init_from": "backbone.init_from",
            "reward_model": "model.init_args.reward_model"}
-_FIELDS = ("name", "out", "base", "grid", "runs", "subcommand")
+_FIELDS = ("name", "out", "base", "grid", "runs", "subcommand", "search")
 _YAML = (".yaml", ".yml")
 
 
@@ -99,6 +125,8 @@ class RunSpec:
     root: str = "."
     name: Optional[str] = None  # a name other runs refer to (``runs: - name: sft``)
     upstream: dict[str, "RunSpec"] = field(default_factory=dict)  # key -> the run whose weights it takes
+    run_info: dict[str, Any] = field(default_factory=dict)  # extra record entries (a search trial's study and number)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of its process (not part of its id)
 
     @cached_property
     def parsed(self):
@@ -165,6 +193,7 @@ class Sweep:
     out: str
     runs: list[RunSpec]
     path: Optional[str] = None
+    search: Optional[Any] = None  # the ``search:`` block (:class:`ftbench.sweep.search.Search`), if any
 
     def manifest(self) -> dict[str, Any]:
         return {"name": self.name, "sweep_file": self.path,
@@ -356,6 +385,7 @@ def load_sweep(path: str | Path, out: Optional[str] = None, extra: Optional[dict
     if not isinstance(grids, list) or not all(isinstance(g, dict) for g in grids):
         raise SweepError(f"{path}: field 'grid' must be a mapping of dotted keys to lists (or a list of such mappings)")
     runs: list[RunSpec] = []
+    points: list[RunSpec] = []  # the grid's points (a search's points)
     for gi, grid in enumerate(grids):
         where = "grid" if len(grids) == 1 else f"grid[{gi}]"
         grid = _canon(grid, path, where)
@@ -366,6 +396,7 @@ def load_sweep(path: str | Path, out: Optional[str] = None, extra: Optional[dict
         for values in itertools.product(*(_as_list(grid[k]) for k in keys)) if keys else [()]:
             point = dict(zip(keys, values))
             runs.append(_spec(path, sub, configs, {**base, **point, **extra}, point, where))
+            points.append(runs[-1])
     extras = spec.get("runs") or []
     if not isinstance(extras, list):
         raise SweepError(f"{path}: field 'runs' must be a list of mappings")
@@ -389,7 +420,22 @@ def load_sweep(path: str | Path, out: Optional[str] = None, extra: Optional[dict
             raise SweepError(f"{path}: points {seen[r.run_id] + 1} and {i + 1} of the sweep are the same run ({r.label} / {runs[seen[r.run_id]].label})")
         seen[r.run_id] = i
     name = str(spec.get("name", path.stem))
-    return Sweep(name=name, out=out or str(spec.get("out", f"results/{path.stem}")), runs=runs, path=str(path))
+    search = None
+    if "search" in spec:
+        from ftbench.sweep.search import parse_search
+
+        search = parse_search(path, spec["search"], points, {id(r): i for i, r in enumerate(runs)})
+    return Sweep(name=name, out=out or str(spec.get("out", f"results/{path.stem}")), runs=runs, path=str(path),
+                 search=search)
+
+
+def resolve_value(path: Path, v: Any) -> Any:
+    """A value as a point holds it: a YAML path relative to the sweep file's folder made a path from
+    here (as :func:`_spec` makes it); any other value coerced as the grid's are."""
+    v = _coerce(v)
+    if _is_yaml_path(v) and not Path(v).is_absolute() and (path.parent / v).exists():
+        return os.path.normpath(path.parent / v)
+    return v
 
 
 def _spec(path: Path, sub: str, configs: list[str], overrides: dict[str, Any], label: dict[str, Any], where: str) -> RunSpec:

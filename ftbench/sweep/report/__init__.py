@@ -209,6 +209,12 @@ def _write(studies: list[Study], md: Path, reference: str, plots: bool, wandb: b
         text = table + "\n\n" + notes(s, reference, select)
         if written:
             text += "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in written)
+        from ftbench.sweep.report.search import search_section
+
+        searches, pngs = search_section(load_records(s.directory, []), folder, prefix, plots)  # a sweep's search: block
+        if searches:
+            text += "\n\n" + searches + "".join(f"\n\n![{p.stem}]({p.name})" for p in pngs)
+            table += "\n\n" + searches
         csv_name = f"{md.stem}-{_safe(s.name)}.csv" if several else f"{md.stem}.csv"
         write_text_atomic(folder / csv_name, csv_text(s.points))
         if examples:
