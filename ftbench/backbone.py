@@ -48,6 +48,10 @@ class Backbone:
         chat_template: Optional[str] = None,
         cache_dir: Optional[str] = None,
         init_from: Optional[str] = None,
+        compile: bool = False,
+        compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None,
+        compile_backend: str = "inductor",
+        liger_kernel: bool = False,
     ):
         """
         Args:
@@ -77,6 +81,15 @@ class Backbone:
                 what it trained is applied to the weights as they load (a peft adapter merged, full or
                 freeze weights copied, bottleneck adapters kept frozen), so this run starts from it and
                 its reference model is it. A sweep sets it from ``init_from: <run name>``.
+            compile: ``torch.compile`` the model once the tuner has prepared it (``nn.Module.compile``, in
+                place); the compile time is recorded apart from the step time (``throughput.compile_*``).
+                Refused with the tuners it breaks (:mod:`ftbench.levers`).
+            compile_mode: ``torch.compile``'s ``mode`` (null: its default).
+            compile_backend: ``torch.compile``'s ``backend`` (``inductor``; ``aot_eager`` traces and partitions
+                without generating code: seconds instead of a minute on a CPU).
+            liger_kernel: Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, and SFT's loss as a fused linear
+                cross-entropy that never makes the whole float32 logits): CUDA only, the optional extra
+                ``ftbench[liger]``.
         """
         self.model = model
         self.gguf_file = gguf_file
@@ -93,6 +106,10 @@ class Backbone:
         self.chat_template = chat_template
         self.cache_dir = cache_dir
         self.init_from = init_from
+        self.compile = compile
+        self.compile_mode = compile_mode
+        self.compile_backend = compile_backend
+        self.liger_kernel = liger_kernel
         self._resolved: Optional[str] = None
         self._tokenizer = None
 
@@ -269,6 +286,8 @@ class Backbone:
             "attn_implementation": self.attn_implementation,
             "trust_remote_code": self.trust_remote_code,
             "init_from": self.init_from,
+            "compile": {"mode": self.compile_mode, "backend": self.compile_backend} if self.compile else False,
+            "liger_kernel": self.liger_kernel,
         }
 
     def __repr__(self) -> str:

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from ftbench import levers
 from ftbench.errors import ConfigError
 from ftbench.evaluation.evaluator import Evaluator
 from ftbench.tuners.saved import load_backbone
@@ -114,7 +115,16 @@ class Objective(EvaluationSteps, L.LightningModule):
             raise ConfigError(f"objective {self.name}: no tuner (give --tuner, e.g. configs/tuner/lora.yaml)")
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self.tuner.total_steps = int(self.trainer.estimated_stepping_batches)
-        model = self.tuner.prepare(load_backbone(self.backbone, head=self.head), self.backbone)
+        device = self.trainer.strategy.root_device.type if self._trainer is not None else None
+        if device is not None:  # the levers a run cannot have, refused before any weight loads
+            if self.backbone.liger_kernel:
+                levers.check_liger(device)
+            if self.backbone.compile:
+                levers.check_compile(self.tuner.name, self.backbone.quantization, self.backbone.liger_kernel)
+        model = load_backbone(self.backbone, head=self.head)
+        if self.backbone.liger_kernel and device is not None:  # not on meta (ftbench estimate models the fused loss)
+            model = levers.apply_liger(model, device)
+        model = self.tuner.prepare(model, self.backbone)
         if self.head == "score":
             train_score_head(model)
         self.model = model
@@ -123,6 +133,8 @@ class Objective(EvaluationSteps, L.LightningModule):
             self.reference_model = self.tuner.keep_reference(self.model)
             with self.tuner.reference(self.model):  # a tuner that cannot give the untouched backbone says so now
                 pass
+        if self.backbone.compile and device is not None:  # last: the reference copy above stays uncompiled
+            levers.compile_model(self.model, self.backbone.compile_mode, self.backbone.compile_backend)
 
     def held_models(self) -> dict[str, torch.nn.Module]:
         """The models held besides the policy, by role (``reference``, ``reward_model``, ``critic``):
