@@ -145,6 +145,32 @@ def test_chunked_cross_entropy_equals_the_plain_loss():
     torch.testing.assert_close(gw, pw, atol=1e-6, rtol=0)
 
 
+def test_sft_fused_loss_equals_its_plain_loss(backbone):
+    """SFT's fused path (the model up to its hidden states, the head's weight to the fused loss) gives the
+    plain step's mean token loss and gradients, on the tiny Llama with LoRA (run without a trainer: on CPU a
+    run refuses Liger, the fused loss itself is device-free)."""
+    import copy
+
+    from ftbench.objectives.sft import SFT
+
+    fused_bb = copy.copy(backbone)
+    fused_bb.liger_kernel = True
+    batch = next(iter(tiny_data(backbone).train_dataloader()))
+    out = {}
+    for name, bb in (("plain", backbone), ("fused", fused_bb)):
+        torch.manual_seed(0)
+        objective = SFT(backbone=bb, tuner=lora(lr=1e-3))
+        objective.configure_model()
+        step = objective.training_loss(batch)
+        grads = torch.autograd.grad(step.loss, [p for p in objective.model.parameters() if p.requires_grad])
+        out[name] = (step.loss.item(), int(step.trained_tokens), grads)
+    assert out["fused"][0] == pytest.approx(out["plain"][0], abs=1e-6)
+    assert out["fused"][1] == out["plain"][1]
+    for a, b in zip(out["fused"][2], out["plain"][2]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert "forward" not in vars(objective.model.get_output_embeddings())  # the head computes logits again
+
+
 def test_liger_chunk_size_is_liger_rule():
     # BT 384 (4 x 96), H 64, V 512: ceil(512/64) = 8, ceil(384/8) = 48 -> 64 rows
     assert levers.liger_chunk_size(384, 64, 512) == 64
