@@ -55,13 +55,14 @@ def compute_pins(tmp_dir: Path) -> dict:
 
 # ---------------------------------------------------------------------- precision on CPU
 def test_bf16_runs_on_cpu_pinned(backbone):
-    """bf16-mixed and bf16-true train on a CPU; their losses are pinned (bfloat16 rounding: 1e-3 relative,
-    the two differ from each other by more than that) and fall."""
+    """bf16-mixed and bf16-true train on a CPU; their losses are pinned and fall. The two differ from each
+    other by ~6e-5 relative at step 4 (6.12700 vs 6.12738), so the pins hold to 1e-5: a CPU whose bfloat16
+    kernels round otherwise (no AVX512-BF16/AMX: train_info.kernels) may need its own pins."""
     pins = load_pins(PIN_NAME)
     dm = tiny_data(backbone)
     got = {p: precision_losses(backbone, dm, p) for p in PRECISIONS}
     for p in PRECISIONS:
-        assert got[p] == pytest.approx(pins[p]["losses"], rel=1e-3)
+        assert got[p] == pytest.approx(pins[p]["losses"], rel=1e-5)
         assert got[p][-1] < got[p][0]
     assert got["bf16-mixed"] != pytest.approx(got["bf16-true"], rel=1e-6)
 
