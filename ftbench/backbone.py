@@ -83,7 +83,7 @@ class Backbone:
                 its reference model is it. A sweep sets it from ``init_from: <run name>``.
             compile: ``torch.compile`` the model once the tuner has prepared it (``nn.Module.compile``, in
                 place); the compile time is recorded apart from the step time (``throughput.compile_*``).
-                Refused with the tuners it breaks (:mod:`ftbench.levers`).
+                Refused with ``liger_kernel`` (:func:`ftbench.levers.check_compile`: no tuner family breaks it).
             compile_mode: ``torch.compile``'s ``mode`` (null: its default).
             compile_backend: ``torch.compile``'s ``backend`` (``inductor``; ``aot_eager`` traces and partitions
                 without generating code: seconds instead of a minute on a CPU).
