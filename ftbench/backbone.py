@@ -49,6 +49,10 @@ class Backbone:
         cache_dir: Optional[str] = None,
         init_from: Optional[str] = None,
         random_init: bool = False,
+        compile: bool = False,
+        compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None,
+        compile_backend: str = "inductor",
+        liger_kernel: bool = False,
     ):
         """
         Args:
@@ -86,6 +90,15 @@ class Backbone:
                 tokens: the config's ``vocab_size`` must be at least that). Its accuracy measures
                 nothing: ``fit`` refuses to test it, and ``ftbench report`` refuses a record of it that
                 has accuracy metrics.
+            compile: ``torch.compile`` the model once the tuner has prepared it (``nn.Module.compile``, in
+                place); the compile time is recorded apart from the step time (``throughput.compile_*``).
+                Refused with ``liger_kernel`` (:func:`ftbench.levers.check_compile`: no tuner family breaks it).
+            compile_mode: ``torch.compile``'s ``mode`` (null: its default).
+            compile_backend: ``torch.compile``'s ``backend`` (``inductor``; ``aot_eager`` traces and partitions
+                without generating code: seconds instead of a minute on a CPU).
+            liger_kernel: Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, and SFT's loss as a fused linear
+                cross-entropy that never makes the whole float32 logits): CUDA only, the optional extra
+                ``ftbench[liger]``.
         """
         self.model = model
         self.gguf_file = gguf_file
@@ -103,6 +116,10 @@ class Backbone:
         self.cache_dir = cache_dir
         self.init_from = init_from
         self.random_init = random_init
+        self.compile = compile
+        self.compile_mode = compile_mode
+        self.compile_backend = compile_backend
+        self.liger_kernel = liger_kernel
         self._resolved: Optional[str] = None
         self._tokenizer = None
 
@@ -321,6 +338,8 @@ class Backbone:
             "trust_remote_code": self.trust_remote_code,
             "init_from": self.init_from,
             "random_init": self.random_init,
+            "compile": {"mode": self.compile_mode, "backend": self.compile_backend} if self.compile else False,
+            "liger_kernel": self.liger_kernel,
         }
 
     def __repr__(self) -> str:

@@ -13,6 +13,10 @@
   on CUDA the batch is timed by events recorded on the stream and the token counts stay on the
   device, both read in bulk (completed events every ``read_every`` batches without waiting, the
   rest and the counts once when training ends). On CPU it times with ``perf_counter``.
+  A batch during which torch compiled something (``backbone.compile``: the first batches, a recompile for
+  a new shape) is left out of the figures as warm-up is, whenever it comes: ``compile_batches`` and
+  ``compile_batch_seconds`` say how many and how long, ``compile_seconds`` what torch itself counted
+  compiling (:func:`ftbench.levers.compile_seconds`), so a compiled run's tokens/s is its steady speed.
   Alongside, it records what the run got from the machine over the same timed batches (process
   CPU time over wall time, torch threads, the load average, usable CPUs, the main thread's
   run-queue wait) and whether that makes the speed figures suspect: :func:`contention`.
@@ -28,6 +32,8 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+
+from ftbench.levers import compile_seconds
 
 
 def _vm_hwm_bytes() -> Optional[int]:
@@ -228,6 +234,11 @@ class Throughput(L.Callback):
         self._t0: Optional[float] = None
         self._start_event: Any = None
         self._in_timed = False
+        self._compile_mark = 0.0  # torch's compile seconds when the batch started
+        self._compile_at_start = 0.0
+        self._batch_t0 = 0.0
+        self.compile_batches = 0
+        self.compile_batch_seconds = 0.0
         # what the run got, over the timed batches
         self._host = {"wall": 0.0, "cpu": 0.0, "wait_ns": 0}
         self._marks: Optional[tuple[float, float, Optional[int]]] = None
@@ -266,8 +277,11 @@ class Throughput(L.Callback):
         self._events = self._device_type == "cuda"
         self.threads = torch.get_num_threads()
         self._runqueue = _RunQueueClock()
+        self._compile_at_start = compile_seconds()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._compile_mark = compile_seconds()
+        self._batch_t0 = time.perf_counter()
         self._in_timed = self.batches >= self.warmup_steps
         if not self._in_timed:
             return
@@ -283,6 +297,11 @@ class Throughput(L.Callback):
         self._t0 = self._marks[0]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if compile_seconds() > self._compile_mark:  # torch compiled in this batch: not a steady step
+            self.compile_batches += 1
+            self.compile_batch_seconds += time.perf_counter() - self._batch_t0
+            if self._in_timed:
+                self._in_timed, self._marks, self._start_event = False, None, None
         timed = self._in_timed and self._marks is not None
         if timed:
             if self._events:
@@ -386,5 +405,8 @@ class Throughput(L.Callback):
             "padding_fraction": 1 - f["real_tokens"] / f["padded_tokens"] if f["padded_tokens"] else None,
             "step_time_mean_s": t / len(times) if times else None,
             "step_time_median_s": times[len(times) // 2] if times else None,
+            "compile_seconds": compile_seconds() - self._compile_at_start,
+            "compile_batches": self.compile_batches,
+            "compile_batch_seconds": self.compile_batch_seconds,
             **self.contention_fields(),
         }

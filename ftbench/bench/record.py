@@ -265,6 +265,9 @@ class RunRecorder(L.Callback):
             info["data_fingerprints"] = fingerprint.seen()
         info["device"] = str(pl_module.device)
         info["precision"] = str(trainer.precision)
+        from ftbench.levers import precision_kernels
+
+        info["kernels"] = precision_kernels(pl_module.device)  # what the device offers that precision
         info["world_size"] = trainer.world_size
 
     # -- fit

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--optimizer", default="adamw",
                     help=f"{', '.join(OPTIMIZERS)}, or an optimizer YAML (configs/optim/*.yaml)")
     ap.add_argument("--gradient_checkpointing", type=_bool, default=None)
+    ap.add_argument("--liger_kernel", type=_bool, default=None,
+                    help="SFT's loss as Liger's fused linear cross-entropy: the logits a chunk of rows at a time")
     ap.add_argument("--gpu_memory", type=parse_bytes, default=None,
                     help="e.g. 24GiB: also print the largest batch size whose predicted peak fits")
     ap.add_argument("--strategy", default="ddp", choices=list(SHARDED_PARTS),
@@ -92,7 +94,8 @@ def _backbone(args, spec: Optional[str]):
     values: dict[str, Any] = load_yaml(spec, "--backbone") if spec else {}
     if "init_args" in values:  # a class_path form
         values = values["init_args"] or {}
-    for key in ("model", "dtype", "double_quant", "prepare_kbit", "compute_dtype", "attn_implementation"):
+    for key in ("model", "dtype", "double_quant", "prepare_kbit", "compute_dtype", "attn_implementation",
+                "liger_kernel"):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     try:
@@ -142,7 +145,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         s = first["settings"]
         print(f"model {s['model']}: batch {s['batch_size']} x {s['seq_len']} tokens, precision {s['precision']}, "
               f"dtype {s['dtype']}, optimizer {s['optimizer']}, gradient checkpointing "
-              f"{'on' if s['gradient_checkpointing'] else 'off'}; GiB = 2^30 bytes; total = predicted peak")
+              f"{'on' if s['gradient_checkpointing'] else 'off'}"
+              f"{', fused linear cross-entropy (Liger)' if s.get('liger_kernel') else ''}; GiB = 2^30 bytes; "
+              "total = predicted peak")
         if args.world_size > 1:
             split = ", ".join(SHARDED_PARTS[args.strategy]) or "nothing"
             print(f"one rank of {args.world_size} under {args.strategy}: {split} split {args.world_size} ways "

@@ -267,7 +267,8 @@ def estimate(backbone, tuner, objective=None, *, batch_size: int = 1, seq_len: i
     out["settings"] = {"batch_size": batch_size, "seq_len": seq_len, "precision": run.precision,
                        "optimizer": out["optimizer"].get("class"), "dtype": backbone.dtype,
                        "quantization": backbone.quantization, "double_quant": backbone.double_quant,
-                       "gradient_checkpointing": backbone.gradient_checkpointing, "model": backbone.model}
+                       "gradient_checkpointing": backbone.gradient_checkpointing, "model": backbone.model,
+                       "liger_kernel": backbone.liger_kernel}
     if gpu_memory is not None:
         out["gpu_memory_bytes"] = gpu_memory
         out["max_batch_size"] = run.largest_batch(seq_len, gpu_memory, known=(batch_size, out["predicted_peak_bytes"]))

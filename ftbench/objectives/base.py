@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from ftbench import levers
 from ftbench.errors import ConfigError
 from ftbench.evaluation.evaluator import Evaluator
 from ftbench.tuners.saved import load_backbone
@@ -119,10 +120,19 @@ class Objective(EvaluationSteps, L.LightningModule):
             raise ConfigError(f"objective {self.name}: no tuner (give --tuner, e.g. configs/tuner/lora.yaml)")
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self.tuner.total_steps = int(self.trainer.estimated_stepping_batches)
+        device = self.trainer.strategy.root_device.type if self._trainer is not None else None
+        if device is not None:  # the levers a run cannot have, refused before any weight loads
+            if self.backbone.liger_kernel:
+                levers.check_liger(device)
+            if self.backbone.compile:
+                levers.check_compile(self.tuner.name, self.backbone.quantization, self.backbone.liger_kernel)
         mesh = self.data_parallel_mesh()
         if mesh is not None:
             check_shardable(self.backbone.quantization)  # before a quantized load that could not be sharded
-        model = self.tuner.prepare(load_backbone(self.backbone, head=self.head), self.backbone)
+        model = load_backbone(self.backbone, head=self.head)
+        if self.backbone.liger_kernel and device is not None:  # not on meta (ftbench estimate models the fused loss)
+            model = levers.apply_liger(model, device)
+        model = self.tuner.prepare(model, self.backbone)
         if self.head == "score":
             train_score_head(model)
         self.model = model
@@ -135,6 +145,8 @@ class Objective(EvaluationSteps, L.LightningModule):
             # FSDP2: each rank keeps 1/N of every weight of the policy (objectives/sharding.py); a frozen
             # reference copy, kept above, stays whole on every rank
             fully_shard_model(self.model, mesh)
+        if self.backbone.compile and device is not None:  # last: the reference copy above stays uncompiled
+            levers.compile_model(self.model, self.backbone.compile_mode, self.backbone.compile_backend)
 
     def data_parallel_mesh(self):
         """The data-parallel device mesh Lightning's ``ModelParallelStrategy`` hands the module (FSDP2:

@@ -56,11 +56,28 @@ class SFT(Objective):
         loss_sum, n_tok = sequence_losses(logits, batch["labels"])
         return loss_sum.sum() / n_tok.sum().clamp(min=1), loss_sum, n_tok
 
+    def fused_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over the batch's trained tokens, their count) by a fused linear cross-entropy
+        (``backbone.liger_kernel``): the model runs up to its final hidden states and the loss takes them
+        with the output layer's weight, a chunk of rows at a time (:func:`ftbench.levers.fused_linear_cross_entropy`),
+        so the B x T x vocabulary logits are never made whole. The same mean as :meth:`loss`'s."""
+        from ftbench.levers import fused_linear_cross_entropy, head_bypassed
+
+        with head_bypassed(self.model) as weight:
+            hidden = self(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
+        shift_labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+        loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), weight, shift_labels.reshape(-1))
+        return loss, (shift_labels != IGNORE_INDEX).sum()
+
     def training_loss(self, batch: dict[str, Any]) -> TrainingLoss:
-        loss, _, n_tok = self.loss(batch)
+        if self.backbone.liger_kernel:
+            loss, trained = self.fused_loss(batch)
+        else:
+            loss, _, n_tok = self.loss(batch)
+            trained = n_tok.sum()
         # a packed batch's rows: its segments (several rows in a block), not its blocks
         rows = batch["segments"].shape[0] if "segments" in batch else batch["input_ids"].shape[0]
-        return TrainingLoss(loss, n_tok.sum(), batch["input_ids"], batch["attention_mask"], rows)
+        return TrainingLoss(loss, trained, batch["input_ids"], batch["attention_mask"], rows)
 
     def evaluate(self, batch: dict[str, Any], stage: str) -> None:
         # the answer tokens' logits only, from one forward whose cache generation continues (the same

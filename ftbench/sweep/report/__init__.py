@@ -206,6 +206,11 @@ def _write(studies: list[Study], md: Path, reference: str, plots: bool, wandb: b
         table = markdown_table(s.points, keys, reference,
                                after=[table_note(s.points, keys, reference)] if any(k in PAIRED for k in keys) else [])
         written = make_plots(s, folder, prefix) if plots and len(s.points) else []
+        from ftbench.sweep.report.levers import levers_table
+
+        lever_section = levers_table(s.points)  # where the points differ by a speed lever
+        if lever_section:
+            table += "\n\n" + lever_section
         text = table + "\n\n" + notes(s, reference, select)
         if written:
             text += "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in written)
