@@ -283,4 +283,5 @@ def test_report_speed_levers_table():
     assert "| sft+full | bf16-mixed | 140 | 1.40x | 22.0 | 1.10x |" in table
     assert lever_name({"trainer.precision": "32-true"}) == "fp32"
     assert lever_name({"trainer.precision": "bf16-true", "backbone.liger_kernel": True}) == "bf16-true + liger"
+    assert lever_name({"data.packing": True}) == "packing" and lever_name({"data.packing": False}) == "fp32"
     assert levers_table(points.iloc[:2]) is None  # no lever varies: no table

@@ -2,7 +2,7 @@
 its own method (same method, same settings but the levers; float32, not compiled, no fused kernels).
 
 The levers are settings (:mod:`ftbench.levers`): ``trainer.precision``, ``backbone.compile`` (with its mode
-and backend) and ``backbone.liger_kernel``. The main table's ``--reference`` compares methods with one
+and backend), ``backbone.liger_kernel`` and ``data.packing`` (padding-free packing, :mod:`ftbench.data.packing`). The main table's ``--reference`` compares methods with one
 another (LoRA against full); this one compares each method with itself, lever by lever, through the same
 ratio (:func:`ftbench.sweep.report.stats._ratio`). It appears where the points differ by a lever.
 """
@@ -22,6 +22,7 @@ LEVERS: dict[str, tuple[Any, ...]] = {
     "trainer.precision": (None, "32-true", "32", 32, "fp32"),
     "backbone.compile": (None, False),
     "backbone.liger_kernel": (None, False),
+    "data.packing": (None, False),
 }
 #: settings that only qualify a lever (``compile_mode`` says nothing without ``compile``)
 QUALIFIERS = ("backbone.compile_mode", "backbone.compile_backend")
@@ -41,6 +42,8 @@ def lever_name(setting: Optional[dict[str, Any]]) -> str:
         parts.append("compile" + (f" ({', '.join(how)})" if how else ""))
     if setting.get("backbone.liger_kernel") not in LEVERS["backbone.liger_kernel"]:
         parts.append("liger")
+    if setting.get("data.packing") not in LEVERS["data.packing"]:
+        parts.append("packing")
     return " + ".join(parts) or "fp32"
 
 
