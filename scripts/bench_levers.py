@@ -1,7 +1,7 @@
 """The speed-levers table on the embedded model: trained tokens/s and predicted peak per lever against the
 plain float32 run of the same method, measured side by side.
 
-    nice python scripts/bench_levers.py [--rounds 2] [--steps 10] [--levers fp32 bf16-mixed bf16-true compile]
+    nice python scripts/bench_levers.py [--rounds 2] [--steps 10] [--levers fp32 bf16-mixed bf16-true compile packing]
                                        [--tuners lora full] [--out /tmp/bench_levers]
 
 Each round runs every (tuner, lever) once, in turn, as ``ftbench fit`` (its own process: one lever's
@@ -30,6 +30,7 @@ LEVERS = {
     "bf16-true": ["--trainer.precision", "bf16-true"],
     "compile": ["--backbone.compile", "true"],
     "compile-aot_eager": ["--backbone.compile", "true", "--backbone.compile_backend", "aot_eager"],
+    "packing": ["--data.init_args.packing", "true"],
 }
 
 
