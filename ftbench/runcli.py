@@ -228,7 +228,7 @@ def cli_class():
                 trainer.callbacks.append(ProgressFile(os.environ["FTBENCH_PROGRESS_FILE"]))
             self.pruning = None
             if os.environ.get("FTBENCH_SEARCH_TRIAL") and self.subcommand == "fit":  # a search trial with a pruner
-                from ftbench.sweep.pruning import PruneOnValidation
+                from ftbench.bench.pruning import PruneOnValidation
 
                 self.pruning = PruneOnValidation.from_env(os.environ["FTBENCH_SEARCH_TRIAL"])
                 trainer.callbacks.append(self.pruning)

@@ -317,6 +317,7 @@ def test_overwrite_then_ctrl_c_keeps_the_completed_record(tiny_model_dir, tmp_pa
 # ---------------------------------------------------------------------------------- faults
 def test_a_sweep_that_cannot_write_stops_in_one_line(tmp_path, monkeypatch, capsys):
     import ftbench.sweep.cli as sweep_cli
+    import ftbench.sweep.runs as sweep_runs
     from ftbench.sweep.grid import load_sweep
 
     sweep_file = tmp_path / "s.yaml"
@@ -332,19 +333,19 @@ def test_a_sweep_that_cannot_write_stops_in_one_line(tmp_path, monkeypatch, caps
         path.write_text(json.dumps({"run_info": {"run_id": spec.run_id}, "train_info": {"status": "running"}}))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sweep_cli, "run_one", run_one)
+    monkeypatch.setattr(sweep_runs, "run_one", run_one)
     assert sweep_cli.run_sweep(sweep) == 1
     first, second, third = (Path(sweep.out) / f"{s.run_id}.json" for s in sweep.runs)
     assert capsys.readouterr().err == (f"error: cannot write in {sweep.out} (No space left on device): the sweep "
                                        f"stopped at run {sweep.runs[1].run_id}; completed records are kept, and the "
                                        "same command resumes once it can write\n")
     assert json.loads(first.read_text())["train_info"]["status"] == "completed"
-    assert sweep_cli.record_status(second) == "interrupted"  # the next invocation reruns it
+    assert sweep_runs.record_status(second) == "interrupted"  # the next invocation reruns it
     assert not third.exists()
 
 
 def test_a_failed_sweep_run_says_why_and_runs_this_package(tmp_path, capsys):
-    import ftbench.sweep.cli as sweep_cli
+    import ftbench.sweep.runs as sweep_runs
     from ftbench.sweep.grid import load_sweep
 
     fake = tmp_path / "python"
@@ -355,8 +356,8 @@ def test_a_failed_sweep_run_says_why_and_runs_this_package(tmp_path, capsys):
     sweep = load_sweep(tmp_path / "s.yaml")
     (tmp_path / "out").mkdir()
     spec = sweep.runs[0]
-    with sweep_cli.Progress(1, live=False) as progress:
-        status = sweep_cli.run_one(sweep, spec, 1, progress, python=str(fake))
+    with sweep_runs.Progress(1, live=False) as progress:
+        status = sweep_runs.run_one(sweep, spec, 1, progress, python=str(fake))
     assert status == "failed"
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("      failed in ")]
     assert len(said) == 1 and said[0].split(" s: ", 1)[1].startswith(

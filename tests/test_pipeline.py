@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from ftbench.sweep.cli import record_status
+from ftbench.sweep.runs import record_status
 from ftbench.sweep.grid import SweepError, load_sweep
 from ftbench.tuners.saved import load_backbone
 

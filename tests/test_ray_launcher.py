@@ -18,7 +18,7 @@ import pytest
 
 from ftbench.sweep import cli as sweep_cli
 from ftbench.sweep import launchers
-from ftbench.sweep.cli import Progress, record_status
+from ftbench.sweep.runs import Progress, record_status
 from ftbench.sweep.grid import load_sweep, weights_dir
 from ftbench.sweep.launchers import RAY_EXTRA, LocalLauncher, RayLauncher, task_resources
 

@@ -181,7 +181,7 @@ def test_a_pruned_trial_is_recorded_pruned_with_its_curve(tmp_path, tiny_model_d
     """The real run (the CLI in this process, with the environment the sweep gives it): the median
     pruner, with five earlier trials at val/loss 0.0, stops it at its first validation."""
     from ftbench.cli import main as ftbench_main
-    from ftbench.sweep.cli import child_env
+    from ftbench.sweep.runs import child_env
 
     sweep = load_sweep(_sweep(tmp_path, ONE.replace("trials: 2", "trials: 6\n  pruner: median"), model=str(tiny_model_dir),
                               tuners="[lora.yaml]"))

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftbench.sweep.cli import RunProgress, decide, plan, record_status, run_summary, wandb_sweep_config
+from ftbench.sweep.cli import plan, wandb_sweep_config
+from ftbench.sweep.runs import RunProgress, decide, record_status, run_summary
 from ftbench.sweep.grid import RunSpec, SweepError, load_sweep, parse_overrides, parse_shard, shard
 from ftbench.sweep.report import load_records
 
@@ -476,7 +477,7 @@ def test_progress_file_and_estimate(tmp_path):
 
     import torch
 
-    from ftbench.sweep.cli import Progress
+    from ftbench.sweep.runs import Progress
     from ftbench.sweep.progress import ProgressFile
 
     path = tmp_path / "p.json"

@@ -2,7 +2,7 @@
 or :class:`RayLauncher` (each point a Ray task, on a local Ray instance or a cluster).
 
 Either way a point is the same ``python -m ftbench.cli`` process started by
-:func:`ftbench.sweep.cli.run_one` (its command line, environment, log file, progress file and the
+:func:`ftbench.sweep.runs.run_one` (its command line, environment, log file, progress file and the
 marking of a run that died without a record), so the records, run ids and resume rules do not
 depend on the launcher. ``launcher.run(sweep, specs, progress)`` is the one call that runs a list of
 points (a grid's, or a search's trials) and returns each one's record status::
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 from ftbench.errors import FTBenchError
 
 if TYPE_CHECKING:
-    from ftbench.sweep.cli import Progress
+    from ftbench.sweep.runs import Progress
     from ftbench.sweep.grid import RunSpec, Sweep
 
 LAUNCHERS = ("local", "ray")
@@ -62,7 +62,7 @@ class RunStopped(OSError):
 
 
 def _stop(sweep: "Sweep", spec: "RunSpec", err: OSError) -> RunStopped:
-    from ftbench.sweep.cli import _mark_stopped
+    from ftbench.sweep.runs import _mark_stopped
 
     _mark_stopped(Path(sweep.out) / f"{spec.run_id}.json", spec, err)
     return RunStopped(spec.run_id, err)
@@ -70,7 +70,7 @@ def _stop(sweep: "Sweep", spec: "RunSpec", err: OSError) -> RunStopped:
 
 def _skip_if_blocked(sweep: "Sweep", spec: "RunSpec", i: int, progress: "Progress") -> bool:
     """Record ``spec`` as skipped when an upstream stage did not complete (True), as a local sweep does."""
-    from ftbench.sweep.cli import _mark_skipped, blocked_by
+    from ftbench.sweep.runs import _mark_skipped, blocked_by
 
     why = blocked_by(sweep, spec)
     if why is None:
@@ -95,7 +95,7 @@ class LocalLauncher:
         """Run ``specs`` in order (``start``: the number the first one gets in the progress lines);
         returns ``{run_id: record status}``. An OSError (the results folder cannot be written)
         stops the sweep as :class:`RunStopped`."""
-        from ftbench.sweep.cli import run_one
+        from ftbench.sweep.runs import run_one
 
         statuses: dict[str, str] = {}
         for i, spec in enumerate(specs, start):
@@ -140,9 +140,9 @@ def _portable(sweep: "Sweep", spec: "RunSpec") -> tuple["Sweep", "RunSpec"]:
 
 
 def run_in_task(sweep: "Sweep", spec: "RunSpec", i: int, total: int) -> tuple[str, list[str]]:
-    """The body of a point's Ray task: :func:`ftbench.sweep.cli.run_one` on the worker, its progress
+    """The body of a point's Ray task: :func:`ftbench.sweep.runs.run_one` on the worker, its progress
     lines kept and returned (the driver prints them when the run has finished)."""
-    from ftbench.sweep.cli import Progress, run_one
+    from ftbench.sweep.runs import Progress, run_one
 
     class Collected(Progress):
         def __init__(self) -> None:
@@ -278,7 +278,7 @@ class RayLauncher:
         says how it ended (``--retry-failed`` reruns it, as a local run killed by a signal; an
         interrupted one stays interrupted, which the next invocation reruns)."""
         from ftbench.fileio import write_text_atomic
-        from ftbench.sweep.cli import _mark_failed, read_record, record_status
+        from ftbench.sweep.runs import _mark_failed, read_record, record_status
 
         path = Path(sweep.out) / f"{spec.run_id}.json"
         reason = (str(err).strip().splitlines() or [""])[0][:300]

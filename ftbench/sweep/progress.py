@@ -3,7 +3,7 @@
 ``ftbench sweep`` sets ``FTBENCH_PROGRESS_FILE`` for each run; the CLI then adds
 :class:`ProgressFile`, which rewrites that small JSON file (atomically, at most once a second) with
 the global step, ``max_steps``, the last training loss and the phase; the sweep reads it back with
-:class:`ftbench.sweep.cli.RunProgress` (which imports nothing of Lightning: the sweep's own process
+:class:`ftbench.sweep.runs.RunProgress` (which imports nothing of Lightning: the sweep's own process
 stays torch-free). It does not depend on which progress bar (tqdm, rich, none) the run shows (the
 sweep reads nothing of the run's log), and nothing of it reaches the record.
 """

@@ -40,11 +40,11 @@ pruner is a new study (its name ends in their digest); more ``trials`` continue 
 **A trial is an ordinary run.** Its values are set on the point's command line (a
 :class:`~ftbench.sweep.grid.RunSpec` with the point's settings and the trial's), so its run id is the
 one ``ftbench fit`` with those values gets, and the sweep's runner starts it as it starts every point
-(:func:`ftbench.sweep.cli.run_one`). Its record carries ``run_info.search`` (study, trial number,
+(:func:`ftbench.sweep.runs.run_one`). Its record carries ``run_info.search`` (study, trial number,
 metric, direction, the values and their distributions): the report reads searches from records
 alone (:mod:`ftbench.sweep.report.search`). The trial's value is the metric at the end of training
 (the record's ``final``), as ``--select`` reads it. With a pruner, the run reports each validation
-to the study (:class:`ftbench.sweep.pruning.PruneOnValidation`) and stops early when the pruner says
+to the study (:class:`ftbench.bench.pruning.PruneOnValidation`) and stops early when the pruner says
 so; its record says ``pruned`` and keeps its curve.
 """
 
@@ -329,18 +329,10 @@ def make_sampler(search: Search, point: SearchPoint, number: int = 0):
     return optuna.samplers.TPESampler(seed=search.seed + number, n_startup_trials=startup)
 
 
-def make_pruner(name: str):
-    import optuna
-
-    if name == "median":
-        return optuna.pruners.MedianPruner()
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner()
-    return optuna.pruners.NopPruner()
-
-
 def open_study(search: Search, point: SearchPoint, study_name: str, storage: Any):
     import optuna
+
+    from ftbench.bench.pruning import make_pruner
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(study_name=study_name, storage=storage, direction=search.direction,
@@ -435,7 +427,7 @@ def run_search(search: Search, sweep_name: str, out: str | Path, storage_url: st
     import optuna
     from optuna.trial import TrialState
 
-    from ftbench.sweep.cli import DONE, read_record
+    from ftbench.sweep.runs import DONE, read_record
 
     storage = make_storage(storage_url, search.heartbeat_s)
     callback, _ = _retry_callback(optuna)
@@ -493,7 +485,7 @@ def _run_trial(search: Search, sp: SearchPoint, name: str, storage: Any, storage
     already has a record: the same settings are the same run); (its record's status, the spec)."""
     import optuna
 
-    from ftbench.sweep.cli import DONE, FAILED, record_status
+    from ftbench.sweep.runs import DONE, FAILED, record_status
 
     # the values drawn with seed + trial number (see make_sampler); a queued trial keeps its own
     draw = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(search, sp, asked.number))

@@ -33,8 +33,6 @@ class PruneOnValidation(PyTorchLightningPruningCallback):
     def from_env(cls, text: str) -> "PruneOnValidation":
         import optuna
 
-        from ftbench.sweep.search import make_pruner
-
         spec = json.loads(text)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.load_study(study_name=spec["study"], storage=spec["storage"], pruner=make_pruner(spec["pruner"]))
@@ -51,3 +49,15 @@ class PruneOnValidation(PyTorchLightningPruningCallback):
         if self._trial.should_prune():
             self.pruned = True
             trainer.should_stop = True
+
+
+def make_pruner(name: str):
+    """Optuna's pruner of a search's ``pruner:`` (none, median, hyperband): the sweep's study and the run's
+    callback make the same one."""
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner()
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
