@@ -47,7 +47,7 @@ def test_the_tiny_check_runs_end_to_end(gpu_check, tmp_path, monkeypatch):
     assert record["train_info"]["host_syncs"]["host_read_sites"] == {
         "_local_scalar_dense at precision/precision.py:123": 28,
         "_local_scalar_dense at transformers/masking_utils.py:761": 1,
-        "_local_scalar_dense at objectives/step.py:66": 1}
+        "_local_scalar_dense at objectives/step.py:66": 1, "_local_scalar_dense at bench/measure.py:333": 1}
     assert "final" in record["train_info"] and not any(k.startswith("test/") for k in record["train_info"]["final"])
     # the quickstart LoRA run on the tiny model with weights (fp32, 2 steps): its pinned test figures
     quick = summary["quickstart"]
