@@ -244,7 +244,8 @@ def test_adalora_total_step_mismatch_is_warned(backbone):
     config = peft.AdaLoraConfig(init_r=4, target_r=2, total_step=60, tinit=5, tfinal=5, target_modules=["q_proj"])
     m = peft_method(backbone, config)
     # what configure_model does inside a fit: the tuner learns the trainer's optimizer steps
-    m._trainer = SimpleNamespace(estimated_stepping_batches=12, state=SimpleNamespace(fn="fit"))
+    m._trainer = SimpleNamespace(estimated_stepping_batches=12, state=SimpleNamespace(fn="fit"),
+                                 strategy=SimpleNamespace(root_device=torch.device("cpu")))
     with pytest.warns(UserWarning, match="total_step=60 but the trainer will take 12"):
         m.configure_model()
     tuner = m.tuner
