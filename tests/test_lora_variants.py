@@ -1,5 +1,5 @@
-"""The LoRA variants of configs/tuner/: rsLoRA, PiSSA, OLoRA, LoftQ (peft's ``use_rslora`` and
-``init_lora_weights``) and LoRA+ (peft's ``create_loraplus_optimizer`` through ``Peft.loraplus_lr_ratio``).
+"""The LoRA variants of configs/tuner/: rsLoRA, PiSSA, OLoRA, LoftQ, EVA (peft's ``use_rslora`` and
+``init_lora_weights``; EVA's from the run's training batches) and LoRA+ (peft's ``create_loraplus_optimizer`` through ``Peft.loraplus_lr_ratio``).
 
 Pinned numbers (tests/pins/lora_variants.json, ``python scripts/regen_pins.py lora_variants``): the
 trainable count and the 4 training losses of SFT with each shipped config on the tiny Llama (its
@@ -25,6 +25,8 @@ PIN_NAME = "lora_variants"
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("rslora", "pissa", "olora", "loftq", "loraplus")
 LORA16 = LAYERS * 16 * sum(m + n for m, n in LINEARS)
+#: EVA's SVD wants r x rho = 32 trained positions in a batch: 8 rows of the tiny data have them, 4 do not
+EVA_BATCH = {"eva": {"batch_size": 8}}
 
 
 def method(name: str, model_dir: Path, out: Path, objective: str = "sft", *extra: str):
@@ -42,9 +44,9 @@ def compute_pins(tmp_dir: Path) -> dict:
 
     path = build_tiny_llama(tmp_dir / "tiny")
     pins = {}
-    for name in CONFIGS:
+    for name in (*CONFIGS, "eva"):
         m = method(name, path, tmp_dir / "out")
-        losses = four_step_losses(m, tiny_data(m.backbone))
+        losses = four_step_losses(m, tiny_data(m.backbone, **EVA_BATCH.get(name, {})))
         pins[name] = {"trainable": m.parameter_counts()["trainable"], "losses": losses}
     return pins
 
@@ -121,10 +123,85 @@ def test_reference_objectives_refuse_a_rewritten_backbone(tiny_model_dir, tmp_pa
     assert err.value.hint == "use init_lora_weights: true (or gaussian), or an objective without a reference"
 
 
-@pytest.mark.parametrize("name", ["rslora", "loraplus"])
+# ---------------------------------------------------------------------- EVA
+def test_eva_initialises_from_the_training_batches(tiny_model_dir, tmp_path):
+    """EVA (configs/tuner/eva.yaml): before the first step each A matrix holds the top right-singular
+    vectors of its layer's inputs on the run's training batches (orthonormal rows), B is zero (so the
+    model computes what the backbone does), and the ranks are redistributed by explained variance
+    within the budget: 16 per layer on average over the 14 x 2 adapted layers, none above rho x r = 32.
+    Then the pinned four steps."""
+    m = method("eva", tiny_model_dir, tmp_path, "sft")
+    dm = tiny_data(m.backbone, batch_size=8)
+    seen: dict = {}
+
+    def at_start(objective):
+        batch = next(iter(dm.val_dataloader()))
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        with torch.no_grad():
+            seen["logits"] = objective(ids, mask).clone()
+            seen["backbone"] = objective.backbone.load_model().eval()(input_ids=ids, attention_mask=mask,
+                                                                        use_cache=False).logits
+        layers = {n: mod for n, mod in objective.model.named_modules() if hasattr(mod, "lora_A") and "default" in mod.lora_A}
+        seen["ranks"] = {n: mod.lora_A["default"].weight.shape[0] for n, mod in layers.items()}
+        seen["gram"] = [mod.lora_A["default"].weight @ mod.lora_A["default"].weight.T for mod in layers.values()]
+        seen["b"] = [mod.lora_B["default"].weight.abs().max().item() for mod in layers.values()]
+
+    losses = four_step_losses(m, dm, after_setup=at_start)
+    ranks = seen["ranks"]
+    assert len(ranks) == 7 * LAYERS and sum(ranks.values()) == 16 * 7 * LAYERS
+    assert max(ranks.values()) <= 32 and len(set(ranks.values())) > 1  # redistributed
+    for gram in seen["gram"]:
+        assert torch.allclose(gram, torch.eye(gram.shape[0]), atol=1e-5)
+    assert seen["b"] == [0.0] * len(ranks)
+    assert torch.allclose(seen["logits"], seen["backbone"], atol=1e-5)
+    pins = load_pins(PIN_NAME)["eva"]
+    assert m.parameter_counts()["trainable"] == pins["trainable"]
+    assert losses == pytest.approx(pins["losses"], rel=1e-5)
+
+
+def test_eva_refuses_batches_too_small_for_its_svd(tiny_model_dir, tmp_path):
+    """With 4 rows a batch the tiny data's batches have fewer trained positions than EVA's 32 components:
+    peft would skip every one and cycle forever; refused in one line before any step."""
+    from ftbench.errors import ConfigError
+
+    m = method("eva", tiny_model_dir, tmp_path)
+    with pytest.raises(ConfigError) as err:
+        four_step_losses(m, tiny_data(m.backbone, batch_size=4), steps=1)
+    assert str(err.value).startswith("tuner lora: EVA's SVD needs at least r x rho = 32 positions in a training "
+                                     "batch (peft skips smaller batches and would cycle forever); this run's largest "
+                                     "batch has ")
+    assert str(err.value).endswith(" trained positions (eva_config.use_label_mask)")
+    assert err.value.hint == "use a larger data.batch_size, or eva_config.use_label_mask: false"
+
+
+def test_eva_estimate_has_uniform_ranks(tiny_model_dir, tmp_path):
+    """ftbench estimate (meta, no data) cannot run EVA's SVD: it gives LoRA's uniform r = 16, which the
+    run's breakdown equals when rho is 1 (no redistribution); with the shipped rho 2 the run's ranks
+    come from the data."""
+    from peft import EvaConfig, LoraConfig
+
+    from ftbench.backbone import Backbone
+    from ftbench.estimate import estimate
+    from ftbench.tuners import Peft
+    from test_memory import B, T, adamw, measure
+
+    def tuner():
+        return Peft(peft_config=LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                           init_lora_weights="eva", eva_config=EvaConfig(rho=1.0)), lr=2e-4)
+
+    real = measure(tiny_model_dir, tuner(), optimizer=adamw(), steps=2)
+    est = estimate(Backbone(model=str(tiny_model_dir)), tuner(), batch_size=B, seq_len=T, precision="32-true",
+                   optimizer=adamw())
+    for part in ("weights", "gradients"):
+        assert est[part] == real[part]
+    assert est["optimizer"]["bytes"] == real["optimizer"]["bytes"] == 2 * LORA16 * 4 + 2 * 7 * LAYERS * 4
+    assert est["activations"]["bytes"] == real["activations"]["bytes"]
+
+
+@pytest.mark.parametrize("name", ["rslora", "loraplus", "eva"])
 def test_reference_is_the_backbone_exactly_after_training(tiny_model_dir, tmp_path, name):
     m = method(name, tiny_model_dir, tmp_path, "sft", "--model.init_args.warmup_steps", "0")
-    dm = tiny_data(m.backbone)
+    dm = tiny_data(m.backbone, **EVA_BATCH.get(name, {}))
     four_step_losses(m, dm, steps=3)
     batch = next(iter(dm.val_dataloader()))
     ids, mask = batch["input_ids"], batch["attention_mask"]

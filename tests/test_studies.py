@@ -34,6 +34,7 @@ SWEEPS = {
     "experiments/regimes/gpu.yaml": 20,
     "configs/sweeps/rlhf.yaml": 11,
     "experiments/rlhf/gpu.yaml": 7,
+    "experiments/rlhf/family.yaml": 32,
     "experiments/preference/sweep.yaml": 49,
     "experiments/preference/gpu.yaml": 49,
 }
@@ -90,8 +91,13 @@ def test_efficiency_estimate_table_is_the_estimate():
     table = update_reports.estimate_table()
     assert block.endswith(f"\n\n{table}\n")
     # Gemma-2B at the paper's settings, full fine-tuning: 15.10 GiB predicted against the paper's 17.06,
-    # which are GiB (its Llama2-7B full row, 38.72, is below bf16 weights + gradients + 8-bit Adam in 1e9 bytes)
-    assert "| sft+full | 4.67 | 4.67 | 4.74 |" in table and "| 15.10 | 17.06 | 0.89 |" in table
+    # which are GiB (its Llama2-7B full row, 38.72, is below bf16 weights + gradients + 8-bit Adam in 1e9 bytes);
+    # with the two more float32 logits (2 x 512 x 256,000 x 4 B = 0.98 GiB) of the paper's HF loss, 16.08
+    assert "| gemma-2b | sft+full | bf16-true | 4.67 | 4.67 | 4.74 |" in table
+    assert "| 15.10 | 17.06 | 0.89 | 16.08 | 0.94 |" in table
     assert "| predicted peak (GiB) | paper, measured (GiB) |" in table
     # the GaLore row (galore-torch's 8-bit GaLore, rank 16), beside the paper's 10.16
-    assert "| sft+full, GaLore | 4.67 | 4.67 | 1.03 | 0.53 | 0.49 | 11.39 | 10.16 | 1.12 |" in table
+    assert "| gemma-2b | sft+full, GaLore | bf16-true | 4.67 | 4.67 | 1.03 | 0.53 | 0.49 | 11.39 | 10.16 | 1.12 |" in table
+    # Llama2-7B: full within 2 % of the paper; LoRA with LLaMA-Factory's float32 adapters (bf16-mixed) within 3 %
+    assert "| llama2-7b | sft+full | bf16-true | 12.55 | 12.55 | 12.75 | 0.20 | 0.06 | 38.11 | 38.72 | 0.98 |" in table
+    assert "| llama2-7b | sft+lora | bf16-mixed | 13.74 | 1.19 | 0.61 | 0.19 | 0.06 | 15.79 | 16.32 | 0.97 |" in table

@@ -133,6 +133,11 @@ class Objective(EvaluationSteps, L.LightningModule):
         if self.backbone.liger_kernel and device is not None:  # not on meta (ftbench estimate models the fused loss)
             model = levers.apply_liger(model, device)
         model = self.tuner.prepare(model, self.backbone)
+        if self.tuner.initialises_from_data and self._trainer is not None and self.trainer.state.fn == "fit":
+            # the fit's training data as Lightning will load it (a data module's train_dataloader, or the
+            # loaders given to fit): Lightning's own handle on it, since its loaders load after this hook
+            # and the optimizer (made next) must see the initialised parameters
+            self.tuner.initialise_from_data(model, self.trainer.fit_loop._data_source.dataloader())
         if self.head == "score":
             train_score_head(model)
         self.model = model

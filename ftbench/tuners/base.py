@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -111,6 +111,13 @@ class Tuner:
     def prepare(self, model: nn.Module, backbone: "Backbone") -> nn.Module:
         """Decide what trains: freeze, wrap, add modules. Returns the module to train."""
         raise NotImplementedError
+
+    #: whether :meth:`initialise_from_data` needs training batches before the first step (EVA)
+    initialises_from_data = False
+
+    def initialise_from_data(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> None:
+        """Set what trains from training batches, after :meth:`prepare` and before the optimizer is
+        made (a data-driven initialisation). Default: nothing."""
 
     def parameter_counts(self, model: nn.Module) -> dict[str, int]:
         return count_parameters(model)

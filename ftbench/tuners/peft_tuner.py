@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 import torch
 from peft import PeftConfig
@@ -50,6 +50,37 @@ from ftbench.tuners.base import Tuner, freeze_backbone
 
 if TYPE_CHECKING:
     from ftbench.backbone import Backbone
+
+
+class _TokenBatches:
+    """A data loader's batches with only their token fields, on the model's device; sized and
+    re-iterable, as peft's EVA wants (it cycles through them until the SVDs converge)."""
+
+    FIELDS = ("input_ids", "attention_mask", "labels")
+
+    def __init__(self, batches: Iterable[dict[str, Any]], device: torch.device):
+        self.batches, self.device = batches, device
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.batches:
+            yield {k: batch[k].to(self.device) for k in self.FIELDS if k in batch}
+
+
+def _eva_positions(batch: dict[str, torch.Tensor], eva: Any) -> torch.Tensor:
+    """The positions of a batch that enter EVA's SVD, as peft's language-modelling input function picks
+    them: attended tokens, and with ``use_label_mask`` only those with a label."""
+    mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+    if eva.use_label_mask and "labels" in batch:
+        mask &= batch["labels"] != eva.label_mask_value
+    return mask
+
+
+def _forward_tokens(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    """EVA's forward: the tokens only (the labels choose which positions enter the SVD)."""
+    return model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
 
 
 class Peft(Tuner):
@@ -141,6 +172,37 @@ class Peft(Tuner):
 
         return create_loraplus_optimizer(model, optimizer_cls=configured, lr=self.lr,
                                          loraplus_lr_ratio=self.loraplus_lr_ratio)
+
+    @property
+    def initialises_from_data(self) -> bool:
+        """EVA (Paischer et al., 2024): LoRA's A matrices start as the top right-singular vectors of each
+        adapted layer's inputs on training batches, with the ranks redistributed across layers by
+        explained variance (``eva_config.rho``); B starts at zero, so the backbone is untouched."""
+        return getattr(self.peft_config, "init_lora_weights", True) == "eva"
+
+    def initialise_from_data(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> None:
+        """EVA through peft's ``initialize_lora_eva_weights`` (the incremental SVD until the components
+        converge, ``eva_config.tau``); a model on the meta device (``ftbench estimate``) keeps LoRA's
+        shapes. Only the token fields of a batch reach the model: peft's default forward passes every
+        key, and ftbench's batches carry the answers and prompts for evaluation too."""
+        if not self.initialises_from_data or any(p.is_meta for p in model.parameters()):
+            return
+        from peft import initialize_lora_eva_weights
+
+        inputs = _TokenBatches(batches, next(model.parameters()).device)
+        eva = self.peft_config.eva_config
+        components = round(self.peft_config.r * eva.rho)
+        # peft skips a batch with fewer positions than components and cycles the batches until every
+        # layer's SVD converges: with no batch large enough it would never stop
+        most = max(int(_eva_positions(b, eva).sum()) for b in inputs)
+        if most < components:
+            raise ConfigError(
+                f"tuner {self.name}: EVA's SVD needs at least r x rho = {components} positions in a training batch "
+                f"(peft skips smaller batches and would cycle forever); this run's largest batch has {most}"
+                + (" trained positions (eva_config.use_label_mask)" if eva.use_label_mask else ""),
+                hint="use a larger data.batch_size" + (", or eva_config.use_label_mask: false" if eva.use_label_mask
+                                                       else ""))
+        initialize_lora_eva_weights(model, dataloader=inputs, forward_fn=_forward_tokens, show_progress_bar=False)
 
     #: LoRA initialisations that move part of each weight into the adapter and leave the backbone
     #: holding the rest (PiSSA, OLoRA, CorDA) or its quantized round trip (LoftQ): switching the adapter
