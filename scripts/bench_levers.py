@@ -72,7 +72,7 @@ def main() -> int:
     print(f"\nkernels: {json.dumps(kernels)}")
     print(f"embedded SmolLM2-135M, SFT, {args.steps} steps x 8 rows, {args.rounds} round(s); ratio = median over rounds "
           "of the lever's / fp32's within a round; † = a run of it was contended")
-    print("| method | lever | trained tok/s | speed vs fp32 | predicted peak (MB) | peak vs fp32 | compile s |")
+    print("| method | lever | trained tok/s | speed vs fp32 | predicted peak (MiB) | peak vs fp32 | compile s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for tuner in args.tuners:
         plain = results.get((tuner, "fp32"), [])

@@ -105,7 +105,7 @@ def write_records(d: Path, broken: bool = True) -> None:
 #        ppl of 1.5/1.6/1.7 -> 4.9695 ± 0.4963; Welch: t = -0.3 / sqrt(0.01/3 + 0.01/3) = -3.674, df = 4 -> p = 0.0213
 #  lora r=8: one seed (no std, no test); lora lr=1e30: nan, nothing averaged; baseline: a test run, no relative columns
 EXPECTED = """\
-| method | setting | n | status | trainable params | trainable % | peak mem (MB) | mem vs full | trained tok/s | speed vs full | wall (s) | val loss | val ppl | test loss | exact match | EM add | EM copy | forgetting (Δ general loss) | p vs full (Welch) |
+| method | setting | n | status | trainable params | trainable % | peak mem (MiB) | mem vs full | trained tok/s | speed vs full | wall (s) | val loss | val ppl | test loss | exact match | EM add | EM copy | forgetting (Δ general loss) | p vs full (Welch) |
 |---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 | full | – | 3 | completed | 1,000 | 100.00 | 1,000 ± 0 | 1.00× (ref) | 110 ± 10 | 1.00× (ref) | 12 ± 0 | 1.200 ± 0.200 | 3.36 ± 0.67 | – | 60.0 ± 10.0% | 60.0 ± 20.0% | 50.0 ± 0.0% | +0.600 ± 0.100 | – |
 | lora | lr=0.001, r=16 | 3 | completed | 50 | 5.00 | 400 ± 0 | 0.40× | 220 ± 20 | 2.00× | 8 ± 0 | 1.600 ± 0.100 | 4.97 ± 0.50 | – | 30.0 ± 10.0% | 10.0 ± 0.0% | 30.0 ± 10.0% | +0.100 ± 0.000 | 0.021 * |
@@ -202,7 +202,7 @@ def test_reference_matches_the_tuner_part(tmp_path):
     # sft+lora against sft+full: a = 0.4/0.6, b = 0.5/0.7: t = -0.1 / sqrt(0.02/2 + 0.02/2) = -0.707, df = 2:
     # two-sided p = 1 - |t| / sqrt(2 + t^2) = 1 - 0.4472 = 0.553
     assert table == """\
-| method | n | peak mem (MB) | mem vs full | speed vs full | exact match | p vs full (Welch) |
+| method | n | peak mem (MiB) | mem vs full | speed vs full | exact match | p vs full (Welch) |
 |---|---:|---:|---:|---:|---:|---:|
 | sft+full | 2 | 1,000 ± 0 | 1.00× (ref) | 1.00× (ref) | 60.0 ± 14.1% | – |
 | sft+lora | 2 | 400 ± 0 | 0.40× | 2.00× | 50.0 ± 14.1% | 0.553 |
@@ -228,7 +228,7 @@ def test_a_new_column_appears_with_no_code_change(tmp_path):
     table = report(tmp_path, plots=False, columns=["n", "memory_breakdown.*", "val/rewards/*", "val/brand_new_metric"])
     # activations 25.5 and 51 MB -> 38 ± 18; accuracies 75/100% -> 87.5 ± 17.7%; margins 0.25/0.5; 'nan': no number
     assert table == """\
-| method | n | memory_breakdown.weights (MB) | memory_breakdown.gradients (MB) | memory_breakdown.optimizer_state (MB) | memory_breakdown.activations (MB) | memory_breakdown.transient (MB) | memory_breakdown.predicted_peak (MB) | val/rewards/accuracies | val/rewards/margins | val/brand_new_metric |
+| method | n | memory_breakdown.weights (MiB) | memory_breakdown.gradients (MiB) | memory_breakdown.optimizer_state (MiB) | memory_breakdown.activations (MiB) | memory_breakdown.transient (MiB) | memory_breakdown.predicted_peak (MiB) | val/rewards/accuracies | val/rewards/margins | val/brand_new_metric |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 | dpo+lora | 2 | 100 ± 0 | 50 ± 0 | 100 ± 0 | 38 ± 18 | 0 ± 0 | 276 ± 0 | 87.5 ± 17.7% | 0.375 ± 0.1768 | 1.852e+04 ± 8730 |"""
     with open(tmp_path / "report.csv") as f:
@@ -403,7 +403,7 @@ def test_summary_line(tmp_path):
     write_records(tmp_path, broken=False)
     rec = json.loads((tmp_path / "full-1.json").read_text())
     assert summary_line(rec) == ("[ftbench] full-1: full completed trainable params=1,000 trainable %=100.00 "
-                                 "peak mem (MB)=1,000 trained tok/s=100 wall (s)=12 val loss=1.000 exact match=50.0%")
+                                 "peak mem (MiB)=1,000 trained tok/s=100 wall (s)=12 val loss=1.000 exact match=50.0%")
 
 
 def test_pareto_front():
@@ -494,8 +494,8 @@ def test_memory_breakdown_columns_and_the_memory_ratio_on_cpu(tmp_path):
             _record("v1", "lora", 1, lr=3e-4, final={"val/accuracy": 0.9}, mem_mb=3500, n=3)]
     points, _ = summarise(runs_frame(recs))
     table = markdown_table(points).splitlines()
-    assert table[0].startswith("| method | setting | n | status | trainable params | trainable % | weights (MB) | "
-                               "grads (MB) | optimizer (MB) | activations (MB) | predicted peak (MB) | peak mem (MB) | "
+    assert table[0].startswith("| method | setting | n | status | trainable params | trainable % | weights (MiB) | "
+                               "grads (MiB) | optimizer (MiB) | activations (MiB) | predicted peak (MiB) | peak mem (MiB) | "
                                "mem vs full |")
     full, lora, val_only = table[2:5]
     assert "| 500 | 500 | 1,000 | 100 | 2,150 | 4,000 | 1.00× (ref) |" in full

@@ -41,7 +41,7 @@ import pandas as pd
 
 from ftbench.fileio import write_text_atomic
 from ftbench.sweep.report.records import (DERIVED, RecordWarning, ReportError, label_parts, load_records, runs_frame,
-                                          setting_of)
+                                          setting_of, sweep_runs)
 from ftbench.sweep.report.stats import (matches_reference, parse_select, pareto_front, select_points, summarise,
                                         welch_t_test)
 from ftbench.sweep.report.table import (PAIRED, available, choose_keys, column, csv_text, markdown_table, summary_line,
@@ -76,11 +76,7 @@ def study_name(directory: Path) -> str:
 
 def run_names(directory: Path) -> dict[str, str]:
     """Run id -> the name the sweep gave the run (``sweep.json``), for the ``run`` column."""
-    try:
-        runs = json.loads((directory / "sweep.json").read_text()).get("runs") or []
-        return {str(r["run_id"]): str(r["name"]) for r in runs if isinstance(r, dict) and r.get("name")}
-    except (OSError, ValueError, AttributeError, KeyError):
-        return {}
+    return {str(r["run_id"]): str(r["name"]) for r in sweep_runs(directory) if r.get("name")}
 
 
 def load_study(directory: str | Path, reference: str = "full", select: Optional[str] = None,

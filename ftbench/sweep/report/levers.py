@@ -55,7 +55,7 @@ def _rest(setting: Optional[dict[str, Any]]) -> str:
 
 def lever_rows(points: pd.DataFrame) -> pd.DataFrame:
     """One row per fit point that has a plain run of its method: method, lever, tokens/s, predicted peak
-    (MB), and both relative to the plain run (``speed_vs_plain``, ``peak_vs_plain``)."""
+    (MiB), and both relative to the plain run (``speed_vs_plain``, ``peak_vs_plain``)."""
     fit = points[points["subcommand"] == "fit"]
     names = {i: lever_name(fit.at[i, "config"]) for i in fit.index}
     if len(set(names.values())) < 2:
@@ -85,7 +85,7 @@ def levers_table(points: pd.DataFrame) -> Optional[str]:
     def num(v: Any, f: str) -> str:
         return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, f)
 
-    lines = ["| method | lever | trained tok/s | speed vs fp32 | predicted peak (MB) | peak vs fp32 |",
+    lines = ["| method | lever | trained tok/s | speed vs fp32 | predicted peak (MiB) | peak vs fp32 |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows.itertuples():
         lines.append(f"| {r.method} | {r.lever} | {num(r.tokens_per_s, ',.0f')} | {num(r.speed_vs_plain, '.2f')}x | "

@@ -90,8 +90,8 @@ def make_plots(points: pd.DataFrame, runs: pd.DataFrame, out: Path, prefix: str 
             ax.axhline(100 * base["accuracy"].iloc[0], color="grey", ls=":", lw=1, label="baseline (no training)")
         predicted = pts["pred_peak_mb"].notna() & pts["device_mem_mb"].eq(pts["pred_peak_mb"])
         ax.set_xlabel("predicted device peak (MB, memory breakdown)" if predicted.all() else
-                      "peak memory (MB): CUDA allocated peak, or the predicted device peak on CPU runs" if predicted.any()
-                      else "peak memory (MB)")
+                      "peak memory (MiB): CUDA allocated peak, or the predicted device peak on CPU runs" if predicted.any()
+                      else "peak memory (MiB)")
         ax.set_ylabel("exact match (%)")
         with_ci = (pts["paired_metric"] == "accuracy") & pts["score_ci_low"].notna() if "paired_metric" in pts else pts["n"] < 0
         bars = ("95% interval over the test rows" if with_ci.all() else

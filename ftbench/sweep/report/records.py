@@ -17,7 +17,7 @@ not listed here:
 The data set's answer metrics (``test/rouge_l``, ``test/<task>/chrf``, ``test/mc_accuracy``) and
 lm-evaluation-harness results (``lm_eval/<task>/acc``) are ``final`` entries like any other.
 
-On top of those, :data:`DERIVED` are the quantities the default table shows (peak memory in MB, wall
+On top of those, :data:`DERIVED` are the quantities the default table shows (peak memory in MiB, wall
 time, perplexity, exact match, forgetting), each computed from the columns above in one place.
 """
 
@@ -62,7 +62,9 @@ class RecordWarning(UserWarning):
 
 # ---------------------------------------------------------------------------------- reading
 def load_records(directory: str | Path, problems: Optional[list[tuple[str, str]]] = None) -> list[dict[str, Any]]:
-    """Every ``*.json`` run record in ``directory`` (not recursive), by creation time.
+    """Every ``*.json`` run record in ``directory`` (not recursive), in the order of the sweep that made
+    them (its ``sweep.json``: the sweep file's order, so a table's rows follow it however often runs were
+    redone), then by creation time.
 
     Other JSON (``sweep.json``) is passed over. A file that is not valid JSON, or a JSON object with a
     ``run_info``/``train_info`` that is not a record, is skipped with a :class:`RecordWarning` naming
@@ -85,7 +87,24 @@ def load_records(directory: str | Path, problems: Optional[list[tuple[str, str]]
             continue
         rec["_path"] = str(p)
         records.append(rec)
-    return sorted(records, key=lambda r: (str(r["run_info"].get("created", "")), r["_path"]))
+    order = _sweep_order(Path(directory))
+    return sorted(records, key=lambda r: (order.get(Path(r["_path"]).stem, len(order)),
+                                          str(r["run_info"].get("created", "")), r["_path"]))
+
+
+def sweep_runs(directory: Path) -> list[dict[str, Any]]:
+    """The runs the directory's ``sweep.json`` lists, in the sweep file's order (none without one, or if
+    it cannot be read)."""
+    try:
+        runs = json.loads((directory / "sweep.json").read_text()).get("runs") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [r for r in runs if isinstance(r, dict) and r.get("run_id")]
+
+
+def _sweep_order(directory: Path) -> dict[str, int]:
+    """Run id -> its position in the directory's sweep."""
+    return {str(r["run_id"]): i for i, r in enumerate(sweep_runs(directory))}
 
 
 #: the record entries the report reads and the JSON types each may have (null is always allowed)

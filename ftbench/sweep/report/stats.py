@@ -198,14 +198,18 @@ def select_points(points: pd.DataFrame, spec: str, over: Sequence[str] = ()) -> 
 
 # ---------------------------------------------------------------------------------- reference
 def matches_reference(points: pd.DataFrame, reference: str) -> pd.Series:
-    """Fit points whose label is ``reference`` or whose tuner part is (``full`` matches ``sft+full``)."""
-    return (points["subcommand"] == "fit") & ((points["label"] == reference) | (points["tuner"] == reference))
+    """Fit points whose label is ``reference`` or whose tuner part is (``full`` matches ``sft+full``), or
+    whose sweep name is."""
+    return (points["subcommand"] == "fit") & ((points["label"] == reference) | (points["tuner"] == reference)
+                                              | (points["run"] == reference))
 
 
 def pick_reference(points: pd.DataFrame, i: Any, reference: str) -> Optional[Any]:
     """The reference point for point ``i``: of the matching fit points, one with ``i``'s objective,
-    named exactly ``reference``, with no more in its label (``sft+lora`` before ``sft+lora+nf4``),
-    trained on the same backbone/data/trainer settings, first seen — in that order of preference."""
+    named ``reference`` in the sweep (a run ``name:``; ``full`` before ``galore`` among ``sft+full``
+    points), labelled exactly ``reference``, with no more in its label (``sft+lora`` before
+    ``sft+lora+nf4``), trained on the same backbone/data/trainer settings, first seen — in that order of
+    preference."""
     cands = points.index[matches_reference(points, reference)]
     if not len(cands):
         return None
@@ -214,7 +218,8 @@ def pick_reference(points: pd.DataFrame, i: Any, reference: str) -> Optional[Any
     def score(j: Any) -> tuple:
         ref = points.loc[j]
         same_data = all(ref["common"].get(k) == v for k, v in row["common"].items())
-        return (ref["objective"] == row["objective"], ref["label"] == reference, -ref["label"].count("+"), same_data)
+        return (ref["objective"] == row["objective"], ref["run"] == reference, ref["label"] == reference,
+                -ref["label"].count("+"), same_data)
 
     return max(cands, key=lambda j: (score(j), -list(points.index).index(j)))
 

@@ -23,10 +23,10 @@ _NO_STD = ("params", "params_pct", "ratio", "p", "text", "n")
 KNOWN = {
     "run": ("run", "text"), "method": ("method", "text"), "setting": ("setting", "text"), "n": ("n", "n"), "status": ("status", "text"),
     "trainable": ("trainable params", "params"), "trainable_pct": ("trainable %", "params_pct"),
-    "total": ("total params", "params"), "peak_mem_mb": ("peak mem (MB)", "count"),
-    "weights_mb": ("weights (MB)", "count"), "grads_mb": ("grads (MB)", "count"),
-    "optimizer_mb": ("optimizer (MB)", "count"), "activations_mb": ("activations (MB)", "count"),
-    "pred_peak_mb": ("predicted peak (MB)", "count"), "device_mem_mb": ("device mem (MB)", "count"),
+    "total": ("total params", "params"), "peak_mem_mb": ("peak mem (MiB)", "count"),
+    "weights_mb": ("weights (MiB)", "count"), "grads_mb": ("grads (MiB)", "count"),
+    "optimizer_mb": ("optimizer (MiB)", "count"), "activations_mb": ("activations (MiB)", "count"),
+    "pred_peak_mb": ("predicted peak (MiB)", "count"), "device_mem_mb": ("device mem (MiB)", "count"),
     "mem_rel": ("mem vs {ref}", "ratio"), "tokens_per_s": ("trained tok/s", "count"),
     "speed_rel": ("speed vs {ref}", "ratio"), "wall_s": ("wall (s)", "int"), "val_loss": ("val loss", "loss"),
     "val_ppl": ("val ppl", "ppl"), "test_loss": ("test loss", "loss"), "accuracy": ("exact match", "percent"),
@@ -105,7 +105,7 @@ def column(key: str, reference: str = "full") -> Column:
     elif _task(key):
         title = f"EM {_task(key)}"
     else:
-        title = key + (" (MB)" if kind == "mb" else "")
+        title = key + (" (MiB)" if kind == "mb" else "")
     return Column(key, title, kind)
 
 
