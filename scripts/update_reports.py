@@ -75,6 +75,11 @@ STUDIES = {
                            "wall_s"],
                   compare=(("sft", "baseline"), ("dpo", "sft"), ("dpo.lr1e-4", "sft"), ("grpo_rule", "sft"),
                            ("grpo_rm", "sft"), ("grpo_rule.lr1e-4", "sft"), ("grpo_rm.lr1e-4", "sft"))),
+    "rlhf_family": Study("experiments/rlhf/family", ("experiments/rlhf/README.md",),
+                         columns=["method", "setting", "n", "accuracy", "score_ci", "test/reward", "train/reward",
+                                  "train/kl", "train/objective/kl", "train/clip_ratio/region_mean",
+                                  "train/clip_ratio/high_mean", "train/policy/clipfrac_avg", "train/entropy",
+                                  "step_time_split.*", "pred_peak_mb", "wall_s"]),
 }
 
 
