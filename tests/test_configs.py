@@ -37,9 +37,10 @@ DEFAULTS = {"tuner": "configs/tuner/lora.yaml", "model": "configs/objective/sft.
 
 
 def shipped_yaml() -> list[Path]:
-    # run outputs (records, Lightning's log folders) under experiments/*/results/ are not configs
+    # run outputs (records, Lightning's log folders) under experiments/*/results/ (or a study's own out,
+    # experiments/rlhf/family/) are not configs
     files = [p for d in ("configs", "experiments") for ext in ("yaml", "yml") for p in (ROOT / d).rglob(f"*.{ext}")
-             if "results" not in p.relative_to(ROOT).parts]
+             if not {"results", "lightning_logs"} & set(p.relative_to(ROOT).parts)]
     return sorted(files)
 
 
