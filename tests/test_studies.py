@@ -35,7 +35,7 @@ SWEEPS = {
     "configs/sweeps/rlhf.yaml": 11,
     "experiments/rlhf/gpu.yaml": 7,
     "experiments/rlhf/family.yaml": 32,
-    "experiments/preference/sweep.yaml": 49,
+    "experiments/preference/sweep.yaml": 50,
     "experiments/preference/gpu.yaml": 49,
 }
 
