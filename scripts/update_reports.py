@@ -33,6 +33,12 @@ class Study:
     select: Optional[str] = None                   # --select
     select_over: list[str] = field(default_factory=list)  # --select-over
     compare: tuple[tuple[str, str], ...] = ()      # --compare A B, one pair each (the README's compare block)
+    reference: Optional[str] = None                # --reference (None: the report's default, full)
+
+    def report_options(self) -> dict:
+        """The keyword arguments of :func:`ftbench.sweep.report.report` that make this study's table."""
+        return {"columns": self.columns, "select": self.select, "select_over": self.select_over,
+                **({"reference": self.reference} if self.reference else {})}
 
     def compare_command(self) -> str:
         """The ``ftbench report --compare`` command line of the study's comparison block."""
@@ -46,6 +52,8 @@ class Study:
             args.append(f"--select {self.select}")
         if self.select_over:
             args.append(f"--select-over {','.join(self.select_over)}")
+        if self.reference:
+            args.append(f"--reference {self.reference}")
         if self.columns:
             args.append(f"--columns '{','.join(self.columns)}'")
         return " ".join(args)
@@ -80,6 +88,14 @@ STUDIES = {
                                   "train/kl", "train/objective/kl", "train/clip_ratio/region_mean",
                                   "train/clip_ratio/high_mean", "train/policy/clipfrac_avg", "train/entropy",
                                   "step_time_split.*", "pred_peak_mb", "wall_s"]),
+    # each method's rate chosen by its own validation loss (the losses' scales differ between methods);
+    # the reference is DPO (sigmoid): the first dpo+lora fit point, the one a DPO-objective point prefers
+    "preference": Study("experiments/preference/results", ("experiments/preference/README.md",),
+                        columns=["run", "method", "setting", "n", "val_loss", "accuracy", "score_ci",
+                                 "test/rewards/accuracies", "test/logps/chosen", "test/logps/rejected",
+                                 "pred_peak_mb", "throughput.step_time_mean_s", "wall_s", "p", "diff", "p_holm",
+                                 "verdict"],
+                        select="val/loss", select_over=["lr"], reference="dpo+lora"),
 }
 
 
@@ -138,7 +154,7 @@ def make_report(study: Study, root: Path = ROOT) -> str:
     """Write the study's report next to its records; return the markdown table."""
     from ftbench.sweep.report import report
 
-    return report(root / study.results, columns=study.columns, select=study.select, select_over=study.select_over)
+    return report(root / study.results, **study.report_options())
 
 
 def make_comparison(study: Study, root: Path = ROOT) -> str:

@@ -74,7 +74,7 @@ def test_committed_report_and_readme_tables_are_what_the_records_make(name, tmp_
     for made in ("report.md", "report.csv"):
         (copy / made).unlink()
     study = STUDIES[name]
-    table = report(copy, columns=study.columns, select=study.select, select_over=study.select_over)
+    table = report(copy, **study.report_options())
     for made in ("report.md", "report.csv"):
         assert (copy / made).read_bytes() == (results / made).read_bytes(), f"{results / made} is not what the records make"
     for readme in study.readmes:
