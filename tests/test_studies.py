@@ -36,7 +36,7 @@ SWEEPS = {
     "experiments/rlhf/gpu.yaml": 7,
     "experiments/rlhf/family.yaml": 32,
     "experiments/preference/sweep.yaml": 50,
-    "experiments/preference/gpu.yaml": 49,
+    "experiments/preference/gpu.yaml": 50,
 }
 
 
