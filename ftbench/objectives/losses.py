@@ -204,10 +204,10 @@ def dpo_loss(
             :func:`dpo_batch_loss`'s.
         label_smoothing: ``e``, the assumed probability that a preference label is flipped.
             ``sigmoid`` (conservative DPO): ``0 <= e <= 0.5``; ``robust``: ``0 <= e < 0.5``;
-            ``exo_pair``: ``0 < e < 1``; ``ipo`` and ``hinge`` do not use it, so it must be 0 there
-            (a value that changes nothing is refused rather than ignored); the other types ignore
-            it, as TRL 1.16 does. TRL 1.x ignores it for ``sigmoid``; ftbench applies it as
-            TRL <= 0.28, LLaMA-Factory and torchtune do.
+            ``exo_pair``: ``0 < e < 1``; the other types ignore it, as TRL 1.16 does (the objective,
+            :class:`ftbench.objectives.DPO`, refuses a value its loss types do not read, so a run
+            never carries a setting that changes nothing). TRL 1.x ignores it for ``sigmoid``;
+            ftbench applies it as TRL <= 0.28, LLaMA-Factory and torchtune do.
         chosen_lengths, rejected_lengths: ``(pairs,)`` completion token counts (the counts of
             :func:`sequence_logps`), required for ``ipo`` and ``sigmoid_norm``. Clamped to >= 1.
         discopop_tau: ``discopop``'s temperature ``tau`` (TRL's default 0.05).
@@ -291,8 +291,6 @@ def _check_dpo_arguments(fn: str, beta: float, loss_type: str, label_smoothing: 
         raise ValueError(f"{fn}: label_smoothing must be in [0, 0.5) for loss_type {loss_type!r}, got {eps}")
     if loss_type == "exo_pair" and not 0.0 < eps < 1.0:
         raise ValueError(f"{fn}: loss_type 'exo_pair' needs label_smoothing in (0, 1) (its log(e) term), got {eps}")
-    if loss_type in ("ipo", "hinge") and eps != 0.0:
-        raise ValueError(f"{fn}: label_smoothing is not used by loss_type {loss_type!r}; set it to 0 (got {eps})")
     if loss_type == "discopop" and not (isinstance(discopop_tau, (int, float)) and discopop_tau > 0):
         raise ValueError(f"{fn}: discopop_tau must be > 0, got {discopop_tau!r}")
 
